@@ -33,7 +33,9 @@ class FieldSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ConfigError(f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+            raise ConfigError(
+                f"feature {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}"
+            )
         if self.dim < 1 or self.max_len < 1:
             raise ConfigError(
                 f"feature {self.name!r}: dim and max_len must be >= 1, got {self.dim}, {self.max_len}"
@@ -50,7 +52,9 @@ class HistorySpec:
 
     def __post_init__(self) -> None:
         if self.max_len < 1 or self.dim < 1:
-            raise ConfigError(f"history: max_len and dim must be >= 1, got {self.max_len}, {self.dim}")
+            raise ConfigError(
+                f"history: max_len and dim must be >= 1, got {self.max_len}, {self.dim}"
+            )
         if self.source not in ("exposure", "click"):
             raise ConfigError(f"history.source must be 'exposure' or 'click', got {self.source!r}")
 
@@ -81,7 +85,9 @@ class FeatureSpec:
         """Build from the ``[features]`` table of a config file (see configs/*.toml)."""
         unknown = set(d) - {"user", "item", "display"}
         if unknown:
-            raise ConfigError(f"features: unknown keys {sorted(unknown)}; expected user, item, display")
+            raise ConfigError(
+                f"features: unknown keys {sorted(unknown)}; expected user, item, display"
+            )
         return cls(
             user=_tower_from_dict(d.get("user", {}), "user_id", "user"),
             item=_tower_from_dict(d.get("item", {}), "item_id", "item"),
@@ -96,7 +102,9 @@ def _tower_from_dict(d: Mapping[str, Any], default_id: str, side: str) -> TowerS
     known = {"id_column", "id_dim", "fields", "history"}
     unknown = set(d) - known
     if unknown:
-        raise ConfigError(f"features.{side}: unknown keys {sorted(unknown)}; expected {sorted(known)}")
+        raise ConfigError(
+            f"features.{side}: unknown keys {sorted(unknown)}; expected {sorted(known)}"
+        )
     fields = []
     for raw in d.get("fields", ()):
         try:
@@ -257,4 +265,3 @@ def _pad(rows: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
         if r:
             out[i, max_len - len(r) :] = r
     return out
-

@@ -47,9 +47,13 @@ class ModelConfig:
                 f"model.activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}"
             )
         if self.out_dim < 1 or any(h < 1 for h in self.hidden):
-            raise ConfigError(f"model dims must be >= 1, got out_dim={self.out_dim}, hidden={self.hidden}")
+            raise ConfigError(
+                f"model dims must be >= 1, got out_dim={self.out_dim}, hidden={self.hidden}"
+            )
         if not 1 <= self.num_objectives <= 255:
-            raise ConfigError(f"model.num_objectives must be in [1, 255], got {self.num_objectives}")
+            raise ConfigError(
+                f"model.num_objectives must be in [1, 255], got {self.num_objectives}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -171,11 +175,16 @@ class Tower(nn.Module):
         if missing:
             raise ConfigError(f"no vocabulary size for tower inputs {missing}")
         self.tables = nn.ModuleDict(
-            {table_key(n): OwnedEmbedding(int(sizes[n]), dims[n], cfg.init_std) for n in self.inputs}
+            {
+                table_key(n): OwnedEmbedding(int(sizes[n]), dims[n], cfg.init_std)
+                for n in self.inputs
+            }
         )
         self.num_numeric = len(spec.of_kind("numeric"))
         widths = [sum(dims.values()) + self.num_numeric, *cfg.hidden, cfg.out_dim]
-        self.layers = nn.ModuleList(OwnedLinear(a, b) for a, b in zip(widths, widths[1:], strict=False))
+        self.layers = nn.ModuleList(
+            OwnedLinear(a, b) for a, b in zip(widths, widths[1:], strict=False)
+        )
         self.act = ACTIVATIONS[cfg.activation]
         self.sync_owners()
 
@@ -261,7 +270,9 @@ class TwoTower(nn.Module):
                 raise OwnershipError("final-layer owners differ between towers and output_owner")
         top = max(int(m.owner.max()) for m in self.owned_modules())
         if top >= self.cfg.num_objectives:
-            raise OwnershipError(f"a unit is owned by objective {top}, cascade has {self.cfg.num_objectives}")
+            raise OwnershipError(
+                f"a unit is owned by objective {top}, cascade has {self.cfg.num_objectives}"
+            )
 
     def owned_modules(self) -> Iterator[nn.Module]:
         return (m for m in self.modules() if isinstance(m, OwnedEmbedding | OwnedLinear))
@@ -275,7 +286,9 @@ class TwoTower(nn.Module):
                 groups.append(UnitGroup(f"{side}.{n}", [t], t.owner))
             for i, layer in enumerate(tower.layers[:-1]):
                 groups.append(UnitGroup(f"{side}.hidden{i}", [layer], layer.owner))
-        groups.append(UnitGroup("output", [self.user.layers[-1], self.item.layers[-1]], self.output_owner))
+        groups.append(
+            UnitGroup("output", [self.user.layers[-1], self.item.layers[-1]], self.output_owner)
+        )
         return groups
 
     def forward(self, user: Batch, item: Batch, view: int | None = None) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,9 @@ def parse_weights(
     if isinstance(weights, Mapping):
         unknown = [k for k in weights if k not in objectives]
         if unknown:
-            raise WeightsError(f"unknown objective(s) {unknown}; this model's cascade is {list(objectives)}")
+            raise WeightsError(
+                f"unknown objective(s) {unknown}; this model's cascade is {list(objectives)}"
+            )
         values = [weights.get(o, 0.0) for o in objectives]
     else:
         values = list(weights)

@@ -1,0 +1,52 @@
+# The two commands that matter on a fresh machine:
+#   make demo   — set up .venv, fetch MovieLens-100K, train CSMF, build the index, serve on :8000
+#   make test   — set up .venv, lint, run the whole test suite (what .ci/run calls)
+SHELL := /bin/bash
+PY    ?= python3
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DATA  ?= data/ml-100k
+RUN   ?= runs/ml-100k
+BUNDLE ?= bundles/ml-100k
+INDEX ?= hnsw
+HOST  ?= 127.0.0.1
+PORT  ?= 8000
+
+.PHONY: venv demo data train index serve test lint format clean
+
+venv: $(STAMP)
+
+# torch first, pinned: any other torch pulls gigabytes of CUDA packages.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check $(TORCH)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+demo: venv
+	$(BIN)/csmf data ml-100k --out $(DATA)
+	$(BIN)/csmf train --config configs/ml-100k.toml --data $(DATA) --out $(RUN)
+	$(BIN)/csmf eval --run $(RUN)
+	$(BIN)/csmf build-index --run $(RUN) --out $(BUNDLE) --index $(INDEX)
+	@echo
+	@echo "Serving on http://$(HOST):$(PORT) — in another shell try:"
+	@echo "  curl -s -X POST http://$(HOST):$(PORT)/v1/retrieve -H 'content-type: application/json' \\"
+	@echo "       -d '{\"user_id\": \"196\", \"k\": 10, \"weights\": {\"exposure\": 1, \"click\": 1.8, \"conversion\": 1.2}}'"
+	@echo
+	$(BIN)/csmf serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: venv lint
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

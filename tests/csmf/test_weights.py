@@ -1,0 +1,48 @@
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from csmf.errors import WeightsError
+from csmf.weights import objective_coefficients, parse_weights, slice_scale
+
+OBJ = ("exposure", "click", "conversion")
+
+
+def test_paper_triplet_gives_cumulative_slice_scale():
+    # <k_d+k_o+k_r, k_o+k_r, k_r> for <1, 1.8, 1.2>
+    np.testing.assert_allclose(objective_coefficients([1, 1.8, 1.2]), [4.0, 3.0, 1.2], rtol=1e-6)
+    np.testing.assert_allclose(
+        slice_scale([1, 1.8, 1.2], [2, 1, 3]), [4, 4, 3, 1.2, 1.2, 1.2], rtol=1e-6
+    )
+
+
+@given(st.lists(st.floats(0, 100, allow_nan=False), min_size=1, max_size=6).filter(any))
+def test_coefficients_are_suffix_sums(k):
+    c = objective_coefficients(k)
+    for t in range(len(k)):
+        assert math.isclose(c[t], sum(k[t:]), rel_tol=1e-5, abs_tol=1e-5)
+
+
+def test_by_name_missing_names_are_zero():
+    assert parse_weights({"click": 2}, OBJ) == (0.0, 2.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"purchase": 1}, "unknown objective(s) ['purchase']"),
+        ([1, 2], "expected 3 weights"),
+        ([1, float("nan"), 1], "weight for 'click' must be finite"),
+        ([1, float("inf"), 1], "weight for 'click' must be finite"),
+        ([1, -0.5, 1], "weight for 'click' must be >= 0, got -0.5"),
+        ([0, 0, 0], "must not all be zero"),
+        (["a", 1, 1], "weight for 'exposure' must be a number, got 'a'"),
+    ],
+)
+def test_bad_weights_are_refused_with_a_message(weights, message):
+    with pytest.raises(WeightsError) as err:
+        parse_weights(weights, OBJ)
+    assert message in str(err.value)
