@@ -1,0 +1,41 @@
+"""Tool lookups shared by the deploy tests (compose, Prometheus, Grafana, k8s)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+# The tiny real bundle (random-weight checkpoint → `index_builder.build_bundle`) is the index
+# builder's session fixture; reuse it rather than building bundles here. If those fixtures move
+# to tests/conftest.py, delete these two lines (a re-import here would build a second bundle).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "index_builder"))
+from bundle_fixtures import flat_bundle, tiny_dataset, tiny_run  # noqa: E402, F401
+
+# .ci/run installs Debian's `prometheus` package (prometheus + promtool). A developer machine
+# without it skips these tests, saying how to get it; in CI a missing binary is a failure, so the
+# alert and dashboard checks can never pass by not running.
+APT_HINT = "apt-get install -y prometheus (what .ci/run does)"
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        msg = f"`{name}` is not installed: {APT_HINT}"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    return _tool("promtool")
+
+
+@pytest.fixture(scope="session")
+def prometheus_bin() -> str:
+    return _tool("prometheus")
