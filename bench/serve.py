@@ -1,0 +1,479 @@
+"""Load benchmark of the retrieval service (issue 6 targets), loopback only, bounded in time.
+
+    .venv/bin/python bench/serve.py --items 100000            # then --items 1000000
+
+For a synthetic catalogue of N items (bench/serve_data.py: real builder, IVF index, recall
+checked on weighted queries) it measures, in one run:
+
+1. in-process cost of the two things a retrieval cannot avoid: encoding one user (numpy tower)
+   and one raw FAISS search (k=50, one OpenMP thread), CPU µs each;
+2. a bare FastAPI endpoint (bench/serve_bare.py) under the same load: server CPU µs/request;
+3. the service (`csmf serve --workers W`) under wrk: 16 connections, 5,000 varied bodies
+   (known/unknown users, inline histories, exclusions, scenario or explicit weights), k=50:
+   requests/s, p50/p90/p99, non-2xx, server CPU µs/request, and the ratio
+   service CPU / (bare + encode + search);
+4. the batch endpoint from two separate client processes: users/s.
+
+Bare and service run side by side and are measured alternately (``--rounds``), medians kept, so
+a neighbour's job starting mid-run hits both alike.
+
+Server CPU is read from /proc (utime+stime of the uvicorn processes), so the load generator's own
+CPU is excluded. The machine is shared: the 1-minute load average before and after is recorded.
+Results go to bench/results/serve.md (one section per catalogue size, replaced on rerun).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Same BLAS threading as `csmf serve` (see service/cli.py), before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+sys.path.insert(0, str(BENCH))
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user+sys) of ``pid`` and of each of its children, by pid."""
+    pids = [pid]
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                if int((p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    pids.append(int(p.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    out = {}
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            out[p] = (int(fields[11]) + int(fields[12])) / TICK
+        except OSError:
+            continue
+    return out
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import httpx
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("server did not become ready")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+# -- request bodies ---------------------------------------------------------------------------------
+
+
+def make_bodies(
+    bundle: Path, n_items: int, count: int = 5000, k: int = 50, seed: int = 0
+) -> list[str]:
+    from csmf.bundle import UserSnapshot
+
+    users = UserSnapshot.load(bundle / "users.parquet", "user_id").ids
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        b: dict = {"user_id": rng.choice(users), "k": k}
+        if rng.random() < 0.1:
+            b["user_id"] = f"new-user-{n}"  # unknown: cold start unless a history follows
+        if rng.random() < 0.1:
+            b["history"] = [f"i{rng.randrange(n_items)}" for _ in range(10)]
+        if rng.random() < 0.4:
+            b["weights"] = {
+                o: round(rng.uniform(0, 2), 2) for o in ("exposure", "click", "conversion")
+            }
+        if rng.random() < 0.1:
+            b["exclude"] = [f"i{rng.randrange(n_items)}" for _ in range(5)]
+            b["exclude_seen"] = True
+        out.append(json.dumps(b))
+    return out
+
+
+def write_lua(bodies: list[str], path: Path) -> Path:
+    lines = ["local bodies = {"] + [f"  {json.dumps(b)}," for b in bodies] + ["}"]
+    lines += [
+        'wrk.method = "POST"',
+        'wrk.headers["Content-Type"] = "application/json"',
+        "local counter = 0",
+        "function setup(thread)",
+        '  thread:set("tid", counter)',
+        "  counter = counter + 1",
+        "end",
+        "function init(args)",
+        "  i = (tid or 0) * 1777",  # threads start at different bodies
+        "end",
+        "request = function()",
+        "  i = i + 1",
+        '  return wrk.format(nil, "/v1/retrieve", nil, bodies[(i % #bodies) + 1])',
+        "end",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# -- measurements -------------------------------------------------------------------------------------
+
+
+def in_process_parallel(bundle_path: Path, bodies: list[str], procs: int) -> dict:
+    """``in_process`` in ``procs`` processes at once: the cost of encode + search when every core
+    is busy, as it is inside a loaded multi-worker server (shared caches and memory bandwidth)."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(procs) as pool:
+        res = pool.starmap(in_process, [(bundle_path, bodies[i::procs]) for i in range(procs)])
+    return {k: sum(r[k] for r in res) / procs for k in res[0]}
+
+
+def in_process(bundle_path: Path, bodies: list[str], n: int = 3000) -> dict:
+    """CPU µs of encode (one user) and raw search (one query, k=50) with varied users/weights."""
+    import faiss
+
+    from csmf.bundle import load_bundle
+
+    faiss.omp_set_num_threads(1)
+    b = load_bundle(bundle_path, verify=False)
+    reqs = [json.loads(x) for x in bodies[:n]]
+    n = len(reqs)
+    users = []
+    for r in reqs:
+        got = b.users.get(r["user_id"])
+        row, hist = got if got else ({"user_id": r["user_id"]}, [])
+        users.append((row, r.get("history", hist)))
+    scales = [b.scale(r.get("weights", [1.0, 1.8, 1.2])) for r in reqs]
+    b.encoder.encode([users[0][0]], [users[0][1]])
+    t = time.process_time()
+    e = [b.encoder.encode([row], [hist]) for row, hist in users]
+    encode = (time.process_time() - t) / n
+    q = [x * s for x, s in zip(e, scales, strict=True)]
+    b.index.search(q[0], 50)
+    t = time.process_time()
+    for x in q:
+        b.index.search(x, 50)
+    search = (time.process_time() - t) / n
+    return {"encode_us": encode * 1e6, "search_us": search * 1e6}
+
+
+def wrk(port: int, lua: Path, duration: int, connections: int, pid: int) -> dict:
+    url = f"http://127.0.0.1:{port}"
+    subprocess.run(  # warm-up: connections, caches, FAISS lists in memory
+        ["wrk", "-t2", f"-c{connections}", "-d2s", "-s", str(lua), url],
+        capture_output=True,
+        check=True,
+    )
+    cpu0 = _tree_cpu(pid)
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--latency", "-s", str(lua), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    cpu1 = _tree_cpu(pid)
+    per = sorted((cpu1[p] - cpu0.get(p, 0.0) for p in cpu1 if p != pid), reverse=True)
+    per = [c for c in per if c > 0.01 * max(sum(per), 1e-9)]  # workers, not helper processes
+    cpu = sum(cpu1.values()) - sum(cpu0.values())
+    reqs = int(re.search(r"(\d+) requests in", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+
+    def pct(p: str) -> float:
+        v, unit = re.search(rf"\s{p}%\s+([\d.]+)(us|ms|s)\b", out).groups()
+        return float(v) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[unit]
+
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": pct("50"),
+        "p90_ms": pct("90"),
+        "p99_ms": pct("99"),
+        "requests": reqs,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+        "cpu_us_per_req": cpu / reqs * 1e6,
+        "server_cores": cpu / duration,
+        # how evenly the kernel spread the connections: CPU share of each worker process
+        "worker_split": "/".join(f"{100 * c / max(sum(per), 1e-9):.0f}" for c in per)
+        if len(per) > 1
+        else "",
+    }
+
+
+BATCH_CLIENT = r"""
+import json, sys, time, random, httpx
+port, size, duration, k = int(sys.argv[1]), int(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5])
+users = json.loads(open(sys.argv[2]).read())
+rng = random.Random(1)
+done = 0
+with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
+    c.post("/v1/retrieve/batch", json={"users": [{"user_id": u} for u in users[:size]], "k": k})
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < duration:
+        body = {"users": [{"user_id": u} for u in rng.sample(users, size)], "k": k}
+        r = c.post("/v1/retrieve/batch", json=body)
+        assert r.status_code == 200, r.text
+        done += size
+    print(json.dumps({"users": done, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def batch(
+    port: int, bundle: Path, size: int, clients: int, duration: float, k: int, tmp: Path
+) -> dict:
+    from csmf.bundle import UserSnapshot
+
+    users = tmp / "batch_users.json"
+    users.write_text(json.dumps(UserSnapshot.load(bundle / "users.parquet", "user_id").ids[:20000]))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                BATCH_CLIENT,
+                str(port),
+                str(users),
+                str(size),
+                str(duration),
+                str(k),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(clients)
+    ]
+    res = [json.loads(p.communicate()[0]) for p in procs]
+    return {
+        "users_per_s": sum(r["users"] / r["seconds"] for r in res),
+        "batch_size": size,
+        "clients": clients,
+        "k": k,
+    }
+
+
+def start_service(bundle: Path, port: int, workers: int, tmp: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CSMF_", "PROMETHEUS_"))}
+    env["CSMF_SCENARIOS_FILE"] = str(tmp / "scenarios.json")
+    env["CSMF_MAX_BATCH"] = "2000"
+    csmf = [sys.executable, "-m", "csmf.cli", "serve", "--bundle", str(bundle)]
+    args = csmf + ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_bare(port: int, workers: int) -> subprocess.Popen:
+    args = [sys.executable, "serve_bare.py", str(port), str(workers)]
+    return subprocess.Popen(args, cwd=BENCH, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# -- report ---------------------------------------------------------------------------------------------
+
+
+def section(
+    n: int, manifest: dict, base: dict, bare: dict, runs: dict, batch_res: dict | None, meta: dict
+) -> str:
+    rc = manifest["recall_check"]
+    lines = [
+        f"## {n:,} items",
+        "",
+        f"Run {meta['when']}, command `{meta['command']}`; load average {meta['load_before']:.2f} before, "
+        f"{meta['load_after']:.2f} after (the machine is shared; ±30 % run to run). Medians of "
+        f"{meta['rounds']} rounds of {meta['duration']} s, bare and service alternating; the ratio "
+        "is service CPU / (bare + encode + search) per round, median.",
+        "",
+        f"Bundle: {manifest['index']['type']} {manifest['index']['build_params']} "
+        f"{manifest['index']['search_params']}, {manifest['dim']} dims, slices {manifest['slice_sizes']}; "
+        f"ANN recall@{rc['k']} on weighted queries: min {rc['min_recall']:.3f} over "
+        + ", ".join(f"{tuple(x['weights'])}: {x['recall']:.3f}" for x in rc["by_weights"]),
+        "",
+        f"In process (one thread): encode {base['encode_us']:.0f} µs/user, raw FAISS search "
+        f"{base['search_us']:.0f} µs/query (k=50)"
+        + (
+            f", measured in {base['parallel']} processes at once like the workers (alone: encode "
+            f"{base['alone']['encode_us']:.0f}, search {base['alone']['search_us']:.0f})"
+            if "parallel" in base
+            else ""
+        )
+        + f". Bare endpoint (same stack, bodies and response size, no work): "
+        f"{bare['cpu_us_per_req']:.0f} µs server CPU/request at {bare['rps']:.0f} req/s "
+        f"(p99 {bare['p99_ms']:.2f} ms). Baseline = bare + encode + search = {meta['baseline_us']:.0f} µs.",
+        "",
+        "| server | req/s | p50 ms | p90 ms | p99 ms | non-2xx | server CPU µs/req | ratio to baseline "
+        "| server cores used | CPU split across workers % |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in runs.items():
+        lines.append(
+            f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['non_2xx']} | {r['cpu_us_per_req']:.0f} | {r['ratio']:.2f} | "
+            f"{r['server_cores']:.2f} | {r['worker_split'] or '-'} |"
+        )
+    if batch_res:
+        lines += [
+            "",
+            f"Batch endpoint: {batch_res['users_per_s']:.0f} users/s ({batch_res['clients']} client "
+            f"processes, {batch_res['batch_size']} users per call, k={batch_res['k']}).",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, n: int, text: str) -> None:
+    head = (
+        "# Serving benchmark\n\nProduced by `bench/serve.py` (see its docstring for what is measured). "
+        "16 connections, wrk on loopback, 5,000 varied bodies, k=50.\n\n"
+    )
+    sections = {}
+    if out.exists():
+        for block in re.split(r"(?m)^(?=## )", out.read_text()):
+            m = re.match(r"## ([\d,]+) items", block)
+            if m:
+                sections[int(m.group(1).replace(",", ""))] = block.rstrip() + "\n"
+    sections[n] = text
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(head + "\n".join(sections[k] for k in sorted(sections)))
+
+
+def _median_run(runs: list[dict]) -> dict:
+    """Per-metric medians over rounds (robust to a neighbour's job starting mid-run)."""
+    out = {
+        k: float(np.median([r[k] for r in runs]))
+        for k in runs[0]
+        if isinstance(runs[0][k], int | float)
+    }
+    out["worker_split"] = runs[len(runs) // 2]["worker_split"]
+    out["socket_errors"] = "; ".join(r["socket_errors"] for r in runs if r["socket_errors"])
+    out["non_2xx"] = sum(r["non_2xx"] for r in runs)
+    out["rounds"] = len(runs)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--items", type=int, default=100_000)
+    ap.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (recall vs latency)")
+    ap.add_argument("--duration", type=int, default=8, help="seconds of measured load per round")
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="bare and service measured alternately, medians kept"
+    )
+    ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2, help="worker processes (bare and service)")
+    ap.add_argument(
+        "--single", action="store_true", help="also measure a 1-worker service (multiprocess check)"
+    )
+    ap.add_argument("--batch-size", type=int, default=500)
+    ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "serve.md")
+    args = ap.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk not found: apt-get update && apt-get install -y wrk")
+    from serve_data import bench_bundle
+
+    load_before = os.getloadavg()[0]
+    t0 = time.time()
+    bundle = bench_bundle(args.items, args.cache, nprobe=args.nprobe)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    print(f"bundle {bundle} ready in {time.time() - t0:.0f}s", flush=True)
+    tmp = args.cache / "run"
+    tmp.mkdir(parents=True, exist_ok=True)
+    bodies = make_bodies(bundle, args.items)
+    lua = write_lua(bodies, tmp / "bodies.lua")
+    w = args.workers
+
+    base = in_process(bundle, bodies)
+    print(f"in process, alone: {base}", flush=True)
+    if w > 1:
+        loaded = in_process_parallel(bundle, bodies, w)
+        print(f"in process, {w} at once: {loaded}", flush=True)
+        base = {**loaded, "alone": base, "parallel": w}
+
+    # Bare and service side by side (an idle uvicorn costs nothing), measured alternately so a
+    # change in the machine's load hits both alike; the ratio is taken per round.
+    ports = _free_port(), _free_port()
+    bare_p, svc_p = start_bare(ports[0], w), start_service(bundle, ports[1], w, tmp)
+    bare_runs, svc_runs, ratios = [], [], []
+    try:
+        _wait_ready(ports[0], bare_p)
+        _wait_ready(ports[1], svc_p)
+        for i in range(args.rounds):
+            b = wrk(ports[0], lua, args.duration, args.connections, bare_p.pid)
+            r = wrk(ports[1], lua, args.duration, args.connections, svc_p.pid)
+            bare_runs.append(b)
+            svc_runs.append(r)
+            ratios.append(
+                r["cpu_us_per_req"] / (b["cpu_us_per_req"] + base["encode_us"] + base["search_us"])
+            )
+            print(f"round {i}: bare {b}\n         service {r}", flush=True)
+        batch_res = batch(ports[1], bundle, args.batch_size, 2, 10, 10, tmp)
+        print(f"batch: {batch_res}", flush=True)
+    finally:
+        _stop(bare_p)
+        _stop(svc_p)
+    bare = _median_run(bare_runs)
+    runs = {f"service, {w} workers": {**_median_run(svc_runs), "ratio": float(np.median(ratios))}}
+    if args.single:
+        port = _free_port()
+        proc = start_service(bundle, port, 1, tmp)
+        try:
+            _wait_ready(port, proc)
+            one = _median_run([wrk(port, lua, args.duration, args.connections, proc.pid)])
+            one["ratio"] = one["cpu_us_per_req"] / (
+                bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"]
+            )
+            runs["service, 1 worker (no multiprocess metrics)"] = one
+            print(f"service x1: {one}", flush=True)
+        finally:
+            _stop(proc)
+    meta = {
+        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": " ".join([".venv/bin/python bench/serve.py", *sys.argv[1:]]),
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "baseline_us": bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"],
+        "rounds": args.rounds,
+        "duration": args.duration,
+    }
+    write_report(
+        args.out, args.items, section(args.items, manifest, base, bare, runs, batch_res, meta)
+    )
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

@@ -1,0 +1,161 @@
+"""End to end: real `csmf serve` processes (uvicorn on loopback) and real Redis servers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from service_fixtures import AUTH, REDIS_URL, wait_until
+
+pytestmark = pytest.mark.slow
+PROMO = {"exposure": 0.2, "click": 1.0, "conversion": 4.0}
+
+
+def _weights_seen(svc, scenario: str):
+    r = svc.client.post("/v1/retrieve", json={"user_id": "u1", "k": 3, "scenario": scenario})
+    return r.json()["weights"] if r.status_code == 200 else None
+
+
+def test_two_replicas_sharing_redis_see_a_change_within_a_second(serve, bundles, redis_prefix):
+    env = {
+        "CSMF_REDIS_URL": REDIS_URL,
+        "CSMF_REDIS_PREFIX": redis_prefix,
+        "CSMF_SYNC_INTERVAL_S": "0.25",
+    }
+    a, b = serve(bundles["flat"], **env), serve(bundles["flat"], **env)
+    assert a.client.put("/admin/scenarios/promo", json={"weights": PROMO}).status_code == 401
+    for i in range(3):
+        weights = {**PROMO, "exposure": float(i)}
+        t0 = time.monotonic()
+        r = a.client.put("/admin/scenarios/promo", json={"weights": weights}, headers=AUTH)
+        assert r.status_code == 200 and r.json()["version"] == i + 1, r.text
+        wait_until(
+            lambda w=weights: _weights_seen(b, "promo") == w,
+            1.0,
+            "replica b to use the new weights",
+        )
+        assert time.monotonic() - t0 < 1.0
+    ready = b.client.get("/readyz").json()
+    assert ready["status"] == "ok" and ready["weight_store"]["backend"] == "redis"
+
+
+def test_redis_outage_fails_no_request_and_catches_up(serve, bundles, redis_server):
+    env = {
+        "CSMF_REDIS_URL": redis_server.url,
+        "CSMF_REDIS_PREFIX": "e2e:",
+        "CSMF_REDIS_TIMEOUT_S": "0.3",
+    }
+    a, b = serve(bundles["flat"], **env), serve(bundles["flat"], **env)
+    assert (
+        a.client.put("/admin/scenarios/promo", json={"weights": PROMO}, headers=AUTH).status_code
+        == 200
+    )
+    wait_until(lambda: _weights_seen(b, "promo") == PROMO, 1.0, "b to see promo")
+
+    results: list[int] = []
+    stop = threading.Event()
+
+    def traffic(svc):
+        with httpx.Client(base_url=svc.url, timeout=5) as c:
+            i = 0
+            while not stop.is_set():
+                body = {
+                    "user_id": f"u{i % 70}",
+                    "k": 10,
+                    "scenario": "promo" if i % 2 else "default",
+                }
+                try:
+                    results.append(c.post("/v1/retrieve", json=body).status_code)
+                except httpx.HTTPError:
+                    results.append(-1)
+                i += 1
+
+    threads = [threading.Thread(target=traffic, args=(s,)) for s in (a, b, a)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        redis_server.stop()
+        for svc in (a, b):
+            wait_until(
+                lambda s=svc: s.client.get("/readyz").json()["status"] == "degraded",
+                3.0,
+                "degraded",
+            )
+        body = a.client.get("/readyz").json()
+        assert a.client.get("/readyz").status_code == 200
+        assert body["weight_store"]["state"] == "degraded" and body["weight_store"]["error"]
+        assert 'csmf_store_up{store="weights"} 0.0' in a.client.get("/metrics").text
+        r = a.client.put("/admin/scenarios/promo", json={"weights": [1, 1, 1]}, headers=AUTH)
+        assert r.status_code == 503 and "unavailable" in r.json()["detail"]
+        time.sleep(1.0)  # traffic keeps flowing on the last known weights
+        redis_server.start()
+        for svc in (a, b):
+            wait_until(
+                lambda s=svc: s.client.get("/readyz").json()["status"] == "ok", 5.0, "recovered"
+            )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(results) > 100
+    assert set(results) == {200}, {c: results.count(c) for c in set(results)}
+    # caught up: Redis came back empty, the replicas wrote back what they knew, and new writes flow
+    assert _weights_seen(b, "promo") == PROMO
+    new = {**PROMO, "click": 7.0}
+    assert (
+        b.client.put("/admin/scenarios/promo", json={"weights": new}, headers=AUTH).status_code
+        == 200
+    )
+    wait_until(lambda: _weights_seen(a, "promo") == new, 1.0, "a to catch up")
+    assert "csmf_store_errors_total" in a.client.get("/metrics").text
+
+
+def test_workers_share_metrics_and_reloads(serve, bundles):
+    svc = serve(bundles["flat"], workers=2)
+    fresh = httpx.Client(
+        base_url=svc.url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    n = 40
+    for i in range(n):
+        assert fresh.post("/v1/retrieve", json={"user_id": f"u{i}", "k": 5}).status_code == 200
+    key = 'csmf_http_request_duration_seconds_count{route="/v1/retrieve",status="200"}'
+
+    def count(text: str) -> float:
+        return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(key))
+
+    # whichever worker answers the scrape, it reports both workers' requests
+    assert {count(fresh.get("/metrics").text) for _ in range(6)} == {n}
+    before = fresh.get("/admin/bundle", headers=AUTH).json()["model_version"]
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def traffic():  # requests keep succeeding while the bundle is swapped under them
+        with httpx.Client(base_url=svc.url, timeout=10) as c:
+            while not stop.is_set():
+                codes.append(c.post("/v1/retrieve", json={"user_id": "u2", "k": 5}).status_code)
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        r = fresh.post("/admin/reload", json={"bundle": str(bundles["other"])}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        after = r.json()["bundle"]["model_version"]
+        assert after != before
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        t.join()
+    assert codes and set(codes) == {200}
+
+    def all_new() -> bool:
+        versions = {
+            fresh.post("/v1/retrieve", json={"user_id": "u1"}).json()["model_version"]
+            for _ in range(8)
+        }
+        return versions == {after}
+
+    wait_until(all_new, 5.0, "every worker to serve the reloaded bundle")
+    fresh.close()

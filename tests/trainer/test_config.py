@@ -1,0 +1,65 @@
+"""Config: paper defaults, TOML + --set overrides, validation errors that quote the bad value."""
+
+from pathlib import Path
+
+import pytest
+
+from csmf.errors import ConfigError
+from trainer.config import RunConfig, apply_override, load_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def test_paper_defaults():
+    cfg = RunConfig()
+    assert cfg.objectives == ("exposure", "click", "conversion")
+    assert cfg.cascade.tau == 0.75 and cfg.cascade.pruning == "cpp"
+    assert cfg.cascade.accuracy_recovery and cfg.loss.aml and cfg.loss.log_q
+    assert cfg.loss.eta == 1.8
+    assert cfg.eval.weights == (1.0, 1.8, 1.2) and cfg.eval.n == 50
+    assert cfg.model.num_objectives == 3 and cfg.model.out_dim == 64
+
+
+@pytest.mark.parametrize("name", ["ml-100k.toml", "synthetic.toml"])
+def test_shipped_configs_load_and_round_trip(name):
+    cfg = load_config(CONFIGS / name)
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_overrides_parse_toml_values():
+    cfg = load_config(
+        CONFIGS / "ml-100k.toml",
+        ["cascade.tau=0.5", "train.epochs=[4, 3, 2]", "loss.aml=false", "cascade.pruning=fixed"],
+    )
+    assert cfg.cascade.tau == 0.5 and cfg.train.epochs == (4, 3, 2)
+    assert cfg.loss.aml is False and cfg.cascade.pruning == "fixed"
+    assert cfg.train.stage_epochs(2) == 2
+
+
+def test_two_objective_cascade_sets_model_objectives():
+    cfg = load_config(None, ["cascade.objectives=['click','conversion']", "eval.weights=[1, 1]"])
+    assert cfg.model.num_objectives == 2
+
+
+@pytest.mark.parametrize(
+    ("override", "quoted"),
+    [
+        ("cascade.tau=1.5", "1.5"),
+        ("cascade.pruning='magnitude'", "'magnitude'"),
+        ("cascade.objectives=['click','exposure']", "'click', 'exposure'"),
+        ("loss.temperature=0", "0"),
+        ("train.epochs=[1, 2]", "[1, 2]"),
+        ("cascade.bogus=1", "bogus"),
+    ],
+)
+def test_bad_values_are_config_errors_quoting_the_value(override, quoted):
+    with pytest.raises(ConfigError, match=None) as err:
+        load_config(None, [override])
+    assert quoted in str(err.value)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_override({}, "tau=0.5")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config("/nonexistent/config.toml")
