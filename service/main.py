@@ -12,25 +12,33 @@ from time import perf_counter
 import faiss
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
-from starlette.routing import Route
 
 import csmf
-from service.errors import install_error_handlers
+from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.metrics import ROUTES, ServiceMetrics
 from service.routes import admin, health, retrieve
 from service.settings import Settings
 from service.state import AppState
 
 _ROUTES = frozenset(ROUTES)
+FAST_PATH = "/v1/retrieve"
 
 
 class EdgeMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware task overhead): rejects bodies whose content-length is
-    over the limit with 413 before any parsing, and records latency by route template and status."""
+    """Pure ASGI (no BaseHTTPMiddleware task overhead), the outermost layer of ours:
 
-    def __init__(self, app, metrics: ServiceMetrics, max_body: int) -> None:
+    * rejects bodies whose content-length is over the limit with 413 before any parsing;
+    * serves POST /v1/retrieve itself (the fast path): the framework layers below it (exception
+      middleware, router, route and request wrappers) cost ~20 µs of a ~50 µs non-search
+      request, measured with the retrieval stubbed out; errors still go through
+      ``service.errors.error_response``, the one mapping to HTTP;
+    * records latency by route template and status.
+    """
+
+    def __init__(self, app, state: AppState, max_body: int) -> None:
         self.app = app
-        self.metrics = metrics
+        self.state = state
+        self.metrics = state.metrics
         self.max_body = max_body
 
     async def __call__(self, scope, receive, send) -> None:
@@ -46,6 +54,11 @@ class EdgeMiddleware:
                 self.metrics.observe_request(_route(scope), 413, perf_counter() - start)
                 return
 
+        if scope["path"] == FAST_PATH and scope["method"] == "POST":
+            status = await self._retrieve(scope, receive, send, start)
+            self.metrics.observe_request(FAST_PATH, status, perf_counter() - start)
+            return
+
         async def send_status(message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
@@ -56,6 +69,45 @@ class EdgeMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.observe_request(_route(scope), status, perf_counter() - start)
+
+    async def _retrieve(self, scope, receive, send, start: float) -> int:
+        try:
+            payload = retrieve.retrieve_json(
+                self.state, await _read_body(receive, self.max_body), start
+            )
+        except _Disconnected:
+            return 499  # the client went away; nothing to answer
+        except Exception as exc:
+            response = error_response(exc)
+            await response(scope, receive, send)
+            return response.status_code
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(payload)),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+        return 200
+
+
+class _Disconnected(Exception):
+    pass
+
+
+async def _read_body(receive, limit: int) -> bytes:
+    """The request body from ASGI messages, refusing more than ``limit`` bytes (413)."""
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _Disconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _route(scope) -> str:
@@ -91,13 +143,9 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.csmf = state
     install_error_handlers(app)
     app.include_router(retrieve.router)
-    # The hot path is matched by a plain Starlette route placed first: FastAPI's APIRoute adds
-    # ~18 µs per request (dependency solving for a lone `Request` parameter) that this endpoint,
-    # which parses its own body, does not use. The APIRoute stays for the OpenAPI schema.
-    app.router.routes.insert(0, Route("/v1/retrieve", retrieve.retrieve, methods=["POST"]))
     app.include_router(admin.router)
     app.include_router(health.router)
-    app.add_middleware(EdgeMiddleware, metrics=metrics, max_body=settings.max_body_bytes)
+    app.add_middleware(EdgeMiddleware, state=state, max_body=settings.max_body_bytes)
     return app
 
 

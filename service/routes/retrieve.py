@@ -65,6 +65,31 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
+    """POST /v1/retrieve once the body is read: JSON bytes in, JSON bytes out. Raises domain
+    errors, which ``service.errors.error_response`` maps to HTTP. Served by the EdgeMiddleware's
+    fast path (service/main.py) and by the documented route below."""
+    req = RetrieveRequest.model_validate_json(body)
+    if req.user_id is None and req.history is None:
+        raise FieldError(("user_id",), "give `user_id` and/or `history`")
+    retriever = state.retriever  # one read: the whole request uses one bundle
+    k = state.check_k(req.k)
+    weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
+    hits = retriever.retrieve(
+        req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain
+    )
+    state.count(scenario, "single", hits.cold_start, not hits.cold_start)
+    out = {
+        "items": retriever.items(hits),
+        "weights": dict(zip(retriever.objectives, weights, strict=True)),
+        "scenario": scenario,
+        "model_version": retriever.model_version,
+        "cold_start": hits.cold_start,
+        "took_ms": round((perf_counter() - t0) * 1000, 3),
+    }
+    return to_json(out)
+
+
 @router.post(
     "/v1/retrieve",
     response_model=RetrieveResponse,
@@ -75,30 +100,8 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def retrieve(request: Request) -> Response:
     t0 = perf_counter()
     state: AppState = request.app.state.csmf
-    try:
-        req = RetrieveRequest.model_validate_json(
-            await read_body(request, state.settings.max_body_bytes)
-        )
-    except ValidationError as exc:
-        return validation_response(exc)
-    if req.user_id is None and req.history is None:
-        raise FieldError(("user_id",), "give `user_id` and/or `history`")
-    retriever = state.retriever  # one read: the whole request uses one bundle
-    k = state.check_k(req.k)
-    weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
-    hits = retriever.retrieve(
-        req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain
-    )
-    state.count(scenario, "single", hits.cold_start, not hits.cold_start)
-    body = {
-        "items": retriever.items(hits),
-        "weights": dict(zip(retriever.objectives, weights, strict=True)),
-        "scenario": scenario,
-        "model_version": retriever.model_version,
-        "cold_start": hits.cold_start,
-        "took_ms": round((perf_counter() - t0) * 1000, 3),
-    }
-    return Response(to_json(body), media_type=JSON)
+    body = await read_body(request, state.settings.max_body_bytes)
+    return Response(retrieve_json(state, body, t0), media_type=JSON)
 
 
 @router.post(
