@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 DATA  ?= data/ml-100k
 RUN   ?= runs/ml-100k
 BUNDLE ?= bundles/ml-100k
-INDEX ?= hnsw
+INDEX ?= flat
 HOST  ?= 127.0.0.1
 PORT  ?= 8000
 
