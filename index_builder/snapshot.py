@@ -18,41 +18,33 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from csmf.bundle import HISTORY_COLUMN, UserSnapshot
 from csmf.errors import ConfigError, DataError
 from csmf.features import TowerSpec
+from csmf.split import TRAIN, split_labels
 from index_builder.encode import read_table
 
 SPLIT_DEFAULTS = {"val_frac": 0.1, "test_frac": 0.2, "min_events": 3}  # trainer's defaults
 
 
 def train_mask(
-    user_codes: np.ndarray, timestamps: np.ndarray, n_users: int, split: Mapping[str, Any]
+    user_codes: np.ndarray, timestamps: np.ndarray, split: Mapping[str, Any]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(order, is_train): ``order`` sorts events by (user, time, file order); ``is_train[j]``
-    says whether the j-th sorted event is in its user's train split (same arithmetic as the
-    trainer: the latest round(n·test_frac) >= 1 are test, the round(n·val_frac) >= 1 before them
-    validation, at least one train event per user, users with < min_events all train)."""
-    val_frac, test_frac = float(split["val_frac"]), float(split["test_frac"])
-    min_events = int(split["min_events"])
+    """(order, is_train): ``order`` sorts the events of known users (code >= 0) by (user, time,
+    file order); ``is_train[j]`` says whether the j-th sorted event is in its user's train split —
+    the trainer's split rule, from ``csmf.split``."""
     order = np.lexsort((np.arange(len(user_codes)), timestamps, user_codes))
     order = order[user_codes[order] >= 0]  # events of users missing from the users table
-    codes = user_codes[order]
-    per_user = np.bincount(codes, minlength=n_users)
-    starts = np.concatenate([[0], np.cumsum(per_user)[:-1]])
-
-    def take(frac: float) -> np.ndarray:
-        k = np.floor(per_user * frac + 0.5).astype(np.int64)
-        return np.maximum(k, 1) if frac > 0 else k
-
-    n_test = np.minimum(take(test_frac), np.maximum(per_user - 1, 0))
-    n_val = np.minimum(take(val_frac), np.maximum(per_user - 1 - n_test, 0))
-    small = per_user < min_events
-    n_test[small] = 0
-    n_val[small] = 0
-    from_end = starts[codes] + per_user[codes] - 1 - np.arange(len(codes))  # 0 = latest
-    return order, from_end >= (n_test + n_val)[codes]
+    labels = split_labels(
+        user_codes[order],
+        timestamps[order],
+        float(split["val_frac"]),
+        float(split["test_frac"]),
+        int(split["min_events"]),
+    )
+    return order, labels == TRAIN
 
 
 def build_user_snapshot(
@@ -92,14 +84,21 @@ def _histories(
     dataset: Path, spec: TowerSpec, ids: pa.Array, split: Mapping[str, Any] | None
 ) -> tuple[pa.ListArray, int]:
     n = len(ids)
+    # DESIGN §3: events are one file or a folder of part files (the synthetic generator streams)
     events_path = dataset / "events.parquet"
+    if not events_path.exists() and (dataset / "events").is_dir():
+        events_path = dataset / "events"
     if spec.history is None or not events_path.exists():
         empty = pa.ListArray.from_arrays(
             pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())
         )
         return empty, 0
     cols = ["user_id", "item_id", "timestamp", "clicked"]
-    events = read_table(events_path).select(cols)
+    events = (
+        read_table(events_path).select(cols)
+        if events_path.is_file()
+        else pq.read_table(events_path, columns=cols)
+    )
     codes = pc.index_in(pc.cast(events.column("user_id"), pa.string()), value_set=ids)
     codes = pc.fill_null(codes, -1).to_numpy().astype(np.int64)  # -1: user not in users table
     ts = events.column("timestamp")
@@ -110,7 +109,7 @@ def _histories(
         order = order[codes[order] >= 0]
         keep = np.ones(len(order), bool)
     else:
-        order, keep = train_mask(codes, ts, n, split)
+        order, keep = train_mask(codes, ts, split)
     if spec.history.source == "click":
         clicked = events.column("clicked").to_numpy(zero_copy_only=False).astype(bool)
         keep &= clicked[order]

@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
-
-# The tiny real bundle (random-weight checkpoint → `index_builder.build_bundle`) is the index
-# builder's session fixture; reuse it rather than building bundles here. If those fixtures move
-# to tests/conftest.py, delete these two lines (a re-import here would build a second bundle).
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "index_builder"))
-from bundle_fixtures import flat_bundle, tiny_dataset, tiny_run  # noqa: E402, F401
 
 # .ci/run installs Debian's `prometheus` package (prometheus + promtool). A developer machine
 # without it skips these tests, saying how to get it; in CI a missing binary is a failure, so the

@@ -7,7 +7,7 @@ import time
 
 import httpx
 import pytest
-from service_fixtures import AUTH, REDIS_URL, wait_until
+from fixtures.services import AUTH, REDIS_URL, wait_until
 
 pytestmark = pytest.mark.slow
 PROMO = {"exposure": 0.2, "click": 1.0, "conversion": 4.0}

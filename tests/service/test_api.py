@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from fixtures.services import AUTH
 from prometheus_client.parser import text_string_to_metric_families
-from service_fixtures import AUTH
 
 from service.schemas import MAX_LIST
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-from service_fixtures import AUTH
+from fixtures.services import AUTH
 
 from csmf.bundle import load_bundle
 

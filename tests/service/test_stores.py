@@ -7,7 +7,7 @@ import json
 import time
 
 import pytest
-from service_fixtures import REDIS_URL, wait_until
+from fixtures.services import REDIS_URL, wait_until
 
 from service.feature_store import RedisFeatureStore, write_user
 from service.weight_store import FileWeightStore, RedisWeightStore

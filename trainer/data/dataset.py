@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from csmf.errors import ConfigError, DataError
 from csmf.features import FeatureSpec, TowerSpec
+from csmf.split import TEST, TRAIN, VALIDATION, split_labels
 
 OBJECTIVES: tuple[str, ...] = ("exposure", "click", "conversion")
 EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "clicked", "converted")
@@ -359,36 +360,12 @@ def split_by_time(
     ``test_frac == 0``), likewise ``n_val``; validation shrinks first, then test, so that every
     split user keeps at least one train event.
     """
-    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
-        raise ConfigError(
-            f"val_frac and test_frac must be in [0, 1) with a sum < 1, got {val_frac}, {test_frac}"
-        )
-    if min_events < 1:
-        raise ConfigError(f"min_events must be >= 1, got {min_events}")
-    n = events.num_rows
     codes = pc.dictionary_encode(events["user_id"].combine_chunks()).indices.to_numpy()
-    ts = events["timestamp"].to_numpy()
-    order = np.lexsort((ts, codes))  # stable: ties keep row order
-    per_user = np.bincount(codes, minlength=int(codes.max(initial=-1)) + 1)  # (n_users,)
-    starts = np.concatenate(([0], np.cumsum(per_user)[:-1]))
-
-    def take(frac: float) -> np.ndarray:  # (n_users,) events per user for a fraction
-        k = np.floor(per_user * frac + 0.5).astype(np.int64)
-        return np.maximum(k, 1) if frac > 0 else k
-
-    n_test = np.minimum(take(test_frac), np.maximum(per_user - 1, 0))
-    n_val = np.minimum(take(val_frac), np.maximum(per_user - 1 - n_test, 0))
-    small = per_user < min_events
-    n_test[small] = 0
-    n_val[small] = 0
-
-    user_sorted = codes[order]  # (n,) user of each position in time order
-    from_end = starts[user_sorted] + per_user[user_sorted] - 1 - np.arange(n)  # 0 = latest
-    is_test = from_end < n_test[user_sorted]
-    is_val = ~is_test & (from_end < (n_test + n_val)[user_sorted])
-    is_train = ~(is_test | is_val)
+    labels = split_labels(codes, events["timestamp"].to_numpy(), val_frac, test_frac, min_events)
     return Split(
-        train=np.sort(order[is_train]), val=np.sort(order[is_val]), test=np.sort(order[is_test])
+        train=np.flatnonzero(labels == TRAIN),
+        val=np.flatnonzero(labels == VALIDATION),
+        test=np.flatnonzero(labels == TEST),
     )
 
 

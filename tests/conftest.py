@@ -1,0 +1,19 @@
+"""Fixtures shared across the test folders, registered once so each session-scoped artifact
+(a tiny dataset, a random-weight checkpoint, bundles built by the real builder, Redis and service
+processes) is built once per run. Folder-specific fixtures live in that folder's conftest.py."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # makes `fixtures` importable
+
+from fixtures.bundles import flat_bundle, tiny_dataset, tiny_run  # noqa: E402, F401
+from fixtures.services import (  # noqa: E402, F401
+    bundles,
+    corrupt_bundle,
+    make_client,
+    redis_prefix,
+    redis_server,
+    serve,
+    service_runs,
+)
