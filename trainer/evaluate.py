@@ -117,14 +117,29 @@ def evaluate_model(
 
     ``rows`` defaults to the test split. Train items of each user are excluded from the ranking.
     """
-    rows = enc.split.test if rows is None else rows
     e, v = encode_all(model, enc)
     rankers: dict[str, Ranker] = {o: view_ranker(model, t) for t, o in enumerate(objectives)}
     rankers["fused"] = fused_ranker(model, weights)
     rankers["popularity (exposures)"] = popularity_ranker(enc)
     rankers["popularity (clicks)"] = popularity_ranker(enc, enc.events.clicked)
+    out = evaluate_vectors(e, v, rankers, enc, n, rows, targets)
+    return {"n": n, "weights": list(weights), **out}
+
+
+def evaluate_vectors(
+    e: Tensor,
+    v: Tensor,
+    rankers: Mapping[str, Ranker],
+    enc: Encoded,
+    n: int = 50,
+    rows: np.ndarray | None = None,
+    targets: Sequence[str] = ("click", "conversion"),
+) -> dict:
+    """The protocol of :func:`evaluate_model` for any user/item vectors (baselines share it):
+    {"users": {target: count}, "metrics": {target: {ranker: {"recall", "ndcg"}}}}."""
+    rows = enc.split.test if rows is None else rows
     exclude = user_items(enc, enc.split.train)
-    out: dict = {"n": n, "weights": list(weights), "users": {}, "metrics": {}}
+    out: dict = {"users": {}, "metrics": {}}
     for target in targets:
         truth = user_items(enc, rows, enc.events.positive(target))
         out["users"][target] = len(truth)
