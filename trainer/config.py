@@ -116,6 +116,12 @@ class TrainConfig:
     ar_epochs: int = _help("epochs of accuracy recovery over the rho subset", 6)
     weight_decay: float = _help("L2 on trainable entries only (frozen entries never decay)", 0.0)
     seed: int = _help("seed for init, batching and sampling", 0)
+    threads: int = _help(
+        "torch intra-op threads; 0 = torch's default (one per core). Set 1 when another "
+        "CPU-heavy job shares the machine: two 2-thread trainings on 2 cores ran ~10x slower "
+        "(OpenMP oversubscription), while alone 2 threads are only ~1.3x faster than 1",
+        0,
+    )
     restore_each_step: bool = _help(
         "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
         False,
@@ -126,6 +132,8 @@ class TrainConfig:
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "train.epochs"))
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")
+        if self.threads < 0:
+            raise ConfigError(f"train.threads must be >= 0 (0 = torch default), got {self.threads}")
         if any(v <= 0 for v in self.lr):
             raise ConfigError(f"train.lr must be > 0, got {list(self.lr)}")
         if any(v < 0 for v in self.epochs) or self.ar_epochs < 0 or self.weight_decay < 0:

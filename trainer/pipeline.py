@@ -28,7 +28,9 @@ EVAL_NAME = "eval.json"
 
 
 def prepare(cfg: RunConfig, data: str | Path, vocabs=None) -> Encoded:
-    """Load, validate, split and encode a dataset folder for ``cfg``."""
+    """Load, validate, split and encode a dataset folder for ``cfg`` (and apply its threads)."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     ds = load_dataset(data, cfg.features, objectives=cfg.objectives)
     split = split_by_time(ds.events, **asdict(cfg.split))
     return encode_dataset(ds, cfg.features, split, vocabs)

@@ -50,6 +50,7 @@ def test_two_objective_cascade_sets_model_objectives():
         ("loss.temperature=0", "0"),
         ("train.epochs=[1, 2]", "[1, 2]"),
         ("cascade.bogus=1", "bogus"),
+        ("train.threads=-1", "-1"),
     ],
 )
 def test_bad_values_are_config_errors_quoting_the_value(override, quoted):
@@ -63,3 +64,20 @@ def test_override_syntax_errors():
         apply_override({}, "tau=0.5")
     with pytest.raises(ConfigError, match="not found"):
         load_config("/nonexistent/config.toml")
+
+
+def test_threads_setting_sets_torch_threads(tmp_path):
+    """train.threads reaches torch (prepare() applies it before any work)."""
+    import torch
+
+    from csmf.errors import DataError
+    from trainer.pipeline import prepare
+
+    before = torch.get_num_threads()
+    cfg = load_config(CONFIGS / "ml-100k.toml", ["train.threads=1"])
+    try:
+        with pytest.raises(DataError):  # no dataset there; the threads are set before loading
+            prepare(cfg, tmp_path / "missing")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
