@@ -68,3 +68,16 @@ def dim_scale(weights: Sequence[float], output_owner: Sequence[int] | np.ndarray
 def slice_scale(weights: Sequence[float], slice_sizes: Sequence[int]) -> np.ndarray:
     """Per-dimension scale for contiguous slices [d | o | r] of the given sizes, (sum(sizes),)."""
     return np.repeat(objective_coefficients(weights), np.asarray(slice_sizes, dtype=np.int64))
+
+
+def cumulative_slice_scores(e: np.ndarray, v: np.ndarray, slice_sizes: Sequence[int]) -> np.ndarray:
+    """Per-objective scores s_t = sum over the dims of slices 0..t of e_j v_j, (k, T).
+
+    ``e`` is one user vector (D,) and ``v`` the (k, D) item vectors, slices contiguous in cascade
+    order. An objective that owns no dims (slice size 0) gets the previous objective's score —
+    a prefix sum handles that; ``np.add.reduceat`` would not (it returns the element at a repeated
+    index instead of an empty sum).
+    """
+    prefix = np.zeros((v.shape[0], v.shape[1] + 1), np.float32)  # (k, D + 1)
+    np.cumsum(v * e, axis=1, out=prefix[:, 1:])
+    return prefix[:, np.cumsum(np.asarray(slice_sizes, dtype=np.intp))]

@@ -23,7 +23,7 @@ import faiss
 import numpy as np
 
 from csmf.bundle import Bundle
-from csmf.weights import parse_weights, slice_scale
+from csmf.weights import cumulative_slice_scores, parse_weights, slice_scale
 from service.feature_store import UserData
 
 SCALE_CACHE = 4096  # distinct weight vectors whose (D,) scale is kept
@@ -61,8 +61,6 @@ class Retriever:
         self.id_column = bundle.encoder.spec.id_column
         self.has_history = bundle.encoder.spec.history is not None
         self.cold_vector = bundle.encoder.cold_start().reshape(1, -1)  # (1, D)
-        starts = np.cumsum((0, *bundle.slice_sizes[:-1]))
-        self.slice_starts = starts.astype(np.intp)
         self.loaded_at = time.time()
         self._lookup = lookup
         self._observe = observe
@@ -154,8 +152,7 @@ class Retriever:
         if len(rows) == 0:
             return np.zeros((0, len(self.objectives)), np.float32)
         v = self.bundle.item_vectors(np.asarray(rows, dtype=np.int64))  # (k, D)
-        per_slice = np.add.reduceat(v * e, self.slice_starts, axis=1)  # (k, T)
-        out = np.cumsum(per_slice, axis=1)
+        out = cumulative_slice_scores(e, v, self.slice_sizes)  # (k, T)
         self._observe("explain", time.perf_counter() - t0)
         return out
 

@@ -6,7 +6,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from csmf.errors import WeightsError
-from csmf.weights import objective_coefficients, parse_weights, slice_scale
+from csmf.weights import (
+    cumulative_slice_scores,
+    objective_coefficients,
+    parse_weights,
+    slice_scale,
+)
 
 OBJ = ("exposure", "click", "conversion")
 
@@ -46,3 +51,17 @@ def test_bad_weights_are_refused_with_a_message(weights, message):
     with pytest.raises(WeightsError) as err:
         parse_weights(weights, OBJ)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("sizes", [(2, 1, 3), (3, 0, 3), (0, 4, 2), (6, 0, 0)])
+def test_cumulative_slice_scores_match_a_direct_sum_even_with_empty_slices(sizes):
+    rng = np.random.default_rng(0)
+    e = rng.standard_normal(6).astype(np.float32)
+    v = rng.standard_normal((5, 6)).astype(np.float32)
+    got = cumulative_slice_scores(e, v, sizes)
+    ends = np.cumsum(sizes)
+    want = np.stack([(v[:, :end] * e[:end]).sum(1) for end in ends], axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # and the fused score is the weighted sum of these s_t (DESIGN §1)
+    k = np.array([1.0, 1.8, 1.2], np.float32)
+    np.testing.assert_allclose(got @ k, v @ (e * slice_scale(k, sizes)), rtol=1e-5, atol=1e-5)
