@@ -28,7 +28,7 @@ HELP = {
     "data": "Fetch/convert datasets: MovieLens-100K, synthetic cascades.",
     "train": "Train the CSMF cascade (exposure → click → conversion) into a run folder.",
     "eval": "Recall@N / nDCG@N of every view and the fused score, next to popularity.",
-    "bench": "Benchmarks: `csmf bench quality` (baselines and ablations table).",
+    "bench": "Benchmarks: `csmf bench quality` (baselines table), `csmf bench sensitivity` (sweeps).",
     "build-index": "Encode the catalogue, build FAISS, verify recall, publish a bundle.",
     "inspect": "Print a bundle's manifest and verify its checksums.",
     "serve": "Serve a bundle over HTTP (FastAPI + uvicorn).",

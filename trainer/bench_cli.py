@@ -26,6 +26,7 @@ from trainer.baselines import METHODS, MethodRun, run_method
 from trainer.config import load_config
 from trainer.pipeline import prepare, write_json
 from trainer.report import aggregate
+from trainer.sensitivity import app as sensitivity_app
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="CSMF benchmarks.")
 
@@ -34,7 +35,10 @@ TARGETS = ("click", "conversion")
 
 @app.callback()
 def _group() -> None:
-    """CSMF benchmarks (quality)."""
+    """CSMF benchmarks: quality table, sensitivity sweeps (validation split)."""
+
+
+app.add_typer(sensitivity_app, name="sensitivity")
 
 
 # indexes a method searches per query, as multiples of model.out_dim
