@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from csmf.errors import BundleError
-from csmf.user_encoder import UserEncoder
+from csmf.user_encoder import CodedHistory, HistoryTable, UserEncoder
 from csmf.weights import parse_weights, slice_scale
 
 BUNDLE_FORMAT = 1
@@ -168,7 +168,9 @@ class UserSnapshot:
 
     ``get(user_id)`` returns ``(features, history)``: ``features`` maps column → raw value and
     always includes the id column (so ``UserEncoder.encode([features], [history])`` sees the id);
-    ``history`` is external item ids, oldest → newest. Unknown user → ``None``.
+    ``history`` is external item ids, oldest → newest, as a :class:`CodedHistory` (it reads like a
+    list). Once :meth:`resolve` has run (``load_bundle`` does it), the encoder and the service
+    read its vocabulary indexes and index rows with numpy gathers. Unknown user → ``None``.
     """
 
     def __init__(
@@ -185,7 +187,7 @@ class UserSnapshot:
         self._columns = dict(columns)
         self._offsets = hist_offsets  # (U+1,) int64
         self._codes = hist_codes  # (E,) int32 into hist_vocab
-        self._vocab = hist_vocab
+        self.history_table = HistoryTable(hist_vocab)
         self._row = {uid: i for i, uid in enumerate(self.ids)}
         if len(self._row) != len(self.ids):
             raise BundleError(f"user snapshot has duplicate {id_column} values")
@@ -200,15 +202,18 @@ class UserSnapshot:
     def feature_columns(self) -> tuple[str, ...]:
         return tuple(self._columns)
 
-    def get(self, user_id: Any) -> tuple[dict[str, Any], list[str]] | None:
-        i = self._row.get(str(user_id))
+    def resolve(self, item_index: Mapping[str, int], item_rows: Mapping[str, int]) -> None:
+        """Resolve every distinct history item once: encoder vocabulary index and index row."""
+        self.history_table.resolve(item_index, item_rows)
+
+    def get(self, user_id: Any) -> tuple[dict[str, Any], CodedHistory] | None:
+        i = self._row.get(user_id if type(user_id) is str else str(user_id))
         if i is None:
             return None
         features = {c: col[i] for c, col in self._columns.items()}
         features[self.id_column] = self.ids[i]
-        vocab = self._vocab
-        codes = self._codes[self._offsets[i] : self._offsets[i + 1]].tolist()
-        return features, [vocab[c] for c in codes]
+        codes = self._codes[self._offsets[i] : self._offsets[i + 1]]
+        return features, CodedHistory(codes, self.history_table)
 
     @classmethod
     def load(cls, path: str | Path, id_column: str) -> UserSnapshot:
@@ -410,7 +415,7 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
     users = UserSnapshot.load(
         path / USERS_FILE, manifest.get("user_id_column", encoder.spec.id_column)
     )
-    return Bundle(
+    bundle = Bundle(
         path=path,
         manifest=manifest,
         objectives=objectives,
@@ -425,6 +430,8 @@ def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
         search_config=search_config,
         item_offset=offset,
     )
+    users.resolve(encoder.item_vocab._index, bundle.item_rows)
+    return bundle
 
 
 def _check_manifest_dims(

@@ -261,7 +261,8 @@ def _pad(rows: Sequence[Sequence[int]], max_len: int) -> np.ndarray:
     """Right-align the last ``max_len`` entries of each row into a PAD-filled matrix."""
     out = np.zeros((len(rows), max_len), np.int64)
     for i, r in enumerate(rows):
-        r = list(r)[-max_len:]
-        if r:
+        if len(r) > max_len:
+            r = r[len(r) - max_len :]
+        if len(r):
             out[i, max_len - len(r) :] = r
     return out

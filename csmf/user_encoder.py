@@ -26,6 +26,67 @@ USER_ENCODER_FORMAT = 1
 ACTIVATIONS = ("relu", "silu")
 
 
+class HistoryTable:
+    """The distinct item ids of a set of stored histories, each resolved once against an
+    encoder's item vocabulary (``vocab_index``) and the index (``rows``, -1 = not in the index).
+
+    Stored histories then reach the encoder as :class:`CodedHistory` and encode with one numpy
+    gather, instead of a string conversion and a dict lookup per item on every request.
+    """
+
+    def __init__(self, ids: Sequence[str]) -> None:
+        self.ids = list(ids)
+        self.vocab_index: np.ndarray | None = None  # (C,) intp
+        self.rows: np.ndarray | None = None  # (C,) int64
+
+    def resolve(self, item_index: Mapping[str, int], item_rows: Mapping[str, int]) -> None:
+        self.vocab_index = np.array([item_index.get(i, UNK) for i in self.ids], dtype=np.intp)
+        self.rows = np.array([item_rows.get(i, -1) for i in self.ids], dtype=np.int64)
+
+
+class CodedHistory(Sequence[str]):
+    """One stored history (external item ids, oldest → newest) as codes into a HistoryTable.
+    It reads like a list of ids; ``vocab_index()`` and ``rows()`` are numpy gathers."""
+
+    __slots__ = ("codes", "table")
+
+    def __init__(self, codes: np.ndarray, table: HistoryTable) -> None:
+        self.codes = codes  # (L,) int32 into table.ids
+        self.table = table
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.table.ids[c] for c in self.codes[i].tolist()]
+        return self.table.ids[int(self.codes[i])]
+
+    def __iter__(self):
+        return iter(self[:])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, CodedHistory | list | tuple):
+            return list(self) == list(other)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"CodedHistory({self[:]!r})"
+
+    @property
+    def resolved(self) -> bool:
+        return self.table.vocab_index is not None
+
+    def vocab_index(self, last: int) -> np.ndarray:
+        """Indexes into the encoder's item vocabulary of the last ``last`` items (UNK if absent)."""
+        return self.table.vocab_index[self.codes[-last:]] if last else self.table.vocab_index[:0]
+
+    def rows(self) -> np.ndarray:
+        """Index rows of the items that are in the index."""
+        r = self.table.rows[self.codes]
+        return r[r >= 0]
+
+
 class UserEncoder:
     """Raw user features + history (external item ids) → permuted user vectors, (n, D) float32."""
 
@@ -122,9 +183,8 @@ class UserEncoder:
                 histories = [()] * n
             elif len(histories) != n:
                 raise BundleError(f"got {len(histories)} histories for {n} rows")
-            index = self.item_vocab._index  # one dict lookup per item on the hot path
             keep = self.spec.history.max_len
-            hist = [[index.get(str(h), UNK) for h in list(hs)[-keep:]] for hs in histories]
+            hist = [self._history_index(hs, keep) for hs in histories]
         return encode_rows(self.spec, self.vocab, columns, hist)
 
     def encode(
@@ -160,12 +220,18 @@ class UserEncoder:
                     values = list(row.get(key) or ())[-extra:]
                     idx = [UNK if v is None else index.get(str(v), UNK) for v in values]
                 else:
-                    keep = self.spec.history.max_len
-                    idx = [index.get(str(h), UNK) for h in list(history)[-keep:]]
-                if idx:  # masked mean over non-padding slots (every looked-up index is >= 1)
-                    rows = table.take(np.array(idx, dtype=np.intp), axis=0)  # (L, D_n)
+                    idx = self._history_index(history, self.spec.history.max_len)
+                if len(idx):  # masked mean over non-padding slots (every looked-up index is >= 1)
+                    rows = table.take(np.asarray(idx, dtype=np.intp), axis=0)  # (L, D_n)
                     x[0, lo:hi] = np.add.reduce(rows, axis=0) / len(idx)
         return x
+
+    def _history_index(self, history: Sequence[str], keep: int) -> list[int] | np.ndarray:
+        """The last ``keep`` items as item-vocabulary indexes (unknown ids → UNK)."""
+        if isinstance(history, CodedHistory) and history.resolved:
+            return history.vocab_index(keep)
+        index = self.item_vocab._index  # one dict lookup per item
+        return [index.get(str(h), UNK) for h in list(history)[-keep:]] if keep else []
 
     def cold_start(self) -> np.ndarray:
         """(D,) the vector of a user with no id, no features and no history."""

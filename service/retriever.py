@@ -23,8 +23,10 @@ import faiss
 import numpy as np
 
 from csmf.bundle import Bundle
+from csmf.user_encoder import CodedHistory
 from csmf.weights import cumulative_slice_scores, parse_weights, slice_scale
 from service.feature_store import UserData
+from service.item_json import ItemJson
 
 SCALE_CACHE = 4096  # distinct weight vectors whose (D,) scale is kept
 
@@ -56,8 +58,7 @@ class Retriever:
         self.n_items = int(bundle.index.ntotal)
         self.item_ids = bundle.item_ids
         self.item_rows = bundle.item_rows  # built now, not on the first request that excludes
-        # display columns as object arrays: one fancy-index per column per request
-        self.meta = [(c, _object_array(v)) for c, v in bundle.item_meta.items()]
+        self.item_json = ItemJson(bundle.item_ids.tolist(), bundle.item_meta)
         self.id_column = bundle.encoder.spec.id_column
         self.has_history = bundle.encoder.spec.history is not None
         self.cold_vector = bundle.encoder.cold_start().reshape(1, -1)  # (1, D)
@@ -97,11 +98,13 @@ class Retriever:
             row, stored = data
             if self.id_column not in row:
                 row = {**row, self.id_column: user_id}
-        hist = list(history) if history is not None else stored
+        hist = history if history is not None else stored
         cold = data is None and (not hist or not self.has_history)
         return row, hist, cold
 
     def rows_of(self, ids: Sequence[str]) -> list[int]:
+        if isinstance(ids, CodedHistory) and ids.resolved:  # a stored history: rows precomputed
+            return ids.rows().tolist()
         get = self.item_rows.get
         return [r for r in map(get, ids) if r is not None]
 
@@ -206,40 +209,9 @@ class Retriever:
 
     # -- response items ---------------------------------------------------------------------------
 
-    def items(self, hits: Hits) -> list[dict]:
-        """JSON-ready items: id, fused score, display columns (meta), per-objective scores."""
-        return self.items_many([hits])[0]
-
-    def items_many(self, many: Sequence[Hits]) -> list[list[dict]]:
-        """``items`` for many results at once: one fancy-index per column for the whole batch."""
-        rows = [r for h in many for r in h.rows]
-        if not rows:
-            return [[] for _ in many]
-        ids = self.item_ids[rows].tolist()
-        scores = [s for h in many for s in h.scores]
-        if len(self.meta) == 1:  # the common case (a title), in one comprehension
-            c, col = self.meta[0]
-            vals = col[rows].tolist()
-            flat = [
-                {"item_id": i, "score": s, "meta": {c: v}}
-                for i, s, v in zip(ids, scores, vals, strict=True)
-            ]
-        else:
-            flat = [{"item_id": i, "score": s} for i, s in zip(ids, scores, strict=True)]
-            if self.meta:
-                names = [c for c, _ in self.meta]
-                values = zip(*(col[rows].tolist() for _, col in self.meta), strict=True)
-                for item, vals in zip(flat, values, strict=True):
-                    item["meta"] = dict(zip(names, vals, strict=True))
-        out, start = [], 0
-        for h in many:
-            items = flat[start : start + len(h.rows)]
-            start += len(h.rows)
-            if h.per_objective is not None:
-                for item, per in zip(items, h.per_objective.tolist(), strict=True):
-                    item["scores"] = dict(zip(self.objectives, per, strict=True))
-            out.append(items)
-        return out
+    def items_json(self, hits: Hits) -> bytes:
+        """The response's ``items`` array as JSON bytes (see service/item_json.py)."""
+        return self.item_json.render(hits.rows, hits.scores, hits.per_objective, self.objectives)
 
     def info(self) -> dict:
         b = self.bundle
@@ -263,9 +235,3 @@ def _enable_reconstruct(bundle: Bundle) -> None:
         ivf = faiss.extract_index_ivf(bundle.index)
         if ivf.direct_map.type == faiss.DirectMap.NoMap:
             ivf.make_direct_map()
-
-
-def _object_array(values: list) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out

@@ -79,15 +79,15 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
         req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain
     )
     state.count(scenario, "single", hits.cold_start, not hits.cold_start)
-    out = {
-        "items": retriever.items(hits),
+    items = retriever.items_json(hits)
+    rest = {
         "weights": dict(zip(retriever.objectives, weights, strict=True)),
         "scenario": scenario,
         "model_version": retriever.model_version,
         "cold_start": hits.cold_start,
         "took_ms": round((perf_counter() - t0) * 1000, 3),
     }
-    return to_json(out)
+    return b'{"items":' + items + b"," + to_json(rest)[1:]
 
 
 @router.post(
@@ -142,18 +142,22 @@ async def retrieve_batch(request: Request) -> Response:
         )
         cold = sum(h.cold_start for h in hits)
         state.count(scenario, "batch", cold, len(hits) - cold)
-        results = [
-            {"user_id": u.user_id, "items": items, "cold_start": h.cold_start}
-            for u, h, items in zip(req.users, hits, retriever.items_many(hits), strict=True)
-        ]
-        return to_json(
-            {
-                "results": results,
-                "weights": dict(zip(retriever.objectives, weights, strict=True)),
-                "scenario": scenario,
-                "model_version": retriever.model_version,
-                "took_ms": round((perf_counter() - t0) * 1000, 3),
-            }
+        results = b",".join(
+            [
+                b'{"user_id":'
+                + to_json(u.user_id)
+                + b',"items":'
+                + retriever.items_json(h)
+                + (b',"cold_start":true}' if h.cold_start else b',"cold_start":false}')
+                for u, h in zip(req.users, hits, strict=True)
+            ]
         )
+        rest = {
+            "weights": dict(zip(retriever.objectives, weights, strict=True)),
+            "scenario": scenario,
+            "model_version": retriever.model_version,
+            "took_ms": round((perf_counter() - t0) * 1000, 3),
+        }
+        return b'{"results":[' + results + b"]," + to_json(rest)[1:]
 
     return Response(await run_in_threadpool(work), media_type=JSON)

@@ -23,7 +23,7 @@ from csmf.bundle import (
 from csmf.checkpoint import load_checkpoint
 from csmf.errors import BundleError, WeightsError
 from csmf.features import encode_rows
-from csmf.user_encoder import UserEncoder
+from csmf.user_encoder import CodedHistory, HistoryTable, UserEncoder
 from csmf.weights import slice_scale
 
 WEIGHTS = [(1.0, 1.8, 1.2), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, 2.0, 0.7)]
@@ -231,3 +231,33 @@ def test_one_row_fast_path_equals_batch_path(flat_bundle):
         one = enc.encode([row], [hist])[0]
         assert np.abs(one - batch[i]).max() <= 1e-5 * max(1.0, np.abs(batch[i]).max())
     np.testing.assert_allclose(enc.encode([{}])[0], batch[0], rtol=1e-5, atol=1e-6)
+
+
+def test_stored_history_encodes_exactly_like_its_ids(flat_bundle):
+    """The snapshot's pre-resolved histories (numpy gathers) give bit-identical user vectors to
+    the same histories as lists of ids, and their index rows match the ids' rows."""
+    b = load_bundle(flat_bundle)
+    got = [b.users.get(u) for u in b.users.ids[:12]]
+    assert all(isinstance(h, CodedHistory) and h.resolved for _, h in got)
+    rows = [r for r, _ in got]
+    coded = [h for _, h in got]
+    plain = [list(h) for h in coded]
+    assert coded == plain and any(len(h) for h in plain)
+    np.testing.assert_array_equal(b.encoder.encode(rows, coded), b.encoder.encode(rows, plain))
+    for r, c, p in zip(rows, coded, plain, strict=True):  # the one-row fast path
+        np.testing.assert_array_equal(b.encoder.encode([r], [c]), b.encoder.encode([r], [p]))
+        assert c.rows().tolist() == [b.item_rows[i] for i in p if i in b.item_rows]
+    # ids outside the encoder vocabulary and the index: UNK to the encoder, no row
+    table = HistoryTable([plain[0][0], "never-seen", plain[0][-1]])
+    table.resolve(b.encoder.item_vocab._index, b.item_rows)
+    h = CodedHistory(np.array([0, 1, 2, 1], np.int32), table)
+    ids = [plain[0][0], "never-seen", plain[0][-1], "never-seen"]
+    assert h == ids and h[1:3] == ids[1:3] and len(h) == 4
+    np.testing.assert_array_equal(
+        b.encoder.encode([rows[0]], [h]), b.encoder.encode([rows[0]], [ids])
+    )
+    assert h.rows().tolist() == [b.item_rows[ids[0]], b.item_rows[ids[2]]]
+    unresolved = CodedHistory(h.codes, HistoryTable(table.ids))  # falls back to the id lookup
+    np.testing.assert_array_equal(
+        b.encoder.encode([rows[0]], [unresolved]), b.encoder.encode([rows[0]], [ids])
+    )
