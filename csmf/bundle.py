@@ -335,9 +335,12 @@ class Bundle:
     # search() and item_vectors() add it back; raw index.search callers must do the same.
     item_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
+    centered: bool = field(init=False)  # a nonzero item_offset (read once per search)
+
     def __post_init__(self) -> None:
         if self.item_offset.size == 0:
             self.item_offset = np.zeros(self.dim, np.float32)
+        self.centered = bool(np.any(self.item_offset))
 
     @property
     def dim(self) -> int:
@@ -367,10 +370,6 @@ class Bundle:
         if self.centered:
             scores += (q @ self.item_offset)[:, None]
         return scores, rows
-
-    @property
-    def centered(self) -> bool:
-        return bool(np.any(self.item_offset))
 
     def item_vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """(len(rows), D) item vectors (e.g. for per-objective explain scores)."""
