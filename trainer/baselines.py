@@ -15,7 +15,9 @@ sampled softmax with log-Q, negatives, temperature, learning rate and per-object
 - ``mmoe`` (MMoE/MVKE-style): shared embeddings, K shared expert MLPs, one softmax gate per
   objective → one ``out_dim`` vector per objective; trained jointly, each objective on its own
   positives for its own epoch budget; fused = sum_t k_t <e_t, v_t> (3x storage and search);
-- ``popularity``: train-exposure / train-click counts.
+- ``popularity``: train-exposure / train-click counts;
+- ``oracle`` (synthetic datasets only): items ranked by the generator's true expected clicks /
+  conversions (``trainer.data.synthetic.true_scores``), the ceiling beside every other number.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from csmf.checkpoint import new_model
+from csmf.errors import DataError
 from csmf.features import TowerSpec
 from csmf.towers import Batch, ModelConfig, Tower
 from trainer.cascade import Log, batch_loss, run_cascade, run_epochs
@@ -43,7 +47,7 @@ CSMF_VARIANTS = {
     "csmf-wo-aml": {"loss": {"aml": False}},
     "csmf-wo-ar": {"cascade": {"accuracy_recovery": False}},
 }
-METHODS = (*CSMF_VARIANTS, "exposure-only", "sep", "mix", "mmoe", "popularity")
+METHODS = (*CSMF_VARIANTS, "exposure-only", "sep", "mix", "mmoe", "popularity", "oracle")
 
 
 @dataclass
@@ -257,8 +261,11 @@ def train_multivector(
 # --------------------------------------------------------------------------- one method
 
 
-def run_method(method: str, cfg: RunConfig, enc: Encoded, log: Log = print) -> MethodRun:
-    """Train (if needed) and evaluate ``method`` with ``cfg``'s seed on ``enc``'s test split."""
+def run_method(
+    method: str, cfg: RunConfig, enc: Encoded, log: Log = print, data: str | Path | None = None
+) -> MethodRun:
+    """Train (if needed) and evaluate ``method`` with ``cfg``'s seed on ``enc``'s test split.
+    ``oracle`` reads ``truth.npz`` from the dataset folder ``data``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {list(METHODS)}")
     start = time.perf_counter()
@@ -309,6 +316,9 @@ def run_method(method: str, cfg: RunConfig, enc: Encoded, log: Log = print) -> M
         rankers = {o: ("scale", model.view_scale(t)) for t, o in enumerate(cfg.objectives)}
         rankers["fused"] = ("scale", model.fused_scale(cfg.eval.weights))
         serving = [(e * rankers["fused"][1], v, 1.0)]
+    elif method == "oracle":
+        e, v = torch.zeros(enc.n_users, 1), torch.zeros(enc.n_items, 1)
+        rankers = oracle_rankers(enc, data)
     else:  # popularity
         e = torch.zeros(enc.n_users, 1)
         v = torch.zeros(enc.n_items, 1)
@@ -318,3 +328,19 @@ def run_method(method: str, cfg: RunConfig, enc: Encoded, log: Log = print) -> M
         }
     result = evaluate_vectors(e, v, rankers, enc, n)
     return MethodRun(method, result, time.perf_counter() - start, serving)
+
+
+def oracle_rankers(enc: Encoded, data: str | Path | None) -> dict[str, Ranker]:
+    """Rank by the synthetic generator's true scores (user/item ids are its truth rows)."""
+    from trainer.data.synthetic import load_truth, true_scores
+
+    if data is None or not (Path(data) / "truth.npz").exists():
+        raise DataError(f"the oracle needs a synthetic dataset's truth.npz; {data} has none")
+    truth = load_truth(data)
+    users = np.array([int(u) for u in enc.user_vocab.ids.values], dtype=np.int64)
+    items = np.array([int(i) for i in enc.item_vocab.ids.values], dtype=np.int64)
+
+    def ranker(objective: str) -> Ranker:
+        return ("rows", lambda part: true_scores(truth, users[part], objective)[:, items])
+
+    return {"true clicks": ranker("click"), "true conversions": ranker("conversion")}

@@ -42,7 +42,12 @@ app.add_typer(sensitivity_app, name="sensitivity")
 
 
 # indexes a method searches per query, as multiples of model.out_dim
-SERVING_BLOCKS = {m: [1] for m in METHODS} | {"sep": [1, 1], "mmoe": [3], "popularity": []}
+SERVING_BLOCKS = {m: [1] for m in METHODS} | {
+    "sep": [1, 1],
+    "mmoe": [3],
+    "popularity": [],
+    "oracle": [],
+}
 
 
 def random_serving(method: str, dim: int, n_users: int, n_items: int, cfg) -> MethodRun:
@@ -163,8 +168,13 @@ def quality(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder.")] = Path("data/ml-100k"),
     seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0..N-1).")] = 3,
     methods: Annotated[
-        str, typer.Option("--methods", help=f"Comma-separated subset of {','.join(METHODS)}.")
-    ] = ",".join(METHODS),
+        str | None,
+        typer.Option(
+            "--methods",
+            help=f"Comma-separated subset of {','.join(METHODS)} (default: all; oracle only "
+            "for datasets with a truth.npz).",
+        ),
+    ] = None,
     config: Annotated[
         Path | None,
         typer.Option("--config", help="TOML config (default configs/<dataset>.toml)."),
@@ -190,7 +200,11 @@ def quality(
     dataset = data.resolve().name
     config = config or Path(f"configs/{dataset}.toml")
     cache = cache or Path(f"runs/bench-{dataset}")
-    names = [m.strip() for m in methods.split(",") if m.strip()]
+    has_truth = (data / "truth.npz").exists()
+    if methods is None:
+        names = [m for m in METHODS if m != "oracle" or has_truth]
+    else:
+        names = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad:
         typer.echo(f"error: unknown method(s) {bad}; expected {list(METHODS)}", err=True)
@@ -213,7 +227,7 @@ def quality(
                     continue
                 else:
                     typer.echo(f"seed {seed}: {m} ...")
-                    run = run_method(m, cfg, enc, log=lambda _: None)
+                    run = run_method(m, cfg, enc, log=lambda _: None, data=data)
                     rec = {"seed": seed, "seconds": run.seconds, **run.result}
                     path.parent.mkdir(parents=True, exist_ok=True)
                     write_json(path, rec)
@@ -242,7 +256,7 @@ def quality(
             serving[m] = random_serving(m, cfg.model.out_dim, enc.n_users, enc.n_items, cfg)
     cost = serving_cost(serving, n)
     cmd = f"csmf bench quality --data {data} --seeds {seeds}"
-    if methods != ",".join(METHODS):
+    if methods is not None:
         cmd += f" --methods {methods}"
     for s in set_ or []:
         cmd += f" --set {s}"

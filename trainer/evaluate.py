@@ -12,6 +12,7 @@ conversions). Every ranker is a per-dimension query scale over one pair of full 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from csmf.towers import TwoTower
 from csmf.weights import dim_scale
 from trainer.encoding import Encoded, user_items
 
-Ranker = tuple[str, Tensor]  # ("scale", (D,)) or ("fixed", (N,) item scores)
+# ("scale", (D,)), ("fixed", (N,) item scores) or ("rows", f) with f(users (b,)) → (b, N) scores
+Ranker = tuple[str, Any]
 
 
 @torch.no_grad()
@@ -81,7 +83,12 @@ def rank_metrics(
         ideal = torch.cumsum(discount, 0)[(n_true.clamp(max=n) - 1).long()]  # (b,)
         eu = e[torch.as_tensor(part)]
         for name, (kind, arg) in rankers.items():
-            scores = (eu * arg) @ v.T if kind == "scale" else arg.expand(b, n_items).clone()
+            if kind == "scale":
+                scores = (eu * arg) @ v.T
+            elif kind == "fixed":
+                scores = arg.expand(b, n_items).clone()
+            else:  # per-user scores from a function (e.g. a synthetic dataset's oracle)
+                scores = torch.as_tensor(arg(part), dtype=torch.float32)
             scores = scores.masked_fill(excl_mask, float("-inf"))
             top = torch.topk(scores, n, dim=1).indices  # (b, n)
             hits = torch.gather(hit_mask, 1, top).double()  # (b, n)
