@@ -39,7 +39,7 @@ from index_builder.encode import (
 )
 from index_builder.faiss_index import build_faiss_index
 from index_builder.publish import publish, staging_dir
-from index_builder.recall import check_recall, weight_grid
+from index_builder.recall import check_recall, tune_search_params, weight_grid
 from index_builder.snapshot import build_user_snapshot
 
 MAX_SUMMARY_BYTES = 65536  # training config/metrics larger than this are left out of the manifest
@@ -104,7 +104,25 @@ def build_bundle(
         )
         index, index_info = build_faiss_index(vectors, cfg, progress)
         # Queries are real users encoded the way the service will: snapshot → numpy encoder.
-        users = _query_users(stage, encoder, cfg)
+        users, tune_users = _query_users(stage, encoder, cfg)
+        if cfg.tune:
+            index_info["search_params"], trace = tune_search_params(
+                index,
+                cfg.index,
+                index_info["search_params"],
+                vectors,
+                users if tune_users is None else tune_users,
+                slice_sizes,
+                cfg.recall_k,
+                min(1.0, cfg.recall_floor + cfg.tune_margin),
+                weight_grid(num_obj),
+            )
+            index_info["tuning"] = {
+                "target": min(1.0, cfg.recall_floor + cfg.tune_margin),
+                "queries": int(len(users if tune_users is None else tune_users)),
+                "disjoint_from_check": tune_users is not None,
+                "trace": trace,
+            }
         recall = check_recall(
             index,
             cfg.index,
@@ -150,6 +168,9 @@ def build_bundle(
     return Path(out), manifest
 
 
+MIN_TUNE_USERS = 50  # fewer left over: tune on the check sample (recorded in the manifest)
+
+
 def _write_items(path: Path, table: pa.Table, id_column: str, display: tuple[str, ...]) -> None:
     ids = pc.cast(table.column(id_column), pa.string())
     if ids.null_count:
@@ -163,19 +184,24 @@ def _write_items(path: Path, table: pa.Table, id_column: str, display: tuple[str
     pq.write_table(pa.table(data), path)
 
 
-def _query_users(stage: Path, encoder: UserEncoder, cfg: BuildConfig) -> np.ndarray:
-    """(Q, D) user vectors of a seeded sample of snapshot users (cold start if there are none)."""
+def _query_users(
+    stage: Path, encoder: UserEncoder, cfg: BuildConfig
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(Q, D) user vectors of a seeded sample of snapshot users for the recall check (cold start
+    if there are none), and those of a disjoint sample for tuning — ``None`` when fewer than
+    ``MIN_TUNE_USERS`` users are left over (the tuner then uses the check sample)."""
     snap = UserSnapshot.load(stage / USERS_FILE, encoder.spec.id_column)
     if len(snap) == 0:
-        return encoder.encode([{}], [()])
-    rng = np.random.default_rng(cfg.seed)
-    pick = rng.choice(len(snap), size=min(cfg.recall_queries, len(snap)), replace=False)
-    rows, hists = [], []
-    for i in pick.tolist():
-        feats, hist = snap.get(snap.ids[i])
-        rows.append(feats)
-        hists.append(hist)
-    return encoder.encode(rows, hists)
+        return encoder.encode([{}], [()]), None
+    order = np.random.default_rng(cfg.seed).permutation(len(snap))
+    check = order[: cfg.recall_queries]
+    tune = order[cfg.recall_queries : 2 * cfg.recall_queries]
+
+    def encode(rows_: np.ndarray) -> np.ndarray:
+        got = [snap.get(snap.ids[i]) for i in rows_.tolist()]
+        return encoder.encode([f for f, _ in got], [h for _, h in got])
+
+    return encode(check), encode(tune) if len(tune) >= MIN_TUNE_USERS else None
 
 
 def _training_summary(ckpt: Checkpoint, run: Path) -> dict[str, Any]:

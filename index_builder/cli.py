@@ -64,6 +64,15 @@ def build_index(
     recall_floor: Annotated[
         float, typer.Option(help="Fail unless ANN recall@k >= this under every weighting.")
     ] = 0.95,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            "--tune",
+            help="Lower --nprobe / --ef-search to the smallest value whose weighted recall on a "
+            "separate sample of users reaches the floor + --tune-margin (faster serving).",
+        ),
+    ] = False,
+    tune_margin: Annotated[float, typer.Option(help="Recall headroom when tuning.")] = 0.01,
     recall_k: Annotated[int, typer.Option(help="k of the ANN-vs-exact recall check.")] = 50,
     recall_queries: Annotated[
         int, typer.Option(help="Snapshot users encoded as recall-check queries.")
@@ -94,6 +103,8 @@ def build_index(
             nprobe=nprobe,
             center=center.value,
             recall_floor=recall_floor,
+            tune=tune,
+            tune_margin=tune_margin,
             recall_k=recall_k,
             recall_queries=recall_queries,
             batch_size=batch_size,

@@ -30,6 +30,16 @@ class BuildConfig:
         },
     )
     recall_floor: float = field(default=0.95, metadata={"help": "min weighted recall@k to publish"})
+    tune: bool = field(
+        default=False,
+        metadata={
+            "help": "lower nprobe / ef_search (never raise) to the smallest value whose weighted "
+            "recall on a separate sample of users reaches recall_floor + tune_margin"
+        },
+    )
+    tune_margin: float = field(
+        default=0.01, metadata={"help": "headroom above the floor when tuning"}
+    )
     recall_k: int = field(default=50, metadata={"help": "k of the recall check"})
     recall_queries: int = field(default=1000, metadata={"help": "snapshot users used as queries"})
     batch_size: int = field(default=4096, metadata={"help": "items per encoding batch"})
@@ -60,6 +70,8 @@ class BuildConfig:
                 raise ConfigError(f"{name} must be >= 1, got {v}")
         if self.nlist is not None and self.nlist < 1:
             raise ConfigError(f"nlist must be >= 1 (or unset for automatic), got {self.nlist}")
+        if not 0.0 <= self.tune_margin <= 1.0:
+            raise ConfigError(f"tune_margin must be in [0, 1], got {self.tune_margin}")
         if not 0.0 <= self.recall_floor <= 1.0:
             raise ConfigError(f"recall_floor must be in [0, 1], got {self.recall_floor}")
         if self.center not in ("auto", "on", "off"):

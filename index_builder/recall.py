@@ -68,13 +68,19 @@ def weighted_recall(
     slice_sizes: Sequence[int],
     k: int,
     grid: Sequence[Sequence[float]],
+    exact: dict | None = None,
 ) -> dict[str, Any]:
-    """Recall@k of ``index`` (with its current search params) for every weighting in ``grid``."""
+    """Recall@k of ``index`` (with its current search params) for every weighting in ``grid``.
+    ``exact`` caches the brute-force top-k per weighting across calls (same users, same k)."""
     k = min(k, len(vectors))
+    exact = {} if exact is None else exact
     results = []
     for w in grid:
         q = np.ascontiguousarray(users * slice_scale(w, slice_sizes), dtype=np.float32)  # (Q, D)
-        exact_s, _ = exact_topk(vectors, q, k)
+        key = tuple(w)
+        if key not in exact:
+            exact[key] = exact_topk(vectors, q, k)[0]
+        exact_s = exact[key]
         _, ann_rows = index.search(q, k)
         r = recall_with_ties(vectors, q, ann_rows, exact_s)
         results.append({"weights": [float(x) for x in w], "recall": round(float(r.mean()), 5)})
@@ -112,6 +118,59 @@ def check_recall(
         f"{worst['weights']}, below the floor {floor} ({kind} {search_params}); {hint}. "
         "No bundle was published."
     )
+
+
+TUNE_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256, 384, 512,
+               768, 1024, 1536, 2048, 3072, 4096)  # fmt: skip
+KNOBS = {"ivf": "nprobe", "hnsw": "ef_search"}
+
+
+def tune_search_params(
+    index: faiss.Index,
+    kind: str,
+    params: dict[str, Any],
+    vectors: np.ndarray,
+    users: np.ndarray,
+    slice_sizes: Sequence[int],
+    k: int,
+    target: float,
+    grid: Sequence[Sequence[float]],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The smallest nprobe (IVF) / efSearch (HNSW) on a ladder, up to the configured value, whose
+    min weighted recall on ``users`` reaches ``target``; the configured value if none does.
+
+    Recall grows with the knob, so the ladder is bisected (about log2(len) evaluations; the exact
+    top-k is computed once). Returns (params to serve with, the evaluations made). The index is
+    left set to the returned params.
+    """
+    knob = KNOBS.get(kind)
+    if knob is None:
+        return dict(params), []
+    cap = int(params[knob])
+    if kind == "ivf":
+        cap = min(cap, faiss.extract_index_ivf(index).nlist)
+    ladder = [v for v in TUNE_LADDER if v < cap] + [cap]
+    if kind == "hnsw":
+        ladder = [v for v in ladder if v >= k] or [cap]  # efSearch below k returns < k results
+    exact: dict = {}
+    trace: list[dict[str, Any]] = []
+
+    def passes(v: int) -> bool:
+        apply_search_params(index, kind, {knob: v})
+        r = weighted_recall(index, vectors, users, slice_sizes, k, grid, exact)["min_recall"]
+        trace.append({knob: v, "min_recall": r})
+        return r >= target
+
+    lo, hi = 0, len(ladder) - 1  # answer in ladder[lo..hi]; ladder[hi] is the fallback
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if passes(ladder[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    chosen = {**params, knob: ladder[hi]}
+    apply_search_params(index, kind, chosen)
+    return chosen, trace
 
 
 def _suggest(

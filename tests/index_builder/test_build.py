@@ -165,3 +165,16 @@ def test_python_m_entry_point(flat_bundle, tmp_path):
     )
     assert r.returncode == 0, r.stderr
     assert "OK: 4 files verified" in r.stdout
+
+
+def test_build_with_tune_lowers_nprobe_and_records_the_search(tiny_run, tmp_path):
+    cfg = BuildConfig(index="ivf", nprobe=32, tune=True, recall_floor=0.9, tune_margin=0.02)
+    out, m = build_bundle(tiny_run, tmp_path / "tuned", cfg, progress=False)
+    tuning = m["index"]["tuning"]
+    nprobe = m["index"]["search_params"]["nprobe"]
+    assert nprobe < 32 and load_bundle(out).index.nprobe == nprobe
+    assert tuning["target"] == 0.92 and tuning["trace"]
+    assert not tuning["disjoint_from_check"]  # 60 users: too few for a separate tuning sample
+    passed = [t["nprobe"] for t in tuning["trace"] if t["min_recall"] >= 0.92]
+    assert nprobe == min(passed)
+    assert m["recall_check"]["passed"] and m["build"]["config"]["tune"] is True

@@ -9,7 +9,15 @@ import pytest
 from index_builder.build import build_bundle
 from index_builder.config import BuildConfig
 from index_builder.faiss_index import build_faiss_index, default_nlist
-from index_builder.recall import RecallFloorError, check_recall, recall_with_ties, weight_grid
+from index_builder.recall import (
+    TUNE_LADDER,
+    RecallFloorError,
+    check_recall,
+    recall_with_ties,
+    tune_search_params,
+    weight_grid,
+    weighted_recall,
+)
 
 
 def test_weight_grid_generalises_the_cascade():
@@ -73,3 +81,50 @@ def test_build_below_floor_publishes_nothing(tiny_run, tmp_path):
         build_bundle(tiny_run, out, BuildConfig(index="ivf", nlist=38, nprobe=1), progress=False)
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []  # no staging folder left either
+
+
+def _blobs(n: int, d: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, d))
+    return (centres[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("target", [0.9, 0.97])
+def test_tuning_picks_the_smallest_ladder_nprobe_that_reaches_the_target(target):
+
+    x = _blobs(6000, 12, 0)
+    users = _blobs(200, 12, 1)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(12), 12, 64, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    sizes, grid = [4, 4, 4], weight_grid(3)
+    params, trace = tune_search_params(
+        index, "ivf", {"nprobe": 64}, x, users, sizes, 20, target, grid
+    )
+    chosen = params["nprobe"]
+    assert index.nprobe == chosen <= 64
+    assert len(trace) <= 6  # bisection, not a scan of the ladder
+
+    def recall_at(v: int) -> float:
+        index.nprobe = v
+        return weighted_recall(index, x, users, sizes, 20, grid)["min_recall"]
+
+    assert recall_at(chosen) >= target
+    lower = [v for v in TUNE_LADDER if v < chosen]
+    if lower:
+        assert recall_at(lower[-1]) < target  # the next rung down misses: smallest passing rung
+    assert 1 < chosen < 64  # neither knob extreme: the test exercises the search
+
+
+def test_tuning_never_raises_the_configured_value_and_leaves_flat_alone():
+
+    x = _blobs(3000, 8, 2)
+    users = _blobs(50, 8, 3)
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 32, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    grid = weight_grid(2)
+    params, _ = tune_search_params(index, "ivf", {"nprobe": 4}, x, users, [4, 4], 20, 1.01, grid)
+    assert params == {"nprobe": 4} and index.nprobe == 4  # unreachable target: the cap
+    flat = faiss.IndexFlatIP(8)
+    assert tune_search_params(flat, "flat", {}, x, users, [4, 4], 20, 0.99, grid) == ({}, [])
