@@ -328,8 +328,9 @@ def section(
     n: int, manifest: dict, base: dict, bare: dict, runs: dict, batch_res: dict | None, meta: dict
 ) -> str:
     rc = manifest["recall_check"]
+    tuned = " (nprobe tuned)" if "tuning" in manifest["index"] else ""
     lines = [
-        f"## {n:,} items",
+        f"## {n:,} items{tuned}",
         "",
         f"Run {meta['when']}, command `{meta['command']}`; load average {meta['load_before']:.2f} before, "
         f"{meta['load_after']:.2f} after (the machine is shared; ±30 % run to run). Medians of "
@@ -380,10 +381,12 @@ def write_report(out: Path, n: int, text: str) -> None:
     sections = {}
     if out.exists():
         for block in re.split(r"(?m)^(?=## )", out.read_text()):
-            m = re.match(r"## ([\d,]+) items", block)
+            m = re.match(r"## ([\d,]+) items( \(nprobe tuned\))?", block)
             if m:
-                sections[int(m.group(1).replace(",", ""))] = block.rstrip() + "\n"
-    sections[n] = text
+                sections[(int(m.group(1).replace(",", "")), bool(m.group(2)))] = (
+                    block.rstrip() + "\n"
+                )
+    sections[(n, "(nprobe tuned)" in text.splitlines()[0])] = text
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(head + "\n".join(sections[k] for k in sorted(sections)))
 
@@ -408,6 +411,9 @@ def main() -> None:
     )
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--nprobe", type=int, default=32, help="IVF lists probed (recall vs latency)")
+    ap.add_argument(
+        "--tune", action="store_true", help="let the builder lower nprobe (csmf build-index --tune)"
+    )
     ap.add_argument("--duration", type=int, default=8, help="seconds of measured load per round")
     ap.add_argument(
         "--rounds", type=int, default=3, help="bare and service measured alternately, medians kept"
@@ -427,7 +433,7 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     t0 = time.time()
-    bundle = bench_bundle(args.items, args.cache, nprobe=args.nprobe)
+    bundle = bench_bundle(args.items, args.cache, nprobe=args.nprobe, tune=args.tune)
     manifest = json.loads((bundle / "manifest.json").read_text())
     print(f"bundle {bundle} ready in {time.time() - t0:.0f}s", flush=True)
     tmp = args.cache / "run"
