@@ -248,7 +248,7 @@ def plot_sweeps(points: list[dict], out: Path, dataset: str) -> list[Path]:
         series: dict[str, list[dict]] = {}
         for p in points:
             if p["key"] == key:
-                series.setdefault(" ".join(p["base"]) or "default", []).append(p)
+                series.setdefault(" ".join(p["base"]) or "as configured", []).append(p)
         for base, pts in sorted(series.items()):
             pts = sorted(pts, key=lambda p: p["value"])
             xs = [p["value"] for p in pts]
