@@ -185,18 +185,17 @@ def _suggest(
     grid: Sequence[Sequence[float]],
 ) -> str:
     """Try larger search-time parameters on the built index and name the first that passes."""
-    if kind == "hnsw":
-        knob, flag, cap = "ef_search", "--ef-search", 4096
-    elif kind == "ivf":
-        knob, flag, cap = "nprobe", "--nprobe", faiss.extract_index_ivf(index).nlist
-    else:
+    knob = KNOBS.get(kind)
+    if knob is None:
         return "an exact flat index cannot miss: check the vectors for NaN"
+    flag = "--" + knob.replace("_", "-")
+    cap = faiss.extract_index_ivf(index).nlist if kind == "ivf" else TUNE_LADDER[-1]
     value = int(params[knob])
-    tried = []
+    tried, exact = [], {}  # exact top-k per weighting, computed once
     while value < cap:
         value = min(value * 2, cap)
         apply_search_params(index, kind, {knob: value})
-        r = weighted_recall(index, vectors, users, slice_sizes, k, grid)["min_recall"]
+        r = weighted_recall(index, vectors, users, slice_sizes, k, grid, exact)["min_recall"]
         tried.append(f"{value}: {r:.4f}")
         if r >= floor:
             return (
