@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1.7
-# csmf-retrieval serving image: CPU-only torch, non-root, `csmf serve` as entrypoint.
+# csmf-retrieval serving image: no torch (the core install serves), non-root, `csmf serve` as entrypoint.
 #
 #   docker build -t csmf-retrieval:local .                       # bundle mounted at /bundle at run time
 #   docker run --rm -p 8000:8000 -v "$PWD/bundles/ml-100k:/bundle:ro" csmf-retrieval:local
@@ -7,12 +7,12 @@
 #   # or bake a bundle into the image (immutable; what deploy/k8s/ runs):
 #   docker build --target baked --build-context bundle=bundles/ml-100k -t csmf-retrieval:ml-100k .
 #
-# Expected size: ~1.2 GB uncompressed, ~350 MB compressed in a registry (measured on the same
-# package set outside Docker: a 1.05 GB venv, 300 MB gzipped). python:3.11-slim is ~125 MB; the
-# venv is dominated by CPU torch (~560 MB after stripping its headers and test binaries;
-# libtorch_cpu.so alone is 434 MB), pyarrow (~170 MB), sympy (torch's dependency, ~80 MB),
-# numpy + faiss (~140 MB). No compiler, no pip cache, no CUDA wheels. The serving code never
-# imports torch (the user tower runs in numpy): a dependency split would save the ~650 MB.
+# Expected size: ~0.5 GB uncompressed. The same package set installed outside Docker (the core
+# dependencies of pyproject.toml, no `train` extra) is a 400 MB venv, pip included; python:3.11-slim
+# is ~125 MB. pyarrow (~170 MB) and numpy + faiss (~140 MB) dominate. The service never imports
+# torch (the user tower runs in numpy); training and `csmf build-index` need the `train` extra and
+# are not in this image (they exit with a one-line message saying so). Before the split the venv
+# was 1.05 GB, CPU torch alone ~560 MB.
 
 ARG PYTHON_VERSION=3.11
 
@@ -24,12 +24,8 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 
-# torch first and pinned, from the CPU index: from PyPI it would pull gigabytes of CUDA libraries.
-ARG TORCH_VERSION=2.13.0
-RUN pip install "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
-
 # Dependencies in their own layer, keyed on pyproject.toml only, so a code change does not
-# reinstall them. The already-installed CPU torch satisfies the `torch` requirement.
+# reinstall them. Only the core dependencies: no torch.
 WORKDIR /src
 COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
@@ -40,12 +36,9 @@ COPY csmf ./csmf
 COPY trainer ./trainer
 COPY index_builder ./index_builder
 COPY service ./service
-# Then strip what a server never uses: torch's C++ headers (only for compiling extensions), its
-# C++ test binaries and protoc (~195 MB together), and pip/setuptools themselves.
+# Then check the serving path imports without torch, and drop pip/setuptools themselves.
 RUN pip install --no-deps . \
-    && python -c "import csmf, service" \
-    && SITE="$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
-    && rm -rf "$SITE/torch/include" "$SITE/torch/test" "$SITE/torch/bin" \
+    && python -c "import csmf, service.main, sys; assert 'torch' not in sys.modules" \
     && python -m pip uninstall -y -q pip setuptools wheel
 
 # ---------------------------------------------------------------------------------------------

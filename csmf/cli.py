@@ -35,6 +35,9 @@ HELP = {
 }
 
 
+NEEDS_TORCH = {"train", "eval", "bench", "build-index"}
+
+
 def _load(name: str):
     module, attr, kind = COMMANDS[name]
     obj = getattr(importlib.import_module(module), attr)
@@ -57,7 +60,17 @@ def main(argv: list[str] | None = None) -> None:
         for n in COMMANDS:
             print(f"  {n:<12} {HELP[n]}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
-    _load(argv[0]).main(args=argv[1:], prog_name=f"csmf {argv[0]}")
+    try:
+        _load(argv[0]).main(args=argv[1:], prog_name=f"csmf {argv[0]}")
+    except ModuleNotFoundError as exc:  # on import or inside the command (lazy imports)
+        if exc.name != "torch" or argv[0] not in NEEDS_TORCH:
+            raise
+        print(
+            f"error: `csmf {argv[0]}` needs PyTorch, which this install does not have (serving "
+            "does not): pip install torch==2.13.0, then pip install 'csmf-retrieval[train]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ import re
 import shlex
 import shutil
 import subprocess
+import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
 import typer
 import yaml
+from packaging.specifiers import SpecifierSet
 from typer.main import get_command
 
 from service.cli import serve
@@ -175,12 +177,15 @@ def test_dockerfile_stages_user_entrypoint_and_healthcheck():
     assert {"/healthz", "/readyz", "/metrics"} <= app_routes()
 
 
-def test_dockerfile_installs_the_pinned_cpu_torch():
-    build = stages()["build"]
-    version = re.search(r"ARG TORCH_VERSION=(\S+)", " ".join(f"{i} {r}" for i, r in build))
-    assert version and f"torch=={version.group(1)}" == makefile_default("TORCH")
-    torch_install = next(r for i, r in build if i == "RUN" and "torch==" in r)
-    assert "--index-url https://download.pytorch.org/whl/cpu" in torch_install
+def test_dockerfile_serves_without_torch_and_training_keeps_the_pinned_one():
+    build = " ".join(f"{i} {r}" for i, r in stages()["build"])
+    assert "torch==" not in build and "import csmf, service.main, sys" in build
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("torch") for d in project["dependencies"])
+    (torch_req,) = project["optional-dependencies"]["train"]
+    pinned = makefile_default("TORCH").split("==")[1]  # torch==2.13.0 must satisfy the range
+    assert SpecifierSet(torch_req.removeprefix("torch")).contains(pinned)
+    assert "csmf-retrieval[train]" in project["optional-dependencies"]["test"]
     python = re.search(r"ARG PYTHON_VERSION=(\d+)\.(\d+)", (ROOT / "Dockerfile").read_text())
     assert (int(python.group(1)), int(python.group(2))) >= (3, 11)  # pyproject requires-python
 

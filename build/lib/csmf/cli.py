@@ -1,0 +1,77 @@
+"""The ``csmf`` command: one entry point, one subcommand per job.
+
+This module only assembles; each package owns its subcommands and their options
+(``trainer.data.cli``, ``trainer.cli``, ``index_builder.cli``, ``service.cli``). It is the one
+module in ``csmf/`` allowed to import the other packages, and it does so lazily — only the
+subcommand being run is imported, so ``csmf serve`` never loads the trainer and ``--help`` is fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+from typer.main import get_command
+
+# subcommand → (module, attribute, kind). "group" attributes are typer.Typer apps.
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "data": ("trainer.data.cli", "app", "group"),
+    "train": ("trainer.cli", "train", "command"),
+    "eval": ("trainer.cli", "evaluate", "command"),
+    "bench": ("trainer.bench_cli", "app", "group"),
+    "build-index": ("index_builder.cli", "build_index", "command"),
+    "inspect": ("index_builder.cli", "inspect", "command"),
+    "serve": ("service.cli", "serve", "command"),
+}
+HELP = {
+    "data": "Fetch/convert datasets: MovieLens-100K, synthetic cascades.",
+    "train": "Train the CSMF cascade (exposure → click → conversion) into a run folder.",
+    "eval": "Recall@N / nDCG@N of every view and the fused score, next to popularity.",
+    "bench": "Benchmarks: `csmf bench quality` (baselines table), `csmf bench sensitivity` (sweeps).",
+    "build-index": "Encode the catalogue, build FAISS, verify recall, publish a bundle.",
+    "inspect": "Print a bundle's manifest and verify its checksums.",
+    "serve": "Serve a bundle over HTTP (FastAPI + uvicorn).",
+}
+
+
+NEEDS_TORCH = {"train", "eval", "bench", "build-index"}
+
+
+def _load(name: str):
+    module, attr, kind = COMMANDS[name]
+    obj = getattr(importlib.import_module(module), attr)
+    if kind == "group":
+        return get_command(obj)
+    app = typer.Typer(add_completion=False)
+    app.command(name=name)(obj)
+    return get_command(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(
+                f"error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}",
+                file=sys.stderr,
+            )
+        print("usage: csmf COMMAND [OPTIONS]   (csmf COMMAND --help for its options)\n\ncommands:")
+        for n in COMMANDS:
+            print(f"  {n:<12} {HELP[n]}")
+        raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)
+    try:
+        _load(argv[0]).main(args=argv[1:], prog_name=f"csmf {argv[0]}")
+    except ModuleNotFoundError as exc:  # on import or inside the command (lazy imports)
+        if exc.name != "torch" or argv[0] not in NEEDS_TORCH:
+            raise
+        print(
+            f"error: `csmf {argv[0]}` needs PyTorch, which this install does not have (serving "
+            "does not): pip install torch==2.13.0, then pip install 'csmf-retrieval[train]'",
+            file=sys.stderr,
+        )
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

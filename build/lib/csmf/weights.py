@@ -1,0 +1,83 @@
+"""Objective weights → per-dimension query scale (DESIGN §1, the paper's Eq. 8).
+
+With weights k_t per objective and output dims owned by objective owner(j), the fused score
+sum_t k_t s_t(u, i) equals (c ⊙ e) · v with c_j = sum_{t >= owner(j)} k_t. For the cascade
+[exposure, click, conversion] the slices are scaled by <k_d+k_o+k_r, k_o+k_r, k_r>.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from csmf.errors import WeightsError
+
+DEFAULT_OBJECTIVES = ("exposure", "click", "conversion")
+DEFAULT_WEIGHTS = (1.0, 1.8, 1.2)  # the paper's default triplet <k_d, k_o, k_r>
+
+
+def parse_weights(
+    weights: Mapping[str, float] | Sequence[float], objectives: Sequence[str]
+) -> tuple[float, ...]:
+    """Validate weights given by objective name or as a list in cascade order.
+
+    Missing names in a mapping count as 0. Raises WeightsError naming the problem.
+    """
+    if isinstance(weights, Mapping):
+        unknown = [k for k in weights if k not in objectives]
+        if unknown:
+            raise WeightsError(
+                f"unknown objective(s) {unknown}; this model's cascade is {list(objectives)}"
+            )
+        values = [weights.get(o, 0.0) for o in objectives]
+    else:
+        values = list(weights)
+        if len(values) != len(objectives):
+            raise WeightsError(
+                f"expected {len(objectives)} weights for cascade {list(objectives)}, got {len(values)}"
+            )
+    out = []
+    for name, v in zip(objectives, values, strict=True):
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise WeightsError(f"weight for {name!r} must be a number, got {v!r}") from None
+        if not math.isfinite(f):
+            raise WeightsError(f"weight for {name!r} must be finite, got {v!r}")
+        if f < 0:
+            raise WeightsError(f"weight for {name!r} must be >= 0, got {f}")
+        out.append(f)
+    if not any(out):
+        raise WeightsError("weights must not all be zero")
+    return tuple(out)
+
+
+def objective_coefficients(weights: Sequence[float]) -> np.ndarray:
+    """c_t = sum_{s >= t} k_s: the scale of the slice owned by objective t, (T,)."""
+    k = np.asarray(weights, dtype=np.float64)
+    return np.cumsum(k[::-1])[::-1].astype(np.float32)
+
+
+def dim_scale(weights: Sequence[float], output_owner: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Per-output-dimension scale c_j for a model whose dim j is owned by output_owner[j], (D,)."""
+    return objective_coefficients(weights)[np.asarray(output_owner, dtype=np.int64)]
+
+
+def slice_scale(weights: Sequence[float], slice_sizes: Sequence[int]) -> np.ndarray:
+    """Per-dimension scale for contiguous slices [d | o | r] of the given sizes, (sum(sizes),)."""
+    return np.repeat(objective_coefficients(weights), np.asarray(slice_sizes, dtype=np.int64))
+
+
+def cumulative_slice_scores(e: np.ndarray, v: np.ndarray, slice_sizes: Sequence[int]) -> np.ndarray:
+    """Per-objective scores s_t = sum over the dims of slices 0..t of e_j v_j, (k, T).
+
+    ``e`` is one user vector (D,) and ``v`` the (k, D) item vectors, slices contiguous in cascade
+    order. An objective that owns no dims (slice size 0) gets the previous objective's score —
+    a prefix sum handles that; ``np.add.reduceat`` would not (it returns the element at a repeated
+    index instead of an empty sum).
+    """
+    prefix = np.zeros((v.shape[0], v.shape[1] + 1), np.float32)  # (k, D + 1)
+    np.cumsum(v * e, axis=1, out=prefix[:, 1:])
+    return prefix[:, np.cumsum(np.asarray(slice_sizes, dtype=np.intp))]

@@ -1,0 +1,89 @@
+"""Build configuration: one frozen dataclass, validated at construction, written into the manifest."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from csmf.bundle import INDEX_TYPES
+from csmf.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    index: str = field(default="ivf", metadata={"help": "flat (exact), hnsw or ivf"})
+    hnsw_m: int = field(default=32, metadata={"help": "HNSW graph degree M"})
+    ef_construction: int = field(default=200, metadata={"help": "HNSW efConstruction"})
+    ef_search: int = field(default=128, metadata={"help": "HNSW efSearch used at serving"})
+    nlist: int | None = field(
+        default=None, metadata={"help": "IVF lists; None = by catalogue size"}
+    )
+    nprobe: int = field(default=32, metadata={"help": "IVF lists probed at serving"})
+    ivf_train_per_list: int = field(
+        default=128, metadata={"help": "k-means training points per IVF list (subsampled)"}
+    )
+    center: str = field(
+        default="auto",
+        metadata={
+            "help": "index item vectors minus their mean (ranking-exact; the bundle adds q·mean back "
+            "to scores): auto = for hnsw, whose graph degrades on IP data with a common offset"
+        },
+    )
+    recall_floor: float = field(default=0.95, metadata={"help": "min weighted recall@k to publish"})
+    tune: bool = field(
+        default=False,
+        metadata={
+            "help": "lower nprobe / ef_search (never raise) to the smallest value whose weighted "
+            "recall on a separate sample of users reaches recall_floor + tune_margin"
+        },
+    )
+    tune_margin: float = field(
+        default=0.01, metadata={"help": "headroom above the floor when tuning"}
+    )
+    recall_k: int = field(default=50, metadata={"help": "k of the recall check"})
+    recall_queries: int = field(default=1000, metadata={"help": "snapshot users used as queries"})
+    batch_size: int = field(default=4096, metadata={"help": "items per encoding batch"})
+    history: str = field(
+        default="train",
+        metadata={
+            "help": "snapshot history: the run's train split ('train') or every event ('all')"
+        },
+    )
+    threads: int = field(default=0, metadata={"help": "FAISS/torch threads; 0 = all cores"})
+    seed: int = field(default=0, metadata={"help": "seed for k-means and query sampling"})
+
+    def __post_init__(self) -> None:
+        if self.index not in INDEX_TYPES:
+            raise ConfigError(f"index must be one of {INDEX_TYPES}, got {self.index!r}")
+        positive = {
+            "hnsw_m": self.hnsw_m,
+            "ef_construction": self.ef_construction,
+            "ef_search": self.ef_search,
+            "nprobe": self.nprobe,
+            "ivf_train_per_list": self.ivf_train_per_list,
+            "recall_k": self.recall_k,
+            "recall_queries": self.recall_queries,
+            "batch_size": self.batch_size,
+        }
+        for name, v in positive.items():
+            if v < 1:
+                raise ConfigError(f"{name} must be >= 1, got {v}")
+        if self.nlist is not None and self.nlist < 1:
+            raise ConfigError(f"nlist must be >= 1 (or unset for automatic), got {self.nlist}")
+        if not 0.0 <= self.tune_margin <= 1.0:
+            raise ConfigError(f"tune_margin must be in [0, 1], got {self.tune_margin}")
+        if not 0.0 <= self.recall_floor <= 1.0:
+            raise ConfigError(f"recall_floor must be in [0, 1], got {self.recall_floor}")
+        if self.center not in ("auto", "on", "off"):
+            raise ConfigError(f"center must be 'auto', 'on' or 'off', got {self.center!r}")
+        if self.history not in ("train", "all"):
+            raise ConfigError(f"history must be 'train' or 'all', got {self.history!r}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0, got {self.threads}")
+
+    @property
+    def centered(self) -> bool:
+        return self.center == "on" or (self.center == "auto" and self.index == "hnsw")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,58 @@
+"""Pre-serialised JSON of the catalogue's constant item fields, for the response hot path.
+
+A returned item is ``{"item_id": ..., "meta": {...}, "score": ...}``, plus ``"scores"`` (the
+per-objective scores) with ``explain``. Only the scores change from request to request, so each
+item's ``{"item_id":…,"meta":{…},"score":`` prefix is serialised once, at load time, as one bytes
+object per item. A response is those prefixes joined around the request's scores, which are
+serialised together in one ``to_json`` call: no per-item dicts, no per-item serialisation.
+Measured on 50-item responses: 25.7 µs with dicts + ``to_json`` vs 8.5 µs; slicing one shared
+buffer instead of per-item objects saved memory but cost 24.8 µs. The price is memory: about
+100 bytes per item (~100 MB per worker at 1M items).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from pydantic_core import to_json
+
+
+class ItemJson:
+    def __init__(self, item_ids: Sequence[str], meta: Mapping[str, Sequence]) -> None:
+        names = list(meta)
+        columns = [meta[c] for c in names]
+        prefixes = np.empty(len(item_ids), dtype=object)
+        for row, iid in enumerate(item_ids):
+            m = (
+                b',"meta":' + to_json({c: col[row] for c, col in zip(names, columns, strict=True)})
+                if names
+                else b""
+            )
+            prefixes[row] = b'{"item_id":' + to_json(iid) + m + b',"score":'
+        self.prefixes = prefixes
+        self.bytes = sum(map(len, prefixes)) + 8 * len(prefixes)
+
+    def render(
+        self,
+        rows: Sequence[int],
+        scores: Sequence[float],
+        per_objective: np.ndarray | None = None,
+        objectives: Sequence[str] = (),
+    ) -> bytes:
+        """The JSON array of the items at ``rows`` (index rows) with their fused ``scores`` and,
+        if given, their (k, T) ``per_objective`` scores named by ``objectives``."""
+        if len(rows) == 0:
+            return b"[]"
+        pre = self.prefixes[np.asarray(rows, dtype=np.int64)].tolist()
+        fused = to_json(list(scores))[1:-1].split(b",")  # numbers never contain a comma
+        if per_objective is None:
+            body = b"},".join([p + s for p, s in zip(pre, fused, strict=True)])
+        else:
+            body = b"},".join(
+                [
+                    p + s + b',"scores":' + to_json(dict(zip(objectives, per, strict=True)))
+                    for p, s, per in zip(pre, fused, per_objective.tolist(), strict=True)
+                ]
+            )
+        return b"[" + body + b"}]"

@@ -1,0 +1,237 @@
+"""Encode → scale → search, with no FastAPI in sight (DESIGN §1, §5).
+
+One forward pass of the numpy user tower gives ``e`` (D,); the query is ``c ⊙ e`` with
+``c = slice_scale(weights)``, and one inner-product search over the unscaled item vectors returns
+items ranked by ``sum_t k_t s_t``. Exclusions are FAISS search-time ID selectors (exact: an
+excluded item is never scored, nothing is over-fetched and filtered). The batch path shares one
+selector for the request's ``exclude`` list; ``exclude_seen`` differs per user there, so it
+fetches ``k + |seen|`` — the most results seen items can displace — and drops them, which returns
+exactly what a per-user selector would.
+
+Everything here reads immutable state prepared at load time; a reload builds a new Retriever and
+the app swaps one reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+
+from csmf.bundle import Bundle
+from csmf.user_encoder import CodedHistory
+from csmf.weights import cumulative_slice_scores, parse_weights, slice_scale
+from service.feature_store import UserData
+from service.item_json import ItemJson
+
+SCALE_CACHE = 4096  # distinct weight vectors whose (D,) scale is kept
+
+
+@dataclass(slots=True)
+class Hits:
+    """One user's results: FAISS rows, fused scores, per-objective scores (explain)."""
+
+    rows: list[int]
+    scores: list[float]
+    per_objective: np.ndarray | None  # (k, T) s_t
+    cold_start: bool
+
+
+Lookup = Callable[[Any, str], UserData | None]
+Observe = Callable[[str, float], None]
+
+
+class Retriever:
+    def __init__(
+        self, bundle: Bundle, lookup: Lookup, observe: Observe = lambda stage, s: None
+    ) -> None:
+        self.bundle = bundle
+        self.objectives = bundle.objectives
+        self.slice_sizes = bundle.slice_sizes
+        self.model_version = bundle.model_version
+        self.encoder = bundle.encoder
+        self.users = bundle.users
+        self.n_items = int(bundle.index.ntotal)
+        self.item_ids = bundle.item_ids
+        self.item_rows = bundle.item_rows  # built now, not on the first request that excludes
+        self.item_json = ItemJson(bundle.item_ids.tolist(), bundle.item_meta)
+        self.id_column = bundle.encoder.spec.id_column
+        self.has_history = bundle.encoder.spec.history is not None
+        self.cold_vector = bundle.encoder.cold_start().reshape(1, -1)  # (1, D)
+        self.loaded_at = time.time()
+        self._lookup = lookup
+        self._observe = observe
+        self._scales: dict[tuple[float, ...], np.ndarray] = {}
+        # (scenario, version, updated_at) → (weights, scale), filled by the app state
+        self.scenario_cache: dict[tuple, tuple[tuple[float, ...], np.ndarray]] = {}
+        _enable_reconstruct(bundle)
+
+    # -- weights ----------------------------------------------------------------------------------
+
+    def weights(self, weights: Any) -> tuple[float, ...]:
+        """Validated weight tuple in cascade order (raises WeightsError)."""
+        return parse_weights(weights, self.objectives)
+
+    def scale(self, weights: tuple[float, ...]) -> np.ndarray:
+        s = self._scales.get(weights)
+        if s is None:
+            if len(self._scales) >= SCALE_CACHE:
+                self._scales.clear()
+            s = self._scales[weights] = slice_scale(weights, self.slice_sizes).astype(np.float32)
+        return s
+
+    # -- users ------------------------------------------------------------------------------------
+
+    def user(
+        self, user_id: str | None, history: Sequence[str] | None
+    ) -> tuple[dict, list[str], bool]:
+        """(raw features row, history used, cold_start). Inline history replaces the stored one."""
+        data = self._lookup(self.users, user_id) if user_id is not None else None
+        if data is None:
+            row: dict = {self.id_column: user_id} if user_id is not None else {}
+            stored: list[str] = []
+        else:
+            row, stored = data
+            if self.id_column not in row:
+                row = {**row, self.id_column: user_id}
+        hist = history if history is not None else stored
+        cold = data is None and (not hist or not self.has_history)
+        return row, hist, cold
+
+    def rows_of(self, ids: Sequence[str]) -> list[int]:
+        if isinstance(ids, CodedHistory) and ids.resolved:  # a stored history: rows precomputed
+            return ids.rows().tolist()
+        get = self.item_rows.get
+        return [r for r in map(get, ids) if r is not None]
+
+    def _selector(self, rows: list[int]) -> faiss.IDSelector | None:
+        if not rows:
+            return None
+        # IDSelectorNot keeps a reference to the batch selector (faiss' Python wrapper).
+        return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
+
+    # -- one user ---------------------------------------------------------------------------------
+
+    def retrieve(
+        self,
+        user_id: str | None,
+        history: Sequence[str] | None,
+        scale: np.ndarray,
+        k: int,
+        exclude: Sequence[str] = (),
+        exclude_seen: bool = False,
+        explain: bool = False,
+    ) -> Hits:
+        t0 = time.perf_counter()
+        row, hist, cold = self.user(user_id, history)
+        t1 = time.perf_counter()
+        e = self.cold_vector if cold else self.encoder.encode([row], [hist])  # (1, D)
+        t2 = time.perf_counter()
+        excluded = self.rows_of(exclude) if exclude else []
+        if exclude_seen and hist:
+            excluded += self.rows_of(hist)
+        scores, rows = self.bundle.search(e * scale, k, self._selector(excluded))
+        t3 = time.perf_counter()
+        obs = self._observe
+        obs("features", t1 - t0)
+        obs("encode", t2 - t1)
+        obs("search", t3 - t2)
+        r = rows[0]
+        if r[-1] < 0:  # fewer than k items left after exclusions
+            keep = r >= 0
+            r, s = r[keep], scores[0][keep]
+        else:
+            s = scores[0]
+        per = self.explain(e[0], r) if explain else None
+        return Hits(r.tolist(), s.tolist(), per, cold)
+
+    def explain(self, e: np.ndarray, rows: np.ndarray | Sequence[int]) -> np.ndarray:
+        """(k, T) per-objective scores s_t = sum over dims owned <= t of e_j v_j."""
+        t0 = time.perf_counter()
+        if len(rows) == 0:
+            return np.zeros((0, len(self.objectives)), np.float32)
+        v = self.bundle.item_vectors(np.asarray(rows, dtype=np.int64))  # (k, D)
+        out = cumulative_slice_scores(e, v, self.slice_sizes)  # (k, T)
+        self._observe("explain", time.perf_counter() - t0)
+        return out
+
+    # -- many users -------------------------------------------------------------------------------
+
+    def retrieve_batch(
+        self,
+        users: Sequence[tuple[str | None, Sequence[str] | None]],
+        scale: np.ndarray,
+        k: int,
+        exclude: Sequence[str] = (),
+        exclude_seen: bool = False,
+        explain: bool = False,
+    ) -> list[Hits]:
+        t0 = time.perf_counter()
+        resolved = [self.user(uid, hist) for uid, hist in users]
+        t1 = time.perf_counter()
+        n = len(resolved)
+        e = np.empty((n, self.cold_vector.shape[1]), np.float32)  # (n, D)
+        warm = [i for i, (_, _, cold) in enumerate(resolved) if not cold]
+        e[:] = self.cold_vector
+        if warm:
+            e[warm] = self.encoder.encode(
+                [resolved[i][0] for i in warm], [resolved[i][1] for i in warm]
+            )
+        t2 = time.perf_counter()
+        seen: list[set[int]] = []
+        extra = 0
+        if exclude_seen:
+            seen = [set(self.rows_of(hist)) for _, hist, _ in resolved]
+            extra = max(map(len, seen), default=0)
+        sel = self._selector(self.rows_of(exclude)) if exclude else None
+        fetch = min(k + extra, self.n_items)
+        scores, rows = self.bundle.search(e * scale, fetch, sel)  # (n, fetch)
+        t3 = time.perf_counter()
+        self._observe("features", t1 - t0)
+        self._observe("encode", t2 - t1)
+        self._observe("search", t3 - t2)
+        out = []
+        for i in range(n):
+            r, s = rows[i], scores[i]
+            keep = r >= 0
+            if seen and seen[i]:
+                keep &= ~np.isin(r, np.fromiter(seen[i], np.int64, len(seen[i])))
+            if not keep.all():
+                r, s = r[keep], s[keep]
+            r, s = r[:k], s[:k]
+            per = self.explain(e[i], r) if explain else None
+            out.append(Hits(r.tolist(), s.tolist(), per, resolved[i][2]))
+        return out
+
+    # -- response items ---------------------------------------------------------------------------
+
+    def items_json(self, hits: Hits) -> bytes:
+        """The response's ``items`` array as JSON bytes (see service/item_json.py)."""
+        return self.item_json.render(hits.rows, hits.scores, hits.per_objective, self.objectives)
+
+    def info(self) -> dict:
+        b = self.bundle
+        return {
+            "path": str(b.path),
+            "model_version": b.model_version,
+            "objectives": list(b.objectives),
+            "slice_sizes": list(b.slice_sizes),
+            "index_type": b.index_type,
+            "search_params": dict(b.search_config),
+            "items": self.n_items,
+            "users": len(b.users),
+            "manifest": {k: v for k, v in b.manifest.items() if k != "files"},
+            "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
+        }
+
+
+def _enable_reconstruct(bundle: Bundle) -> None:
+    """IVF indexes need a direct map to return stored vectors (explain); 8 bytes per item."""
+    if bundle.index_type == "ivf":
+        ivf = faiss.extract_index_ivf(bundle.index)
+        if ivf.direct_map.type == faiss.DirectMap.NoMap:
+            ivf.make_direct_map()

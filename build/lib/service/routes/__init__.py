@@ -1,0 +1,1 @@
+"""HTTP routes: retrieval (/v1), admin (/admin, bearer token) and health/metrics."""

@@ -1,0 +1,75 @@
+"""Admin API behind the bearer token: scenario CRUD, bundle info, hot reload."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from service.deps import Admin, State
+from service.schemas import BundleInfo, ReloadRequest, Scenario, ScenarioIn, ScenarioList
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Admin])
+Name = Annotated[
+    str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="scenario name")
+]
+AUTH = {
+    401: {"description": "no bearer token"},
+    403: {"description": "wrong token or admin disabled"},
+}
+
+
+def _out(s) -> Scenario:
+    return Scenario(
+        name=s.name,
+        weights=s.weights,
+        description=s.description,
+        version=s.version,
+        updated_at=s.updated_at,
+    )
+
+
+@router.get("/scenarios", response_model=ScenarioList, responses=AUTH)
+def list_scenarios(state: State) -> ScenarioList:
+    w = state.weights
+    return ScenarioList(
+        scenarios=[_out(s) for _, s in sorted(w.scenarios.items())],
+        store=w.backend,
+        state=w.health.as_dict()["state"],
+    )
+
+
+@router.get("/scenarios/{name}", response_model=Scenario, responses={**AUTH, 404: {}})
+def get_scenario(name: Name, state: State) -> Scenario:
+    return _out(state.weights.get(name))
+
+
+@router.put("/scenarios/{name}", response_model=Scenario, responses={**AUTH, 422: {}, 503: {}})
+def put_scenario(name: Name, body: ScenarioIn, state: State) -> Scenario:
+    """Create or replace. Weights must be finite, >= 0, not all zero, for known objectives."""
+    r = state.retriever
+    weights = r.weights(body.weights)  # WeightsError → 422 naming `weights`
+    return _out(
+        state.weights.put(name, dict(zip(r.objectives, weights, strict=True)), body.description)
+    )
+
+
+@router.delete("/scenarios/{name}", responses={**AUTH, 404: {}, 409: {}, 503: {}})
+def delete_scenario(name: Name, state: State) -> dict:
+    state.weights.delete(name)
+    return {"deleted": name}
+
+
+@router.get("/bundle", response_model=BundleInfo, responses=AUTH)
+def bundle_info(state: State) -> dict:
+    return state.retriever.info()
+
+
+@router.post(
+    "/reload", responses={**AUTH, 409: {}, 422: {"description": "bad bundle; old one serving"}}
+)
+def reload(state: State, body: ReloadRequest | None = None) -> dict:
+    """Load and verify a bundle fully, then swap it in atomically. On any failure the old bundle
+    keeps serving and the error is returned (422)."""
+    old, new = state.reload(body.bundle if body else None)
+    return {"status": "reloaded", "previous": old.model_version, "bundle": new.info()}

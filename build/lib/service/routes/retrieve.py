@@ -1,0 +1,163 @@
+"""POST /v1/retrieve and /v1/retrieve/batch.
+
+Both routes parse their bodies with pydantic's Rust JSON parser (``model_validate_json``) and
+return pre-serialised bytes, skipping FastAPI's ``json.loads`` → validate → ``jsonable_encoder``
+round trips (~40 µs of ~90 µs per single request measured here; 10 % of a 500-user batch).
+Their OpenAPI request schemas are declared from the same models. Retrieval runs on
+the event loop thread itself (FAISS with one OpenMP thread, see DESIGN §8); batches go to a
+worker thread, where FAISS may use ``batch_threads`` threads, so the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter
+
+import faiss
+from fastapi import APIRouter, Request, Response
+from pydantic import ValidationError
+from pydantic_core import to_json
+from starlette.concurrency import run_in_threadpool
+
+from service.errors import FieldError, PayloadTooLargeError, validation_response
+from service.schemas import BatchRequest, BatchResponse, RetrieveRequest, RetrieveResponse
+from service.state import AppState
+
+router = APIRouter(tags=["retrieve"])
+JSON = "application/json"
+ERRORS = {
+    404: {"description": "unknown scenario"},
+    413: {"description": "body or batch too large"},
+    422: {"description": "invalid field (the message names it)"},
+}
+
+
+def _body_schema(model) -> dict:
+    """OpenAPI requestBody for a route that parses its own body (nested models inlined)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def inline(node):
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {JSON: {"schema": inline(schema)}}}}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing more than ``limit`` bytes (413) even without a content-length."""
+    cl = request.headers.get("content-length")
+    if cl is not None:
+        if int(cl) > limit:
+            raise PayloadTooLargeError(f"request body is {cl} bytes, the limit is {limit}")
+        return await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
+    """POST /v1/retrieve once the body is read: JSON bytes in, JSON bytes out. Raises domain
+    errors, which ``service.errors.error_response`` maps to HTTP. Served by the EdgeMiddleware's
+    fast path (service/main.py) and by the documented route below."""
+    req = RetrieveRequest.model_validate_json(body)
+    if req.user_id is None and req.history is None:
+        raise FieldError(("user_id",), "give `user_id` and/or `history`")
+    retriever = state.retriever  # one read: the whole request uses one bundle
+    k = state.check_k(req.k)
+    weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
+    hits = retriever.retrieve(
+        req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain
+    )
+    state.count(scenario, "single", hits.cold_start, not hits.cold_start)
+    items = retriever.items_json(hits)
+    rest = {
+        "weights": dict(zip(retriever.objectives, weights, strict=True)),
+        "scenario": scenario,
+        "model_version": retriever.model_version,
+        "cold_start": hits.cold_start,
+        "took_ms": round((perf_counter() - t0) * 1000, 3),
+    }
+    return b'{"items":' + items + b"," + to_json(rest)[1:]
+
+
+@router.post(
+    "/v1/retrieve",
+    response_model=RetrieveResponse,
+    responses=ERRORS,
+    openapi_extra=_body_schema(RetrieveRequest),
+    summary="Top-k items for one user under a scenario or explicit objective weights",
+)
+async def retrieve(request: Request) -> Response:
+    t0 = perf_counter()
+    state: AppState = request.app.state.csmf
+    body = await read_body(request, state.settings.max_body_bytes)
+    return Response(retrieve_json(state, body, t0), media_type=JSON)
+
+
+@router.post(
+    "/v1/retrieve/batch",
+    response_model=BatchResponse,
+    responses=ERRORS,
+    openapi_extra=_body_schema(BatchRequest),
+    summary="Top-k items for many users: one batched encode, one batched search",
+)
+async def retrieve_batch(request: Request) -> Response:
+    t0 = perf_counter()
+    state: AppState = request.app.state.csmf
+    body = await read_body(request, state.settings.max_body_bytes)
+    try:  # Rust JSON → model: ~5x cheaper than FastAPI's json.loads + validate for 500 users
+        req = BatchRequest.model_validate_json(body)
+    except ValidationError as exc:
+        return validation_response(exc)
+    limit = state.settings.max_batch
+    if len(req.users) > limit:
+        raise PayloadTooLargeError(f"users: at most {limit} users per batch, got {len(req.users)}")
+    for i, u in enumerate(req.users):
+        if u.user_id is None and u.history is None:
+            raise FieldError(("users", i, "user_id"), "give `user_id` and/or `history`")
+    retriever = state.retriever
+    k = state.check_k(req.k)
+    weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
+    threads = state.settings.batch_threads
+
+    def work() -> bytes:
+        faiss.omp_set_num_threads(threads)  # per-thread OpenMP setting: the loop thread keeps 1
+        hits = retriever.retrieve_batch(
+            [(u.user_id, u.history) for u in req.users],
+            scale,
+            k,
+            req.exclude,
+            req.exclude_seen,
+            req.explain,
+        )
+        cold = sum(h.cold_start for h in hits)
+        state.count(scenario, "batch", cold, len(hits) - cold)
+        results = b",".join(
+            [
+                b'{"user_id":'
+                + to_json(u.user_id)
+                + b',"items":'
+                + retriever.items_json(h)
+                + (b',"cold_start":true}' if h.cold_start else b',"cold_start":false}')
+                for u, h in zip(req.users, hits, strict=True)
+            ]
+        )
+        rest = {
+            "weights": dict(zip(retriever.objectives, weights, strict=True)),
+            "scenario": scenario,
+            "model_version": retriever.model_version,
+            "took_ms": round((perf_counter() - t0) * 1000, 3),
+        }
+        return b'{"results":[' + results + b"]," + to_json(rest)[1:]
+
+    return Response(await run_in_threadpool(work), media_type=JSON)

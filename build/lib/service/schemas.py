@@ -1,0 +1,124 @@
+"""Request and response bodies of the HTTP API.
+
+Request models forbid unknown fields, so a typo (``"scenaro"``) is a 422 naming it rather than a
+silently ignored option. Limits that depend on settings (``k <= max_k``, batch size) are checked
+by the routes, which know the settings; the static caps here only bound what one body can hold.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+MAX_LIST = 10_000  # ids in `history` / `exclude` of one request
+Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+Weights = dict[str, float] | list[float]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserQuery(_Strict):
+    user_id: Id | None = Field(None, description="known user: features and history from the store")
+    history: list[Id] | None = Field(
+        None,
+        max_length=MAX_LIST,
+        description="inline behaviour history, item ids oldest → newest; replaces the stored one",
+    )
+
+
+class RetrieveOptions(_Strict):
+    k: int | None = Field(
+        None, description="items to return, 1..max_k (default: settings.default_k)"
+    )
+    scenario: str | None = Field(
+        None, description="named weights (admin-managed); default 'default'"
+    )
+    weights: Weights | None = Field(
+        None,
+        description='explicit objective weights: {"exposure":1,"click":1.8,"conversion":1.2} '
+        "or a list in cascade order; excludes `scenario`",
+    )
+    exclude: list[Id] = Field(
+        default_factory=list, max_length=MAX_LIST, description="item ids never returned"
+    )
+    exclude_seen: bool = Field(False, description="never return items in the user's history")
+    explain: bool = Field(False, description="add per-objective scores s_t to every item")
+
+
+class RetrieveRequest(UserQuery, RetrieveOptions):
+    """POST /v1/retrieve: one user (``user_id`` and/or ``history``)."""
+
+
+class BatchRequest(RetrieveOptions):
+    """POST /v1/retrieve/batch: many users, one set of options, one encode, one search."""
+
+    users: list[UserQuery] = Field(min_length=1, description="at most settings.max_batch users")
+
+
+class Item(BaseModel):
+    item_id: str
+    score: float = Field(description="sum_t k_t s_t under the weights used")
+    scores: dict[str, float] | None = Field(None, description="per-objective s_t (explain)")
+    meta: dict[str, object] | None = Field(None, description="the bundle's display columns")
+
+
+class RetrieveResponse(BaseModel):
+    items: list[Item]
+    weights: dict[str, float]
+    scenario: str | None = Field(description="scenario used, null for explicit weights")
+    model_version: str
+    cold_start: bool = Field(description="unknown user without history: the cold-start vector")
+    took_ms: float
+
+
+class BatchResult(BaseModel):
+    user_id: str | None
+    items: list[Item]
+    cold_start: bool
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchResult]
+    weights: dict[str, float]
+    scenario: str | None
+    model_version: str
+    took_ms: float
+
+
+class ScenarioIn(_Strict):
+    weights: Weights = Field(description="by objective name (missing names = 0) or a list")
+    description: str = Field("", max_length=1000)
+
+
+class Scenario(BaseModel):
+    name: str
+    weights: dict[str, float]
+    description: str
+    version: int = Field(description="bumped by every write of this scenario")
+    updated_at: str = Field(description="ISO 8601 UTC time of the last write")
+
+
+class ScenarioList(BaseModel):
+    scenarios: list[Scenario]
+    store: str
+    state: str
+
+
+class ReloadRequest(_Strict):
+    bundle: str | None = Field(None, description="bundle folder; default: the one being served")
+
+
+class BundleInfo(BaseModel):
+    path: str
+    model_version: str
+    objectives: list[str]
+    slice_sizes: list[int]
+    index_type: str
+    search_params: dict[str, object]
+    items: int
+    users: int
+    manifest: dict[str, object]
+    loaded_at: str

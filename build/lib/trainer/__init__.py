@@ -1,0 +1,1 @@
+"""csmf trainer: data adapters, the cascaded CSMF training loop, baselines and evaluation."""

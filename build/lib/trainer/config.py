@@ -1,0 +1,340 @@
+"""Training configuration: frozen dataclasses loaded from TOML plus ``--set section.key=value``
+overrides, validated at construction and stored (as a plain dict) in every checkpoint.
+
+Sections follow the paper: ``[cascade]`` holds CPP / AR (§4.2–4.3, §5.1.3: tau = 0.75),
+``[loss]`` the sampled softmax with log-Q and the AML margin (§4.4: eta = 1.8), ``[train]`` the
+optimisation budget, ``[split]`` and ``[eval]`` the protocol of §5.1.4, ``[model]`` the towers
+(:class:`csmf.towers.ModelConfig`) and ``[features]`` the feature spec (:mod:`csmf.features`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from csmf.errors import ConfigError
+from csmf.features import FeatureSpec
+from csmf.towers import ModelConfig
+from csmf.weights import DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS
+
+OBJECTIVE_COLUMNS = {"exposure": None, "click": "clicked", "conversion": "converted"}
+PRUNING = ("cpp", "fixed")
+FREED_INIT = ("warm", "reinit")
+AML_UPSTREAM = ("prob", "logit")
+
+
+def _help(text: str, default: Any) -> Any:
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata={"help": text})
+    return field(default=default, metadata={"help": text})
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    """The CSMF stage loop: train → CPP → AR → freeze → next (DESIGN §2)."""
+
+    objectives: tuple[str, ...] = _help(
+        "cascade order; stage t trains on positives of objectives[t]", DEFAULT_OBJECTIVES
+    )
+    pruning: str = _help(
+        "'cpp' (cumulative percentile) or 'fixed' (fraction tau, 'w/o CPP')", "cpp"
+    )
+    tau: float = _help("CPP: free units whose cumulative importance is <= tau (paper 0.75)", 0.75)
+    min_keep: int = _help("guard rail: units per layer that stay with the stage", 2)
+    min_free: int = _help("guard rail: units per layer freed for the next stage", 1)
+    accuracy_recovery: bool = _help("AR: fine-tune kept units after CPP ('w/o AR' if false)", True)
+    rho: float = _help("AR: fraction of the stage's training positives used", 1.0)
+    freed_init: str = _help("freed units start 'warm' (keep values) or 'reinit'", "warm")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "objectives", tuple(self.objectives))
+        bad = [o for o in self.objectives if o not in OBJECTIVE_COLUMNS]
+        if not self.objectives or bad or len(set(self.objectives)) != len(self.objectives):
+            raise ConfigError(
+                f"cascade.objectives must be distinct names from {list(OBJECTIVE_COLUMNS)}, "
+                f"got {list(self.objectives)}"
+            )
+        order = [list(OBJECTIVE_COLUMNS).index(o) for o in self.objectives]
+        if order != sorted(order):
+            raise ConfigError(
+                f"cascade.objectives must follow the funnel exposure → click → conversion, "
+                f"got {list(self.objectives)}"
+            )
+        _choice("cascade.pruning", self.pruning, PRUNING)
+        _choice("cascade.freed_init", self.freed_init, FREED_INIT)
+        _in_range("cascade.tau", self.tau, 0.0, 1.0, open_low=True, open_high=True)
+        _in_range("cascade.rho", self.rho, 0.0, 1.0, open_low=True)
+        if self.min_keep < 1 or self.min_free < 0:
+            raise ConfigError(
+                f"cascade.min_keep must be >= 1 and min_free >= 0, "
+                f"got {self.min_keep}, {self.min_free}"
+            )
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Sampled softmax over in-batch negatives (DESIGN §2 'Loss') and the AML margin."""
+
+    temperature: float = _help("softmax temperature: logits are s_t / temperature", 0.2)
+    log_q: bool = _help("subtract log sampling probability of each in-batch item", True)
+    extra_negatives: int = _help("uniformly sampled catalogue negatives shared by a batch", 0)
+    request_negatives: int = _help(
+        "exposure stage: unexposed candidates of the same request per example (if data has them)",
+        4,
+    )
+    aml: bool = _help("adaptive margin at stages t >= 1 ('w/o AML' if false)", True)
+    sigma: float = _help("AML base margin, in logit units", 0.1)
+    eta: float = _help("AML: extra weight when upstream disagrees (paper 1.8)", 1.8)
+    aml_upstream: str = _help(
+        "stage >= 2 upstream score: 'prob' = product of upstream sigmoid probabilities (paper), "
+        "'logit' = previous stage's logit (stage 1 always uses s_0's logit)",
+        "prob",
+    )
+
+    def __post_init__(self) -> None:
+        _in_range("loss.temperature", self.temperature, 0.0, None, open_low=True)
+        _choice("loss.aml_upstream", self.aml_upstream, AML_UPSTREAM)
+        if self.extra_negatives < 0 or self.request_negatives < 0:
+            raise ConfigError(
+                "loss.extra_negatives and loss.request_negatives must be >= 0, "
+                f"got {self.extra_negatives}, {self.request_negatives}"
+            )
+        if self.eta < 1.0:
+            raise ConfigError(f"loss.eta must be >= 1 (disagreement costs more), got {self.eta}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation budget. ``epochs``/``lr`` hold one value for every stage or one per stage."""
+
+    batch_size: int = _help("examples per step (in-batch negatives = batch_size - 1)", 1024)
+    lr: tuple[float, ...] = _help("Adam learning rate, one value or one per stage", (2e-3,))
+    epochs: tuple[int, ...] = _help("epochs per stage, one value or one per stage", (10,))
+    ar_epochs: int = _help("epochs of accuracy recovery over the rho subset", 6)
+    weight_decay: float = _help("L2 on trainable entries only (frozen entries never decay)", 0.0)
+    seed: int = _help("seed for init, batching and sampling", 0)
+    threads: int = _help(
+        "torch intra-op threads; 0 = torch's default (one per core). Set 1 when another "
+        "CPU-heavy job shares the machine: two 2-thread trainings on 2 cores ran ~10x slower "
+        "(OpenMP oversubscription), while alone 2 threads are only ~1.3x faster than 1",
+        0,
+    )
+    restore_each_step: bool = _help(
+        "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
+        False,
+    )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr", _as_tuple(self.lr, float, "train.lr"))
+        object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "train.epochs"))
+        if self.batch_size < 2:
+            raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")
+        if self.threads < 0:
+            raise ConfigError(f"train.threads must be >= 0 (0 = torch default), got {self.threads}")
+        if any(v <= 0 for v in self.lr):
+            raise ConfigError(f"train.lr must be > 0, got {list(self.lr)}")
+        if any(v < 0 for v in self.epochs) or self.ar_epochs < 0 or self.weight_decay < 0:
+            raise ConfigError(
+                f"train.epochs/ar_epochs/weight_decay must be >= 0, got {list(self.epochs)}, "
+                f"{self.ar_epochs}, {self.weight_decay}"
+            )
+
+    def stage_lr(self, stage: int) -> float:
+        return self.lr[stage] if len(self.lr) > 1 else self.lr[0]
+
+    def stage_epochs(self, stage: int) -> int:
+        return self.epochs[stage] if len(self.epochs) > 1 else self.epochs[0]
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """Per-user time split (trainer.data.dataset.split_by_time)."""
+
+    val_frac: float = _help("latest-but-test fraction of each user's events for validation", 0.1)
+    test_frac: float = _help("latest fraction of each user's events for test", 0.2)
+    min_events: int = _help("users with fewer events stay entirely in train", 3)
+
+    def __post_init__(self) -> None:
+        _in_range("split.val_frac", self.val_frac, 0.0, 1.0, open_high=True)
+        _in_range("split.test_frac", self.test_frac, 0.0, 1.0, open_high=True)
+        if self.val_frac + self.test_frac >= 1 or self.min_events < 1:
+            raise ConfigError(
+                "split needs val_frac + test_frac < 1 and min_events >= 1, got "
+                f"{self.val_frac} + {self.test_frac}, {self.min_events}"
+            )
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    n: int = _help("cut-off N of Recall@N / nDCG@N", 50)
+    weights: tuple[float, ...] = _help("fused-score weight per objective", DEFAULT_WEIGHTS)
+    val_users: int = _help("max validation users scored per stage (0 = all)", 0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if self.n < 1:
+            raise ConfigError(f"eval.n must be >= 1, got {self.n}")
+
+
+SECTIONS = {
+    "cascade": CascadeConfig,
+    "loss": LossConfig,
+    "train": TrainConfig,
+    "split": SplitConfig,
+    "eval": EvalConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs besides the data; ``to_dict()`` goes into the checkpoint."""
+
+    features: FeatureSpec = field(default_factory=FeatureSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        t = len(self.cascade.objectives)
+        if self.model.num_objectives != t:  # the model always has one owner per stage
+            object.__setattr__(
+                self, "model", ModelConfig(**{**asdict(self.model), "num_objectives": t})
+            )
+        for name, values in (("train.lr", self.train.lr), ("train.epochs", self.train.epochs)):
+            if len(values) not in (1, t):
+                raise ConfigError(
+                    f"{name} needs 1 or {t} values (one per stage), got {list(values)}"
+                )
+        if len(self.eval.weights) != t:
+            raise ConfigError(
+                f"eval.weights needs one weight per objective {list(self.cascade.objectives)}, "
+                f"got {list(self.eval.weights)}"
+            )
+
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return self.cascade.objectives
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {name: asdict(getattr(self, name)) for name in SECTIONS}
+        d["model"] = self.model.to_dict()
+        d["features"] = _spec_to_config(self.features)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RunConfig:
+        known = {"features", "model", *SECTIONS}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(
+                f"unknown config section(s) {sorted(unknown)}; expected {sorted(known)}"
+            )
+        kwargs: dict[str, Any] = {
+            "features": FeatureSpec.from_dict(d.get("features", {})),
+            "model": _build("model", ModelConfig, d.get("model", {}), skip={"num_objectives"}),
+        }
+        for name, klass in SECTIONS.items():
+            kwargs[name] = _build(name, klass, d.get(name, {}))
+        return cls(**kwargs)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a TOML config (or the defaults if ``path`` is None) and apply ``section.key=value``."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} not found") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for item in overrides:
+        apply_override(raw, item)
+    return RunConfig.from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """``train.lr=0.001`` → raw["train"]["lr"] = 0.001. Values are parsed as TOML (so lists,
+    booleans and numbers work); anything that is not valid TOML is taken as a string."""
+    key, sep, text = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) < 2 or not all(parts):
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {item!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(section: str, klass: type, values: Mapping[str, Any], skip: set[str] = frozenset()):
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"[{section}] must be a table, got {values!r}")
+    names = {f.name for f in fields(klass)} - skip
+    unknown = set(values) - names - skip  # skipped keys are derived (e.g. num_objectives)
+    if unknown:
+        raise ConfigError(
+            f"[{section}]: unknown key(s) {sorted(unknown)}; expected {sorted(names)}"
+        )
+    try:
+        return klass(**{k: v for k, v in values.items() if k not in skip})
+    except TypeError as exc:
+        raise ConfigError(f"[{section}]: {exc}") from None
+
+
+def _spec_to_config(spec: FeatureSpec) -> dict[str, Any]:
+    """FeatureSpec → the ``[features]`` table shape FeatureSpec.from_dict accepts."""
+    d = spec.to_dict()
+    return {
+        "user": {k: v for k, v in d["user"].items() if v is not None},
+        "item": {k: v for k, v in d["item"].items() if v is not None},
+        "display": list(d.get("display", ())),
+    }
+
+
+def _as_tuple(value: Any, kind: type, name: str) -> tuple:
+    values = value if isinstance(value, list | tuple) else (value,)
+    try:
+        out = tuple(kind(v) for v in values)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name} must be a {kind.__name__} or a list of them, got {value!r}"
+        ) from None
+    if not out:
+        raise ConfigError(f"{name} must not be empty")
+    return out
+
+
+def _choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def _in_range(
+    name: str,
+    value: float,
+    low: float,
+    high: float | None,
+    open_low: bool = False,
+    open_high: bool = False,
+) -> None:
+    ok = (value > low if open_low else value >= low) and (
+        high is None or (value < high if open_high else value <= high)
+    )
+    if not ok:
+        lo, hi = ("(" if open_low else "["), (")" if open_high or high is None else "]")
+        raise ConfigError(
+            f"{name} must be in {lo}{low}, {high if high is not None else 'inf'}{hi}, got {value}"
+        )

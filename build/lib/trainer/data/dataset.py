@@ -1,0 +1,411 @@
+"""The dataset folder (DESIGN §3): load + validate, split per user by time, publish atomically.
+
+A dataset is a folder holding ``events.parquet`` or ``events/part-*.parquet``, ``users.parquet``,
+``items.parquet``, optionally ``candidates.parquet`` and ``truth.npz`` (synthetic data), and
+``dataset.json`` (metadata). Writers stage everything in ``<out>/.tmp-*`` and move it into place
+with ``os.replace``, ``dataset.json`` last, so a failed write never leaves a half dataset behind a
+fresh ``dataset.json``.
+
+Validation errors are ``DataError`` with one line naming the file, the column, how many rows are
+bad and a few example values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from csmf.errors import ConfigError, DataError
+from csmf.features import FeatureSpec, TowerSpec
+from csmf.split import TEST, TRAIN, VALIDATION, split_labels
+
+OBJECTIVES: tuple[str, ...] = ("exposure", "click", "conversion")
+EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "clicked", "converted")
+# Everything a writer may produce; publishing removes the ones a new dataset does not have.
+DATASET_ENTRIES: tuple[str, ...] = (
+    "events.parquet",
+    "events",
+    "users.parquet",
+    "items.parquet",
+    "candidates.parquet",
+    "truth.npz",
+    "dataset.json",
+)
+_N_EXAMPLES = 3
+
+
+@dataclass
+class Dataset:
+    root: Path
+    events: pa.Table  # user_id, item_id, timestamp, clicked, converted[, request_id] (+ extras)
+    users: pa.Table
+    items: pa.Table
+    candidates: pa.Table | None
+    meta: dict  # dataset.json, {} if absent
+
+    def counts(self) -> dict[str, int]:
+        return {
+            "users": self.users.num_rows,
+            "items": self.items.num_rows,
+            "exposures": self.events.num_rows,
+            "clicks": _count_true(self.events["clicked"]),
+            "conversions": _count_true(self.events["converted"]),
+        }
+
+
+@dataclass
+class Split:
+    """Row indices into ``Dataset.events``, each sorted ascending."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_dataset(
+    root: str | Path,
+    spec: FeatureSpec | None = None,
+    *,
+    objectives: Sequence[str] = OBJECTIVES,
+) -> Dataset:
+    """Read and validate a dataset folder; raise ``DataError`` on the first problem found.
+
+    ``spec`` adds checks that every feature column it names exists with a fitting type.
+    ``objectives`` are the cascade's objectives: each must have at least one positive.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"dataset folder {root} does not exist (or is not a folder)")
+    events, events_name = _read_events(root)
+    users = _read_parquet(root / "users.parquet")
+    items = _read_parquet(root / "items.parquet")
+    cand_path = root / "candidates.parquet"
+    candidates = _read_parquet(cand_path) if cand_path.exists() else None
+
+    events = _check_events(events, events_name, objectives)
+    users = _check_entities(users, "users.parquet", "user_id", events, events_name)
+    items = _check_entities(items, "items.parquet", "item_id", events, events_name)
+    if spec is not None:
+        _check_features(users, "users.parquet", spec.user)
+        _check_features(items, "items.parquet", spec.item)
+    _check_references(events, events_name, users, "users.parquet", "user_id")
+    _check_references(events, events_name, items, "items.parquet", "item_id")
+    if candidates is not None:
+        candidates = _check_candidates(candidates, events, events_name, items)
+    return Dataset(root, events, users, items, candidates, _read_meta(root))
+
+
+def _read_events(root: Path) -> tuple[pa.Table, str]:
+    single, folder = root / "events.parquet", root / "events"
+    if single.exists() and folder.exists():
+        raise DataError(f"{root}: both events.parquet and events/ exist; keep exactly one of them")
+    if single.exists():
+        return _read_parquet(single), "events.parquet"
+    if folder.is_dir():
+        parts = sorted(folder.glob("part-*.parquet"))
+        if not parts:
+            raise DataError(f"{folder}: no part-*.parquet files in the events/ folder")
+        tables = [_read_parquet(p) for p in parts]
+        try:
+            return pa.concat_tables(tables), "events/"
+        except pa.ArrowInvalid as exc:
+            first = tables[0].schema
+            bad = next(p for p, t in zip(parts, tables, strict=True) if t.schema != first)
+            raise DataError(
+                f"{bad}: schema differs from {parts[0].name} ({_one_line(exc)})"
+            ) from None
+    raise DataError(f"{root}: missing events (expected events.parquet or an events/ folder)")
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        return pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: not a readable parquet file ({_one_line(exc)})") from None
+
+
+def _read_meta(root: Path) -> dict:
+    path = root / "dataset.json"
+    if not path.exists():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not valid JSON ({_one_line(exc)})") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_events(events: pa.Table, name: str, objectives: Sequence[str]) -> pa.Table:
+    unknown = set(objectives) - set(OBJECTIVES)
+    if unknown:
+        raise ConfigError(f"objectives must be among {OBJECTIVES}, got {sorted(unknown)}")
+    _require_columns(events, name, EVENT_COLUMNS)
+    for col in ("user_id", "item_id"):
+        events = _normalise_id(events, name, col)
+    events = _cast_integer(events, name, "timestamp")
+    if "request_id" in events.column_names:
+        events = _cast_integer(events, name, "request_id")
+    for col in ("timestamp", "clicked", "converted"):
+        _no_nulls(events, name, col)
+    for col in ("clicked", "converted"):
+        if not pa.types.is_boolean(events.schema.field(col).type):
+            raise DataError(
+                f"{name}: column {col} must be bool, got {events.schema.field(col).type}"
+            )
+    broken = pc.and_(events["converted"], pc.invert(events["clicked"]))
+    n_broken = _count_true(broken)
+    if n_broken:
+        rows = np.flatnonzero(broken.to_numpy(zero_copy_only=False))[:_N_EXAMPLES]
+        raise DataError(
+            f"{name}: {n_broken} rows have converted=true but clicked=false, violating the "
+            f"cascade converted => clicked (e.g. rows {', '.join(map(str, rows))})"
+        )
+    if "exposure" in objectives and events.num_rows == 0:
+        raise DataError(f"{name}: no rows, so the exposure objective has no positives")
+    for objective, col in (("click", "clicked"), ("conversion", "converted")):
+        if objective in objectives and _count_true(events[col]) == 0:
+            raise DataError(
+                f"{name}: column {col} is never true ({events.num_rows} rows), "
+                f"so the {objective} objective has no positives"
+            )
+    return events
+
+
+def _check_entities(
+    table: pa.Table, name: str, id_col: str, events: pa.Table, events_name: str
+) -> pa.Table:
+    _require_columns(table, name, (id_col,))
+    table = _normalise_id(table, name, id_col)
+    want, got = events.schema.field(id_col).type, table.schema.field(id_col).type
+    if want != got:
+        raise DataError(
+            f"{name}: column {id_col} is {got} but {events_name} has {id_col} as {want}; "
+            "ids must have the same type on both sides"
+        )
+    ids = table[id_col]
+    n_unique = len(pc.unique(ids))
+    if n_unique != table.num_rows:
+        counts = pc.value_counts(ids).flatten()
+        dup = pc.filter(counts[0], pc.greater(counts[1], 1))
+        raise DataError(
+            f"{name}: {table.num_rows - n_unique} rows duplicate an earlier {id_col} "
+            f"(e.g. {_fmt(dup)})"
+        )
+    return table
+
+
+def _check_features(table: pa.Table, name: str, tower: TowerSpec) -> None:
+    if tower.id_column not in table.column_names:
+        raise DataError(
+            f"{name}: missing id column {tower.id_column!r} named in the feature spec "
+            f"(columns: {', '.join(table.column_names)})"
+        )
+    for f in tower.fields:
+        if f.name not in table.column_names:
+            raise DataError(
+                f"{name}: missing feature column {f.name!r} ({f.kind}) named in the feature spec "
+                f"(columns: {', '.join(table.column_names)})"
+            )
+        t = table.schema.field(f.name).type
+        is_list = pa.types.is_list(t) or pa.types.is_large_list(t)
+        ok = {
+            "numeric": pa.types.is_integer(t) or pa.types.is_floating(t),
+            "multi_hot": is_list,
+            "categorical": not is_list and not pa.types.is_nested(t),
+        }[f.kind]
+        if not ok:
+            expected = {"numeric": "a number", "multi_hot": "a list", "categorical": "a scalar"}
+            raise DataError(
+                f"{name}: column {f.name} is {f.kind} in the feature spec but has type {t}; "
+                f"expected {expected[f.kind]}"
+            )
+
+
+def _check_references(
+    events: pa.Table, events_name: str, table: pa.Table, name: str, id_col: str
+) -> None:
+    missing = pc.invert(pc.is_in(events[id_col], value_set=table[id_col].combine_chunks()))
+    n_missing = _count_true(missing)
+    if n_missing:
+        bad = pc.unique(pc.filter(events[id_col], missing))
+        raise DataError(
+            f"{events_name}: {n_missing} rows have {id_col} not in {name} (e.g. {_fmt(bad)})"
+        )
+
+
+def _check_candidates(
+    cand: pa.Table, events: pa.Table, events_name: str, items: pa.Table
+) -> pa.Table:
+    name = "candidates.parquet"
+    _require_columns(cand, name, ("request_id", "item_id"))
+    if "request_id" not in events.column_names:
+        raise DataError(
+            f"{name}: present, but {events_name} has no request_id column to link candidates to"
+        )
+    cand = _cast_integer(cand, name, "request_id")
+    cand = _normalise_id(cand, name, "item_id")
+    _no_nulls(cand, name, "request_id")
+    want, got = events.schema.field("item_id").type, cand.schema.field("item_id").type
+    if want != got:
+        raise DataError(f"{name}: column item_id is {got} but {events_name} has item_id as {want}")
+    known_requests = pc.unique(events["request_id"].drop_null())
+    for col, value_set, where in (
+        ("request_id", known_requests, f"{events_name} request_id"),
+        ("item_id", items["item_id"].combine_chunks(), "items.parquet"),
+    ):
+        missing = pc.invert(pc.is_in(cand[col], value_set=value_set))
+        n_missing = _count_true(missing)
+        if n_missing:
+            bad = pc.unique(pc.filter(cand[col], missing))
+            raise DataError(
+                f"{name}: {n_missing} rows have {col} not in {where} (e.g. {_fmt(bad)})"
+            )
+    return cand
+
+
+def _require_columns(table: pa.Table, name: str, cols: Sequence[str]) -> None:
+    missing = [c for c in cols if c not in table.column_names]
+    if missing:
+        raise DataError(
+            f"{name}: missing required column(s) {', '.join(missing)} "
+            f"(columns: {', '.join(table.column_names) or 'none'})"
+        )
+
+
+def _normalise_id(table: pa.Table, name: str, col: str) -> pa.Table:
+    """Ids are int64 or string: cast other integer/string/dictionary types, reject the rest."""
+    t = table.schema.field(col).type
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    if pa.types.is_integer(t):
+        target = pa.int64()
+    elif pa.types.is_string(t) or pa.types.is_large_string(t):
+        target = pa.string()
+    else:
+        raise DataError(f"{name}: column {col} must be int64 or string, got {t}")
+    table = _set(table, col, table[col].cast(target))
+    _no_nulls(table, name, col)
+    return table
+
+
+def _cast_integer(table: pa.Table, name: str, col: str) -> pa.Table:
+    t = table.schema.field(col).type
+    if not pa.types.is_integer(t):
+        raise DataError(f"{name}: column {col} must be an integer (int64), got {t}")
+    return _set(table, col, table[col].cast(pa.int64()))
+
+
+def _no_nulls(table: pa.Table, name: str, col: str) -> None:
+    n = table[col].null_count
+    if n:
+        rows = np.flatnonzero(table[col].is_null().to_numpy(zero_copy_only=False))[:_N_EXAMPLES]
+        raise DataError(
+            f"{name}: column {col} has {n} null values (e.g. rows {', '.join(map(str, rows))})"
+        )
+
+
+def _set(table: pa.Table, col: str, values: pa.ChunkedArray) -> pa.Table:
+    if values.type == table.schema.field(col).type:
+        return table
+    return table.set_column(table.column_names.index(col), col, values)
+
+
+def _count_true(values: pa.ChunkedArray | pa.Array) -> int:
+    return int(pc.sum(values.cast(pa.int64())).as_py() or 0)
+
+
+def _fmt(values: pa.Array | pa.ChunkedArray) -> str:
+    shown = [v.as_py() for v in values[:_N_EXAMPLES]]
+    text = ", ".join(repr(v) if isinstance(v, str) else str(v) for v in shown)
+    return text + (", ..." if len(values) > _N_EXAMPLES else "")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+# --------------------------------------------------------------------------- split
+
+
+def split_by_time(
+    events: pa.Table, val_frac: float = 0.1, test_frac: float = 0.2, min_events: int = 3
+) -> Split:
+    """Per user, order events by (timestamp, row index): the last ``test_frac`` are test, the
+    ``val_frac`` before them validation, the rest train. Users with fewer than ``min_events``
+    events are all train.
+
+    Counts per user with ``n`` events: ``n_test = max(1, round(n * test_frac))`` (0 if
+    ``test_frac == 0``), likewise ``n_val``; validation shrinks first, then test, so that every
+    split user keeps at least one train event.
+    """
+    codes = pc.dictionary_encode(events["user_id"].combine_chunks()).indices.to_numpy()
+    labels = split_labels(codes, events["timestamp"].to_numpy(), val_frac, test_frac, min_events)
+    return Split(
+        train=np.flatnonzero(labels == TRAIN),
+        val=np.flatnonzero(labels == VALIDATION),
+        test=np.flatnonzero(labels == TEST),
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def staged_dataset(out: str | Path) -> Iterator[Path]:
+    """Yield an empty staging folder inside ``out``; on success move its entries into ``out``.
+
+    The body must write ``dataset.json`` into the staging folder; it is moved last. Entries of
+    an older dataset in ``out`` that the new one does not have (e.g. ``events/`` when the new
+    dataset has ``events.parquet``) are removed; unrelated files are left alone.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out))
+    try:
+        yield tmp
+        _publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    if not (tmp / "dataset.json").exists():
+        raise RuntimeError(f"{tmp}: staged dataset has no dataset.json; refusing to publish")
+    (out / "dataset.json").unlink(missing_ok=True)  # readers never see old metadata on new data
+    for name in DATASET_ENTRIES:
+        if name == "dataset.json":
+            continue
+        target = out / name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists() or target.is_symlink():
+            target.unlink()
+        if (tmp / name).exists():
+            os.replace(tmp / name, target)
+    os.replace(tmp / "dataset.json", out / "dataset.json")
+
+
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    (folder / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")

@@ -1,0 +1,284 @@
+"""From a Dataset to tensors: vocabularies, every user/item encoded once, per-stage examples and
+per-batch inputs (user histories gathered on the fly).
+
+Row conventions: user row ``r`` ↔ user-vocab index ``r + 2`` and item row ``r`` ↔ item-vocab index
+``r + 2`` (0 = PAD, 1 = UNK), so the history table — an embedding over the item vocabulary —
+takes ``item_row + 2`` directly.
+
+User history for a training example is the user's train events strictly earlier than the
+example's timestamp (the target itself and same-second events are never visible); for
+evaluation it is all of the user's train events. Histories are stored once as per-user sorted
+arrays (CSR); a batch gathers its ``(B, L)`` window from positions, so memory stays O(events).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+
+from csmf.errors import DataError
+from csmf.features import FeatureSpec, TowerSpec, TowerVocab, encode_rows, fit_tower_vocab
+from trainer.data.dataset import Dataset, Split
+
+OFFSET = 2  # vocab index of row 0
+
+
+def fit_vocabs(ds: Dataset, spec: FeatureSpec) -> tuple[TowerVocab, TowerVocab]:
+    """Vocabularies over the users and items tables (ids included)."""
+    return (
+        fit_tower_vocab(spec.user, _columns(ds.users, spec.user)),
+        fit_tower_vocab(spec.item, _columns(ds.items, spec.item)),
+    )
+
+
+def _columns(table: pa.Table, spec: TowerSpec) -> dict[str, list]:
+    names = [spec.id_column] + [f.name for f in spec.fields if f.name in table.column_names]
+    return {n: table[n].to_pylist() for n in names}
+
+
+def rows_of(ids: pa.ChunkedArray | pa.Array, vocab: TowerVocab, what: str) -> np.ndarray:
+    """Raw ids → rows (vocab index - 2), vectorised; ids missing from the vocabulary are an error."""
+    ids = pc.cast(ids, pa.string())
+    idx = pc.index_in(ids, value_set=pa.array(vocab.ids.values, pa.string()))
+    if idx.null_count:
+        bad = pc.filter(ids, pc.is_null(idx))[:3].to_pylist()
+        raise DataError(f"{idx.null_count} {what} ids are not in the vocabulary (e.g. {bad})")
+    return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def encode_table(table: pa.Table, spec: TowerSpec, vocab: TowerVocab) -> dict[str, Tensor]:
+    """Encode every vocabulary entry's row of ``table``, in vocabulary order: (n_rows, ...)."""
+    rows = rows_of(table[spec.id_column], vocab, spec.id_column)
+    order = np.full(len(vocab.ids.values), -1, np.int64)
+    order[rows] = np.arange(len(rows))
+    if (order < 0).any():
+        missing = [vocab.ids.values[i] for i in np.flatnonzero(order < 0)[:3]]
+        raise DataError(f"{spec.id_column}: vocabulary ids missing from the table (e.g. {missing})")
+    cols = _columns(table.take(pa.array(order)), spec)
+    enc = encode_rows(spec, vocab, cols)
+    enc.pop("history", None)  # filled per batch
+    return {k: torch.as_tensor(v) for k, v in enc.items()}
+
+
+@dataclass
+class Events:
+    """All events as row arrays (n_events,), in the Dataset's order."""
+
+    user: np.ndarray
+    item: np.ndarray
+    ts: np.ndarray
+    clicked: np.ndarray
+    converted: np.ndarray
+    request: np.ndarray  # request code, -1 when absent
+
+    def positive(self, objective: str) -> np.ndarray:
+        """Boolean mask of events that are positives of ``objective``."""
+        if objective == "exposure":
+            return np.ones(len(self.user), bool)
+        return self.clicked if objective == "click" else self.converted
+
+
+class History:
+    """Per-user time-sorted history items (item vocab indices) of the train split, CSR."""
+
+    def __init__(self, ev: Events, rows: np.ndarray, n_users: int, max_len: int) -> None:
+        rows = rows[np.lexsort((ev.ts[rows], ev.user[rows]))]
+        self.max_len = max_len
+        self.ts_values = np.unique(ev.ts)  # dense time ranks make one sortable int64 key
+        self.items = ev.item[rows] + OFFSET  # (H,)
+        self.key = self._key(ev.user[rows], ev.ts[rows])  # (H,) sorted
+        self.ptr = np.zeros(n_users + 1, np.int64)
+        np.cumsum(np.bincount(ev.user[rows], minlength=n_users), out=self.ptr[1:])
+
+    def _key(self, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        rank = np.searchsorted(self.ts_values, ts)
+        return user * (len(self.ts_values) + 1) + rank
+
+    def before(self, user: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        """End positions for histories of events (user, ts): entries strictly earlier than ts."""
+        return np.searchsorted(self.key, self._key(user, ts), side="left")
+
+    def all_of(self, user: np.ndarray) -> np.ndarray:
+        return self.ptr[user + 1]
+
+    def gather(self, user: np.ndarray, end: np.ndarray) -> Tensor:
+        """(B, L) most recent ``max_len`` history items before ``end``, right-aligned, 0 = PAD."""
+        if len(self.items) == 0:
+            return torch.zeros((len(user), self.max_len), dtype=torch.int64)
+        pos = end[:, None] + np.arange(-self.max_len, 0)[None, :]  # (B, L)
+        valid = pos >= self.ptr[user][:, None]
+        out = np.where(valid, self.items[np.clip(pos, 0, len(self.items) - 1)], 0)
+        return torch.as_tensor(out, dtype=torch.int64)
+
+
+class Candidates:
+    """Per-request candidate items (shown but not exposed), CSR over request codes."""
+
+    def __init__(self, request: np.ndarray, item: np.ndarray, n_requests: int) -> None:
+        order = np.argsort(request, kind="stable")
+        self.items = item[order]
+        self.ptr = np.zeros(n_requests + 1, np.int64)
+        np.cumsum(np.bincount(request, minlength=n_requests), out=self.ptr[1:])
+
+    def sample(self, request: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
+        """(B, k) item rows drawn with replacement from each request's candidates, -1 if none."""
+        out = np.full((len(request), k), -1, np.int64)
+        has = request >= 0
+        start, stop = self.ptr[request[has]], self.ptr[request[has] + 1]
+        count = stop - start
+        draw = start[:, None] + (rng.random((len(start), k)) * count[:, None]).astype(np.int64)
+        out[has] = np.where(
+            count[:, None] > 0, self.items[np.minimum(draw, len(self.items) - 1)], -1
+        )
+        return out
+
+
+@dataclass
+class Encoded:
+    """Everything training and evaluation need, as arrays/tensors."""
+
+    spec: FeatureSpec
+    user_vocab: TowerVocab
+    item_vocab: TowerVocab
+    users: dict[str, Tensor]  # (n_users, ...)
+    items: dict[str, Tensor]  # (n_items, ...)
+    events: Events
+    split: Split
+    history: History | None
+    candidates: Candidates | None
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_vocab.ids.values)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_vocab.ids.values)
+
+    def user_batch(self, user: np.ndarray, hist_end: np.ndarray | None = None) -> dict[str, Tensor]:
+        """Inputs of users ``user`` (B,); history up to ``hist_end`` (default: all train events)."""
+        idx = torch.as_tensor(user)
+        batch = {k: v[idx] for k, v in self.users.items()}
+        if self.history is not None:
+            end = self.history.all_of(user) if hist_end is None else hist_end
+            batch["history"] = self.history.gather(user, end)
+        return batch
+
+    def item_batch(self, item: np.ndarray | Tensor) -> dict[str, Tensor]:
+        idx = torch.as_tensor(item)
+        return {k: v[idx] for k, v in self.items.items()}
+
+
+def encode_dataset(
+    ds: Dataset,
+    spec: FeatureSpec,
+    split: Split,
+    vocabs: tuple[TowerVocab, TowerVocab] | None = None,
+) -> Encoded:
+    """Encode users, items and events; ``vocabs`` (from a checkpoint) or fitted on the tables."""
+    user_vocab, item_vocab = vocabs if vocabs is not None else fit_vocabs(ds, spec)
+    ev = ds.events
+    request = np.full(ev.num_rows, -1, np.int64)
+    candidates = None
+    if "request_id" in ev.column_names:
+        req_ids = pc.unique(ev["request_id"].drop_null())
+        codes = pc.index_in(ev["request_id"], value_set=req_ids)
+        request = codes.to_numpy(zero_copy_only=False)
+        request = np.where(np.isnan(request.astype(np.float64)), -1, request).astype(np.int64)
+        if ds.candidates is not None and ds.candidates.num_rows:
+            creq = pc.index_in(ds.candidates["request_id"], value_set=req_ids).to_numpy(
+                zero_copy_only=False
+            )
+            candidates = Candidates(
+                creq.astype(np.int64),
+                rows_of(ds.candidates["item_id"], item_vocab, "candidate item"),
+                len(req_ids),
+            )
+    events = Events(
+        user=rows_of(ev["user_id"], user_vocab, "event user"),
+        item=rows_of(ev["item_id"], item_vocab, "event item"),
+        ts=ev["timestamp"].to_numpy().astype(np.int64),
+        clicked=ev["clicked"].to_numpy(zero_copy_only=False).astype(bool),
+        converted=ev["converted"].to_numpy(zero_copy_only=False).astype(bool),
+        request=request,
+    )
+    history = None
+    if spec.user.history is not None:
+        rows = split.train
+        if spec.user.history.source == "click":
+            rows = rows[events.clicked[rows]]
+        history = History(events, rows, len(user_vocab.ids.values), spec.user.history.max_len)
+    return Encoded(
+        spec=spec,
+        user_vocab=user_vocab,
+        item_vocab=item_vocab,
+        users=encode_table(ds.users, spec.user, user_vocab),
+        items=encode_table(ds.items, spec.item, item_vocab),
+        events=events,
+        split=split,
+        history=history,
+        candidates=candidates,
+    )
+
+
+@dataclass
+class StageExamples:
+    """Training positives of one stage (train split only), plus their sampling distribution."""
+
+    user: np.ndarray  # (E,)
+    item: np.ndarray  # (E,)
+    hist_end: np.ndarray  # (E,) history end positions (strictly earlier events)
+    request: np.ndarray  # (E,) request code or -1
+    item_prob: Tensor  # (n_items,) frequency of each item among these positives
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+    def subset(self, frac: float, rng: np.random.Generator) -> StageExamples:
+        """A random fraction of the examples (accuracy recovery's rho); same item_prob."""
+        keep = np.sort(rng.choice(len(self), size=max(1, round(len(self) * frac)), replace=False))
+        return StageExamples(
+            self.user[keep],
+            self.item[keep],
+            self.hist_end[keep],
+            self.request[keep],
+            self.item_prob,
+        )
+
+
+def stage_examples(enc: Encoded, objective: str) -> StageExamples:
+    ev = enc.events
+    rows = enc.split.train
+    rows = rows[ev.positive(objective)[rows]]
+    if len(rows) == 0:
+        raise DataError(f"no {objective} positives in the train split")
+    user, item = ev.user[rows], ev.item[rows]
+    hist_end = (
+        enc.history.before(user, ev.ts[rows]) if enc.history is not None else np.zeros_like(user)
+    )
+    counts = np.bincount(item, minlength=enc.n_items).astype(np.float64)
+    return StageExamples(
+        user,
+        item,
+        hist_end,
+        ev.request[rows],
+        torch.as_tensor(counts / counts.sum(), dtype=torch.float32),
+    )
+
+
+def user_items(
+    enc: Encoded, rows: np.ndarray, mask: np.ndarray | None = None
+) -> dict[int, np.ndarray]:
+    """user row → unique item rows of the events ``rows`` (optionally filtered by ``mask``)."""
+    if mask is not None:
+        rows = rows[mask[rows]]
+    pairs = np.unique(np.stack([enc.events.user[rows], enc.events.item[rows]], 1), axis=0)
+    if len(pairs) == 0:
+        return {}
+    cut = np.flatnonzero(np.diff(pairs[:, 0])) + 1
+    return {int(g[0, 0]): g[:, 1] for g in np.split(pairs, cut)}
