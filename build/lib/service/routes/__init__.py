@@ -1,1 +1,0 @@
-"""HTTP routes: retrieval (/v1), admin (/admin, bearer token) and health/metrics."""

@@ -1,1 +1,0 @@
-"""csmf trainer: data adapters, the cascaded CSMF training loop, baselines and evaluation."""
