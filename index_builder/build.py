@@ -106,20 +106,22 @@ def build_bundle(
         # Queries are real users encoded the way the service will: snapshot → numpy encoder.
         users, tune_users = _query_users(stage, encoder, cfg)
         if cfg.tune:
+            target = min(1.0, cfg.recall_floor + cfg.tune_margin)
+            tuning = users if tune_users is None else tune_users
             index_info["search_params"], trace = tune_search_params(
                 index,
                 cfg.index,
                 index_info["search_params"],
                 vectors,
-                users if tune_users is None else tune_users,
+                tuning,
                 slice_sizes,
                 cfg.recall_k,
-                min(1.0, cfg.recall_floor + cfg.tune_margin),
+                target,
                 weight_grid(num_obj),
             )
             index_info["tuning"] = {
-                "target": min(1.0, cfg.recall_floor + cfg.tune_margin),
-                "queries": int(len(users if tune_users is None else tune_users)),
+                "target": target,
+                "queries": int(len(tuning)),
                 "disjoint_from_check": tune_users is not None,
                 "trace": trace,
             }

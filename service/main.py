@@ -35,16 +35,9 @@ class CsmfApp(FastAPI):
     description of /v1/retrieve, goes through the normal stack.
     """
 
-    csmf_state: AppState | None = None
-
     async def __call__(self, scope, receive, send) -> None:
-        state = self.csmf_state
-        if (
-            state is not None
-            and scope["type"] == "http"
-            and scope["path"] == FAST_PATH
-            and scope["method"] == "POST"
-        ):
+        if scope["type"] == "http" and scope["path"] == FAST_PATH and scope["method"] == "POST":
+            state: AppState = self.state.csmf
             start = perf_counter()
             status = await _fast_retrieve(state, scope, receive, send, start)
             state.metrics.observe_request(FAST_PATH, status, perf_counter() - start)
@@ -55,11 +48,9 @@ class CsmfApp(FastAPI):
 async def _fast_retrieve(state: AppState, scope, receive, send, start: float) -> int:
     limit = state.settings.max_body_bytes
     try:
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > limit:
-                raise PayloadTooLargeError(
-                    f"request body is {int(value)} bytes, the limit is {limit}"
-                )
+        too_large = _declared_too_large(scope, limit)
+        if too_large:
+            raise PayloadTooLargeError(too_large)
         payload = retrieve.retrieve_json(state, await _read_body(receive, limit), start)
     except _Disconnected:
         return 499  # the client went away; nothing to answer
@@ -89,12 +80,11 @@ class EdgeMiddleware:
             return
         start = perf_counter()
         status = 500
-        for name, value in scope["headers"]:
-            if name == b"content-length" and value.isdigit() and int(value) > self.max_body:
-                msg = f"request body is {int(value)} bytes, the limit is {self.max_body}"
-                await JSONResponse({"detail": msg}, status_code=413)(scope, receive, send)
-                self.metrics.observe_request(_route(scope), 413, perf_counter() - start)
-                return
+        too_large = _declared_too_large(scope, self.max_body)
+        if too_large:
+            await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
+            self.metrics.observe_request(_route(scope), 413, perf_counter() - start)
+            return
 
         async def send_status(message) -> None:
             nonlocal status
@@ -106,6 +96,14 @@ class EdgeMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.observe_request(_route(scope), status, perf_counter() - start)
+
+
+def _declared_too_large(scope, limit: int) -> str | None:
+    """The 413 message if the request's content-length is over ``limit``, else None."""
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit() and int(value) > limit:
+            return f"request body is {int(value)} bytes, the limit is {limit}"
+    return None
 
 
 class _Disconnected(Exception):
@@ -159,7 +157,6 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.csmf = state
-    app.csmf_state = state
     install_error_handlers(app)
     app.include_router(retrieve.router)
     app.include_router(admin.router)

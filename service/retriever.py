@@ -224,6 +224,7 @@ class Retriever:
             "search_params": dict(b.search_config),
             "items": self.n_items,
             "users": len(b.users),
+            "response_json_bytes": self.item_json.bytes,
             "manifest": {k: v for k, v in b.manifest.items() if k != "files"},
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
         }

@@ -120,5 +120,8 @@ class BundleInfo(BaseModel):
     search_params: dict[str, object]
     items: int
     users: int
+    response_json_bytes: int = Field(
+        description="memory held by the pre-serialised item JSON (service/item_json.py)"
+    )
     manifest: dict[str, object]
     loaded_at: str

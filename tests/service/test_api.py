@@ -206,6 +206,8 @@ def test_bundle_info(client, bundles):
     assert info["objectives"] == ["exposure", "click", "conversion"]
     assert info["index_type"] == "flat" and info["items"] == 1500 and info["users"] == 60
     assert "files" not in info["manifest"]
+    # ~1500 item prefixes of at least '{"item_id":"…","score":' (24 bytes) plus a pointer each
+    assert info["response_json_bytes"] >= 1500 * (24 + 8)
 
 
 def test_reload_good_and_corrupt(client, bundles, corrupt_bundle):
