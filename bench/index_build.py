@@ -22,10 +22,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from csmf.bundle import apply_search_params, make_search_params
+from csmf.index.faiss import FaissIndex
 from csmf.weights import slice_scale
 from index_builder.config import BuildConfig
-from index_builder.faiss_index import build_faiss_index
 from index_builder.recall import exact_topk, recall_with_ties, weight_grid
 
 
@@ -88,14 +87,13 @@ def main() -> None:
 
     cfg = BuildConfig(index=args.index)
     t = time.perf_counter()
-    index, info = build_faiss_index(items, cfg, progress=True)
+    index = FaissIndex.build(items, cfg.faiss_spec(), progress=True)
     build_s = time.perf_counter() - t
     with tempfile.TemporaryDirectory(dir=".") as tmp:
-        path = Path(tmp) / "index.faiss"
         t = time.perf_counter()
-        faiss.write_index(index, str(path))
+        info = index.save(Path(tmp))
         write_s = time.perf_counter() - t
-        nbytes = path.stat().st_size
+        nbytes = info["bytes"]
 
     grid = weight_grid(3)
     k = args.k
@@ -116,20 +114,18 @@ def main() -> None:
     )
     rows = []
     for value in sorted(set(sweep) | {default}):
-        params = {knob: value}
-        apply_search_params(index, args.index, params)
+        index.set_search_params({knob: value})
         recalls = []
         for q, ex in zip(queries, exact, strict=True):
             _, found = index.search(q, k)
             recalls.append(float(recall_with_ties(items, q, found, ex).mean()))
         # single-query latency on one thread, as the service searches (DESIGN §8)
         faiss.omp_set_num_threads(1)
-        sp = make_search_params(args.index, params)
         q = queries[0]
         lat = []
         for i in range(min(300, len(q))):
             t0 = time.perf_counter()
-            index.search(q[i : i + 1], k, params=sp)
+            index.search(q[i : i + 1], k)
             lat.append(time.perf_counter() - t0)
         faiss.omp_set_num_threads(args.threads)
         rows.append(

@@ -43,6 +43,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from csmf.bundle import Manifest, read_manifest  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
 sys.path.insert(0, str(BENCH))
@@ -342,10 +344,16 @@ def start_bare(port: int, workers: int) -> subprocess.Popen:
 
 
 def section(
-    n: int, manifest: dict, base: dict, bare: dict, runs: dict, batch_res: dict | None, meta: dict
+    n: int,
+    manifest: Manifest,
+    base: dict,
+    bare: dict,
+    runs: dict,
+    batch_res: dict | None,
+    meta: dict,
 ) -> str:
-    rc = manifest["recall_check"]
-    tuned = " (nprobe tuned)" if "tuning" in manifest["index"] else ""
+    rc, idx = manifest.recall_check, manifest.index
+    tuned = " (nprobe tuned)" if idx.tuning else ""
     lines = [
         f"## {n:,} items{tuned}",
         "",
@@ -354,10 +362,10 @@ def section(
         f"{meta['rounds']} rounds of {meta['duration']} s, bare and service alternating; the ratio "
         "is service CPU / (bare + interleaved encode+search) per round, median.",
         "",
-        f"Bundle: {manifest['index']['type']} {manifest['index']['build_params']} "
-        f"{manifest['index']['search_params']}, {manifest['dim']} dims, slices {manifest['slice_sizes']}; "
-        f"ANN recall@{rc['k']} on weighted queries: min {rc['min_recall']:.3f} over "
-        + ", ".join(f"{tuple(x['weights'])}: {x['recall']:.3f}" for x in rc["by_weights"]),
+        f"Bundle: {idx.type} {idx.build_params} "
+        f"{idx.search_params}, {manifest.dim} dims, slices {list(manifest.slice_sizes)}; "
+        f"ANN recall@{rc.k} on weighted queries: min {rc.min_recall:.3f} over "
+        + ", ".join(f"{tuple(x.weights)}: {x.recall:.3f}" for x in rc.by_weights),
         "",
         f"In process (one thread): encode {base['encode_us']:.0f} µs/user, raw FAISS search "
         f"{base['search_us']:.0f} µs/query (k=50)"
@@ -457,7 +465,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     t0 = time.time()
     bundle = bench_bundle(args.items, args.cache, nprobe=args.nprobe, tune=args.tune)
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = read_manifest(bundle)
     print(f"bundle {bundle} ready in {time.time() - t0:.0f}s", flush=True)
     tmp = args.cache / "run"
     tmp.mkdir(parents=True, exist_ok=True)

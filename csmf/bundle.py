@@ -5,15 +5,20 @@ bundles/NAME/
   manifest.json      format, model version, objectives, slice sizes, index type + search params,
                      item/user counts, recall check, SHA-256 + size of every other file, ...
   user_encoder.npz   numpy user tower (csmf.user_encoder), final layer permuted like the items
-  index.faiss        METRIC_INNER_PRODUCT index over permuted, unscaled item vectors; id = row
-  items.parquet      row-aligned with the index: item_id + display columns (e.g. title)
+  index.faiss        FAISS backend: inner-product index over permuted, unscaled item vectors;
+                     id = row (csmf.index.faiss; IVF-PQ adds vectors.npy). A Milvus-backed
+                     bundle has no index file: the manifest names the URI and collection alias
+  items.parquet      row-aligned with the index: item_id + display columns (e.g. title) +
+                     filterable attribute columns (manifest.attributes)
   users.parquet      embedded feature-store snapshot: the user id column, raw features, history
 ```
 
 The builder writes every file into a staging folder, the manifest last, then renames the folder
-into place (index_builder/publish.py); a folder without a manifest is not a bundle. The loader
-verifies the format version, every file's size and SHA-256, and that all dimensions agree, and
-raises :class:`BundleError` with a message specific to each failure.
+into place (index_builder/publish.py); a folder without a manifest is not a bundle. The manifest
+is one typed, versioned model (:class:`Manifest`); nothing reads it by string keys. The loader
+validates it (format 1 bundles are upgraded, others refused naming the version), verifies every
+file's size and SHA-256 and that all dimensions agree, and raises :class:`BundleError` with a
+message specific to each failure.
 """
 
 from __future__ import annotations
@@ -25,38 +30,119 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from csmf.errors import BundleError
+from csmf.index import IndexSpec, VectorIndex, Where, open_index
+from csmf.index.filters import ItemAttributes
 from csmf.user_encoder import CodedHistory, HistoryTable, UserEncoder
 from csmf.weights import parse_weights, slice_scale
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2  # 2: typed manifest, index backends (index.backend/files), item attributes
 MANIFEST_NAME = "manifest.json"
 ENCODER_FILE = "user_encoder.npz"
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
-BUNDLE_FILES = (ENCODER_FILE, INDEX_FILE, ITEMS_FILE, USERS_FILE)
+BUNDLE_FILES = (ENCODER_FILE, ITEMS_FILE, USERS_FILE)  # + the index's own files (index.files)
 HISTORY_COLUMN = "history"
 ITEM_ID_COLUMN = "item_id"
 STAGING_MARKER = ".staging-"  # builds happen in "<parent>/.<name>.staging-<pid>-<rand>"
-INDEX_TYPES = ("flat", "hnsw", "ivf")
-REQUIRED_KEYS = (
-    "format",
-    "model_version",
-    "objectives",
-    "slice_sizes",
-    "dim",
-    "item_count",
-    "index",
-    "files",
-)
+
+
+# -- the manifest ---------------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FileRecord(_Model):
+    sha256: str
+    bytes: int = Field(ge=0)
+
+
+class Attribute(_Model):
+    """A filterable item column, stored in items.parquet (see csmf.index.filters)."""
+
+    name: str
+    type: Literal["string", "number", "bool"]
+
+
+class WeightRecall(_Model):
+    weights: list[float]
+    recall: float
+
+
+class RecallCheck(_Model):
+    """ANN recall@k against exact search on weighted queries (index_builder/recall.py)."""
+
+    k: int
+    queries: int
+    by_weights: list[WeightRecall]
+    min_recall: float
+    floor: float
+    passed: bool
+    bytes_per_item: float | None = None
+
+
+class Manifest(_Model):
+    """manifest.json: everything a reader needs to trust and load the bundle. Provenance
+    sections (``snapshot``, ``model``, ``training``, ``source``, ``build``) are free-form: they
+    are recorded for people, never read by code."""
+
+    format: int
+    model_version: str
+    created_at: str = ""
+    objectives: tuple[str, ...]
+    slice_sizes: tuple[Annotated[int, Field(ge=0)], ...]
+    dim: int = Field(ge=1)
+    output_permutation: list[int] = Field(default_factory=list)
+    item_count: int = Field(ge=0)
+    user_count: int = Field(0, ge=0)
+    user_id_column: str | None = None
+    item_id_column: str = ITEM_ID_COLUMN
+    display_columns: list[str] = Field(default_factory=list)
+    attributes: list[Attribute] = Field(default_factory=list)
+    index: IndexSpec
+    recall_check: RecallCheck | None = None
+    snapshot: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+    training: dict[str, Any] = Field(default_factory=dict)
+    source: dict[str, Any] = Field(default_factory=dict)
+    build: dict[str, Any] = Field(default_factory=dict)
+    files: dict[str, FileRecord] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _dims_agree(self) -> Manifest:
+        if len(self.objectives) != len(self.slice_sizes):
+            raise ValueError(
+                f"dimension mismatch: {len(self.objectives)} objectives {list(self.objectives)} "
+                f"but {len(self.slice_sizes)} slice sizes {list(self.slice_sizes)}"
+            )
+        if sum(self.slice_sizes) != self.dim:
+            raise ValueError(
+                f"dimension mismatch: slice sizes {list(self.slice_sizes)} sum to "
+                f"{sum(self.slice_sizes)}, manifest dim is {self.dim}"
+            )
+        off = self.index.item_offset
+        if off is not None and len(off) != self.dim:
+            raise ValueError(
+                f"dimension mismatch: index.item_offset has {len(off)} values, dim is {self.dim}"
+            )
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2) + "\n"
+
+    def summary(self) -> dict[str, Any]:
+        """The manifest without the file list (GET /admin/bundle)."""
+        return self.model_dump(mode="json", exclude={"files"})
 
 
 # -- checksums and the manifest -------------------------------------------------------------------
@@ -79,16 +165,17 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
-    """Checksum every file in ``folder`` into ``manifest["files"]`` and write manifest.json last,
+def write_manifest(folder: str | Path, manifest: Manifest) -> Manifest:
+    """Checksum every file in ``folder`` into ``manifest.files`` and write manifest.json last,
     atomically (tmp + fsync + rename). Returns the manifest as written."""
     folder = Path(folder)
     files = {}
     for p in sorted(folder.iterdir()):
         if p.name == MANIFEST_NAME or not p.is_file() or p.name.endswith(".tmp"):
             continue
-        files[p.name] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-    text = json.dumps({**manifest, "files": files}, indent=2) + "\n"
+        files[p.name] = FileRecord(sha256=sha256_file(p), bytes=p.stat().st_size)
+    out = manifest.model_copy(update={"files": files})
+    text = out.to_json()
     tmp = folder / (MANIFEST_NAME + ".tmp")
     with open(tmp, "w") as fh:
         fh.write(text)
@@ -96,12 +183,13 @@ def write_manifest(folder: str | Path, manifest: Mapping[str, Any]) -> dict[str,
         os.fsync(fh.fileno())
     os.replace(tmp, folder / MANIFEST_NAME)
     fsync_path(folder)
-    return json.loads(text)  # exactly what readers will see (tuples become lists)
+    return Manifest.model_validate_json(text)  # exactly what readers will see
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """Read and sanity-check the manifest of the bundle at ``path`` (folder or manifest.json).
-    Checks the format version and required keys; does not touch the other files."""
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and validate the manifest of the bundle at ``path`` (folder or manifest.json).
+    Checks the format version (format 1 is upgraded, see :func:`upgrade_manifest`), every
+    field's type and that the dimensions agree; does not touch the other files."""
     path = Path(path)
     folder = path.parent if path.name == MANIFEST_NAME else path
     if not folder.is_dir():
@@ -119,27 +207,50 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             "build one with `csmf build-index`"
         )
     try:
-        manifest = json.loads(mpath.read_text())
+        raw = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"unreadable manifest {mpath}: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"manifest {mpath} must be a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(
-            f"unsupported bundle format {manifest.get('format')!r} in {mpath}; "
-            f"this version reads format {BUNDLE_FORMAT} — rebuild with `csmf build-index`"
-        )
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"manifest {mpath} lacks required keys {missing}")
-    return manifest
+    if not isinstance(raw, dict):
+        raise BundleError(f"manifest {mpath} must be a JSON object, got {type(raw).__name__}")
+    raw = upgrade_manifest(raw, mpath)
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        raise BundleError(f"invalid manifest {mpath}: {_first_error(exc)}") from None
 
 
-def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> None:
+def upgrade_manifest(raw: dict[str, Any], where: Path | str = "manifest") -> dict[str, Any]:
+    """Bring a manifest dict of an older format to BUNDLE_FORMAT, or refuse naming the version.
+    Format 1 (FAISS only, untyped) differs only by what format 2 made explicit: the backend and
+    the index's file list; its bundles keep serving without a rebuild."""
+    fmt = raw.get("format")
+    if fmt == BUNDLE_FORMAT:
+        return raw
+    if fmt == 1:
+        index = raw.get("index")
+        if isinstance(index, dict):
+            index = {"backend": "faiss", "files": [INDEX_FILE], **index}
+        return {**raw, "format": BUNDLE_FORMAT, "index": index}
+    raise BundleError(
+        f"unsupported bundle format {fmt!r} in {where}; this version reads formats 1 and "
+        f"{BUNDLE_FORMAT} — rebuild with `csmf build-index`"
+    )
+
+
+def _first_error(exc: ValidationError) -> str:
+    e = exc.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "manifest"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = "" if loc == "manifest" else f" (got {e.get('input')!r:.80})"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{loc}: {msg}{got}{more}"
+
+
+def verify_files(path: str | Path, manifest: Manifest) -> None:
     """Every bundle file is listed, present, of the recorded size and SHA-256."""
     folder = Path(path)
-    files = manifest["files"]
-    unlisted = [f for f in BUNDLE_FILES if f not in files]
+    files = manifest.files
+    unlisted = [f for f in (*BUNDLE_FILES, *manifest.index.files) if f not in files]
     if unlisted:
         raise BundleError(f"manifest of {folder} does not list bundle files {unlisted}")
     for name, rec in files.items():
@@ -147,16 +258,16 @@ def verify_files(path: str | Path, manifest: Mapping[str, Any]) -> None:
         if not p.is_file():
             raise BundleError(f"missing file {name} in bundle {folder}")
         size = p.stat().st_size
-        if size != rec["bytes"]:
+        if size != rec.bytes:
             raise BundleError(
                 f"truncated or resized file {name} in bundle {folder}: "
-                f"{size} bytes, manifest says {rec['bytes']}"
+                f"{size} bytes, manifest says {rec.bytes}"
             )
         digest = sha256_file(p)
-        if digest != rec["sha256"]:
+        if digest != rec.sha256:
             raise BundleError(
                 f"checksum mismatch for {name} in bundle {folder}: the file is corrupted "
-                f"(sha256 {digest[:12]}…, manifest says {rec['sha256'][:12]}…)"
+                f"(sha256 {digest[:12]}…, manifest says {rec.sha256[:12]}…)"
             )
 
 
@@ -278,73 +389,39 @@ class UserSnapshot:
         return Path(path)
 
 
-# -- search parameters ----------------------------------------------------------------------------
-
-
-def apply_search_params(index: faiss.Index, kind: str, params: Mapping[str, Any]) -> None:
-    """Set the index's own search-time parameters from the manifest (efSearch / nprobe)."""
-    if kind == "hnsw":
-        faiss.downcast_index(index).hnsw.efSearch = int(params["ef_search"])
-    elif kind == "ivf":
-        faiss.extract_index_ivf(index).nprobe = int(params["nprobe"])
-
-
-def make_search_params(
-    kind: str, params: Mapping[str, Any], sel: faiss.IDSelector | None = None
-) -> faiss.SearchParameters:
-    """Per-call FAISS search parameters carrying the manifest's efSearch/nprobe.
-
-    A SearchParameters object *replaces* the index's own efSearch/nprobe with its defaults
-    (efSearch=16, nprobe=1), so every per-call parameter object must carry them explicitly.
-    HNSW keeps ``bounded_queue=True``: with False, faiss <= 1.15 ignores ``sel`` (faiss #5504).
-    """
-    if kind == "hnsw":
-        p = faiss.SearchParametersHNSW()
-        p.efSearch = int(params["ef_search"])
-        p.bounded_queue = True
-    elif kind == "ivf":
-        p = faiss.SearchParametersIVF()
-        p.nprobe = int(params["nprobe"])
-    else:
-        p = faiss.SearchParameters()
-    if sel is not None:
-        p.sel = sel
-        p._sel_ref = sel  # the C++ object holds a raw pointer; keep the Python owner alive
-    return p
-
-
 # -- the bundle -----------------------------------------------------------------------------------
 
 
 @dataclass
 class Bundle:
     path: Path
-    manifest: dict
-    objectives: tuple[str, ...]
-    slice_sizes: tuple[int, ...]  # output dims per objective, contiguous in cascade order
-    model_version: str  # content hash
+    manifest: Manifest
     encoder: UserEncoder
-    index: faiss.Index  # METRIC_INNER_PRODUCT over permuted, unscaled item vectors; id = row
+    index: VectorIndex  # inner product over permuted, unscaled item vectors; id = row
     item_ids: np.ndarray  # (N,) object array of str
     item_meta: dict[str, list]  # display column → value per row
     users: UserSnapshot
-    index_type: str = "flat"
-    search_config: dict = field(default_factory=dict)  # ef_search / nprobe from the manifest
-    # The index stores item - item_offset (all zeros unless the build centred, e.g. for HNSW).
-    # Rankings are unaffected; the score of row i for query q is index distance + q·item_offset.
-    # search() and item_vectors() add it back; raw index.search callers must do the same.
-    item_offset: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    attributes: ItemAttributes = field(default_factory=lambda: ItemAttributes({}, 0))
 
-    centered: bool = field(init=False)  # a nonzero item_offset (read once per search)
+    @property
+    def objectives(self) -> tuple[str, ...]:
+        return self.manifest.objectives
 
-    def __post_init__(self) -> None:
-        if self.item_offset.size == 0:
-            self.item_offset = np.zeros(self.dim, np.float32)
-        self.centered = bool(np.any(self.item_offset))
+    @property
+    def slice_sizes(self) -> tuple[int, ...]:  # output dims per objective, in cascade order
+        return self.manifest.slice_sizes
+
+    @property
+    def model_version(self) -> str:  # content hash
+        return self.manifest.model_version
+
+    @property
+    def index_type(self) -> str:
+        return self.manifest.index.type
 
     @property
     def dim(self) -> int:
-        return int(sum(self.slice_sizes))
+        return self.manifest.dim
 
     def scale(self, weights: Sequence[float] | Mapping[str, float]) -> np.ndarray:
         """(D,) query scale for objective weights (list in cascade order or by name), validated."""
@@ -352,28 +429,19 @@ class Bundle:
 
     @cached_property
     def item_rows(self) -> dict[str, int]:
-        """External item id → row (= FAISS id)."""
+        """External item id → row (= index id)."""
         return {iid: i for i, iid in enumerate(self.item_ids.tolist())}
 
-    def search_params(self, sel: faiss.IDSelector | None = None) -> faiss.SearchParameters:
-        """SearchParameters with this bundle's efSearch/nprobe (and an optional ID selector)."""
-        return make_search_params(self.index_type, self.search_config, sel)
-
     def search(
-        self, queries: np.ndarray, k: int, sel: faiss.IDSelector | None = None
+        self, queries: np.ndarray, k: int, where: Where | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(n, D) already-scaled queries → (scores, rows), each (n, k); row -1 = no result.
-        Scores are exact inner products with the item vectors (offset added back)."""
-        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        params = None if sel is None else self.search_params(sel)
-        scores, rows = self.index.search(q, k, params=params)
-        if self.centered:
-            scores += (q @ self.item_offset)[:, None]
-        return scores, rows
+        Scores are inner products with the item vectors."""
+        return self.index.search(queries, k, where)
 
     def item_vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """(len(rows), D) item vectors (e.g. for per-objective explain scores)."""
-        return self.index.reconstruct_batch(np.asarray(rows, dtype=np.int64)) + self.item_offset
+        return self.index.vectors(rows)
 
     def slice_bounds(self) -> list[tuple[int, int]]:
         """[start, end) of each objective's slice in the permuted output."""
@@ -381,95 +449,48 @@ class Bundle:
         return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def load_bundle(path: str | Path, *, verify: bool = True) -> Bundle:
+def load_bundle(path: str | Path, *, verify: bool = True, index_uri: str | None = None) -> Bundle:
     """Load a bundle; with ``verify`` (default) check every file's size and SHA-256 first.
-    Always checks the format version and that all dimensions agree. Raises BundleError."""
+    Always validates the manifest and that all dimensions agree. ``index_uri`` overrides the
+    URI of an engine-hosted index (Milvus; CSMF_INDEX_URI). Raises BundleError."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
-    objectives = tuple(manifest["objectives"])
-    slice_sizes = tuple(int(s) for s in manifest["slice_sizes"])
-    dim = int(manifest["dim"])
-    _check_manifest_dims(objectives, slice_sizes, dim)
-    idx = manifest["index"]
-    kind = idx.get("type")
-    if kind not in INDEX_TYPES:
-        raise BundleError(f"manifest index.type must be one of {INDEX_TYPES}, got {kind!r}")
+    dim = manifest.dim
     encoder = UserEncoder.load(path / ENCODER_FILE)
     if encoder.dim != dim:
         raise BundleError(
             f"dimension mismatch: user encoder outputs {encoder.dim} dims, manifest says {dim}"
         )
-    index = _read_index(path / INDEX_FILE)
-    _check_index(index, kind, dim, int(manifest["item_count"]))
-    search_config = dict(idx.get("search_params", {}))
-    apply_search_params(index, kind, search_config)
-    offset = np.asarray(idx.get("item_offset") or np.zeros(dim), dtype=np.float32)
-    if offset.shape != (dim,):
+    index = open_index(manifest.index, path, index_uri)
+    if index.dim != dim:
         raise BundleError(
-            f"dimension mismatch: index.item_offset has shape {offset.shape}, manifest dim is {dim}"
+            f"dimension mismatch: index has dimension {index.dim}, manifest says {dim}"
         )
-    item_ids, item_meta = _read_items(path / ITEMS_FILE, index.ntotal)
-    users = UserSnapshot.load(
-        path / USERS_FILE, manifest.get("user_id_column", encoder.spec.id_column)
-    )
+    if len(index) != manifest.item_count:
+        raise BundleError(
+            f"index holds {len(index)} vectors, manifest says {manifest.item_count} items"
+        )
+    item_ids, item_meta, attrs = _read_items(path / ITEMS_FILE, len(index), manifest)
+    users = UserSnapshot.load(path / USERS_FILE, manifest.user_id_column or encoder.spec.id_column)
     bundle = Bundle(
         path=path,
         manifest=manifest,
-        objectives=objectives,
-        slice_sizes=slice_sizes,
-        model_version=str(manifest["model_version"]),
         encoder=encoder,
         index=index,
         item_ids=item_ids,
         item_meta=item_meta,
         users=users,
-        index_type=kind,
-        search_config=search_config,
-        item_offset=offset,
+        attributes=attrs,
     )
     users.resolve(encoder.item_vocab._index, bundle.item_rows)
     return bundle
 
 
-def _check_manifest_dims(
-    objectives: tuple[str, ...], slice_sizes: tuple[int, ...], dim: int
-) -> None:
-    if len(objectives) != len(slice_sizes):
-        raise BundleError(
-            f"dimension mismatch: manifest lists {len(objectives)} objectives {list(objectives)} "
-            f"but {len(slice_sizes)} slice sizes {list(slice_sizes)}"
-        )
-    if any(s < 0 for s in slice_sizes) or sum(slice_sizes) != dim:
-        raise BundleError(
-            f"dimension mismatch: slice sizes {list(slice_sizes)} sum to {sum(slice_sizes)}, "
-            f"manifest dim is {dim}"
-        )
-
-
-def _read_index(path: Path) -> faiss.Index:
-    try:
-        return faiss.read_index(str(path))
-    except Exception as exc:  # faiss raises RuntimeError with the C++ message
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(f"cannot read FAISS index {path}: {first}") from None
-
-
-def _check_index(index: faiss.Index, kind: str, dim: int, item_count: int) -> None:
-    if index.d != dim:
-        raise BundleError(f"dimension mismatch: index has dimension {index.d}, manifest says {dim}")
-    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
-        raise BundleError(f"index metric is {index.metric_type}, expected inner product (0)")
-    if index.ntotal != item_count:
-        raise BundleError(f"index holds {index.ntotal} vectors, manifest says {item_count} items")
-    expected = {"flat": faiss.IndexFlat, "hnsw": faiss.IndexHNSW, "ivf": faiss.IndexIVF}[kind]
-    if not isinstance(faiss.downcast_index(index), expected):
-        got = type(faiss.downcast_index(index)).__name__
-        raise BundleError(f"manifest says index type {kind!r}, the file holds a {got}")
-
-
-def _read_items(path: Path, n: int) -> tuple[np.ndarray, dict[str, list]]:
+def _read_items(
+    path: Path, n: int, manifest: Manifest
+) -> tuple[np.ndarray, dict[str, list], ItemAttributes]:
     try:
         table = pq.read_table(path)
     except Exception as exc:
@@ -481,5 +502,15 @@ def _read_items(path: Path, n: int) -> tuple[np.ndarray, dict[str, list]]:
             f"item table {path} has {table.num_rows} rows, the index holds {n} vectors"
         )
     ids = np.array([str(v) for v in table.column(ITEM_ID_COLUMN).to_pylist()], dtype=object)
-    meta = {c: table.column(c).to_pylist() for c in table.column_names if c != ITEM_ID_COLUMN}
-    return ids, meta
+    attr_names = {a.name for a in manifest.attributes}
+    display = set(manifest.display_columns) if manifest.display_columns else None
+    meta = {
+        c: table.column(c).to_pylist()
+        for c in table.column_names
+        if c != ITEM_ID_COLUMN and (c in display if display is not None else c not in attr_names)
+    }
+    missing = [a.name for a in manifest.attributes if a.name not in table.column_names]
+    if missing:
+        raise BundleError(f"item table {path} lacks the filterable columns {missing}")
+    attrs = ItemAttributes.from_table(table, {a.name: a.type for a in manifest.attributes})
+    return ids, meta, attrs

@@ -1,6 +1,7 @@
 """Index builder: checkpoint + item table → a verified, atomically published bundle (DESIGN §4).
 
-encode.py (item vectors, numpy user encoder), faiss_index.py (Flat/HNSW/IVF), recall.py (weighted
-ANN-vs-exact recall check), snapshot.py (user features + history), publish.py (staging folder,
-fsync, rename), build.py (the pipeline), cli.py (`csmf build-index`, `csmf inspect`).
+encode.py (item vectors, numpy user encoder), recall.py (weighted ANN-vs-exact recall check),
+snapshot.py (user features + history), publish.py (staging folder, fsync, rename), build.py (the
+pipeline; the index itself is a csmf.index backend: FAISS or Milvus), cli.py (`csmf build-index`,
+`csmf inspect`).
 """

@@ -20,15 +20,20 @@ import csmf
 from csmf.bundle import (
     BUNDLE_FORMAT,
     ENCODER_FILE,
-    INDEX_FILE,
     ITEM_ID_COLUMN,
     ITEMS_FILE,
     USERS_FILE,
+    Attribute,
+    Manifest,
     UserSnapshot,
     write_manifest,
 )
 from csmf.checkpoint import Checkpoint, load_checkpoint
 from csmf.errors import DataError
+from csmf.features import TowerSpec
+from csmf.index import IndexSpec, VectorIndex
+from csmf.index.faiss import FaissIndex
+from csmf.index.filters import column_type
 from csmf.user_encoder import UserEncoder
 from index_builder.config import BuildConfig
 from index_builder.encode import (
@@ -37,7 +42,6 @@ from index_builder.encode import (
     read_table,
     user_encoder_from_model,
 )
-from index_builder.faiss_index import build_faiss_index
 from index_builder.publish import publish, staging_dir
 from index_builder.recall import check_recall, tune_search_params, weight_grid
 from index_builder.snapshot import build_user_snapshot
@@ -63,13 +67,25 @@ def model_version(ckpt: Checkpoint) -> str:
     return h.hexdigest()[:16]
 
 
+def build_vector_index(
+    vectors: np.ndarray, attributes: pa.Table, cfg: BuildConfig, progress: bool = True
+) -> VectorIndex:
+    """The configured backend's index over (N, D) vectors; row i = item i, with the filterable
+    ``attributes`` (N rows) for engines that store them next to the vectors."""
+    if cfg.backend == "faiss":
+        return FaissIndex.build(vectors, cfg.faiss_spec(), progress)
+    from csmf.index.milvus import MilvusIndex  # pymilvus: the `milvus` extra
+
+    return MilvusIndex.build(vectors, attributes, cfg.milvus_spec(), progress)
+
+
 def build_bundle(
     run: str | Path,
     out: str | Path,
     cfg: BuildConfig,
     items: str | Path | None = None,
     progress: bool = True,
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Manifest]:
     """Build and atomically publish the bundle for ``run`` at ``out``; returns (path, manifest).
     Raises (leaving ``out`` untouched) on any failure, including the recall floor."""
     t0 = time.perf_counter()
@@ -94,7 +110,9 @@ def build_bundle(
         vectors = encode_items(
             model, feats.item, ckpt.item_vocab, item_table, perm, cfg.batch_size, progress
         )
-        _write_items(stage / ITEMS_FILE, item_table, feats.item.id_column, feats.display)
+        attributes = _attributes(item_table, feats.item, cfg.filter_columns)
+        display = [c for c in feats.display if c in item_table.column_names]
+        _write_items(stage / ITEMS_FILE, item_table, feats.item.id_column, display, attributes)
         snapshot_info = build_user_snapshot(
             Path(ckpt.dataset),
             feats.user,
@@ -102,24 +120,20 @@ def build_bundle(
             cfg.history,
             ckpt.train_config.get("split"),
         )
-        index, index_info = build_faiss_index(vectors, cfg, progress)
+        attr_table = pa.table(
+            {a.name: _attribute_array(item_table.column(a.name), a.type) for a in attributes}
+        )
+        index = build_vector_index(vectors, attr_table, cfg, progress)
         # Queries are real users encoded the way the service will: snapshot → numpy encoder.
         users, tune_users = _query_users(stage, encoder, cfg)
+        tuning_info = None
         if cfg.tune:
             target = min(1.0, cfg.recall_floor + cfg.tune_margin)
             tuning = users if tune_users is None else tune_users
-            index_info["search_params"], trace = tune_search_params(
-                index,
-                cfg.index,
-                index_info["search_params"],
-                vectors,
-                tuning,
-                slice_sizes,
-                cfg.recall_k,
-                target,
-                weight_grid(num_obj),
+            _, trace = tune_search_params(
+                index, vectors, tuning, slice_sizes, cfg.recall_k, target, weight_grid(num_obj)
             )
-            index_info["tuning"] = {
+            tuning_info = {
                 "target": target,
                 "queries": int(len(tuning)),
                 "disjoint_from_check": tune_users is not None,
@@ -127,8 +141,6 @@ def build_bundle(
             }
         recall = check_recall(
             index,
-            cfg.index,
-            index_info["search_params"],
             vectors,
             users,
             slice_sizes,
@@ -136,44 +148,90 @@ def build_bundle(
             cfg.recall_floor,
             weight_grid(num_obj),
         )
-        faiss.write_index(index, str(stage / INDEX_FILE))
-        index_info["bytes"] = (stage / INDEX_FILE).stat().st_size
-        index_info["bytes_per_item"] = round(index_info["bytes"] / len(vectors), 1)
-        manifest = {
-            "format": BUNDLE_FORMAT,
-            "model_version": model_version(ckpt),
-            "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            "objectives": list(ckpt.objectives),
-            "slice_sizes": list(slice_sizes),
-            "dim": int(sum(slice_sizes)),
-            "output_permutation": perm.tolist(),
-            "item_count": int(len(vectors)),
-            "user_count": snapshot_info["users"],
-            "user_id_column": feats.user.id_column,
-            "item_id_column": feats.item.id_column,
-            "display_columns": [c for c in feats.display if c in item_table.column_names],
-            "index": index_info,
-            "recall_check": recall,
-            "snapshot": snapshot_info,
-            "model": ckpt.model_config.to_dict(),
-            "training": _training_summary(ckpt, run),
-            "source": {"run": str(run), "items": str(items_path)},
-            "build": {
+        index_spec = IndexSpec.model_validate({**index.save(stage), "tuning": tuning_info})
+        index.close()
+        recall["bytes_per_item"] = index_spec.bytes_per_item  # what that recall costs in memory
+        manifest = Manifest(
+            format=BUNDLE_FORMAT,
+            model_version=model_version(ckpt),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            objectives=tuple(ckpt.objectives),
+            slice_sizes=tuple(slice_sizes),
+            dim=int(sum(slice_sizes)),
+            output_permutation=perm.tolist(),
+            item_count=int(len(vectors)),
+            user_count=snapshot_info["users"],
+            user_id_column=feats.user.id_column,
+            item_id_column=feats.item.id_column,
+            display_columns=display,
+            attributes=attributes,
+            index=index_spec,
+            recall_check=recall,
+            snapshot=snapshot_info,
+            model=ckpt.model_config.to_dict(),
+            training=_training_summary(ckpt, run),
+            source={"run": str(run), "items": str(items_path)},
+            build={
                 "config": cfg.to_dict(),
                 "seconds": round(time.perf_counter() - t0, 3),
                 "csmf_version": csmf.__version__,
                 "faiss_version": faiss.__version__,
             },
-        }
+        )
         manifest = write_manifest(stage, manifest)  # last: a staging folder without it is junk
         publish(stage, out)
+    if cfg.backend == "milvus":  # the bundle is in place: point the alias at its collection
+        from csmf.index.milvus import promote
+
+        promote(index_spec)
     return Path(out), manifest
 
 
 MIN_TUNE_USERS = 50  # fewer left over: tune on the check sample (recorded in the manifest)
 
 
-def _write_items(path: Path, table: pa.Table, id_column: str, display: tuple[str, ...]) -> None:
+def _attributes(
+    table: pa.Table, spec: TowerSpec, columns: tuple[str, ...] | None
+) -> list[Attribute]:
+    """The filterable columns: ``columns`` as configured (each must be a scalar column of the
+    item table), or by default every scalar categorical / numeric item feature the table holds."""
+    if columns is None:
+        names = [
+            f.name
+            for f in spec.fields
+            if f.kind in ("categorical", "numeric") and f.name in table.column_names
+        ]
+        names = [n for n in names if column_type(table.schema.field(n).type) is not None]
+    else:
+        names = list(dict.fromkeys(columns))
+        for n in names:
+            if n not in table.column_names:
+                raise DataError(
+                    f"filter column {n!r} is not in the item table (columns: {table.column_names})"
+                )
+            if column_type(table.schema.field(n).type) is None:
+                raise DataError(
+                    f"filter column {n!r} has type {table.schema.field(n).type}; filterable "
+                    "columns are strings, numbers or booleans"
+                )
+    bad = [n for n in names if n in (ITEM_ID_COLUMN, spec.id_column) or not n.isidentifier()]
+    if bad:
+        raise DataError(f"filter columns must be identifiers other than the item id, got {bad}")
+    return [Attribute(name=n, type=column_type(table.schema.field(n).type)) for n in names]
+
+
+def _attribute_array(col: pa.ChunkedArray, kind: str) -> pa.ChunkedArray:
+    target = {"string": pa.string(), "number": pa.float64(), "bool": pa.bool_()}[kind]
+    return pc.cast(col, target)
+
+
+def _write_items(
+    path: Path,
+    table: pa.Table,
+    id_column: str,
+    display: list[str],
+    attributes: list[Attribute],
+) -> None:
     ids = pc.cast(table.column(id_column), pa.string())
     if ids.null_count:
         raise DataError(f"item table has {ids.null_count} rows without {id_column!r}")
@@ -182,7 +240,9 @@ def _write_items(path: Path, table: pa.Table, id_column: str, display: tuple[str
             f"item table has duplicate {id_column!r} values; each item must appear once"
         )
     data = {ITEM_ID_COLUMN: ids}
-    data.update({c: table.column(c) for c in display if c in table.column_names and c != id_column})
+    data.update({c: table.column(c) for c in display if c != id_column})
+    for a in attributes:  # typed as the filter language reads them
+        data[a.name] = _attribute_array(table.column(a.name), a.type)
     pq.write_table(pa.table(data), path)
 
 

@@ -5,17 +5,26 @@ from __future__ import annotations
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from csmf.errors import CsmfError
+
+if TYPE_CHECKING:
+    from csmf.bundle import Manifest
 
 
 class IndexKind(StrEnum):
     flat = "flat"
     hnsw = "hnsw"
     ivf = "ivf"
+    ivfpq = "ivfpq"
+
+
+class BackendKind(StrEnum):
+    faiss = "faiss"
+    milvus = "milvus"
 
 
 class CenterKind(StrEnum):
@@ -38,8 +47,40 @@ def build_index(
     ],
     index: Annotated[
         IndexKind,
-        typer.Option(help="flat = exact; hnsw / ivf = approximate, checked by the recall floor."),
+        typer.Option(
+            help="flat = exact; hnsw / ivf = approximate, checked by the recall floor; ivfpq = "
+            "compressed codes for catalogues past memory (FAISS only)."
+        ),
     ] = IndexKind.ivf,
+    backend: Annotated[
+        BackendKind,
+        typer.Option(help="faiss = index files in the bundle; milvus = a collection at --uri."),
+    ] = BackendKind.faiss,
+    uri: Annotated[
+        str | None,
+        typer.Option(help="Milvus URI: a Milvus Lite file (*.db) or http://host:19530."),
+    ] = None,
+    collection: Annotated[
+        str, typer.Option(help="Milvus alias, moved to the new versioned collection on publish.")
+    ] = "csmf_items",
+    pq_m: Annotated[
+        int | None, typer.Option(help="ivfpq: sub-quantizers = code bytes (default dim/4).")
+    ] = None,
+    pq_bits: Annotated[int | None, typer.Option(help="ivfpq: bits per code (default 8).")] = None,
+    opq: Annotated[bool, typer.Option("--opq", help="ivfpq: learn an OPQ rotation.")] = False,
+    rerank: Annotated[
+        int,
+        typer.Option(
+            help="ivfpq: re-rank rerank·k candidates with exact on-disk vectors (0 = off)."
+        ),
+    ] = 0,
+    filter_columns: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated item columns filterable at serving ('' = none; default: every "
+            "categorical/numeric item feature)."
+        ),
+    ] = None,
     hnsw_m: Annotated[int, typer.Option(help="HNSW graph degree M.")] = 32,
     ef_construction: Annotated[
         int, typer.Option(help="HNSW efConstruction (build quality).")
@@ -96,6 +137,16 @@ def build_index(
     try:
         cfg = BuildConfig(
             index=index.value,
+            backend=backend.value,
+            uri=uri,
+            collection=collection,
+            pq_m=pq_m,
+            pq_bits=pq_bits,
+            opq=opq,
+            rerank=rerank,
+            filter_columns=None
+            if filter_columns is None
+            else tuple(c.strip() for c in filter_columns.split(",") if c.strip()),
             hnsw_m=hnsw_m,
             ef_construction=ef_construction,
             ef_search=ef_search,
@@ -116,11 +167,11 @@ def build_index(
     except CsmfError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    rc = m["recall_check"]
+    rc = m.recall_check
     typer.echo(
-        f"bundle {path}: {m['item_count']} items, {m['user_count']} users, {m['index']['type']} "
-        f"{m['index']['search_params']}, recall@{rc['k']} min {rc['min_recall']:.4f} "
-        f"(floor {rc['floor']}), model {m['model_version']}, {m['build']['seconds']:.1f}s"
+        f"bundle {path}: {m.item_count} items, {m.user_count} users, {m.index.backend} "
+        f"{m.index.type} {m.index.search_params}, recall@{rc.k} min {rc.min_recall:.4f} "
+        f"(floor {rc.floor}), model {m.model_version}, {m.build['seconds']:.1f}s"
     )
 
 
@@ -143,31 +194,32 @@ def inspect(
     except CsmfError as exc:
         typer.echo(f"INVALID: {exc}", err=True)
         raise typer.Exit(2) from None
-    typer.echo(f"OK: {len(m['files'])} files verified" + ("" if quick else ", bundle loads"))
+    typer.echo(f"OK: {len(m.files)} files verified" + ("" if quick else ", bundle loads"))
 
 
-def summarize(m: dict) -> str:
-    idx, rc = m["index"], m.get("recall_check", {})
+def summarize(m: Manifest) -> str:
+    idx, rc = m.index, m.recall_check
+    where = f"{idx.uri} collection={idx.collection_version}" if idx.uri else "in bundle"
     lines = [
-        f"format          {m['format']}",
-        f"model_version   {m['model_version']}",
-        f"created_at      {m.get('created_at', '?')}",
-        f"objectives      {m['objectives']}",
-        f"slice_sizes     {m['slice_sizes']} (dim {m['dim']})",
-        f"items           {m['item_count']}",
-        f"users           {m.get('user_count', '?')}",
-        f"index           {idx['type']} build={idx.get('build_params')} "
-        f"search={idx.get('search_params')} bytes={idx.get('bytes')} "
-        f"centred={idx.get('item_offset') is not None}",
+        f"format          {m.format}",
+        f"model_version   {m.model_version}",
+        f"created_at      {m.created_at or '?'}",
+        f"objectives      {list(m.objectives)}",
+        f"slice_sizes     {list(m.slice_sizes)} (dim {m.dim})",
+        f"items           {m.item_count}",
+        f"users           {m.user_count}",
+        f"index           {idx.backend} {idx.type} build={idx.build_params} "
+        f"search={idx.search_params} bytes={idx.bytes} centred={idx.item_offset is not None} "
+        f"({where})",
+        f"filterable      {[f'{a.name}:{a.type}' for a in m.attributes]}",
     ]
     if rc:
         lines.append(
-            f"recall@{rc['k']}       min {rc['min_recall']:.4f} (floor {rc['floor']}, "
-            f"{rc['queries']} queries)"
+            f"recall@{rc.k}       min {rc.min_recall:.4f} (floor {rc.floor}, {rc.queries} queries)"
         )
-        lines += [f"  weights {r['weights']}: {r['recall']:.4f}" for r in rc["by_weights"]]
-    for name, f in m["files"].items():
-        lines.append(f"file            {name} {f['bytes']} B sha256 {f['sha256'][:16]}…")
+        lines += [f"  weights {r.weights}: {r.recall:.4f}" for r in rc.by_weights]
+    for name, f in m.files.items():
+        lines.append(f"file            {name} {f.bytes} B sha256 {f.sha256[:16]}…")
     return "\n".join(lines)
 
 

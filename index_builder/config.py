@@ -5,13 +5,55 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from csmf.bundle import INDEX_TYPES
 from csmf.errors import ConfigError
+from csmf.index.faiss import FAISS_TYPES, FaissSpec
+
+BACKENDS = ("faiss", "milvus")
+MILVUS_TYPES = ("flat", "ivf", "hnsw")  # → Milvus FLAT, IVF_FLAT, HNSW
 
 
 @dataclass(frozen=True)
 class BuildConfig:
-    index: str = field(default="ivf", metadata={"help": "flat (exact), hnsw or ivf"})
+    index: str = field(
+        default="ivf",
+        metadata={"help": "flat (exact), hnsw, ivf or ivfpq (FAISS only: compressed codes)"},
+    )
+    backend: str = field(
+        default="faiss", metadata={"help": "faiss (index in the bundle) or milvus (by uri)"}
+    )
+    uri: str | None = field(
+        default=None,
+        metadata={"help": "milvus: a Milvus Lite file (*.db) or http://host:19530 (Standalone)"},
+    )
+    collection: str = field(
+        default="csmf_items",
+        metadata={"help": "milvus: alias moved to each new bundle's versioned collection"},
+    )
+    pq_m: int | None = field(
+        default=None, metadata={"help": "ivfpq: sub-quantizers (code bytes); None = dim / 4"}
+    )
+    pq_bits: int | None = field(
+        default=None, metadata={"help": "ivfpq: bits per code; None = 8 (fewer for tiny data)"}
+    )
+    opq: bool = field(default=False, metadata={"help": "ivfpq: learn an OPQ rotation first"})
+    rerank: int = field(
+        default=0,
+        metadata={"help": "ivfpq: re-rank rerank·k PQ candidates with exact vectors; 0 = off"},
+    )
+    exact_below: float = field(
+        default=0.01,
+        metadata={
+            "help": "a filter allowing less than this share of items searches exactly over the "
+            "allowed rows (approximate types; see bench/results/index-backends.md)"
+        },
+    )
+    filter_columns: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "item columns filterable at serving; None = every scalar item feature column "
+            "(categorical / numeric) the item table holds"
+        },
+    )
     hnsw_m: int = field(default=32, metadata={"help": "HNSW graph degree M"})
     ef_construction: int = field(default=200, metadata={"help": "HNSW efConstruction"})
     ef_search: int = field(default=128, metadata={"help": "HNSW efSearch used at serving"})
@@ -53,8 +95,21 @@ class BuildConfig:
     seed: int = field(default=0, metadata={"help": "seed for k-means and query sampling"})
 
     def __post_init__(self) -> None:
-        if self.index not in INDEX_TYPES:
-            raise ConfigError(f"index must be one of {INDEX_TYPES}, got {self.index!r}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        types = FAISS_TYPES if self.backend == "faiss" else MILVUS_TYPES
+        if self.index not in types:
+            raise ConfigError(
+                f"index must be one of {types} for backend {self.backend}, got {self.index!r}"
+            )
+        if self.backend == "milvus" and not self.uri:
+            raise ConfigError("backend milvus needs a uri (a Milvus Lite *.db file or http://...)")
+        if self.backend == "faiss" and self.uri:
+            raise ConfigError(f"uri is for backend milvus, got uri {self.uri!r} with faiss")
+        if self.filter_columns is not None:
+            object.__setattr__(self, "filter_columns", tuple(self.filter_columns))
+        if self.backend == "faiss":
+            self.faiss_spec()  # validates the FAISS-specific options
         positive = {
             "hnsw_m": self.hnsw_m,
             "ef_construction": self.ef_construction,
@@ -84,6 +139,25 @@ class BuildConfig:
     @property
     def centered(self) -> bool:
         return self.center == "on" or (self.center == "auto" and self.index == "hnsw")
+
+    def faiss_spec(self) -> FaissSpec:
+        """The FAISS build parameters (validates the IVF-PQ options)."""
+        return FaissSpec(
+            kind=self.index,
+            hnsw_m=self.hnsw_m,
+            ef_construction=self.ef_construction,
+            ef_search=self.ef_search,
+            nlist=self.nlist,
+            nprobe=self.nprobe,
+            train_per_list=self.ivf_train_per_list,
+            pq_m=self.pq_m,
+            pq_bits=self.pq_bits,
+            opq=self.opq,
+            rerank=self.rerank,
+            exact_below=self.exact_below,
+            centered=self.centered,
+            seed=self.seed,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,8 +13,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from csmf.bundle import apply_search_params
 from csmf.errors import CsmfError
+from csmf.index import VectorIndex
 from csmf.weights import DEFAULT_WEIGHTS, slice_scale
 
 
@@ -62,7 +62,7 @@ def recall_with_ties(
 
 
 def weighted_recall(
-    index: faiss.Index,
+    index: VectorIndex,
     vectors: np.ndarray,
     users: np.ndarray,
     slice_sizes: Sequence[int],
@@ -93,9 +93,7 @@ def weighted_recall(
 
 
 def check_recall(
-    index: faiss.Index,
-    kind: str,
-    search_params: dict[str, Any],
+    index: VectorIndex,
     vectors: np.ndarray,
     users: np.ndarray,
     slice_sizes: Sequence[int],
@@ -111,8 +109,10 @@ def check_recall(
     if report["passed"]:
         return report
     worst = min(report["by_weights"], key=lambda r: r["recall"])
-    hint = _suggest(index, kind, search_params, vectors, users, slice_sizes, k, floor, grid)
-    apply_search_params(index, kind, search_params)  # undo the probing
+    search_params = index.search_params
+    hint = _suggest(index, vectors, users, slice_sizes, k, floor, grid)
+    index.set_search_params(search_params)  # undo the probing
+    kind = index.capabilities.kind
     raise RecallFloorError(
         f"ANN recall@{report['k']} on weighted queries is {worst['recall']:.4f} for weights "
         f"{worst['weights']}, below the floor {floor} ({kind} {search_params}); {hint}. "
@@ -122,13 +122,10 @@ def check_recall(
 
 TUNE_LADDER = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256, 384, 512,
                768, 1024, 1536, 2048, 3072, 4096)  # fmt: skip
-KNOBS = {"ivf": "nprobe", "hnsw": "ef_search"}
 
 
 def tune_search_params(
-    index: faiss.Index,
-    kind: str,
-    params: dict[str, Any],
+    index: VectorIndex,
     vectors: np.ndarray,
     users: np.ndarray,
     slice_sizes: Sequence[int],
@@ -143,20 +140,19 @@ def tune_search_params(
     top-k is computed once). Returns (params to serve with, the evaluations made). The index is
     left set to the returned params.
     """
-    knob = KNOBS.get(kind)
-    if knob is None:
-        return dict(params), []
-    cap = int(params[knob])
-    if kind == "ivf":
-        cap = min(cap, faiss.extract_index_ivf(index).nlist)
+    params = index.search_params
+    if index.knob() is None:
+        return params, []
+    knob, limit = index.knob()
+    cap = min(int(params[knob]), limit)
     ladder = [v for v in TUNE_LADDER if v < cap] + [cap]
-    if kind == "hnsw":
+    if knob == "ef_search":
         ladder = [v for v in ladder if v >= k] or [cap]  # efSearch below k returns < k results
     exact: dict = {}
     trace: list[dict[str, Any]] = []
 
     def passes(v: int) -> bool:
-        apply_search_params(index, kind, {knob: v})
+        index.set_search_params({**params, knob: v})
         r = weighted_recall(index, vectors, users, slice_sizes, k, grid, exact)["min_recall"]
         trace.append({knob: v, "min_recall": r})
         return r >= target
@@ -169,14 +165,12 @@ def tune_search_params(
         else:
             lo = mid + 1
     chosen = {**params, knob: ladder[hi]}
-    apply_search_params(index, kind, chosen)
+    index.set_search_params(chosen)
     return chosen, trace
 
 
 def _suggest(
-    index: faiss.Index,
-    kind: str,
-    params: dict[str, Any],
+    index: VectorIndex,
     vectors: np.ndarray,
     users: np.ndarray,
     slice_sizes: Sequence[int],
@@ -185,16 +179,17 @@ def _suggest(
     grid: Sequence[Sequence[float]],
 ) -> str:
     """Try larger search-time parameters on the built index and name the first that passes."""
-    knob = KNOBS.get(kind)
-    if knob is None:
+    if index.knob() is None:
         return "an exact flat index cannot miss: check the vectors for NaN"
+    knob, cap = index.knob()
+    params = index.search_params
+    kind = index.capabilities.kind
     flag = "--" + knob.replace("_", "-")
-    cap = faiss.extract_index_ivf(index).nlist if kind == "ivf" else TUNE_LADDER[-1]
     value = int(params[knob])
     tried, exact = [], {}  # exact top-k per weighting, computed once
     while value < cap:
         value = min(value * 2, cap)
-        apply_search_params(index, kind, {knob: value})
+        index.set_search_params({**params, knob: value})
         r = weighted_recall(index, vectors, users, slice_sizes, k, grid, exact)["min_recall"]
         tried.append(f"{value}: {r:.4f}")
         if r >= floor:
@@ -206,6 +201,8 @@ def _suggest(
     more = (
         "--hnsw-m / --ef-construction"
         if kind == "hnsw"
+        else "--rerank (exact re-rank of PQ candidates) or --pq-m"
+        if kind == "ivfpq"
         else "--nlist (fewer, larger lists); with item norms that vary, --index hnsw does better"
     )
     return (

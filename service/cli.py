@@ -59,8 +59,8 @@ def serve(
         typer.echo(f"error: invalid CSMF_* setting: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(
-        f"serving {bundle} (model {manifest['model_version']}, {manifest['item_count']} items, "
-        f"{manifest['index']['type']} index) on http://{host}:{port} with {workers} worker(s); "
+        f"serving {bundle} (model {manifest.model_version}, {manifest.item_count} items, "
+        f"{manifest.index.backend} {manifest.index.type} index) on http://{host}:{port} with {workers} worker(s); "
         f"scenarios: {'redis' if settings.redis_url else settings.scenarios_file}; "
         f"admin: {'on' if settings.admin_token else 'off (set CSMF_ADMIN_TOKEN)'}"
     )

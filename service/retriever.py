@@ -2,8 +2,10 @@
 
 One forward pass of the numpy user tower gives ``e`` (D,); the query is ``c ⊙ e`` with
 ``c = slice_scale(weights)``, and one inner-product search over the unscaled item vectors returns
-items ranked by ``sum_t k_t s_t``. Exclusions are FAISS search-time ID selectors (exact: an
-excluded item is never scored, nothing is over-fetched and filtered). The batch path shares one
+items ranked by ``sum_t k_t s_t``. The search goes through the bundle's ``VectorIndex``
+(csmf.index: FAISS or Milvus); exclusions travel as a ``Where`` and are applied inside the search
+(FAISS ID selectors, Milvus expressions: exact, an excluded item is never scored, nothing is
+over-fetched and filtered). The batch path shares one
 selector for the request's ``exclude`` list; ``exclude_seen`` differs per user there, so it
 fetches ``k + |seen|`` — the most results seen items can displace — and drops them, which returns
 exactly what a per-user selector would.
@@ -19,10 +21,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import faiss
 import numpy as np
 
 from csmf.bundle import Bundle
+from csmf.index import Where
 from csmf.user_encoder import CodedHistory
 from csmf.weights import cumulative_slice_scores, parse_weights, slice_scale
 from service.feature_store import UserData
@@ -33,7 +35,7 @@ SCALE_CACHE = 4096  # distinct weight vectors whose (D,) scale is kept
 
 @dataclass(slots=True)
 class Hits:
-    """One user's results: FAISS rows, fused scores, per-objective scores (explain)."""
+    """One user's results: index rows, fused scores, per-objective scores (explain)."""
 
     rows: list[int]
     scores: list[float]
@@ -55,7 +57,7 @@ class Retriever:
         self.model_version = bundle.model_version
         self.encoder = bundle.encoder
         self.users = bundle.users
-        self.n_items = int(bundle.index.ntotal)
+        self.n_items = len(bundle.index)
         self.item_ids = bundle.item_ids
         self.item_rows = bundle.item_rows  # built now, not on the first request that excludes
         self.item_json = ItemJson(bundle.item_ids.tolist(), bundle.item_meta)
@@ -68,7 +70,6 @@ class Retriever:
         self._scales: dict[tuple[float, ...], np.ndarray] = {}
         # (scenario, version, updated_at) → (weights, scale), filled by the app state
         self.scenario_cache: dict[tuple, tuple[tuple[float, ...], np.ndarray]] = {}
-        _enable_reconstruct(bundle)
 
     # -- weights ----------------------------------------------------------------------------------
 
@@ -108,11 +109,11 @@ class Retriever:
         get = self.item_rows.get
         return [r for r in map(get, ids) if r is not None]
 
-    def _selector(self, rows: list[int]) -> faiss.IDSelector | None:
-        if not rows:
+    @staticmethod
+    def _where(excluded: list[int]) -> Where | None:
+        if not excluded:
             return None
-        # IDSelectorNot keeps a reference to the batch selector (faiss' Python wrapper).
-        return faiss.IDSelectorNot(faiss.IDSelectorBatch(np.asarray(rows, dtype=np.int64)))
+        return Where(exclude=np.asarray(excluded, dtype=np.int64))
 
     # -- one user ---------------------------------------------------------------------------------
 
@@ -134,7 +135,7 @@ class Retriever:
         excluded = self.rows_of(exclude) if exclude else []
         if exclude_seen and hist:
             excluded += self.rows_of(hist)
-        scores, rows = self.bundle.search(e * scale, k, self._selector(excluded))
+        scores, rows = self.bundle.search(e * scale, k, self._where(excluded))
         t3 = time.perf_counter()
         obs = self._observe
         obs("features", t1 - t0)
@@ -187,9 +188,9 @@ class Retriever:
         if exclude_seen:
             seen = [set(self.rows_of(hist)) for _, hist, _ in resolved]
             extra = max(map(len, seen), default=0)
-        sel = self._selector(self.rows_of(exclude)) if exclude else None
+        where = self._where(self.rows_of(exclude)) if exclude else None
         fetch = min(k + extra, self.n_items)
-        scores, rows = self.bundle.search(e * scale, fetch, sel)  # (n, fetch)
+        scores, rows = self.bundle.search(e * scale, fetch, where)  # (n, fetch)
         t3 = time.perf_counter()
         self._observe("features", t1 - t0)
         self._observe("encode", t2 - t1)
@@ -221,18 +222,11 @@ class Retriever:
             "objectives": list(b.objectives),
             "slice_sizes": list(b.slice_sizes),
             "index_type": b.index_type,
-            "search_params": dict(b.search_config),
+            "search_params": b.index.search_params,
+            "index": {**b.index.capabilities.as_dict(), **b.index.stats()},
             "items": self.n_items,
             "users": len(b.users),
             "response_json_bytes": self.item_json.bytes,
-            "manifest": {k: v for k, v in b.manifest.items() if k != "files"},
+            "manifest": b.manifest.summary(),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),
         }
-
-
-def _enable_reconstruct(bundle: Bundle) -> None:
-    """IVF indexes need a direct map to return stored vectors (explain); 8 bytes per item."""
-    if bundle.index_type == "ivf":
-        ivf = faiss.extract_index_ivf(bundle.index)
-        if ivf.direct_map.type == faiss.DirectMap.NoMap:
-            ivf.make_direct_map()

@@ -118,6 +118,9 @@ class BundleInfo(BaseModel):
     slice_sizes: list[int]
     index_type: str
     search_params: dict[str, object]
+    index: dict[str, object] = Field(
+        description="backend, kind, exact, filters, in_bundle, items, bytes, bytes_per_item"
+    )
     items: int
     users: int
     response_json_bytes: int = Field(

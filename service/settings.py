@@ -17,6 +17,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CSMF_", extra="ignore", frozen=True)
 
     bundle: Path = Field(description="bundle folder to serve (written by `csmf build-index`)")
+    index_uri: str | None = Field(
+        None,
+        description="vector engine URI for a Milvus-backed bundle (e.g. http://milvus:19530); "
+        "unset = the URI the bundle was built with. FAISS bundles ignore it",
+    )
     verify_bundle: bool = Field(
         True, description="check every bundle file's SHA-256 at startup and on reload"
     )

@@ -63,7 +63,7 @@ class AppState:
         else:
             self.features = BundleFeatureStore()
             m.store_up.labels("features").set(1)
-        self.retriever = self._build(load_bundle(path, verify=s.verify_bundle))
+        self.retriever = self._build(self._load(path, s.verify_bundle))
         objectives = self.retriever.objectives
         hooks = {
             "on_state": lambda up: m.store_up.labels("weights").set(int(up)),
@@ -154,6 +154,9 @@ class AppState:
 
     # -- reload -----------------------------------------------------------------------------------
 
+    def _load(self, path: str | Path, verify: bool) -> Bundle:
+        return load_bundle(path, verify=verify, index_uri=self.settings.index_uri)
+
     def _build(self, bundle: Bundle) -> Retriever:
         """A Retriever for ``bundle`` after a smoke search: finite scores, valid rows."""
         r = Retriever(bundle, self.features.lookup, self._observe)
@@ -174,7 +177,7 @@ class AppState:
         try:
             target = Path(path) if path else self.settings.bundle
             try:
-                new = self._build(load_bundle(target, verify=True))
+                new = self._build(self._load(target, True))
             except Exception as exc:
                 self.metrics.reloads_total.labels("failure").inc()
                 log.error(
@@ -219,7 +222,7 @@ class AppState:
             cur = self.retriever
             if (doc["path"], doc["model_version"]) != (str(cur.bundle.path), cur.model_version):
                 with self._reload_lock:
-                    new = self._build(load_bundle(doc["path"], verify=self.settings.verify_bundle))
+                    new = self._build(self._load(doc["path"], self.settings.verify_bundle))
                     self.retriever = new
                 self.metrics.reloads_total.labels("success").inc()
                 log.info("followed reload announced by another worker: %s", new.model_version)

@@ -23,6 +23,7 @@ from csmf.bundle import (
 from csmf.checkpoint import load_checkpoint
 from csmf.errors import BundleError, WeightsError
 from csmf.features import encode_rows
+from csmf.index import Where
 from csmf.user_encoder import CodedHistory, HistoryTable, UserEncoder
 from csmf.weights import slice_scale
 
@@ -39,13 +40,13 @@ def bundle_copy(flat_bundle, tmp_path) -> Path:
 def test_round_trip(flat_bundle, tiny_dataset):
     b = load_bundle(flat_bundle)
     m = read_manifest(flat_bundle)
-    assert b.manifest == m and m["format"] == BUNDLE_FORMAT
+    assert b.manifest == m and m.format == BUNDLE_FORMAT
     assert b.objectives == ("exposure", "click", "conversion")
-    assert sum(b.slice_sizes) == b.dim == b.encoder.dim == b.index.d == 12
+    assert sum(b.slice_sizes) == b.dim == b.encoder.dim == b.index.dim == 12
     items = pq.read_table(tiny_dataset / "items.parquet")
     assert b.item_ids.tolist() == items.column("item_id").to_pylist()
     assert b.item_meta["title"] == items.column("title").to_pylist()
-    assert b.index.ntotal == len(b.item_ids) == m["item_count"]
+    assert len(b.index) == len(b.item_ids) == m.item_count
     assert b.item_rows["i7"] == 7
     users = pq.read_table(tiny_dataset / "users.parquet").to_pylist()
     assert len(b.users) == len(users)
@@ -104,7 +105,7 @@ def test_bundle_scores_equal_torch_weighted_sum(flat_bundle, tiny_run, weights):
     user_ids = b.users.ids[:20]
     rows, hists = zip(*(b.users.get(u) for u in user_ids), strict=True)
     e = b.encoder.encode(list(rows), list(hists))  # (U, D) permuted
-    vectors = b.item_vectors(np.arange(b.index.ntotal))  # (N, D) permuted
+    vectors = b.item_vectors(np.arange(len(b.index)))  # (N, D) permuted
     ours = (e * b.scale(weights)).astype(np.float64) @ vectors.T.astype(np.float64)
     ref = _torch_scores(tiny_run, b, user_ids, weights)
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
@@ -120,7 +121,7 @@ def test_user_encoder_matches_torch_tower_and_round_trips(flat_bundle, tiny_run,
     b = load_bundle(flat_bundle)
     ckpt = load_checkpoint(tiny_run)
     model = ckpt.build_model()
-    perm = np.asarray(b.manifest["output_permutation"])
+    perm = np.asarray(b.manifest.output_permutation)
     rows = [b.users.get(u)[0] for u in b.users.ids[:10]] + [{}, {"user_id": "u1"}]
     hists = [b.users.get(u)[1] for u in b.users.ids[:10]] + [[], ["i1", "unknown-item"]]
     inputs = b.encoder.encode_inputs(rows, hists)
@@ -135,12 +136,11 @@ def test_user_encoder_matches_torch_tower_and_round_trips(flat_bundle, tiny_run,
     np.testing.assert_array_equal(again.encode(rows, hists), ours)
 
 
-def test_search_with_selector_keeps_manifest_params(flat_bundle):
+def test_search_with_exclusions(flat_bundle):
     b = load_bundle(flat_bundle)
     q = b.encoder.cold_start()[None] * b.scale([1, 1.8, 1.2])
     _, top = b.search(q, 5)
-    sel = faiss.IDSelectorNot(faiss.IDSelectorBatch(top[0]))
-    _, rows = b.search(q, 5, sel=sel)
+    _, rows = b.search(q, 5, Where(exclude=top[0]))
     assert not set(rows[0]) & set(top[0])
 
 
@@ -173,8 +173,41 @@ def _edit_manifest(folder: Path, **changes) -> None:
 
 def test_wrong_format_version_is_refused(bundle_copy):
     _edit_manifest(bundle_copy, format=BUNDLE_FORMAT + 1)
-    with pytest.raises(BundleError, match=r"unsupported bundle format 2 .* reads format 1"):
+    with pytest.raises(BundleError, match=r"unsupported bundle format 3 .* reads formats 1 and 2"):
         load_bundle(bundle_copy)
+    _edit_manifest(bundle_copy, format="2")
+    with pytest.raises(BundleError, match=r"unsupported bundle format '2'"):
+        load_bundle(bundle_copy)
+
+
+def test_format_1_bundle_is_upgraded_on_read(bundle_copy):
+    """A bundle written before the typed manifest (format 1: no index.backend / index.files,
+    no attributes) still loads and searches like its format-2 twin."""
+    m = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    for key in ("backend", "files", "exact_below", "items"):
+        m["index"].pop(key, None)
+    m.pop("attributes")
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps({**m, "format": 1}))
+    b = load_bundle(bundle_copy)
+    assert b.manifest.format == BUNDLE_FORMAT and b.manifest.index.backend == "faiss"
+    assert b.manifest.index.files == [INDEX_FILE] and b.manifest.attributes == []
+    q = b.encoder.cold_start()[None]
+    np.testing.assert_array_equal(b.search(q, 5)[1], load_bundle(bundle_copy).search(q, 5)[1])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"item_count": "many"}, r"item_count: .*integer.*\(got 'many'\)"),
+        ({"objectives": None}, r"objectives: .*\(got None\)"),
+        ({"index": {"type": "flat", "backend": "annoy"}}, r"index\.backend: .*'faiss' or 'milvus'"),
+        ({"surprise": 1}, r"surprise: Extra inputs are not permitted"),
+    ],
+)
+def test_manifest_fields_are_typed(bundle_copy, changes, message):
+    _edit_manifest(bundle_copy, **changes)
+    with pytest.raises(BundleError, match=r"invalid manifest .*manifest\.json: " + message):
+        read_manifest(bundle_copy)
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from csmf.bundle import BUNDLE_FILES, MANIFEST_NAME, load_bundle, sha256_file
+from csmf.bundle import BUNDLE_FILES, INDEX_FILE, MANIFEST_NAME, load_bundle, sha256_file
 from csmf.weights import dim_scale, slice_scale
 from index_builder.build import build_bundle
 from index_builder.cli import app
@@ -38,26 +38,27 @@ def test_build_each_index_type(tiny_run, tmp_path, kind, extra):
         tiny_run, tmp_path / kind, BuildConfig(index=kind, **extra), progress=False
     )
     b = load_bundle(out)
-    assert b.index_type == kind and m["index"]["type"] == kind
-    rc = m["recall_check"]
-    assert rc["passed"] and rc["k"] == 50 and rc["queries"] == 60
-    assert [r["weights"] for r in rc["by_weights"]] == [
+    assert b.index_type == kind and m.index.type == kind and m.index.backend == "faiss"
+    rc = m.recall_check
+    assert rc.passed and rc.k == 50 and rc.queries == 60
+    assert rc.bytes_per_item == m.index.bytes_per_item > 12 * 4  # float32 vectors + structure
+    assert [r.weights for r in rc.by_weights] == [
         [1.0, 1.8, 1.2],
         [1.0, 0.0, 0.0],
         [0.0, 1.0, 0.0],
         [0.0, 0.0, 1.0],
         [1.0, 1.0, 1.0],
     ]
-    assert rc["min_recall"] == min(r["recall"] for r in rc["by_weights"]) >= rc["floor"]
+    assert rc.min_recall == min(r.recall for r in rc.by_weights) >= rc.floor
     if kind == "ivf":
-        assert m["index"]["search_params"] == {"nprobe": 32}
-        assert m["index"]["build_params"]["nlist"] == 38  # min(4·sqrt(1500), 1500 // 39)
-        assert b.index.nprobe == 32
-        assert not b.centered
+        assert m.index.search_params == {"nprobe": 32} == b.index.search_params
+        assert m.index.build_params["nlist"] == 38  # min(4·sqrt(1500), 1500 // 39)
+        assert b.index.index.nprobe == 32
+        assert b.index.offset is None
     else:
-        assert m["index"]["search_params"] == {"ef_search": 128}
-        assert b.index.hnsw.efSearch == 128
-        assert b.centered  # auto-centred for HNSW; scores must still be exact
+        assert m.index.search_params == {"ef_search": 128}
+        assert b.index.index.hnsw.efSearch == 128
+        assert b.index.offset is not None  # auto-centred for HNSW; scores must still be exact
     q = b.encoder.cold_start()[None] * b.scale([1, 1.8, 1.2])
     scores, rows = b.search(q, 5)
     exact = q @ b.item_vectors(rows[0]).T
@@ -66,7 +67,7 @@ def test_build_each_index_type(tiny_run, tmp_path, kind, extra):
 
 def test_manifest_lists_every_file_with_checksums(flat_bundle):
     m = json.loads((flat_bundle / MANIFEST_NAME).read_text())
-    assert sorted(m["files"]) == sorted(BUNDLE_FILES)
+    assert sorted(m["files"]) == sorted((*BUNDLE_FILES, INDEX_FILE))
     for name, rec in m["files"].items():
         assert rec["sha256"] == sha256_file(flat_bundle / name)
         assert rec["bytes"] == (flat_bundle / name).stat().st_size
@@ -89,7 +90,7 @@ def test_manifest_lists_every_file_with_checksums(flat_bundle):
 
 def test_model_version_is_a_content_hash(tiny_run, flat_bundle, tmp_path):
     _, m = build_bundle(tiny_run, tmp_path / "again", BuildConfig(index="ivf"), progress=False)
-    assert m["model_version"] == load_bundle(flat_bundle).model_version
+    assert m.model_version == load_bundle(flat_bundle).model_version
 
 
 def test_items_file_option(tiny_run, tiny_dataset, tmp_path):
@@ -105,7 +106,7 @@ def test_items_file_option(tiny_run, tiny_dataset, tmp_path):
         items=tmp_path / "items.csv",
         progress=False,
     )
-    assert m["item_count"] == 300
+    assert m.item_count == 300
     assert load_bundle(out).item_meta["title"][:2] == ["Item number 0", "Item number 1"]
 
 
@@ -134,7 +135,7 @@ def test_cli_build_and_inspect(tiny_run, tmp_path):
         ["build-index", "--run", str(tiny_run), "--out", str(out), "--index", "flat", "--quiet"],
     )
     assert r.exit_code == 0, r.output
-    assert f"bundle {out}: 1500 items, 60 users, flat" in r.output
+    assert f"bundle {out}: 1500 items, 60 users, faiss flat" in r.output
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
     assert "model_version" in r.output and "OK: 4 files verified, bundle loads" in r.output
@@ -170,11 +171,11 @@ def test_python_m_entry_point(flat_bundle, tmp_path):
 def test_build_with_tune_lowers_nprobe_and_records_the_search(tiny_run, tmp_path):
     cfg = BuildConfig(index="ivf", nprobe=32, tune=True, recall_floor=0.9, tune_margin=0.02)
     out, m = build_bundle(tiny_run, tmp_path / "tuned", cfg, progress=False)
-    tuning = m["index"]["tuning"]
-    nprobe = m["index"]["search_params"]["nprobe"]
-    assert nprobe < 32 and load_bundle(out).index.nprobe == nprobe
+    tuning = m.index.tuning
+    nprobe = m.index.search_params["nprobe"]
+    assert nprobe < 32 and load_bundle(out).index.search_params["nprobe"] == nprobe
     assert tuning["target"] == 0.92 and tuning["trace"]
     assert not tuning["disjoint_from_check"]  # 60 users: too few for a separate tuning sample
     passed = [t["nprobe"] for t in tuning["trace"] if t["min_recall"] >= 0.92]
     assert nprobe == min(passed)
-    assert m["recall_check"]["passed"] and m["build"]["config"]["tune"] is True
+    assert m.recall_check.passed and m.build["config"]["tune"] is True

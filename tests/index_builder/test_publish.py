@@ -37,11 +37,13 @@ def test_replacing_a_bundle_swaps_it_whole(tiny_run, published):
     out, old = published
     _, new = build_bundle(tiny_run, out, BuildConfig(index="ivf"), progress=False)
     assert load_bundle(out).index_type == "ivf"
-    assert new["created_at"] >= old["created_at"]
+    assert new.created_at >= old.created_at
     assert _leftovers(out) == []
 
 
-@pytest.mark.parametrize("step", ["encode_items", "build_faiss_index", "write_manifest", "publish"])
+@pytest.mark.parametrize(
+    "step", ["encode_items", "build_vector_index", "write_manifest", "publish"]
+)
 def test_exception_midway_leaves_old_bundle(tiny_run, published, monkeypatch, step):
     out, old = published
 
@@ -75,7 +77,7 @@ KILLER = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("step", ["encode_items", "build_faiss_index", "publish"])
+@pytest.mark.parametrize("step", ["encode_items", "build_vector_index", "publish"])
 def test_sigkill_midway_leaves_nothing_loadable(tiny_run, published, step):
     out, old = published
     proc = subprocess.run(
@@ -131,5 +133,5 @@ def test_manifest_is_written_last(tiny_run, tmp_path, monkeypatch):
     monkeypatch.setattr(build_mod, "write_manifest", spy)
     out, m = build_bundle(tiny_run, tmp_path / "b", BuildConfig(index="flat"), progress=False)
     assert MANIFEST_NAME not in seen["files"]
-    assert sorted(m["files"]) == seen["files"]
-    assert json.loads((out / MANIFEST_NAME).read_text()) == m
+    assert sorted(m.files) == seen["files"]
+    assert json.loads((out / MANIFEST_NAME).read_text()) == m.model_dump(mode="json")

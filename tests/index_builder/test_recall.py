@@ -6,9 +6,9 @@ import faiss
 import numpy as np
 import pytest
 
+from csmf.index.faiss import FaissIndex, FaissSpec, default_nlist
 from index_builder.build import build_bundle
 from index_builder.config import BuildConfig
-from index_builder.faiss_index import build_faiss_index, default_nlist
 from index_builder.recall import (
     TUNE_LADDER,
     RecallFloorError,
@@ -58,20 +58,17 @@ def _clustered(n=4000, d=16, clusters=64, seed=0):
 def test_bad_ivf_params_fail_with_a_measured_suggestion():
     x, users = _clustered()
     cfg = BuildConfig(index="ivf", nlist=64, nprobe=1)
-    index, info = build_faiss_index(x, cfg, progress=False)
+    index = FaissIndex.build(x, cfg.faiss_spec(), progress=False)
     with pytest.raises(
         RecallFloorError, match=r"below the floor 0\.95 .*--nprobe (\d+) reaches"
     ) as e:
-        check_recall(
-            index, "ivf", info["search_params"], x, users, (6, 5, 5), 50, 0.95, weight_grid(3)
-        )
+        check_recall(index, x, users, (6, 5, 5), 50, 0.95, weight_grid(3))
     assert "No bundle was published" in str(e.value)
-    assert faiss.extract_index_ivf(index).nprobe == 1  # probing restored the configured value
+    assert faiss.extract_index_ivf(index.index).nprobe == 1  # probing restored the configured value
+    assert index.search_params == {"nprobe": 1}
     good = BuildConfig(index="ivf", nlist=64, nprobe=32)
-    index, info = build_faiss_index(x, good, progress=False)
-    report = check_recall(
-        index, "ivf", info["search_params"], x, users, (6, 5, 5), 50, 0.95, weight_grid(3)
-    )
+    index = FaissIndex.build(x, good.faiss_spec(), progress=False)
+    report = check_recall(index, x, users, (6, 5, 5), 50, 0.95, weight_grid(3))
     assert report["passed"] and report["min_recall"] >= 0.95
 
 
@@ -94,19 +91,15 @@ def test_tuning_picks_the_smallest_ladder_nprobe_that_reaches_the_target(target)
 
     x = _blobs(6000, 12, 0)
     users = _blobs(200, 12, 1)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(12), 12, 64, faiss.METRIC_INNER_PRODUCT)
-    index.train(x)
-    index.add(x)
+    index = FaissIndex.build(x, FaissSpec("ivf", nlist=64, nprobe=64), progress=False)
     sizes, grid = [4, 4, 4], weight_grid(3)
-    params, trace = tune_search_params(
-        index, "ivf", {"nprobe": 64}, x, users, sizes, 20, target, grid
-    )
+    params, trace = tune_search_params(index, x, users, sizes, 20, target, grid)
     chosen = params["nprobe"]
-    assert index.nprobe == chosen <= 64
+    assert index.index.nprobe == chosen <= 64 and index.search_params == params
     assert len(trace) <= 6  # bisection, not a scan of the ladder
 
     def recall_at(v: int) -> float:
-        index.nprobe = v
+        index.set_search_params({"nprobe": v})
         return weighted_recall(index, x, users, sizes, 20, grid)["min_recall"]
 
     assert recall_at(chosen) >= target
@@ -120,11 +113,9 @@ def test_tuning_never_raises_the_configured_value_and_leaves_flat_alone():
 
     x = _blobs(3000, 8, 2)
     users = _blobs(50, 8, 3)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(8), 8, 32, faiss.METRIC_INNER_PRODUCT)
-    index.train(x)
-    index.add(x)
+    index = FaissIndex.build(x, FaissSpec("ivf", nlist=32, nprobe=4), progress=False)
     grid = weight_grid(2)
-    params, _ = tune_search_params(index, "ivf", {"nprobe": 4}, x, users, [4, 4], 20, 1.01, grid)
-    assert params == {"nprobe": 4} and index.nprobe == 4  # unreachable target: the cap
-    flat = faiss.IndexFlatIP(8)
-    assert tune_search_params(flat, "flat", {}, x, users, [4, 4], 20, 0.99, grid) == ({}, [])
+    params, _ = tune_search_params(index, x, users, [4, 4], 20, 1.01, grid)
+    assert params == {"nprobe": 4} and index.index.nprobe == 4  # unreachable target: the cap
+    flat = FaissIndex.build(x, FaissSpec("flat"), progress=False)
+    assert tune_search_params(flat, x, users, [4, 4], 20, 0.99, grid) == ({}, [])

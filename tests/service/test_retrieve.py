@@ -21,7 +21,7 @@ def _truth(bundle, user_id=None, history=None):
     if history is not None:
         hist = history
     e = bundle.encoder.encode([row], [hist])[0]
-    v = bundle.item_vectors(np.arange(bundle.index.ntotal))
+    v = bundle.item_vectors(np.arange(len(bundle.index)))
     bounds = bundle.slice_bounds()
     per_slice = np.stack([(v[:, a:b] * e[a:b]).sum(1) for a, b in bounds], axis=1)
     return e, v, np.cumsum(per_slice, axis=1)
@@ -36,13 +36,7 @@ def _expected(bundle, s_t, weights, k, excluded=()):
 
 @pytest.fixture(scope="module")
 def loaded(bundles):
-    return {kind: _with_direct_map(load_bundle(bundles[kind])) for kind in KINDS}
-
-
-def _with_direct_map(b):
-    if b.index_type == "ivf":
-        faiss.extract_index_ivf(b.index).make_direct_map()
-    return b
+    return {kind: load_bundle(bundles[kind]) for kind in KINDS}
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -103,7 +97,7 @@ def test_hnsw_exclusions_hold_with_an_unbounded_queue(bundles, make_client):
     """faiss #5504: with search_bounded_queue=False HNSW ignores ID selectors; the service always
     searches with a bounded queue when it passes a selector."""
     client = make_client(bundles["hnsw"])
-    index = client.app.state.csmf.retriever.bundle.index
+    index = client.app.state.csmf.retriever.bundle.index.index
     faiss.downcast_index(index).hnsw.search_bounded_queue = False
     first = client.post("/v1/retrieve", json={"user_id": "u1", "k": 10}).json()["items"]
     exclude = [it["item_id"] for it in first]

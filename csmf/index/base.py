@@ -1,0 +1,168 @@
+"""The one seam between CSMF and a vector engine (DESIGN §9).
+
+CSMF's objective weighting is a scale of the *query* (``q = c ⊙ e``), so any inner-product engine
+serves every weighting exactly with one search over the unscaled item vectors. A backend therefore
+needs only: build from (rows, vectors, attributes), search (b, D) queries for the top-k inner
+products among allowed rows, read stored vectors back (explain), report its size, and describe
+what it can do. Rows are the item's position in the bundle's item table (0..N-1); external ids
+stay in the bundle.
+
+Which rows a search may return is a :class:`Where`: an attribute filter (typed, see
+``csmf.index.filters``; engines that evaluate expressions translate it, the others read its
+bitmap over the item table) and a set of excluded rows. The bitmap and the row list are
+computed once per request by the caller, never by the backend.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:
+    from csmf.index.filters import Filter
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a backend is and can do, for the builder, the service and ``GET /admin/bundle``."""
+
+    backend: str  # "faiss" | "milvus"
+    kind: str  # the index type: flat, ivf, hnsw, ivfpq (FAISS); FLAT, IVF_FLAT, HNSW (Milvus)
+    exact: bool  # search returns the exact top-k inner products (no recall check needed)
+    filters: bool  # attribute filters and exclusions are applied inside the search
+    in_bundle: bool  # the index lives in the bundle folder (else it is reached by a URI)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "kind": self.kind,
+            "exact": self.exact,
+            "filters": self.filters,
+            "in_bundle": self.in_bundle,
+        }
+
+
+class RowSet:
+    """An allowed subset of the N rows: a (N,) bool mask, its popcount, and — computed once, on
+    first use — the packed little-endian bitmap (FAISS IDSelectorBitmap) and the row list."""
+
+    __slots__ = ("mask", "count", "_bits", "_rows")
+
+    def __init__(self, mask: np.ndarray) -> None:
+        self.mask = mask
+        self.count = int(np.count_nonzero(mask))
+        self._bits: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
+
+    @property
+    def bits(self) -> np.ndarray:
+        if self._bits is None:
+            self._bits = np.packbits(self.mask, bitorder="little")
+        return self._bits
+
+    @property
+    def rows(self) -> np.ndarray:
+        if self._rows is None:
+            self._rows = np.flatnonzero(self.mask).astype(np.int64)
+        return self._rows
+
+
+@dataclass(slots=True)
+class Where:
+    """The rows one search may return: allowed by ``filter`` and not in ``exclude``.
+
+    ``allowed`` is ``filter`` evaluated over the item table, computed (and cached) by whoever
+    compiled the filter, so a backend chooses between the bitmap and the expression without
+    recomputing either.
+    """
+
+    filter: Filter | None = None
+    allowed: RowSet | None = None
+    exclude: np.ndarray | None = None  # (E,) int64 rows never returned
+
+
+class VectorIndex(ABC):
+    """Top-k inner-product search over N item vectors of dimension ``dim``; row ids 0..N-1."""
+
+    capabilities: Capabilities
+    dim: int
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def search(
+        self, queries: np.ndarray, k: int, where: Where | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(b, D) float32 queries → (scores, rows), each (b, k): exact inner products with the
+        stored item vectors, best first; row -1 (score -inf) where fewer than k rows qualify."""
+
+    @abstractmethod
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(len(rows), D) float32 item vectors (as indexed; approximate for compressed types)."""
+
+    # -- search-time parameters (efSearch, nprobe, ...) -------------------------------------------
+
+    @property
+    @abstractmethod
+    def search_params(self) -> dict[str, Any]:
+        """The search-time parameters in effect (recorded in the manifest)."""
+
+    @abstractmethod
+    def set_search_params(self, params: dict[str, Any]) -> None:
+        """Apply search-time parameters (validated); used by the recall tuner and at load."""
+
+    def knob(self) -> tuple[str, int] | None:
+        """(name, largest useful value) of the one recall/speed knob, or None (exact types)."""
+        return None
+
+    # -- persistence and stats --------------------------------------------------------------------
+
+    @abstractmethod
+    def save(self, folder: Path) -> dict[str, Any]:
+        """Persist into the bundle staging ``folder`` (or the engine); returns the manifest's
+        index section: type, parameters, and where to find it."""
+
+    @abstractmethod
+    def stats(self) -> dict[str, Any]:
+        """items, bytes (the index's own size) and bytes_per_item, plus backend details."""
+
+    def close(self) -> None:
+        """Release connections (no-op for in-process indexes)."""
+        return None
+
+
+class IndexSpec(BaseModel):
+    """The manifest's ``index`` section: which backend, which index, how it was built and is
+    searched, and where it lives (files in the bundle, or a URI + collection alias)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    backend: Literal["faiss", "milvus"] = "faiss"
+    type: str = Field(description="flat, hnsw, ivf, ivfpq (FAISS); FLAT, IVF_FLAT, HNSW (Milvus)")
+    metric: Literal["inner_product"] = "inner_product"
+    build_params: dict[str, Any] = Field(default_factory=dict)
+    search_params: dict[str, Any] = Field(default_factory=dict)
+    item_offset: list[float] | None = Field(
+        None, description="mean subtracted from stored vectors (scores add q·offset back)"
+    )
+    exact_below: float = Field(
+        0.01, ge=0, le=1, description="filters allowing a smaller share of items search exactly"
+    )
+    files: list[str] = Field(default_factory=list, description="the index's files in the bundle")
+    uri: str | None = Field(None, description="engine URI (Milvus: file or http://host:port)")
+    collection: str | None = Field(None, description="Milvus alias the service searches")
+    collection_version: str | None = Field(None, description="collection the alias pointed to")
+    items: int | None = None
+    bytes: int | None = None
+    bytes_per_item: float | None = None
+    exact_vectors_bytes: int | None = None
+    train_seconds: float | None = None
+    build_seconds: float | None = None
+    tuning: dict[str, Any] | None = None
