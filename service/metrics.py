@@ -161,6 +161,7 @@ def state_metrics(
     loaded_at: float,
     scenarios: Iterable[tuple[str, dict[str, float]]],
     stores: Iterable[tuple[str, str, float]],
+    corrupt_files: int = 0,
 ) -> list[Metric]:
     """Scrape-time gauges from the serving state (see the module docstring)."""
     info = GaugeMetricFamily(
@@ -191,4 +192,10 @@ def state_metrics(
     now = time.time()
     for store, backend, last in stores:
         age.add_metric([store, backend], max(0.0, now - last) if last else float("inf"))
-    return [info, size, loaded, weights, age]
+    corrupt = GaugeMetricFamily(
+        "csmf_scenarios_file_corrupt",
+        "1 while the embedded store's scenarios file is unreadable (serving from memory; the "
+        "next admin write rewrites it and keeps the bad file as *.corrupt-<time>)",
+    )
+    corrupt.add_metric([], corrupt_files)
+    return [info, size, loaded, weights, age, corrupt]

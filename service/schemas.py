@@ -97,7 +97,10 @@ class Scenario(BaseModel):
     name: str
     weights: dict[str, float]
     description: str
-    version: int = Field(description="bumped by every write of this scenario")
+    version: int = Field(
+        description="grows with every write of this scenario (Redis: ms of Redis's clock, or +1; "
+        "embedded: a counter) — compare versions, do not count them"
+    )
     updated_at: str = Field(description="ISO 8601 UTC time of the last write")
 
 

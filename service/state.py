@@ -237,6 +237,8 @@ class AppState:
         if r is None:
             return False, {"status": "starting"}
         ws = {"backend": self.weights.backend, **self.weights.health.as_dict()}
+        if self.weights.corrupt:
+            ws["corrupt"] = self.weights.corrupt
         fs = {"backend": self.features.backend, **self.features.health.as_dict()}
         degraded = ws["state"] != "ok" or fs["state"] != "ok"
         return True, {
@@ -258,6 +260,7 @@ class AppState:
             items=r.n_items,
             loaded_at=r.loaded_at,
             scenarios=[(n, s.weights) for n, s in w.scenarios.items()],
+            corrupt_files=int(w.corrupt is not None),
             stores=[("weights", w.backend, w.health.last_sync)]
             + (
                 [("features", self.features.backend, self.features.health.last_sync)]

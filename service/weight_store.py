@@ -2,13 +2,16 @@
 
 Two backends (DESIGN §5):
 
-* :class:`RedisWeightStore` (``CSMF_REDIS_URL`` set): a hash of scenario documents, a hash of
-  per-scenario versions and a generation counter bumped by every write, which is also published
-  on a channel. Each process keeps a local copy: a background thread listens on the channel and
-  polls the generation every ``sync_interval_s`` (so a lost message costs at most one interval),
-  reloading everything when it changes. Redis down → the thread marks the store degraded and
-  retries; the local copy keeps serving; on reconnect it reloads (catches up). If Redis comes back
-  *empty* (restarted without persistence), the last known scenarios are written back.
+* :class:`RedisWeightStore` (``CSMF_REDIS_URL`` set): a hash of scenario documents (deletes
+  leave versioned tombstones), a hash of per-scenario versions, a generation counter bumped by
+  every change and announced on a channel, and an epoch id set when the store is initialised.
+  Each process keeps a local copy: a background thread listens on the channel and polls epoch and
+  generation every ``sync_interval_s`` (a lost message costs at most one interval) and reconciles
+  when either changes: it pushes every record it knows (compare-and-set by version, in Lua) and
+  takes every newer one. Redis down → the thread marks the store degraded and retries; the local
+  copy keeps serving; on reconnect it reconciles, so a Redis that came back *empty* gets every
+  scenario any replica knew written back, and a stale re-seed never overwrites a newer write
+  (the invariant is spelled out above ``_SYNC`` below and in the README).
 * :class:`FileWeightStore` (embedded): one JSON file, written atomically (tmp + fsync +
   ``os.replace``) under an ``flock`` so the workers of one server never lose a write; every worker
   polls the file's identity, so a write in one worker is seen by the others within an interval.
@@ -21,20 +24,26 @@ the routes, which know it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
+import logging
+import math
 import os
 import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from csmf.errors import CsmfError
 from csmf.weights import DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS
 from service.errors import ConflictError, StoreUnavailableError, UnknownScenarioError
 from service.sync import BackgroundSync, Health
 
+log = logging.getLogger("csmf.service")
 DEFAULT_SCENARIO = "default"
 FILE_FORMAT = 1
 
@@ -46,13 +55,17 @@ class Scenario:
     description: str
     version: int
     updated_at: str
+    deleted: bool = False  # a tombstone: keeps a delete ordered against older re-seeds (Redis)
 
     def doc(self) -> dict:
-        return {
+        d = {
             "weights": self.weights,
             "description": self.description,
             "updated_at": self.updated_at,
         }
+        if self.deleted:
+            d["deleted"] = True
+        return d
 
 
 def now_iso() -> str:
@@ -82,6 +95,7 @@ class WeightStore:
     """Local cache + background sync. Subclasses implement the backend."""
 
     backend = "?"
+    corrupt: str | None = None  # embedded store: why its file is unreadable (until rewritten)
 
     def __init__(
         self,
@@ -152,6 +166,26 @@ def _check_delete(name: str, scenarios: Mapping[str, Scenario]) -> None:
 # -- embedded: one JSON file -----------------------------------------------------------------------
 
 
+class CorruptScenariosFileError(CsmfError, ValueError):
+    """The scenarios file exists but is not a complete scenarios document."""
+
+
+def _parse_file(text: str) -> tuple[dict[str, Scenario], int]:
+    raw = json.loads(text)
+    if not isinstance(raw, dict) or raw.get("format") != FILE_FORMAT:
+        got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"format {got!r}, expected {FILE_FORMAT}")
+    out = {}
+    for n, d in raw["scenarios"].items():
+        weights = {str(k): float(v) for k, v in d["weights"].items()}
+        if not all(math.isfinite(v) for v in weights.values()):
+            raise ValueError(f"scenario {n!r} has non-finite weights {weights}")
+        out[n] = Scenario(
+            n, weights, str(d["description"]), int(d["version"]), str(d["updated_at"])
+        )
+    return out, int(raw["generation"])
+
+
 class FileWeightStore(WeightStore):
     backend = "file"
 
@@ -159,6 +193,7 @@ class FileWeightStore(WeightStore):
         super().__init__(objectives, interval, **kw)
         self.path = Path(path)
         self._sig: tuple | None = None
+        self.corrupt: str | None = None  # why the file could not be read, until it is rewritten
 
     def _signature(self) -> tuple | None:
         try:
@@ -178,22 +213,29 @@ class FileWeightStore(WeightStore):
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def _read(self) -> tuple[dict[str, Scenario], int] | None:
-        """The file's scenarios and generation; None when there is no file yet."""
+        """The file's scenarios and generation; None when there is no file yet. A file that is
+        not a complete scenarios document (truncated, hand-edited, another format) raises
+        CorruptScenariosFileError."""
         try:
-            raw = json.loads(self.path.read_text())
+            text = self.path.read_text()
         except FileNotFoundError:
             return None
-        if raw.get("format") != FILE_FORMAT:
-            raise ValueError(f"{self.path}: format {raw.get('format')!r}, expected {FILE_FORMAT}")
-        out = {n: Scenario(name=n, **d) for n, d in raw["scenarios"].items()}
-        return out, int(raw["generation"])
+        try:
+            return _parse_file(text)
+        except Exception as exc:  # any shape problem: the file is unusable as a whole
+            raise CorruptScenariosFileError(
+                f"scenarios file {self.path} is corrupt ({type(exc).__name__}: {exc}); serving "
+                "the last known scenarios; the next admin write rewrites it and keeps the bad "
+                "file beside it as *.corrupt-<time>"
+            ) from None
 
     def _write(self, scenarios: Mapping[str, Scenario], generation: int) -> None:
         doc = {
             "format": FILE_FORMAT,
             "generation": generation,
             "scenarios": {
-                n: {k: v for k, v in asdict(s).items() if k != "name"} for n, s in scenarios.items()
+                n: {k: v for k, v in asdict(s).items() if k not in ("name", "deleted")}
+                for n, s in scenarios.items()
             },
         }
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
@@ -209,32 +251,52 @@ class FileWeightStore(WeightStore):
             os.close(fd)
 
     def _load(self) -> None:
-        """Read the file into the cache; a missing file is (re)created from the cache."""
+        """Read the file into the cache; a missing file is (re)created from the cache; a corrupt
+        one is reported (degraded, ``corrupt``) and left alone until the next write."""
         with self._lock, self._locked():
-            current = self._read()
+            try:
+                current = self._read()
+            except CorruptScenariosFileError as exc:
+                self.corrupt = str(exc)
+                raise
             if current is None:
                 self._write(self.scenarios, self.generation + 1)
                 current = self._read()
+            self.corrupt = None
             self._replace(*current)
             self._sig = self._signature()
 
     def _step(self) -> None:
-        if self._signature() != self._sig or self._sig is None:
+        if self._signature() != self._sig or self._sig is None or self.corrupt:
             self._load()
         self._sync.mark_ok()
         self._sync.wait(self.interval)
 
+    def _set_aside(self) -> Path:
+        """Rename the corrupt file to ``<name>.corrupt-<UTC time>`` so nothing in it is lost."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        os.replace(self.path, aside)
+        return aside
+
     def _mutate(self, fn: Callable[[dict[str, Scenario]], None]) -> None:
         try:
             with self._lock, self._locked():
-                current = self._read() or (dict(self.scenarios), self.generation)
+                try:
+                    current = self._read() or (dict(self.scenarios), self.generation)
+                except CorruptScenariosFileError as exc:
+                    aside = self._set_aside()
+                    log.warning("%s; rewriting it from memory, the bad file is %s", exc, aside)
+                    current = (dict(self.scenarios), self.generation)
                 scenarios, generation = dict(current[0]), current[1]
                 fn(scenarios)
                 self._write(scenarios, generation + 1)
                 self._replace(scenarios, generation + 1)
                 self._sig = self._signature()
+                self.corrupt = None
         except OSError as exc:
             raise StoreUnavailableError(f"cannot write scenarios file {self.path}: {exc}") from None
+        self._sync.mark_ok()
 
     def put(self, name: str, weights: Mapping[str, float], description: str) -> Scenario:
         out: list[Scenario] = []
@@ -259,26 +321,63 @@ class FileWeightStore(WeightStore):
 
 
 # -- shared: Redis ---------------------------------------------------------------------------------
+#
+# Keys: `scenarios` (name -> JSON document; a delete leaves a tombstone `{"deleted": true, ...}`),
+# `scenarios:versions` (name -> version), `scenarios:generation` (bumped by every change, announced
+# on `scenarios:changed`) and `scenarios:epoch` (a random id set when the store is initialised:
+# an empty Redis has none, so every replica notices that it lost its data).
+#
+# Invariant (README "Redis weight store"): every record carries a version, and Redis and every
+# replica only ever replace a record by one with a *higher* version (compare-and-set in Lua, merge
+# by version locally). A write's version is max(stored + 1, writer's known + 1, Redis TIME in ms),
+# so a write acknowledged after another one outranks it even if Redis lost the first in between
+# and the writer never saw it. Replicas push (re-seed) every record they know whenever the epoch or
+# generation changes and on every reconnect; the compare-and-set makes a stale push harmless.
 
-# Writes the given scenarios that are missing (all of them when the generation key is missing, i.e.
-# Redis is new or lost its data; otherwise only the default), then bumps and announces the
-# generation if anything was written. ARGV: channel, then (name, doc, version) triples.
-_SEED = """
-local fresh = redis.call('EXISTS', KEYS[3]) == 0
-local changed = false
-for i = 2, #ARGV, 3 do
-  local name = ARGV[i]
-  if (fresh or name == 'default') and redis.call('HSETNX', KEYS[1], name, ARGV[i + 1]) == 1 then
-    redis.call('HSETNX', KEYS[2], name, ARGV[i + 2])
-    changed = true
+# Compare-and-set every given record, initialise the epoch if missing, announce a change, and return
+# the whole store. ARGV: channel, epoch id to use if there is none, then (name, doc, version) triples.
+_SYNC = """
+local fresh = redis.call('SET', KEYS[4], ARGV[2], 'NX')
+local changed = 0
+for i = 3, #ARGV, 3 do
+  local v = tonumber(ARGV[i + 2])
+  if v > tonumber(redis.call('HGET', KEYS[2], ARGV[i]) or '0') then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 2])
+    changed = changed + 1
   end
 end
-if changed or fresh then
-  local g = redis.call('INCR', KEYS[3])
-  redis.call('PUBLISH', ARGV[1], g)
+if changed > 0 or fresh then
+  redis.call('PUBLISH', ARGV[1], redis.call('INCR', KEYS[3]))
 end
-return 0
+return {redis.call('GET', KEYS[4]), redis.call('GET', KEYS[3]) or '0',
+        redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[2])}
 """
+
+# One put or delete. ARGV: channel, epoch id to use if there is none, name, doc, the writer's known
+# version of the name, op ('put' | 'delete'), '1' if the writer sees the name live. A delete of a
+# name live neither in Redis nor (at a newer version) at the writer returns 'unknown'.
+_WRITE = """
+local fresh = redis.call('SET', KEYS[4], ARGV[2], 'NX')
+local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
+local known = tonumber(ARGV[5])
+if ARGV[6] == 'delete' then
+  local doc = redis.call('HGET', KEYS[1], ARGV[3])
+  local live = doc and not cjson.decode(doc).deleted
+  if not live and not (ARGV[7] == '1' and known > cur) then
+    if fresh then redis.call('PUBLISH', ARGV[1], redis.call('INCR', KEYS[3])) end
+    return {'unknown', '0', redis.call('GET', KEYS[4])}
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = string.format('%.0f', math.max(cur + 1, known + 1, now))
+redis.call('HSET', KEYS[1], ARGV[3], ARGV[4])
+redis.call('HSET', KEYS[2], ARGV[3], v)
+redis.call('PUBLISH', ARGV[1], redis.call('INCR', KEYS[3]))
+return {'ok', v, redis.call('GET', KEYS[4])}
+"""
+RECONCILE_EVERY_S = 30.0  # a full reconcile even without a visible change (belt and braces)
 
 
 def redis_client(url: str, timeout: float):
@@ -295,6 +394,30 @@ def redis_client(url: str, timeout: float):
         retry=Retry(NoBackoff(), 0),
         decode_responses=True,
     )
+
+
+def _pairs(flat: Sequence[str]) -> dict[str, str]:
+    return dict(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _parse_records(docs: Mapping[str, str], versions: Mapping[str, str]) -> dict[str, Scenario]:
+    """Redis documents → records (tombstones included). A document this code cannot read (written
+    by hand, or by a future format) is skipped with a warning, not fatal to the whole sync."""
+    out = {}
+    for name, raw in docs.items():
+        try:
+            d = json.loads(raw)
+            out[name] = Scenario(
+                name,
+                {str(k): float(v) for k, v in (d.get("weights") or {}).items()},
+                str(d.get("description", "")),
+                int(versions.get(name, 1)),
+                str(d.get("updated_at", "")),
+                bool(d.get("deleted", False)),
+            )
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("ignoring unreadable scenario %r in Redis: %s: %s", name, raw[:200], exc)
+    return out
 
 
 class RedisWeightStore(WeightStore):
@@ -314,38 +437,55 @@ class RedisWeightStore(WeightStore):
         self.k_docs = f"{prefix}scenarios"
         self.k_versions = f"{prefix}scenarios:versions"
         self.k_generation = f"{prefix}scenarios:generation"
+        self.k_epoch = f"{prefix}scenarios:epoch"
         self.channel = f"{prefix}scenarios:changed"
-        self._seed = self.client.register_script(_SEED)
+        self._keys = [self.k_docs, self.k_versions, self.k_generation, self.k_epoch]
+        self._sync_script = self.client.register_script(_SYNC)
+        self._write_script = self.client.register_script(_WRITE)
+        # Every record this replica knows, tombstones included; `scenarios` is its live view.
+        self.known: dict[str, Scenario] = dict(self.scenarios)
+        self.epoch: str | None = None
+        self._last_reconcile = 0.0
         self._pubsub = None
 
-    def _full_sync(self) -> None:
+    def _merge(self, incoming: Mapping[str, Scenario]) -> None:
+        """Take every incoming record newer than the one known; never go back. Caller holds
+        the lock."""
+        known = dict(self.known)
+        changed = False
+        for name, s in incoming.items():
+            cur = known.get(name)
+            if cur is None or s.version > cur.version:
+                known[name] = s
+                changed = True
+        if changed:
+            self.known = known
+            live = {n: s for n, s in known.items() if not s.deleted}
+            self._replace(live, self.generation)
+
+    def _reconcile(self) -> None:
+        """Push every known record (compare-and-set: only where newer than Redis's), then take
+        every record Redis has that is newer than ours. Initialises the epoch of an empty Redis."""
         with self._lock:
-            with self.client.pipeline(transaction=True) as p:
-                p.get(self.k_generation)
-                p.hgetall(self.k_docs)
-                p.hgetall(self.k_versions)
-                gen, docs, versions = p.execute()
-            scenarios = {}
-            for name, raw in docs.items():
-                d = json.loads(raw)
-                scenarios[name] = Scenario(
-                    name,
-                    d["weights"],
-                    d.get("description", ""),
-                    int(versions.get(name, 1)),
-                    d["updated_at"],
-                )
-            self._replace(scenarios, int(gen or 0))
+            args = [self.channel, uuid.uuid4().hex]
+            for s in self.known.values():
+                args += [s.name, json.dumps(s.doc()), s.version]
+            epoch, gen, docs, versions = self._sync_script(keys=self._keys, args=args)
+            self._merge(_parse_records(_pairs(docs), _pairs(versions)))
+            if self.epoch is not None and epoch != self.epoch:
+                log.warning(
+                    "weight store: new Redis epoch %s (was %s: Redis lost or replaced its data); "
+                    "re-seeded the %d scenario record(s) this replica knew",
+                    epoch, self.epoch, len(self.known),
+                )  # fmt: skip
+            self.epoch, self.generation = epoch, int(gen)
+            self._last_reconcile = time.monotonic()
 
     def _connect(self) -> None:
-        args = [self.channel]
-        for s in self.scenarios.values():
-            args += [s.name, json.dumps(s.doc()), s.version]
-        self._seed(keys=[self.k_docs, self.k_versions, self.k_generation], args=args)
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         pubsub.subscribe(self.channel)
         self._pubsub = pubsub  # subscribed before the full read: no change can fall in between
-        self._full_sync()
+        self._reconcile()
 
     def _close(self) -> None:
         if self._pubsub is not None:
@@ -361,12 +501,13 @@ class RedisWeightStore(WeightStore):
             self._pubsub.get_message(timeout=self.interval)  # returns early on a change
             while self._pubsub.get_message(timeout=0.0) is not None:
                 pass
-            gen = self.client.get(self.k_generation)
-            if gen is None or int(gen) != self.generation:
-                if gen is None:  # Redis lost its data: write back what we know
-                    self._close()
-                    return
-                self._full_sync()
+            epoch, gen = self.client.mget(self.k_epoch, self.k_generation)
+            if (
+                epoch != self.epoch
+                or int(gen or 0) != self.generation
+                or time.monotonic() - self._last_reconcile > RECONCILE_EVERY_S
+            ):
+                self._reconcile()
             self._sync.mark_ok()
         except Exception:
             self._close()
@@ -378,44 +519,38 @@ class RedisWeightStore(WeightStore):
         with contextlib.suppress(Exception):
             self.client.close()
 
-    def _write(self, fn: Callable, what: str):
+    def _write(self, name: str, record: Scenario, what: str) -> Scenario:
         import redis
 
+        op = "delete" if record.deleted else "put"
+        cur = self.known.get(name)
+        args = [self.channel, uuid.uuid4().hex, name, json.dumps(record.doc())]
+        args += [cur.version if cur else 0, op, int(name in self.scenarios)]
         try:
-            with self.client.pipeline(transaction=True) as p:
-                out = fn(p)
-            self._full_sync()  # read-your-writes in this process
-            return out
+            status, version, epoch = self._write_script(keys=self._keys, args=args)
         except redis.RedisError as exc:
             raise StoreUnavailableError(
                 f"weight store (Redis) unavailable, cannot {what}: {type(exc).__name__}: {exc}; "
                 "requests keep using the last known scenarios"
             ) from None
+        if status == "unknown":
+            raise UnknownScenarioError(name, list(self.scenarios))
+        out = dataclasses.replace(record, version=int(version))
+        with self._lock:  # read-your-writes in this replica, whatever Redis does next
+            self._merge({name: out})
+        if epoch != self.epoch:
+            # Redis was initialised since this replica last synced (this write may have been the
+            # first): re-seed what this replica knows now rather than at the next poll. The write
+            # itself is acknowledged either way; a failure here is the sync thread's to retry.
+            with contextlib.suppress(Exception):
+                self._reconcile()
+        return out
 
     def put(self, name: str, weights: Mapping[str, float], description: str) -> Scenario:
-        updated = now_iso()
-        doc = json.dumps(
-            {"weights": dict(weights), "description": description, "updated_at": updated}
-        )
-
-        def fn(p):
-            p.hset(self.k_docs, name, doc)
-            p.hincrby(self.k_versions, name, 1)
-            p.incr(self.k_generation)
-            p.publish(self.channel, "put")
-            return p.execute()[1]
-
-        version = self._write(fn, f"write scenario {name!r}")
-        return Scenario(name, dict(weights), description, int(version), updated)
+        s = Scenario(name, dict(weights), description, 0, now_iso())
+        return self._write(name, s, f"write scenario {name!r}")
 
     def delete(self, name: str) -> None:
-        _check_delete(name, self.scenarios)
-
-        def fn(p):
-            p.hdel(self.k_docs, name)
-            p.incr(self.k_generation)
-            p.publish(self.channel, "delete")
-            return p.execute()[0]
-
-        if not self._write(fn, f"delete scenario {name!r}"):
-            raise UnknownScenarioError(name, list(self.scenarios))
+        if name == DEFAULT_SCENARIO:
+            _check_delete(name, self.scenarios)
+        self._write(name, Scenario(name, {}, "", 0, now_iso(), deleted=True), f"delete {name!r}")
