@@ -115,7 +115,11 @@ class Cluster:
         late.start()
         try:
             assert late.wait_synced(3)
-            assert not self.mismatches(late), f"Redis diverged: {self.mismatches(late)}"
+            # eventually: right after a restart the others may not have re-seeded Redis yet
+            try:
+                wait_until(lambda: not self.mismatches(late), timeout, "Redis to converge", 0.01)
+            except AssertionError:
+                raise AssertionError(f"Redis diverged: {self.mismatches(late)}") from None
         finally:
             late.stop()
         time.sleep(2 * INTERVAL)
