@@ -17,7 +17,11 @@ sampled softmax with log-Q, negatives, temperature, learning rate and per-object
   positives for its own epoch budget; fused = sum_t k_t <e_t, v_t> (3x storage and search);
 - ``popularity``: train-exposure / train-click counts;
 - ``oracle`` (synthetic datasets only): items ranked by the generator's true expected clicks /
-  conversions (``trainer.data.synthetic.true_scores``), the ceiling beside every other number.
+  conversions (``trainer.data.synthetic.true_scores``), the ceiling beside every other number;
+- collaborative-filtering baselines (:mod:`trainer.cf_baselines`): ``als-click``,
+  ``als-exposure``, ``bpr-click``, ``ease-click``, ``ease-exposure``, ``itemknn-click``,
+  ``itemknn-exposure`` — hyper-parameters chosen on the validation split, (user, item) vectors
+  scored by the same :func:`trainer.evaluate.evaluate_vectors`.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from csmf.errors import DataError
 from csmf.features import TowerSpec
 from csmf.towers import Batch, ModelConfig, Tower
 from trainer.cascade import Log, batch_loss, run_cascade, run_epochs
+from trainer.cf_baselines import CF_METHODS, run_cf
 from trainer.config import RunConfig
 from trainer.encoding import Encoded, StageExamples, stage_examples
 from trainer.evaluate import Ranker, encode_all, evaluate_vectors, popularity_ranker
@@ -47,7 +52,16 @@ CSMF_VARIANTS = {
     "csmf-wo-aml": {"loss": {"aml": False}},
     "csmf-wo-ar": {"cascade": {"accuracy_recovery": False}},
 }
-METHODS = (*CSMF_VARIANTS, "exposure-only", "sep", "mix", "mmoe", "popularity", "oracle")
+METHODS = (
+    *CSMF_VARIANTS,
+    "exposure-only",
+    "sep",
+    "mix",
+    "mmoe",
+    "popularity",
+    *CF_METHODS,
+    "oracle",
+)
 
 
 @dataclass
@@ -60,9 +74,12 @@ class MethodRun:
 
     method: str
     result: dict  # evaluate_vectors output: {"users", "metrics"}
-    seconds: float
+    seconds: float  # train (+ tuning) + evaluation
     serving: list[tuple[Tensor, Tensor, float]] = field(default_factory=list)
     vectors: str = "trained"  # or "random": same-shape stand-ins (flat-IP cost ignores values)
+    train_seconds: float = 0.0  # fitting the final model (CF baselines: with chosen params)
+    tune_seconds: float = 0.0  # validation grid search (CF baselines)
+    tuning: dict | None = None  # chosen hyper-parameters and the validation grid (CF baselines)
 
 
 # --------------------------------------------------------------------------- configs
@@ -273,6 +290,8 @@ def run_method(
     k = _weights(cfg)
     rankers: dict[str, Ranker]
     serving: list[tuple[Tensor, Tensor, float]] = []
+    if method in CF_METHODS:
+        return _run_cf(method, cfg, enc, start)
     if method in CSMF_VARIANTS:
         from trainer.evaluate import fused_ranker, view_ranker
 
@@ -326,8 +345,32 @@ def run_method(
             "exposures": popularity_ranker(enc),
             "clicks": popularity_ranker(enc, enc.events.clicked),
         }
+    trained = time.perf_counter()
     result = evaluate_vectors(e, v, rankers, enc, n)
-    return MethodRun(method, result, time.perf_counter() - start, serving)
+    return MethodRun(
+        method, result, time.perf_counter() - start, serving, train_seconds=trained - start
+    )
+
+
+def _run_cf(method: str, cfg: RunConfig, enc: Encoded, start: float) -> MethodRun:
+    """A CF baseline: tuned on validation, its vectors scored like CSMF's (one "scale" ranker)."""
+    from trainer.cf_baselines import threadpool_limits
+
+    with threadpool_limits(cfg.train.threads or None):  # EASE/ItemKNN's BLAS as torch's threads
+        run = run_cf(method, enc, cfg.eval.n, cfg.model.out_dim, cfg.train.seed, cfg.train.threads)
+    e, v = torch.from_numpy(run.e), torch.from_numpy(run.v)
+    result = evaluate_vectors(
+        e, v, {run.tuning["model"]: ("scale", torch.ones(e.shape[1]))}, enc, cfg.eval.n
+    )
+    return MethodRun(
+        method,
+        result,
+        time.perf_counter() - start,
+        [(e, v, 1.0)],
+        train_seconds=run.train_seconds,
+        tune_seconds=run.tune_seconds,
+        tuning=run.tuning,
+    )
 
 
 def oracle_rankers(enc: Encoded, data: str | Path | None) -> dict[str, Ranker]:

@@ -6,8 +6,12 @@ method's representation, measured side by side with ``faiss.IndexFlatIP``.
     python -m trainer.bench_cli quality --data data/ml-100k --seeds 3
 
 writes ``bench/results/quality-<dataset>.md`` and ``.json``. Per-(method, seed) results are cached
-in ``runs/bench-<dataset>/<method>/seed<k>.json`` so an interrupted run resumes (``--retrain``
-ignores the cache). Serving latency uses the vectors of the first seed trained in this process.
+in ``runs/bench-<dataset>/<method>/seed<k>-<key>.json``, the key covering the resolved config, the
+dataset's content, the method, the seed and the method's code (:mod:`trainer.bench_cache`): an
+identical second run reuses every result, a changed ``--set``/config/dataset/code re-runs
+(``--retrain`` ignores the cache). Each run trains in a fresh process (:mod:`trainer.bench_run`)
+so its wall time and peak memory are its own (``--no-isolate``: in this process, memory not
+measured). Serving latency is measured here, one method after another, on same-shape vectors.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import torch
 import typer
 
 from csmf.errors import CsmfError
-from trainer.baselines import METHODS, MethodRun, run_method
+from trainer.baselines import METHODS, MethodRun
+from trainer.bench_cache import cache_key, dataset_fingerprint
+from trainer.bench_run import record, run_in_process, run_isolated
 from trainer.config import load_config
 from trainer.pipeline import prepare, write_json
 from trainer.report import aggregate
@@ -41,24 +47,17 @@ def _group() -> None:
 app.add_typer(sensitivity_app, name="sensitivity")
 
 
-# indexes a method searches per query, as multiples of model.out_dim
-SERVING_BLOCKS = {m: [1] for m in METHODS} | {
-    "sep": [1, 1],
-    "mmoe": [3],
-    "popularity": [],
-    "oracle": [],
-}
-
-
-def random_serving(method: str, dim: int, n_users: int, n_items: int, cfg) -> MethodRun:
-    """Stand-in vectors with the method's serving layout (for runs loaded from the cache)."""
+def random_serving(method: str, layout: list[dict], queries: int = 500) -> MethodRun:
+    """Stand-in vectors with a run's serving layout ({dims, items, weight} per index): flat
+    inner-product search cost does not depend on the values."""
     g = torch.Generator().manual_seed(0)
-    weights = dict(zip(cfg.objectives, cfg.eval.weights, strict=True))
-    blocks = SERVING_BLOCKS[method]
-    ws = [weights.get("click", 1.0), weights.get("conversion", 1.0)] if len(blocks) > 1 else [1.0]
     serving = [
-        (torch.randn(n_users, b * dim, generator=g), torch.randn(n_items, b * dim, generator=g), w)
-        for b, w in zip(blocks, ws, strict=True)
+        (
+            torch.randn(queries, x["dims"], generator=g),
+            torch.randn(x["items"], x["dims"], generator=g),
+            x["weight"],
+        )
+        for x in layout
     ]
     return MethodRun(method, {}, 0.0, serving, vectors="random")
 
@@ -122,8 +121,63 @@ def _rows(agg: dict) -> list[tuple[str, str]]:
     return [(m, r) for m in agg for r in agg[m][TARGETS[0]]]
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std())
+
+
+def training_cost(results: dict[str, list[dict]]) -> dict:
+    """Per method: mean ± std over seeds of train / tuning / total seconds and peak memory."""
+    out = {}
+    for m, recs in results.items():
+        row = {
+            k: _mean_std([r.get(k, 0.0) for r in recs])
+            for k in ("train_seconds", "tune_seconds", "seconds")
+        }
+        mems = [r["memory"] for r in recs if r.get("memory")]
+        for k in ("peak_extra_mb", "peak_rss_mb"):
+            row[k] = _mean_std([x[k] for x in mems]) if mems else None
+        row["memory_measured"] = mems[0]["measured"] if mems else None
+        out[m] = row
+    return out
+
+
+def hyperparameters(results: dict[str, list[dict]]) -> dict:
+    """Per tuned method: per seed, the chosen values and their validation metrics."""
+    out = {}
+    for m, recs in results.items():
+        tuned = [r for r in recs if r.get("tuning")]
+        if tuned:
+            out[m] = {
+                "selection": tuned[0]["tuning"]["selection"],
+                "grid": tuned[0]["tuning"]["grid_spec"],
+                "deterministic": tuned[0]["tuning"]["deterministic"],
+                "per_seed": [
+                    {
+                        "seed": r["seed"],
+                        "params": r["tuning"]["params"],
+                        "criterion": r["tuning"]["criterion"],
+                        "validation": r["tuning"]["validation"],
+                    }
+                    for r in tuned
+                ],
+            }
+    return out
+
+
+def _fmt(x: tuple[float, float] | None, spec: str) -> str:
+    return "n/a" if x is None else f"{x[0]:{spec}} ± {x[1]:{spec}}"
+
+
 def markdown(
-    dataset: str, agg: dict, cost: dict, n: int, seeds: dict, seconds: dict, cmd: str
+    dataset: str,
+    agg: dict,
+    cost: dict,
+    train: dict,
+    hyper: dict,
+    n: int,
+    seeds: dict,
+    cmd: str,
 ) -> str:
     head = ["method", "ranker"] + [f"{t} {m}@{n}" for t in TARGETS for m in ("Recall", "nDCG")]
     lines = [f"# Retrieval quality on {dataset}", "", f"`{cmd}`", ""]
@@ -138,29 +192,86 @@ def markdown(
     same = len({tuple(v) for v in seeds.values()}) == 1
     where = next(iter(seeds.values())) if same else "; ".join(f"{m} {v}" for m, v in seeds.items())
     lines += ["", f"seeds {where}; mean ± std (population) over seeds; test split."]
+    det = [m for m, h in hyper.items() if h["deterministic"]]
+    if det:
+        lines.append(f"{', '.join(det)}: deterministic (the same model for every seed, std 0).")
     lines += [
-        "Train+eval seconds per seed: "
-        + "; ".join(f"{m} {', '.join(f'{s:.0f}' for s in v)}" for m, v in seconds.items()),
         "",
-        f"## Serving cost (faiss.IndexFlatIP, float32, 1 thread, top-{n}, one query at a time)",
+        f"## Cost (training: own process per run; serving: faiss.IndexFlatIP, float32, 1 thread, "
+        f"top-{n}, one query at a time)",
         "",
-        "| method | indexes | dims/item | bytes/item | index bytes | µs/query | vectors |",
-        "|---|---|---|---|---|---|---|",
+        "| method | train s | tuning s | peak extra MB | peak RSS MB | indexes | dims/item | "
+        "bytes/item | index bytes | µs/query |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for m, c in cost.items():
-        lines.append(
-            f"| {m} | {c['indexes']} | {c['dims_per_item']} | {c['bytes_per_item']} | "
-            f"{c['index_bytes']:,} | {c['latency_us_per_query']:.1f} | {c['vectors']} |"
+    for m, t in train.items():
+        c = cost.get(m)
+        serve = (
+            f"{c['indexes']} | {c['dims_per_item']} | {c['bytes_per_item']} | "
+            f"{c['index_bytes']:,} | {c['latency_us_per_query']:.1f}"
+            if c
+            else "0 | 0 | 0 | 0 | n/a"
         )
+        lines.append(
+            f"| {m} | {_fmt(t['train_seconds'], '.1f')} | {_fmt(t['tune_seconds'], '.1f')} | "
+            f"{_fmt(t['peak_extra_mb'], '.0f')} | {_fmt(t['peak_rss_mb'], '.0f')} | {serve} |"
+        )
+    measured = next((t["memory_measured"] for t in train.values() if t["memory_measured"]), None)
     lines += [
         "",
-        "CSMF variants and MMoE search one index with the fused query (MMoE's is 3x wider); "
-        "Sep searches two 64-dim indexes and merges the two top-N lists by weighted score. "
-        "Latency is the best of 3 passes over the first 500 users, merge included; vectors are "
-        "the trained ones of the first seed trained in this process, or same-shape random ones "
-        "for runs loaded from the cache (flat inner-product search cost does not depend on values).",
+        "Train s: fitting the final model (CSMF family: the whole cascade; CF baselines: one fit "
+        "with the chosen hyper-parameters). Tuning s: the validation grid search of the CF "
+        "baselines (CSMF's configuration was chosen by hand on validation; not timed). "
+        "Peak memory: resident set of a fresh process running only that method — "
+        + (measured or "not measured (--no-isolate)")
+        + "; 'extra' is above the RSS after imports and data loading. "
+        "Latency: best of 3 passes over 500 queries, merge included, on same-shape random "
+        "vectors (flat inner-product search cost does not depend on the values). CSMF variants "
+        "and MMoE search one index with the fused query (MMoE's is 3x wider); Sep searches two "
+        "indexes and merges the two top-N lists by weighted score; EASE and ItemKNN serve the "
+        "user's interaction row against the item-item matrix (n_items dims per item); BPR has "
+        "implicit's item-bias column (+1 dim).",
     ]
+    if hyper:
+        lines += [
+            "",
+            f"## Hyper-parameters chosen on the validation split (criterion: mean over click and "
+            f"conversion of (Recall@{n} + nDCG@{n}) / 2)",
+            "",
+            "| method | seed | chosen | val criterion | val click R/nDCG | val conversion R/nDCG |",
+            "|---|---|---|---|---|---|",
+        ]
+        for m, h in hyper.items():
+            for r in h["per_seed"]:
+                params = ", ".join(f"{k}={v:g}" for k, v in r["params"].items())
+                val = r["validation"]
+                cells = [
+                    f"{val[t]['recall']:.4f} / {val[t]['ndcg']:.4f}" if t in val else "n/a"
+                    for t in TARGETS
+                ]
+                lines.append(
+                    f"| {m} | {r['seed']} | {params} | {r['criterion']:.4f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+        lines += ["", "Grids (trainer/cf_baselines.py GRIDS):"]
+        for m, h in hyper.items():
+            lines.append(f"- {m}: " + "; ".join(f"{k} {v}" for k, v in h["grid"].items()))
     return "\n".join(lines) + "\n"
+
+
+def command(
+    data: Path, config: Path, seeds: int, methods: str | None, sets: list[str], isolate: bool
+) -> str:
+    """The one command that reproduces the table (every option that affects a number)."""
+    cmd = f"csmf bench quality --data {data} --config {config} --seeds {seeds}"
+    if methods is not None:
+        cmd += f" --methods {methods}"
+    for s in sets:
+        cmd += f" --set {s}"
+    if not isolate:
+        cmd += " --no-isolate"
+    return cmd
 
 
 @app.command("quality")
@@ -192,6 +303,14 @@ def quality(
             "--cached-only", help="Train nothing: tabulate the cached (method, seed) runs."
         ),
     ] = False,
+    isolate: Annotated[
+        bool,
+        typer.Option(
+            "--isolate/--no-isolate",
+            help="Run each (method, seed) in a fresh process and measure its peak memory "
+            "(default); --no-isolate runs in this process (faster to start, memory not measured).",
+        ),
+    ] = True,
     set_: Annotated[
         list[str] | None, typer.Option("--set", help="Config override section.key=value.")
     ] = None,
@@ -209,77 +328,96 @@ def quality(
     if bad:
         typer.echo(f"error: unknown method(s) {bad}; expected {list(METHODS)}", err=True)
         raise typer.Exit(2)
-    seed_list = list(range(seeds))
     results: dict[str, list[dict]] = {m: [] for m in names}
-    seconds: dict[str, list[float]] = {m: [] for m in names}
     serving: dict[str, MethodRun] = {}
-    n = 50
+    n, hits = 50, 0
     try:
-        for seed in seed_list:
+        fingerprint = dataset_fingerprint(data)
+        for seed in range(seeds):
             cfg = load_config(config, [*(set_ or []), f"train.seed={seed}"])
             n = cfg.eval.n
-            enc = prepare(cfg, data)
+            enc = None
             for m in names:
-                path = cache / m / f"seed{seed}.json"
+                key, parts = cache_key(cfg, fingerprint, m, seed)
+                path = cache / m / f"seed{seed}-{key[:16]}.json"
                 if path.exists() and not retrain:
                     rec = json.loads(path.read_text())
+                    hits += 1
                 elif cached_only:
                     continue
                 else:
                     typer.echo(f"seed {seed}: {m} ...")
-                    run = run_method(m, cfg, enc, log=lambda _: None, data=data)
-                    rec = {"seed": seed, "seconds": run.seconds, **run.result}
+                    if isolate:
+                        rec = run_isolated(m, cfg, data)
+                    else:
+                        enc = enc or prepare(cfg, data)
+                        run = run_in_process(m, cfg, enc, data)
+                        rec = record(run, seed)
+                        serving.setdefault(m, run)
+                    rec.update(key=key, key_parts={k: v for k, v in parts.items() if k != "config"})
                     path.parent.mkdir(parents=True, exist_ok=True)
                     write_json(path, rec)
-                    serving.setdefault(m, run)
-                    typer.echo(
-                        f"seed {seed}: {m} {run.seconds:.0f}s "
-                        + ", ".join(
-                            f"{r} {rec['metrics']['click'][r]['recall']:.4f}/"
-                            f"{rec['metrics']['conversion'][r]['recall']:.4f}"
-                            for r in rec["metrics"]["click"]
-                        )
-                    )
+                    typer.echo(_summary(m, seed, rec))
                 results[m].append(rec)
-                seconds[m].append(rec["seconds"])
-    except CsmfError as exc:
+    except (CsmfError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     names = [m for m in names if results[m]]
     if not names:
         typer.echo("error: no runs to tabulate", err=True)
         raise typer.Exit(2)
+    results = {m: results[m] for m in names}
     agg = {m: aggregate(results[m]) for m in names}
     seeds_of = {m: [r["seed"] for r in results[m]] for m in names}
-    for m in names:  # cached runs: same-shape random vectors (flat-IP cost ignores the values)
-        if m not in serving and SERVING_BLOCKS[m]:
-            serving[m] = random_serving(m, cfg.model.out_dim, enc.n_users, enc.n_items, cfg)
+    for m in names:  # isolated or cached runs: same-shape stand-ins
+        if m not in serving and results[m][0]["serving"]:
+            serving[m] = random_serving(m, results[m][0]["serving"])
     cost = serving_cost(serving, n)
-    cmd = f"csmf bench quality --data {data} --seeds {seeds}"
-    if methods is not None:
-        cmd += f" --methods {methods}"
-    for s in set_ or []:
-        cmd += f" --set {s}"
+    train = training_cost(results)
+    hyper = hyperparameters(results)
+    cmd = command(data, config, seeds, methods, set_ or [], isolate)
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(dataset, agg, cost, n, seeds_of, seconds, cmd)
+    text = markdown(dataset, agg, cost, train, hyper, n, seeds_of, cmd)
     md, js = out / f"quality-{dataset}.md", out / f"quality-{dataset}.json"
     md.write_text(text)
     write_json(
         js,
         {
             "dataset": dataset,
+            "dataset_fingerprint": fingerprint,
             "config": str(config),
+            "resolved_config": cfg.to_dict(),
             "command": cmd,
             "n": n,
             "seeds": seeds_of,
-            "seconds": seconds,
+            "seconds": {m: [r["seconds"] for r in results[m]] for m in names},
             "metrics": agg,
-            "per_seed": results,
+            "hyperparameters": hyper,
+            "training_cost": train,
             "serving": cost,
+            "cache": {"folder": str(cache), "hits": hits, "runs": sum(map(len, results.values()))},
+            "per_seed": {m: [_slim(r) for r in results[m]] for m in names},
         },
     )
     typer.echo(text)
-    typer.echo(f"wrote {md} and {js}")
+    typer.echo(f"wrote {md} and {js} ({hits} cached runs reused)")
+
+
+def _slim(rec: dict) -> dict:
+    """A per-seed record without the full validation grid (kept in the cache file)."""
+    if "tuning" not in rec:
+        return rec
+    return {**rec, "tuning": {k: v for k, v in rec["tuning"].items() if k != "grid"}}
+
+
+def _summary(m: str, seed: int, rec: dict) -> str:
+    mem = rec.get("memory")
+    peak = f", peak +{mem['peak_extra_mb']:.0f} MB" if mem else ""
+    return f"seed {seed}: {m} {rec['seconds']:.0f}s{peak} " + ", ".join(
+        f"{r} {rec['metrics']['click'][r]['recall']:.4f}/"
+        f"{rec['metrics']['conversion'][r]['recall']:.4f}"
+        for r in rec["metrics"]["click"]
+    )
 
 
 if __name__ == "__main__":

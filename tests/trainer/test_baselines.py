@@ -39,7 +39,9 @@ def test_each_method_trains_and_evaluates(method, tiny_cfg, enc):
         assert rankers, target
         for name, m in rankers.items():
             assert 0.0 <= m["recall"] <= 1.0 and 0.0 <= m["ndcg"] <= 1.0, (target, name)
-    dims = {"sep": 2 * 16, "mmoe": 3 * 16, "popularity": 0}.get(method, 16)
+    dims = {"sep": 2 * 16, "mmoe": 3 * 16, "popularity": 0, "bpr-click": 17}.get(method, 16)
+    if method.startswith(("ease", "itemknn")):  # user row x item-item matrix
+        dims = enc.n_items
     assert sum(v.shape[1] for _, v, _ in run.serving) == dims
     for q, v, _ in run.serving:
         assert q.shape == (enc.n_users, v.shape[1]) and v.shape[0] == enc.n_items
@@ -96,7 +98,7 @@ def test_bench_quality_writes_md_and_json(tiny_config_path, tiny_data, tmp_path)
     out, cache = tmp_path / "results", tmp_path / "cache"
     args = ["quality", "--data", str(tiny_data), "--config", str(tiny_config_path)]
     args += ["--seeds", "1", "--out", str(out), "--cache", str(cache)]
-    args += ["--methods", "csmf,sep,mmoe,popularity"]
+    args += ["--methods", "csmf,sep,mmoe,popularity", "--no-isolate"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     name = tiny_data.resolve().name
