@@ -443,6 +443,11 @@ class Bundle:
         """(len(rows), D) item vectors (e.g. for per-objective explain scores)."""
         return self.index.vectors(rows)
 
+    def close(self) -> None:
+        """Release the index's engine connection (Milvus; a Milvus Lite file is locked while
+        open). FAISS indexes hold nothing to release."""
+        self.index.close()
+
     def slice_bounds(self) -> list[tuple[int, int]]:
         """[start, end) of each objective's slice in the permuted output."""
         ends = np.cumsum(self.slice_sizes).tolist()

@@ -124,33 +124,37 @@ def build_bundle(
             {a.name: _attribute_array(item_table.column(a.name), a.type) for a in attributes}
         )
         index = build_vector_index(vectors, attr_table, cfg, progress)
-        # Queries are real users encoded the way the service will: snapshot → numpy encoder.
-        users, tune_users = _query_users(stage, encoder, cfg)
-        tuning_info = None
-        if cfg.tune:
-            target = min(1.0, cfg.recall_floor + cfg.tune_margin)
-            tuning = users if tune_users is None else tune_users
-            _, trace = tune_search_params(
-                index, vectors, tuning, slice_sizes, cfg.recall_k, target, weight_grid(num_obj)
+        try:
+            # Queries are real users encoded the way the service will: snapshot → numpy encoder.
+            users, tune_users = _query_users(stage, encoder, cfg)
+            tuning_info = None
+            if cfg.tune:
+                target = min(1.0, cfg.recall_floor + cfg.tune_margin)
+                tuning = users if tune_users is None else tune_users
+                _, trace = tune_search_params(
+                    index, vectors, tuning, slice_sizes, cfg.recall_k, target, weight_grid(num_obj)
+                )
+                tuning_info = {
+                    "target": target,
+                    "queries": int(len(tuning)),
+                    "disjoint_from_check": tune_users is not None,
+                    "trace": trace,
+                }
+            recall = check_recall(
+                index,
+                vectors,
+                users,
+                slice_sizes,
+                cfg.recall_k,
+                cfg.recall_floor,
+                weight_grid(num_obj),
             )
-            tuning_info = {
-                "target": target,
-                "queries": int(len(tuning)),
-                "disjoint_from_check": tune_users is not None,
-                "trace": trace,
-            }
-        recall = check_recall(
-            index,
-            vectors,
-            users,
-            slice_sizes,
-            cfg.recall_k,
-            cfg.recall_floor,
-            weight_grid(num_obj),
-        )
-        index_spec = IndexSpec.model_validate({**index.save(stage), "tuning": tuning_info})
-        index.close()
-        recall["bytes_per_item"] = index_spec.bytes_per_item  # what that recall costs in memory
+            index_spec = IndexSpec.model_validate({**index.save(stage), "tuning": tuning_info})
+            index.close()
+            recall["bytes_per_item"] = index_spec.bytes_per_item  # what that recall costs in memory
+        except BaseException:
+            index.discard()  # e.g. the recall floor: no orphan collection in the engine
+            raise
         manifest = Manifest(
             format=BUNDLE_FORMAT,
             model_version=model_version(ckpt),

@@ -190,7 +190,7 @@ def inspect(
         typer.echo(summarize(m))
         verify_files(bundle, m)
         if not quick:
-            load_bundle(bundle, verify=False)  # just verified; now dims, index, tables
+            load_bundle(bundle, verify=False).close()  # just verified; now dims, index, tables
     except CsmfError as exc:
         typer.echo(f"INVALID: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -159,5 +159,22 @@ class BuildConfig:
             seed=self.seed,
         )
 
+    def milvus_spec(self):  # -> csmf.index.milvus.MilvusSpec (pymilvus imported only here)
+        """The Milvus build parameters: FLAT / IVF_FLAT / HNSW with this config's knobs."""
+        from csmf.index.milvus import MilvusSpec
+
+        build: dict[str, Any] = {}
+        search: dict[str, Any] = {}
+        if self.index == "ivf":
+            build = {"nlist": self.nlist} if self.nlist else {}
+            search = {"nprobe": self.nprobe}
+        elif self.index == "hnsw":
+            build = {"M": self.hnsw_m, "efConstruction": self.ef_construction}
+            search = {"ef": self.ef_search}
+        return MilvusSpec(
+            uri=self.uri, alias=self.collection, kind=self.index, build_params=build,
+            search_params=search,
+        )  # fmt: skip
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -24,13 +24,16 @@ from typing import Any
 import numpy as np
 
 from csmf.bundle import Bundle
-from csmf.index import Where
+from csmf.index import RowSet, Where
+from csmf.index.filters import Filter, FilterError, filter_key, parse_filter
 from csmf.user_encoder import CodedHistory
 from csmf.weights import cumulative_slice_scores, parse_weights, slice_scale
+from service.errors import FieldError
 from service.feature_store import UserData
 from service.item_json import ItemJson
 
 SCALE_CACHE = 4096  # distinct weight vectors whose (D,) scale is kept
+FILTER_CACHE = 32  # distinct filters whose allowed-row bitmap is kept (~1.1 MB each at 1M items)
 
 
 @dataclass(slots=True)
@@ -68,6 +71,7 @@ class Retriever:
         self._lookup = lookup
         self._observe = observe
         self._scales: dict[tuple[float, ...], np.ndarray] = {}
+        self._filters: dict[str, tuple[Filter, RowSet]] = {}
         # (scenario, version, updated_at) → (weights, scale), filled by the app state
         self.scenario_cache: dict[tuple, tuple[tuple[float, ...], np.ndarray]] = {}
 
@@ -109,11 +113,32 @@ class Retriever:
         get = self.item_rows.get
         return [r for r in map(get, ids) if r is not None]
 
-    @staticmethod
-    def _where(excluded: list[int]) -> Where | None:
-        if not excluded:
-            return None
-        return Where(exclude=np.asarray(excluded, dtype=np.int64))
+    # -- filters ----------------------------------------------------------------------------------
+
+    def compile_filter(self, obj: Any) -> tuple[Filter, RowSet]:
+        """(AST, allowed rows) of a request's ``filter``, validated against the bundle's
+        filterable columns (FieldError naming the bad part → 422); cached per distinct filter."""
+        key = filter_key(obj)
+        hit = self._filters.get(key)
+        if hit is None:
+            attrs = self.bundle.attributes
+            try:
+                f = parse_filter(obj, attrs.schema)
+            except FilterError as exc:
+                raise FieldError(exc.loc, exc.msg) from None
+            if len(self._filters) >= FILTER_CACHE:
+                self._filters.clear()
+            hit = self._filters[key] = (f, RowSet(attrs.mask(f)))
+        return hit
+
+    def _where(self, excluded: list[int], filter_: Any = None) -> Where | None:
+        if filter_ is None:
+            if not excluded:
+                return None
+            return Where(exclude=np.asarray(excluded, dtype=np.int64))
+        f, allowed = self.compile_filter(filter_)
+        ex = np.asarray(excluded, dtype=np.int64) if excluded else None
+        return Where(filter=f, allowed=allowed, exclude=ex)
 
     # -- one user ---------------------------------------------------------------------------------
 
@@ -126,6 +151,7 @@ class Retriever:
         exclude: Sequence[str] = (),
         exclude_seen: bool = False,
         explain: bool = False,
+        filter_: Any = None,
     ) -> Hits:
         t0 = time.perf_counter()
         row, hist, cold = self.user(user_id, history)
@@ -135,7 +161,7 @@ class Retriever:
         excluded = self.rows_of(exclude) if exclude else []
         if exclude_seen and hist:
             excluded += self.rows_of(hist)
-        scores, rows = self.bundle.search(e * scale, k, self._where(excluded))
+        scores, rows = self.bundle.search(e * scale, k, self._where(excluded, filter_))
         t3 = time.perf_counter()
         obs = self._observe
         obs("features", t1 - t0)
@@ -170,6 +196,7 @@ class Retriever:
         exclude: Sequence[str] = (),
         exclude_seen: bool = False,
         explain: bool = False,
+        filter_: Any = None,
     ) -> list[Hits]:
         t0 = time.perf_counter()
         resolved = [self.user(uid, hist) for uid, hist in users]
@@ -188,7 +215,7 @@ class Retriever:
         if exclude_seen:
             seen = [set(self.rows_of(hist)) for _, hist, _ in resolved]
             extra = max(map(len, seen), default=0)
-        where = self._where(self.rows_of(exclude)) if exclude else None
+        where = self._where(self.rows_of(exclude) if exclude else [], filter_)
         fetch = min(k + extra, self.n_items)
         scores, rows = self.bundle.search(e * scale, fetch, where)  # (n, fetch)
         t3 = time.perf_counter()
@@ -226,6 +253,7 @@ class Retriever:
             "index": {**b.index.capabilities.as_dict(), **b.index.stats()},
             "items": self.n_items,
             "users": len(b.users),
+            "filterable": b.attributes.schema,
             "response_json_bytes": self.item_json.bytes,
             "manifest": b.manifest.summary(),
             "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.loaded_at)),

@@ -7,7 +7,7 @@ by the routes, which know the settings; the static caps here only bound what one
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
@@ -46,6 +46,18 @@ class RetrieveOptions(_Strict):
     )
     exclude_seen: bool = Field(False, description="never return items in the user's history")
     explain: bool = Field(False, description="add per-objective scores s_t to every item")
+    filter: dict[str, Any] | None = Field(
+        None,
+        description="only items whose attributes match, over the bundle's filterable columns "
+        "(GET /admin/bundle → filterable): "
+        '{"field": "genre", "eq": "drama"}, {"field": "genre", "in": ["drama", "comedy"]}, '
+        '{"field": "price", "gte": 10, "lt": 50}, {"and": [...]}, {"or": [...]}, {"not": {...}}; '
+        "applied inside the search (exact on flat; approximate types search a filter allowing "
+        "< 1 % of items exactly), together with `exclude` and `exclude_seen`",
+        examples=[
+            {"and": [{"field": "genre", "in": ["drama", "comedy"]}, {"field": "price", "lt": 20}]}
+        ],
+    )
 
 
 class RetrieveRequest(UserQuery, RetrieveOptions):
@@ -126,6 +138,7 @@ class BundleInfo(BaseModel):
     )
     items: int
     users: int
+    filterable: dict[str, str] = Field(description="filterable item column → string/number/bool")
     response_json_bytes: int = Field(
         description="memory held by the pre-serialised item JSON (service/item_json.py)"
     )

@@ -137,6 +137,11 @@ class VectorIndex(ABC):
         """Release connections (no-op for in-process indexes)."""
         return None
 
+    def discard(self) -> None:
+        """Undo a build that will not be published: remove what it created outside the bundle
+        folder (an engine collection), then close."""
+        self.close()
+
 
 class IndexSpec(BaseModel):
     """The manifest's ``index`` section: which backend, which index, how it was built and is

@@ -13,7 +13,8 @@ Filters and exclusions are FAISS search-time ID selectors (a bitmap of allowed r
 excluded ones): exact, nothing over-fetched. On the approximate types a very selective filter
 starves the search — IVF scans nprobe lists that hold few allowed items, HNSW's graph walk
 disconnects — so below ``exact_below`` of the catalogue the search is brute force over the allowed
-rows instead (exact, and cheap: 1 % of 1M items is 10k dot products).
+rows instead (exact, and cheap: 1 % of 1M items is 10k dot products). Flat takes the same path
+(same result, less work than testing the selector on every row).
 
 IVF-PQ keeps ``m`` bytes per item (plus ids) in memory; the float32 vectors stay on disk in
 ``vectors.npy``, memory-mapped, for the exact re-rank of ``rerank × k`` candidates, explain and
@@ -166,13 +167,13 @@ class FaissIndex(VectorIndex):
                 )
             else:
                 m, bits = default_pq(d, n, spec.pq_m, spec.pq_bits)
-                pre = f"OPQ{m}," if spec.opq else ""
+                pre = f"OPQ{m}," if spec.opq else ""  # "np": no polysemous training (unused, slow)
                 index = faiss.index_factory(
-                    d, f"{pre}IVF{nlist},PQ{m}x{bits}", faiss.METRIC_INNER_PRODUCT
+                    d, f"{pre}IVF{nlist},PQ{m}x{bits}np", faiss.METRIC_INNER_PRODUCT
                 )
                 build.update({"pq_m": m, "pq_bits": bits, "opq": spec.opq})
                 points = max(points, 64 * 2**bits)  # PQ k-means wants >= 39 points per code
-                faiss.extract_index_ivf(index).pq.cp.seed = spec.seed
+                faiss.downcast_index(faiss.extract_index_ivf(index)).pq.cp.seed = spec.seed
             ivf = faiss.extract_index_ivf(index)
             ivf.cp.seed = spec.seed
             ivf.cp.max_points_per_centroid = max(spec.train_per_list, 1)
@@ -261,11 +262,7 @@ class FaissIndex(VectorIndex):
             allowed, exclude = where.allowed, where.exclude
             if exclude is not None and len(exclude) == 0:
                 exclude = None
-        if (
-            allowed is not None
-            and self.kind != "flat"
-            and allowed.count <= self.exact_below * self.n
-        ):
+        if allowed is not None and allowed.count <= self.exact_below * self.n:
             return self._exact_search(q, k, allowed.rows, exclude)
         sel = _selector(allowed, exclude)
         fetch = k * self._rerank if self._rerank else k
@@ -283,6 +280,8 @@ class FaissIndex(VectorIndex):
         """Brute force over ``rows`` (the allowed set): exact whatever the index type."""
         if exclude is not None:
             rows = rows[~np.isin(rows, exclude)]
+        if len(rows) == 0:
+            return _pad(np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), k)
         scores = q @ self.vectors(rows).T  # (b, |rows|)
         return _top_k(scores, rows, k)
 

@@ -11,7 +11,8 @@ A filter is JSON over the item columns the bundle declares filterable (``manifes
 the declared columns and raising :class:`FilterError` with the path of the bad part
 (``filter.and.1.field``) and what was expected. The AST evaluates to a bitmap over the item table
 (:class:`ItemAttributes`, for FAISS ID selectors) or renders as a Milvus boolean expression.
-A null attribute value matches nothing but ``not``.
+A null attribute value never matches, under ``not`` neither (SQL's three-valued logic, which is
+what Milvus does).
 """
 
 from __future__ import annotations
@@ -227,33 +228,42 @@ class ItemAttributes:
         return cls(cols, table.num_rows)
 
     def mask(self, f: Filter) -> np.ndarray:
-        """(N,) bool: rows the filter allows."""
-        if isinstance(f, And):
-            out = self.mask(f.parts[0])
+        """(N,) bool: rows the filter allows (where it is true; see :meth:`_eval`)."""
+        return self._eval(f)[0]
+
+    def _eval(self, f: Filter) -> tuple[np.ndarray, np.ndarray]:
+        """(true, false) masks under SQL's three-valued logic, as Milvus evaluates expressions:
+        a condition on a null value is unknown — neither true nor false — and ``not`` keeps it
+        unknown, so a null never matches (``not`` included)."""
+        if isinstance(f, And | Or):
+            t, fa = self._eval(f.parts[0])
             for p in f.parts[1:]:
-                out &= self.mask(p)
-            return out
-        if isinstance(f, Or):
-            out = self.mask(f.parts[0])
-            for p in f.parts[1:]:
-                out |= self.mask(p)
-            return out
+                pt, pf = self._eval(p)
+                if isinstance(f, And):
+                    t, fa = t & pt, fa | pf
+                else:
+                    t, fa = t | pt, fa & pf
+            return t, fa
         if isinstance(f, Not):
-            return ~self.mask(f.part)
+            t, fa = self._eval(f.part)
+            return fa, t
         kind, vals, vocab = self._cols[f.field]
+        known = ~np.isnan(vals) if kind == "number" else vals >= 0  # (N,) non-null
         if isinstance(f, Range):
-            out = np.ones(self.n, bool)
+            cond = np.ones(self.n, bool)
             for op, b in (("gt", f.gt), ("gte", f.gte), ("lt", f.lt), ("lte", f.lte)):
                 if b is not None:
-                    out &= _CMP[op](vals, b)
-            return out  # NaN compares False: nulls never match
-        want = (f.value,) if isinstance(f, Eq) else f.values
-        if kind == "string":
-            codes = [vocab[v] for v in want if v in vocab]
-            return np.isin(vals, np.asarray(codes, np.int32)) if codes else np.zeros(self.n, bool)
-        if kind == "bool":
-            return np.isin(vals, np.asarray([int(v) for v in want], np.int8))
-        return np.isin(vals, np.asarray(want, np.float64))
+                    cond &= _CMP[op](vals, b)
+        else:
+            want = (f.value,) if isinstance(f, Eq) else f.values
+            if kind == "string":
+                codes = np.asarray([vocab[v] for v in want if v in vocab], np.int32)
+                cond = np.isin(vals, codes)
+            elif kind == "bool":
+                cond = np.isin(vals, np.asarray([int(v) for v in want], np.int8))
+            else:
+                cond = np.isin(vals, np.asarray(want, np.float64))
+        return cond & known, ~cond & known
 
 
 _CMP = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less, "lte": np.less_equal}

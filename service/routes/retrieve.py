@@ -76,7 +76,7 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
     k = state.check_k(req.k)
     weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
     hits = retriever.retrieve(
-        req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain
+        req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain, req.filter
     )
     state.count(scenario, "single", hits.cold_start, not hits.cold_start)
     items = retriever.items_json(hits)
@@ -129,6 +129,8 @@ async def retrieve_batch(request: Request) -> Response:
     k = state.check_k(req.k)
     weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
     threads = state.settings.batch_threads
+    if req.filter is not None:
+        retriever.compile_filter(req.filter)  # a bad filter is a 422 before the worker thread
 
     def work() -> bytes:
         faiss.omp_set_num_threads(threads)  # per-thread OpenMP setting: the loop thread keeps 1
@@ -139,6 +141,7 @@ async def retrieve_batch(request: Request) -> Response:
             req.exclude,
             req.exclude_seen,
             req.explain,
+            req.filter,
         )
         cold = sum(h.cold_start for h in hits)
         state.count(scenario, "batch", cold, len(hits) - cold)

@@ -184,3 +184,103 @@ def test_scenario_weights_are_used(bundles, make_client):
     ).json()
     assert by_name["scenario"] == "promo" and by_name["weights"] == WEIGHTS
     assert by_name["items"] == explicit["items"]
+
+
+# -- attribute filters -----------------------------------------------------------------------------
+
+FILTER = {"and": [{"field": "genre", "in": ["drama", "comedy"]}, {"field": "price", "lt": 30}]}
+
+
+def _allowed(bundle, pred) -> np.ndarray:
+    """(N,) bool from the bundle's item table, read with plain pyarrow (not the filter code)."""
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(bundle.path / "items.parquet").to_pylist()
+    return np.array([pred(r) for r in rows])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_filter_with_exclusions_matches_brute_force(kind, bundles, loaded, make_client):
+    client, bundle = make_client(bundles[kind]), loaded[kind]
+    assert set(bundle.attributes.schema) == {"genre", "price"}  # the spec's scalar item features
+    user = bundle.users.ids[4]
+    ok = _allowed(bundle, lambda r: r["genre"] in ("drama", "comedy") and r["price"] < 30)
+    assert 0.1 < ok.mean() < 0.5
+    _, _, s_t = _truth(bundle, user)
+    first, _ = _expected(bundle, s_t, WEIGHTS, 40, excluded=np.flatnonzero(~ok))
+    exclude = [bundle.item_ids[r] for r in first[:10:3]]
+    _, hist = bundle.users.get(user)
+    excluded = set(np.flatnonzero(~ok).tolist()) | {bundle.item_rows[i] for i in exclude}
+    excluded |= {bundle.item_rows[h] for h in hist if h in bundle.item_rows}
+    body = {"user_id": user, "k": 25, "weights": WEIGHTS, "exclude": exclude, "exclude_seen": True}
+    r = client.post("/v1/retrieve", json={**body, "filter": FILTER})
+    assert r.status_code == 200, r.text
+    got = [bundle.item_rows[it["item_id"]] for it in r.json()["items"]]
+    want, _ = _expected(bundle, s_t, WEIGHTS, 25, excluded)
+    assert ok[got].all() and not set(got) & excluded
+    if kind == "hnsw":  # filtered graph search stays approximate even with ef >= N (22/25 here)
+        assert len(set(got) & set(want.tolist())) >= 0.8 * len(want)
+    else:
+        assert got == want.tolist()
+
+
+def test_selective_filter_is_exact_on_hnsw(bundles, loaded, make_client):
+    """A filter allowing < 1 % of the catalogue searches exactly over the allowed rows."""
+    client, bundle = make_client(bundles["hnsw"]), loaded["hnsw"]
+    prices = np.sort(np.array(bundle.attributes._cols["price"][1]))
+    cut = float(prices[-8])  # the 8 most expensive items: 0.5 % of 1500
+    ok = _allowed(bundle, lambda r: r["price"] >= cut)
+    r = client.post(
+        "/v1/retrieve",
+        json={
+            "user_id": "u3",
+            "k": 5,
+            "weights": WEIGHTS,
+            "filter": {"field": "price", "gte": cut},
+        },
+    )
+    assert r.status_code == 200, r.text
+    _, _, s_t = _truth(bundle, "u3")
+    want, _ = _expected(bundle, s_t, WEIGHTS, 5, excluded=np.flatnonzero(~ok))
+    assert [bundle.item_rows[it["item_id"]] for it in r.json()["items"]] == want.tolist()
+
+
+@pytest.mark.parametrize(
+    ("flt", "loc", "message"),
+    [
+        ({"field": "colour", "eq": "red"}, ["filter", "field"], 'unknown filter field "colour"'),
+        ({"field": "price", "eq": "cheap"}, ["filter", "eq"], "'price' is a number field"),
+        ({"field": "genre", "gte": 3}, ["filter", "gte"], "need a number field, 'genre' is string"),
+        (
+            {"or": [{"field": "genre", "eq": "drama"}, {"field": "genre", "in": []}]},
+            ["filter", "or", 1, "in"],
+            "expected a list of 1..1024 values",
+        ),
+        ({"field": "genre"}, ["filter"], "needs one of eq, in, gt, gte, lt, lte"),
+        ({"genre": "drama"}, ["filter"], "a filter is one of"),
+        ({"field": "price", "gt": 1, "gte": 2}, ["filter"], "at most one lower"),
+    ],
+)
+def test_bad_filters_are_422_naming_the_part(flt, loc, message, bundles, make_client):
+    client = make_client(bundles["flat"])
+    for path, body in (
+        ("/v1/retrieve", {"user_id": "u1", "filter": flt}),
+        ("/v1/retrieve/batch", {"users": [{"user_id": "u1"}], "filter": flt}),
+    ):
+        r = client.post(path, json=body)
+        assert r.status_code == 422, r.text
+        (detail,) = r.json()["detail"]
+        assert detail["loc"] == ["body", *loc] and message in detail["msg"], detail
+
+
+def test_batch_with_filter_equals_single_calls(bundles, make_client):
+    client = make_client(bundles["ivf"])
+    users = [{"user_id": "u1"}, {"user_id": "ghost"}, {"history": ["i5", "i6"]}]
+    opts = {"k": 8, "weights": WEIGHTS, "exclude_seen": True, "filter": FILTER}
+    r = client.post("/v1/retrieve/batch", json={"users": users, **opts})
+    assert r.status_code == 200, r.text
+    for u, res in zip(users, r.json()["results"], strict=True):
+        single = client.post("/v1/retrieve", json={**u, **opts}).json()
+        assert [it["item_id"] for it in res["items"]] == [it["item_id"] for it in single["items"]]
+    info = client.get("/admin/bundle", headers=AUTH).json()
+    assert info["filterable"] == {"genre": "string", "price": "number"}

@@ -1,0 +1,401 @@
+"""Milvus backend through pymilvus' MilvusClient (the optional ``milvus`` extra).
+
+One URI serves development and production: a file path (``bundles/items.db``) is Milvus Lite, a
+local embedded engine (brute force, one process at a time: for development and tests);
+``http://host:19530`` is Milvus Standalone or Distributed (deploy/docker-compose.yml).
+
+Collection per bundle build: ``<alias>__<UTC time>_<random>`` with the fields ``row`` (INT64
+primary key = the row in the bundle's item table), ``vector`` (FLOAT_VECTOR, inner product) and
+one nullable scalar field per filterable attribute. The bundle pins that versioned collection, so
+its rows always match its item table; after the bundle is published the builder moves the alias
+(``promote``) to it — one atomic switch for anyone reading the alias — and drops every other
+version but the previous one (a replica still serving the previous bundle keeps working).
+
+CSMF's weighting is a scale of the query, so a weighted search is ONE Milvus search of
+``c ⊙ e`` — exact on FLAT — not a WeightedRanker merge of per-objective searches. Filters and
+exclusions become one boolean expression (``csmf.index.filters.to_expr`` and ``row not in``);
+Milvus plans selective filters itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import secrets
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from csmf.errors import BundleError, ConfigError
+from csmf.index.base import Capabilities, IndexSpec, VectorIndex, Where
+from csmf.index.filters import to_expr
+
+try:
+    from pymilvus import DataType, MilvusClient
+    from pymilvus.exceptions import MilvusException
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise BundleError(
+        "the Milvus backend needs pymilvus (and milvus-lite for file URIs): "
+        "pip install 'csmf-retrieval[milvus]'"
+    ) from exc
+
+MILVUS_TYPES = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
+KNOBS = {"IVF_FLAT": "nprobe", "HNSW": "ef"}
+INSERT_BATCH = 5000
+MAX_VARCHAR = 65535
+
+
+@dataclass(frozen=True)
+class MilvusSpec:
+    """How to build a Milvus collection (index_builder.config.BuildConfig makes one)."""
+
+    uri: str
+    alias: str = "csmf_items"
+    kind: str = "flat"  # flat | ivf | hnsw
+    build_params: dict[str, Any] = field(default_factory=dict)  # nlist / M, efConstruction
+    search_params: dict[str, Any] = field(default_factory=dict)  # nprobe / ef
+    token: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in MILVUS_TYPES:
+            raise ConfigError(
+                f"Milvus index must be one of {tuple(MILVUS_TYPES)}, got {self.kind!r}"
+            )
+        if not self.alias.isidentifier():
+            raise ConfigError(f"Milvus collection alias must be an identifier, got {self.alias!r}")
+
+
+_LITE_USERS: dict[str, int] = {}  # Milvus Lite file → open clients in this process
+_LITE_LOCK = threading.Lock()
+
+
+def connect(uri: str, token: str | None = None) -> MilvusClient:
+    """A client for ``uri``: a Milvus Lite file (``*.db``; its folder is created) or a server
+    URL. Close it with :func:`disconnect`, which stops this process' Lite server for the file
+    (and frees its lock) once the last client of the file is gone."""
+    lite = "://" not in uri
+    if lite:
+        if not uri.endswith(".db"):
+            raise BundleError(f"a Milvus Lite URI is a file path ending in .db, got {uri!r}")
+        Path(uri).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        client = MilvusClient(uri=uri, token=token or "")
+    except Exception as exc:  # connection refused, locked Lite file, bad URL
+        hint = ""
+        if lite:
+            hint = (
+                " (Milvus Lite serves one process at a time: serve it with --workers 1 and stop "
+                "other users of the file, or use Milvus Standalone for several workers)"
+            )
+        raise BundleError(f"cannot connect to Milvus at {uri}: {_first_line(exc)}{hint}") from None
+    if lite:
+        with _LITE_LOCK:
+            key = os.path.abspath(uri)
+            _LITE_USERS[key] = _LITE_USERS.get(key, 0) + 1
+    return client
+
+
+def disconnect(client: MilvusClient, uri: str) -> None:
+    client.close()
+    if "://" in uri:
+        return
+    key = os.path.abspath(uri)
+    with _LITE_LOCK:
+        left = _LITE_USERS.get(key, 1) - 1
+        if left > 0:
+            _LITE_USERS[key] = left
+            return
+        _LITE_USERS.pop(key, None)
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(key)
+
+
+class MilvusIndex(VectorIndex):
+    def __init__(
+        self,
+        client: MilvusClient,
+        uri: str,
+        alias: str,
+        collection: str,
+        kind: str,
+        dim: int,
+        n: int,
+        build_params: dict[str, Any],
+        search_params: dict[str, Any],
+    ) -> None:
+        self.client = client
+        self.uri = uri
+        self.alias = alias
+        self.collection = collection  # the versioned collection this index searches (pinned)
+        self.kind = kind
+        self.dim = dim
+        self.n = n
+        self.build_params = dict(build_params)
+        self.capabilities = Capabilities("milvus", MILVUS_TYPES[kind], kind == "flat", True, False)
+        self.build_info: dict[str, Any] = {}
+        self.set_search_params(search_params)
+
+    def __len__(self) -> int:
+        return self.n
+
+    # -- build ------------------------------------------------------------------------------------
+
+    @classmethod
+    def build(
+        cls, vectors: np.ndarray, attributes: pa.Table, spec: MilvusSpec, progress: bool = True
+    ) -> MilvusIndex:
+        """Create a new versioned collection holding (row, vector, attributes) and index it.
+        The alias is moved by :func:`promote` once the bundle that pins it is published."""
+        t0 = time.perf_counter()
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        n, d = x.shape
+        client = connect(spec.uri, spec.token)
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
+        name = f"{spec.alias}__{stamp}_{secrets.token_hex(3)}"
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field("row", DataType.INT64, is_primary=True)
+        schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
+        columns = {}
+        for f in attributes.schema:
+            col = attributes.column(f.name)
+            if pa.types.is_string(f.type):
+                longest = max(
+                    (len(v.encode()) for v in col.to_pylist() if v is not None), default=1
+                )
+                schema.add_field(
+                    f.name, DataType.VARCHAR, max_length=min(MAX_VARCHAR, longest), nullable=True
+                )
+            elif pa.types.is_boolean(f.type):
+                schema.add_field(f.name, DataType.BOOL, nullable=True)
+            else:
+                schema.add_field(f.name, DataType.DOUBLE, nullable=True)
+            columns[f.name] = col.to_pylist()
+        build = _index_params(spec.kind, n, spec.build_params)
+        ip = client.prepare_index_params()
+        ip.add_index(
+            field_name="vector", index_type=MILVUS_TYPES[spec.kind], metric_type="IP", params=build
+        )
+        try:
+            client.create_collection(name, schema=schema, index_params=ip)
+            with tqdm(total=n, desc="insert into milvus", unit="item", disable=not progress) as bar:
+                for s in range(0, n, INSERT_BATCH):
+                    e = min(n, s + INSERT_BATCH)
+                    rows = [
+                        {"row": i, "vector": x[i], **{c: v[i] for c, v in columns.items()}}
+                        for i in range(s, e)
+                    ]
+                    client.insert(name, rows)
+                    bar.update(e - s)
+            client.flush(name)
+            client.load_collection(name)
+        except MilvusException as exc:
+            _drop_quietly(client, name)
+            disconnect(client, spec.uri)
+            raise BundleError(f"Milvus build of {name} at {spec.uri} failed: {exc}") from None
+        params = {**_default_search(spec.kind, build), **spec.search_params}
+        out = cls(client, spec.uri, spec.alias, name, spec.kind, d, n, build, params)
+        out.build_info = {"build_seconds": round(time.perf_counter() - t0, 3)}
+        return out
+
+    @classmethod
+    def connect(cls, spec: IndexSpec, uri: str | None = None) -> MilvusIndex:
+        """The pinned collection of a bundle's index section, at ``uri`` (default: spec.uri)."""
+        uri = uri or spec.uri
+        if not uri or not spec.collection_version:
+            raise BundleError("manifest index section of a milvus bundle lacks uri/collection")
+        kind = {v: k for k, v in MILVUS_TYPES.items()}.get(spec.type)
+        if kind is None:
+            raise BundleError(
+                f"manifest index.type must be one of {list(MILVUS_TYPES.values())} for milvus, "
+                f"got {spec.type!r}"
+            )
+        client = connect(uri)
+        name = spec.collection_version
+        try:
+            if not client.has_collection(name):
+                raise BundleError(
+                    f"Milvus at {uri} has no collection {name!r} (this bundle's version); "
+                    "rebuild the bundle or point CSMF_INDEX_URI at the engine it was built into"
+                )
+            client.load_collection(name)
+            info = client.describe_collection(name)
+            n = int(client.get_collection_stats(name)["row_count"])
+        except MilvusException as exc:
+            disconnect(client, uri)
+            raise BundleError(f"cannot open Milvus collection {name!r} at {uri}: {exc}") from None
+        except BundleError:
+            disconnect(client, uri)
+            raise
+        dim = next(int(f["params"]["dim"]) for f in info["fields"] if f["name"] == "vector")
+        alias = spec.collection or name
+        return cls(client, uri, alias, name, kind, dim, n, spec.build_params, spec.search_params)
+
+    # -- search -----------------------------------------------------------------------------------
+
+    @property
+    def search_params(self) -> dict[str, Any]:
+        return dict(self._params)
+
+    def set_search_params(self, params: dict[str, Any]) -> None:
+        self._params = {k: int(v) for k, v in params.items()}
+        self._search = {"metric_type": "IP", "params": dict(self._params)}
+
+    def knob(self) -> tuple[str, int] | None:
+        name = KNOBS.get(MILVUS_TYPES[self.kind])
+        if name is None:
+            return None
+        return name, int(self.build_params.get("nlist", 4096)) if name == "nprobe" else 4096
+
+    def search(
+        self, queries: np.ndarray, k: int, where: Where | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)  # (b, D)
+        expr = _expression(where)
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        rows = np.full((len(q), k), -1, np.int64)
+        if k == 0 or (where is not None and where.allowed is not None and where.allowed.count == 0):
+            return scores, rows
+        try:
+            res = self.client.search(
+                self.collection,
+                data=list(q),
+                limit=min(k, self.n),
+                filter=expr,
+                output_fields=["row"],
+                search_params=self._search,
+            )
+        except MilvusException as exc:
+            raise BundleError(f"Milvus search on {self.collection} failed: {exc}") from None
+        for i, hits in enumerate(res):
+            ids = hits.ids
+            m = len(ids)
+            rows[i, :m] = ids
+            scores[i, :m] = hits.distances
+        return scores, rows
+
+    def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        got = self.client.query(
+            self.collection, ids=np.unique(rows).tolist(), output_fields=["vector"]
+        )
+        by_row = {int(g["row"]): g["vector"] for g in got}
+        return np.asarray([by_row[int(r)] for r in rows], dtype=np.float32)
+
+    # -- persistence ------------------------------------------------------------------------------
+
+    def save(self, folder: Path) -> dict[str, Any]:
+        return {
+            "backend": "milvus",
+            "type": MILVUS_TYPES[self.kind],
+            "build_params": self.build_params,
+            "search_params": self.search_params,
+            "uri": self.uri,
+            "collection": self.alias,
+            "collection_version": self.collection,
+            "files": [],
+            **self.build_info,
+            **self.stats(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        return {"items": self.n}
+
+    def discard(self) -> None:
+        if self.client is not None:
+            _drop_quietly(self.client, self.collection)
+        self.close()
+
+    def close(self) -> None:
+        if self.client is not None:
+            disconnect(self.client, self.uri)
+            self.client = None
+
+
+def promote(spec: IndexSpec) -> None:
+    """Point ``spec.collection`` (the alias) at ``spec.collection_version``, atomically, and drop
+    this alias' other versions except the one it pointed at until now (a replica may still serve
+    the previous bundle; builds that never got published leave nothing behind)."""
+    client = connect(spec.uri)
+    alias, name = spec.collection, spec.collection_version
+    try:
+        previous = _alias_target(client, alias)
+        if previous is None:
+            client.create_alias(name, alias)
+        elif previous != name:
+            client.alter_alias(name, alias)
+        for old in client.list_collections():
+            if old.startswith(f"{alias}__") and old not in (name, previous):
+                client.drop_collection(old)
+    except MilvusException as exc:
+        raise BundleError(f"cannot move Milvus alias {alias!r} to {name!r}: {exc}") from None
+    finally:
+        disconnect(client, spec.uri)
+
+
+def alias_target(uri: str, alias: str) -> str | None:
+    """The collection ``alias`` points at, or None."""
+    client = connect(uri)
+    try:
+        return _alias_target(client, alias)
+    finally:
+        disconnect(client, uri)
+
+
+def _alias_target(client: MilvusClient, alias: str) -> str | None:
+    try:
+        return client.describe_alias(alias)["collection_name"]
+    except MilvusException:
+        return None
+
+
+def _expression(where: Where | None) -> str:
+    if where is None:
+        return ""
+    parts = []
+    if where.filter is not None:
+        parts.append(f"({to_expr(where.filter)})")
+    if where.exclude is not None and len(where.exclude):
+        parts.append(f"row not in [{', '.join(map(str, where.exclude.tolist()))}]")
+    return " and ".join(parts)
+
+
+def _index_params(kind: str, n: int, given: dict[str, Any]) -> dict[str, Any]:
+    if kind == "ivf":
+        from csmf.index.faiss import default_nlist
+
+        return {"nlist": int(given.get("nlist") or default_nlist(n))}
+    if kind == "hnsw":
+        return {
+            "M": int(given.get("M", 32)),
+            "efConstruction": int(given.get("efConstruction", 200)),
+        }
+    return {}
+
+
+def _default_search(kind: str, build: dict[str, Any]) -> dict[str, Any]:
+    if kind == "ivf":
+        return {"nprobe": min(32, build["nlist"])}
+    if kind == "hnsw":
+        return {"ef": 128}
+    return {}
+
+
+def _drop_quietly(client: MilvusClient, name: str) -> None:
+    with contextlib.suppress(Exception):  # best effort: the build already failed
+        client.drop_collection(name)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,206 @@
+"""The retrieval contract every VectorIndex backend keeps, run against each FAISS index type and
+Milvus Lite (real engines, no mocks): weighted search exact on the exact types and within the
+recall floor on the others, filters and exclusions equal to brute force over the allowed rows,
+the selective-filter fallback, stored vectors read back."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from csmf.index import IndexSpec, RowSet, VectorIndex, Where, open_index
+from csmf.index.faiss import FaissIndex, FaissSpec
+from csmf.index.filters import ItemAttributes, parse_filter
+from csmf.weights import slice_scale
+from index_builder.recall import recall_with_ties, weight_grid
+
+N, D, SIZES, K = 3000, 16, (6, 5, 5), 20
+SCHEMA = {"genre": "string", "price": "number", "in_stock": "bool"}
+FAISS_KINDS = {
+    "flat": FaissSpec("flat"),
+    "ivf": FaissSpec("ivf", nlist=32, nprobe=16),
+    "hnsw": FaissSpec("hnsw", hnsw_m=16, ef_search=128, centered=True),
+    "ivfpq": FaissSpec("ivfpq", nlist=32, nprobe=16, pq_m=4, pq_bits=6, rerank=8),
+}
+BACKENDS = [*FAISS_KINDS, "milvus-flat"]
+EXACT = {"flat", "milvus-flat"}
+FILTERS = [
+    {"field": "genre", "eq": "drama"},
+    {"field": "genre", "in": ["comedy", "horror", "nope"]},
+    {"field": "price", "gte": 10.0, "lt": 40},
+    {"and": [{"field": "in_stock", "eq": True}, {"not": {"field": "genre", "eq": "drama"}}]},
+    {"or": [{"field": "price", "gt": 60}, {"field": "genre", "eq": "docu"}]},
+]
+
+
+def _data():
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((40, D)) * 2
+    x = centres[rng.integers(0, 40, N)] + rng.standard_normal((N, D)) * 0.7 + 0.5
+    users = rng.standard_normal((40, D)).astype(np.float32)
+    genres = np.array(["action", "drama", "comedy", "horror", "docu"])[rng.integers(0, 5, N)]
+    genre = [None if i % 17 == 0 else str(g) for i, g in enumerate(genres)]  # some nulls
+    price = [None if i % 13 == 0 else float(p) for i, p in enumerate(rng.gamma(2.0, 15.0, N))]
+    stock = [None if i % 29 == 0 else bool(b) for i, b in enumerate(rng.random(N) < 0.6)]
+    table = pa.table(
+        {
+            "genre": pa.array(genre, pa.string()),
+            "price": pa.array(price, pa.float64()),
+            "in_stock": pa.array(stock, pa.bool_()),
+        }
+    )
+    return x.astype(np.float32), users, table
+
+
+X, USERS, TABLE = _data()
+ATTRS = ItemAttributes.from_table(TABLE, SCHEMA)
+
+
+def _build(name: str, folder: Path, milvus_uri: str) -> VectorIndex:
+    if name.startswith("milvus"):
+        pytest.importorskip("pymilvus")
+        from csmf.index.milvus import MilvusIndex, MilvusSpec, promote
+
+        built = MilvusIndex.build(X, TABLE, MilvusSpec(milvus_uri, "contract"), progress=False)
+        spec = IndexSpec.model_validate(built.save(folder))
+        built.close()
+        promote(spec)
+    else:
+        built = FaissIndex.build(X, FAISS_KINDS[name], progress=False)
+        spec = IndexSpec.model_validate(built.save(folder))
+    return open_index(spec, folder)  # what the service does: from the manifest section
+
+
+@pytest.fixture(scope="module")
+def indexes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("contract")
+    cache: dict[str, VectorIndex] = {}
+
+    def get(name: str) -> VectorIndex:
+        if name not in cache:
+            folder = root / name
+            folder.mkdir()
+            cache[name] = _build(name, folder, str(root / "milvus.db"))
+        return cache[name]
+
+    yield get
+    for index in cache.values():
+        index.close()
+
+
+def _truth(q: np.ndarray, allowed: np.ndarray | None = None, exclude=()) -> tuple:
+    """Brute force: (Q, k) best scores and rows among allowed, non-excluded rows."""
+    scores = q.astype(np.float64) @ X.T.astype(np.float64)  # (Q, N)
+    ok = np.ones(N, bool) if allowed is None else allowed.copy()
+    ok[list(exclude)] = False
+    scores[:, ~ok] = -np.inf
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :K]
+    return np.take_along_axis(scores, rows, 1), rows
+
+
+def _check(name: str, q: np.ndarray, scores, rows, allowed=None, exclude=(), min_recall=0.9):
+    want_s, want_r = _truth(q, allowed, exclude)
+    n_ok = int(np.isfinite(want_s[0]).sum())
+    valid = rows >= 0
+    got = rows[valid]
+    if allowed is not None:
+        assert allowed[got].all(), f"{name}: a result outside the filter"
+    assert not set(got.tolist()) & set(exclude), f"{name}: an excluded row was returned"
+    # every returned score is the exact inner product of its row
+    exact = np.einsum("qd,qkd->qk", q, X[np.where(valid, rows, 0)])
+    np.testing.assert_allclose(scores[valid], exact[valid], rtol=1e-5, atol=1e-4)
+    recall = recall_with_ties(X, q, rows, want_s.astype(np.float32))
+    if name in EXACT:
+        assert (valid.sum(1) == n_ok).all()
+        np.testing.assert_allclose(scores[:, :n_ok], want_s[:, :n_ok], rtol=1e-5, atol=1e-5)
+        assert recall.min() * K >= n_ok - 1e-9, f"{name}: not the exact top-k"
+    else:
+        assert recall.mean() * K / n_ok >= min_recall, (name, recall.mean())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_weighted_search(name, indexes):
+    index = indexes(name)
+    assert len(index) == N and index.dim == D
+    assert index.capabilities.exact == (name in EXACT)
+    for w in weight_grid(3):
+        q = np.ascontiguousarray(USERS * slice_scale(w, SIZES), dtype=np.float32)
+        scores, rows = index.search(q, K)
+        assert scores.shape == rows.shape == (len(q), K)
+        _check(name, q, scores, rows)
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_filters_and_exclusions_match_brute_force(name, indexes):
+    index = indexes(name)
+    q = np.ascontiguousarray(USERS[:10] * slice_scale((1, 1.8, 1.2), SIZES), dtype=np.float32)
+    _, top = _truth(q[:1])
+    exclude = top[0, ::2].tolist()  # half of the true top-k
+    for obj in FILTERS:
+        f = parse_filter(obj, SCHEMA)
+        allowed = RowSet(ATTRS.mask(f))
+        assert 0.05 * N < allowed.count < N  # not the selective regime: that is the next test
+        for ex in ((), exclude):
+            where = Where(filter=f, allowed=allowed, exclude=np.asarray(ex, np.int64))
+            scores, rows = index.search(q, K, where)
+            _check(name, q, scores, rows, allowed.mask, ex, min_recall=0.85)
+
+
+def test_null_attributes_never_match_not_even_under_not():
+    """Three-valued logic, as Milvus evaluates it (checked against Milvus in the test above)."""
+    null_genre = np.array([g is None for g in TABLE.column("genre").to_pylist()])
+    eq = ATTRS.mask(parse_filter({"field": "genre", "eq": "drama"}, SCHEMA))
+    neq = ATTRS.mask(parse_filter({"not": {"field": "genre", "eq": "drama"}}, SCHEMA))
+    assert not (eq | neq)[null_genre].any() and (eq | neq)[~null_genre].all()
+    either = parse_filter(
+        {"or": [{"field": "genre", "eq": "drama"}, {"field": "price", "gte": 0}]}, SCHEMA
+    )
+    assert ATTRS.mask(either)[null_genre].any()  # or: the non-null side decides
+
+
+@pytest.mark.parametrize("name", ["ivf", "hnsw", "ivfpq", "flat"])
+def test_selective_filter_falls_back_to_exact_search(name, indexes, tmp_path):
+    index = indexes(name)
+    rare = ATTRS.mask(parse_filter({"field": "price", "gt": 120}, SCHEMA))  # ~0.3 % of items
+    allowed = RowSet(rare)
+    assert 0 < allowed.count <= index.exact_below * N
+    q = np.ascontiguousarray(USERS * slice_scale((1, 1.8, 1.2), SIZES), dtype=np.float32)
+    scores, rows = index.search(q, K, Where(allowed=allowed))
+    want_s, want_r = _truth(q, rare)
+    n_ok = min(K, allowed.count)
+    np.testing.assert_array_equal(rows[:, :n_ok], want_r[:, :n_ok])
+    np.testing.assert_allclose(scores[:, :n_ok], want_s[:, :n_ok], rtol=1e-5, atol=1e-5)
+    assert (rows[:, n_ok:] == -1).all()
+    if name == "ivf":  # without the fallback the IVF scan starves: fewer/wrong results
+        index.exact_below = 0.0
+        try:
+            _, ann = index.search(q, K, Where(allowed=allowed))
+        finally:
+            index.exact_below = 0.01
+        hit = recall_with_ties(X, q, ann, want_s.astype(np.float32)) * K / n_ok
+        assert hit.mean() < 0.95
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_stored_vectors_read_back(name, indexes):
+    index = indexes(name)
+    rows = np.array([5, 0, 2999, 5, 1234])
+    np.testing.assert_allclose(index.vectors(rows), X[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_ivfpq_keeps_less_in_memory_and_needs_its_rerank(indexes):
+    flat, pq = indexes("flat"), indexes("ivfpq")
+    assert pq.stats()["bytes_per_item"] < flat.stats()["bytes_per_item"] / 2
+    assert pq.stats()["exact_vectors_bytes"] == N * D * 4  # on disk, memory-mapped
+    q = np.ascontiguousarray(USERS * slice_scale((1, 1.8, 1.2), SIZES), dtype=np.float32)
+    want_s, _ = _truth(q)
+    with_rr = recall_with_ties(X, q, pq.search(q, K)[1], want_s.astype(np.float32)).mean()
+    pq.set_search_params({**pq.search_params, "rerank": 0})
+    try:
+        without = recall_with_ties(X, q, pq.search(q, K)[1], want_s.astype(np.float32)).mean()
+    finally:
+        pq.set_search_params({**pq.search_params, "rerank": 8})
+    assert with_rr > without
