@@ -234,7 +234,9 @@ def _host_path(src: str) -> Path | None:
 
 def test_compose_services_images_and_bind_mounts(compose):
     services = compose["services"]
-    assert set(services) == {"csmf", "redis", "prometheus", "grafana"}
+    assert set(services) == {
+        "csmf", "redis", "prometheus", "grafana", "milvus", "milvus-etcd", "milvus-minio",
+    }  # fmt: skip
     csmf = services["csmf"]
     assert (DEPLOY / csmf["build"]["context"] / csmf["build"]["dockerfile"]).resolve() == (
         ROOT / "Dockerfile"
@@ -277,6 +279,24 @@ def test_compose_csmf_command_env_ports_and_redis(compose, monkeypatch):
     assert redis.port == 6379
     assert csmf["depends_on"][redis.hostname]["condition"] == "service_healthy"
     assert "healthcheck" in services[redis.hostname]
+
+
+def test_compose_milvus_standalone_is_opt_in_and_reachable_by_the_service(compose):
+    services = compose["services"]
+    milvus = services["milvus"]
+    # opt-in: `docker compose up` alone starts no Milvus (FAISS bundles need none)
+    for name in ("milvus", "milvus-etcd", "milvus-minio"):
+        assert services[name]["profiles"] == ["milvus"], name
+    assert "profiles" not in services["csmf"]
+    assert milvus["image"].startswith("milvusdb/milvus:v2.")
+    assert milvus["command"] == ["milvus", "run", "standalone"]
+    env = milvus["environment"]
+    for key, port in (("ETCD_ENDPOINTS", 2379), ("MINIO_ADDRESS", 9000)):
+        host, p = env[key].split(":")
+        assert host in services and int(p) == port and host in milvus["depends_on"]
+    uri = urlparse(env_default(services["csmf"]["environment"]["CSMF_INDEX_URI"]))
+    assert uri.hostname == "milvus" and uri.port == 19530
+    assert "127.0.0.1:19530:19530" in milvus["ports"]
 
 
 def test_compose_prometheus_scrapes_the_service_and_loads_the_rules(compose):

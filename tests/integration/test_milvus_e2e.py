@@ -108,3 +108,6 @@ def test_new_bundle_moves_the_alias_and_old_bundles_keep_their_version(service_r
     ):
         load_bundle(a_path)
     load_bundle(b_path).index.close()
+    # CSMF_INDEX_URI (Settings.index_uri) overrides the URI the bundle was built with
+    with pytest.raises(BundleError, match="other.db has no collection 'swap__"):
+        load_bundle(b_path, index_uri=str(tmp_path / "other.db"))
