@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
     [
         ("ivf", {}),
         # a random untrained ReLU tower is a hard case for HNSW on inner product (see
-        # faiss_index.build_faiss_index); 0.8 is what this random model supports at ef=128
+        # csmf.index.faiss); 0.8 is what this random model supports at ef=128
         ("hnsw", {"recall_floor": 0.8}),
         # 3 bytes of PQ code per item; the exact re-rank from the memory-mapped vectors restores
         # the recall the codes alone lose
