@@ -1,12 +1,15 @@
 """The trainer → index-builder file format: one ``checkpoint.pt`` in a run folder.
 
 Holds the tower weights with their owner buffers, the model config, feature spec, vocabularies,
-cascade objectives, the full training config and metrics. Everything but the state dict is plain
-JSON-able data, so readers never unpickle arbitrary objects (``weights_only=True``).
+cascade objectives, the full training config and metrics, and the run's *provenance*: a content
+fingerprint of the dataset it trained on and hashes of its vocabularies, so the index builder can
+refuse an item table or a dataset folder the model was not trained on. Everything but the state
+dict is plain JSON-able data, so readers never unpickle arbitrary objects (``weights_only=True``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +23,10 @@ from csmf.towers import ModelConfig, TwoTower
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_NAME = "checkpoint.pt"
+# The files of a dataset folder that training reads (trainer/data/dataset.py); metadata such as
+# dataset.json or a synthetic generator's truth.npz is not part of the fingerprint.
+DATASET_FILES = ("events.parquet", "users.parquet", "items.parquet", "candidates.parquet")
+DATASET_DIRS = ("events",)
 
 
 @dataclass
@@ -33,6 +40,9 @@ class Checkpoint:
     dataset: str = ""  # path of the dataset folder the run trained on
     train_config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    # dataset fingerprint + per-file hashes + vocabulary hashes (see training_provenance); empty
+    # in checkpoints written before it existed
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def build_model(self) -> TwoTower:
         """A TwoTower with this checkpoint's weights and owners, in eval mode."""
@@ -64,6 +74,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "dataset": ckpt.dataset,
         "train_config": ckpt.train_config,
         "metrics": ckpt.metrics,
+        "provenance": ckpt.provenance,
     }
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -99,6 +110,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         dataset=raw.get("dataset", ""),
         train_config=raw.get("train_config", {}),
         metrics=raw.get("metrics", {}),
+        provenance=raw.get("provenance", {}),
     )
 
 
@@ -108,4 +120,52 @@ def _spec_dict(d: dict[str, Any]) -> dict[str, Any]:
         "user": {k: v for k, v in d["user"].items() if v is not None},
         "item": {k: v for k, v in d["item"].items() if v is not None},
         "display": d.get("display", ()),
+    }
+
+
+# -- provenance ------------------------------------------------------------------------------------
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_files(root: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of the files training reads from the dataset folder ``root``.
+    Reading every byte once is cheap next to training on them (~1 GB/s)."""
+    root = Path(root)
+    paths = [root / n for n in DATASET_FILES if (root / n).is_file()]
+    for d in DATASET_DIRS:
+        if (root / d).is_dir():
+            paths += sorted(p for p in (root / d).rglob("*.parquet") if p.is_file())
+    return {p.relative_to(root).as_posix(): _file_sha256(p) for p in sorted(paths)}
+
+
+def dataset_fingerprint(files: dict[str, str]) -> str:
+    """One id for a dataset's content: a hash of its files' names and hashes."""
+    text = "".join(f"{name}\0{sha}\n" for name, sha in sorted(files.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def vocab_hash(vocab: TowerVocab) -> str:
+    """A hash of a tower's id vocabulary (the ids, in embedding-row order)."""
+    return hashlib.sha256("\n".join(vocab.ids.values).encode()).hexdigest()[:16]
+
+
+def training_provenance(
+    dataset: str | Path, user_vocab: TowerVocab, item_vocab: TowerVocab
+) -> dict:
+    """What a checkpoint records about the data it was trained on (checked by the index builder)."""
+    files = dataset_files(dataset)
+    return {
+        "dataset_fingerprint": dataset_fingerprint(files),
+        "dataset_files": files,
+        "item_vocab_hash": vocab_hash(item_vocab),
+        "user_vocab_hash": vocab_hash(user_vocab),
+        "items": len(item_vocab.ids.values),
+        "users": len(user_vocab.ids.values),
     }

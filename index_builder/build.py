@@ -42,6 +42,7 @@ from index_builder.encode import (
     read_table,
     user_encoder_from_model,
 )
+from index_builder.provenance import check_provenance
 from index_builder.publish import publish, staging_dir
 from index_builder.recall import check_recall, tune_search_params, weight_grid
 from index_builder.snapshot import build_user_snapshot
@@ -102,6 +103,9 @@ def build_bundle(
     item_table = read_table(items_path)
     if item_table.num_rows == 0:
         raise DataError(f"item table {items_path} is empty")
+    provenance = check_provenance(
+        ckpt, run, item_table, items_path, cfg.allow_unknown_items, cfg.allow_dataset_change
+    )  # DataError when the items or the dataset are not what the run trained on
     with staging_dir(out) as stage:
         encoder = user_encoder_from_model(
             model.user, feats.user, ckpt.user_vocab, ckpt.item_vocab.ids, perm
@@ -174,7 +178,7 @@ def build_bundle(
             snapshot=snapshot_info,
             model=ckpt.model_config.to_dict(),
             training=_training_summary(ckpt, run),
-            source={"run": str(run), "items": str(items_path)},
+            source={"run": str(run), "items": str(items_path), "provenance": provenance.summary()},
             build={
                 "config": cfg.to_dict(),
                 "seconds": round(time.perf_counter() - t0, 3),

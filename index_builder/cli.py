@@ -127,10 +127,27 @@ def build_index(
     ] = HistoryKind.train,
     threads: Annotated[int, typer.Option(help="FAISS/torch threads (0 = all cores).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed for k-means and query sampling.")] = 0,
+    allow_unknown_items: Annotated[
+        bool,
+        typer.Option(
+            "--allow-unknown-items",
+            help="Index item ids the checkpoint was not trained on as cold items (features only, "
+            "the unknown-id embedding). Without it such items are an error naming their count.",
+        ),
+    ] = False,
+    allow_dataset_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-dataset-change",
+            help="Build although the run's dataset folder no longer has the content fingerprint "
+            "recorded at training (replaced or modified). Without it that is an error.",
+        ),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
 ) -> None:
     """Encode the catalogue, build a FAISS inner-product index, check weighted-query recall and
-    publish a verified bundle atomically."""
+    publish a verified bundle atomically. First checks that the item table and the dataset are
+    the ones the checkpoint was trained on (vocabulary and dataset fingerprint)."""
     from index_builder.build import build_bundle
     from index_builder.config import BuildConfig
 
@@ -162,11 +179,15 @@ def build_index(
             history=history.value,
             threads=threads,
             seed=seed,
+            allow_unknown_items=allow_unknown_items,
+            allow_dataset_change=allow_dataset_change,
         )
         path, m = build_bundle(run, out, cfg, items=items, progress=not quiet)
     except CsmfError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
+    for warning in m.source.get("provenance", {}).get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
     rc = m.recall_check
     typer.echo(
         f"bundle {path}: {m.item_count} items, {m.user_count} users, {m.index.backend} "

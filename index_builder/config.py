@@ -93,6 +93,14 @@ class BuildConfig:
     )
     threads: int = field(default=0, metadata={"help": "FAISS/torch threads; 0 = all cores"})
     seed: int = field(default=0, metadata={"help": "seed for k-means and query sampling"})
+    allow_unknown_items: bool = field(
+        default=False,
+        metadata={"help": "index item ids the checkpoint has no embedding for, as cold items"},
+    )
+    allow_dataset_change: bool = field(
+        default=False,
+        metadata={"help": "build although the dataset's fingerprint differs from training's"},
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import torch
 
-from csmf.checkpoint import CHECKPOINT_NAME, Checkpoint, load_checkpoint, new_model, save_checkpoint
+from csmf.checkpoint import (
+    CHECKPOINT_NAME,
+    Checkpoint,
+    load_checkpoint,
+    new_model,
+    save_checkpoint,
+    training_provenance,
+)
 from csmf.weights import parse_weights
 from trainer.cascade import Log, run_cascade
 from trainer.config import RunConfig
@@ -61,6 +68,7 @@ def train_run(
         dataset=str(Path(data).resolve()),
         train_config=cfg.to_dict(),
         metrics=metrics,
+        provenance=training_provenance(data, enc.user_vocab, enc.item_vocab),
     )
     out = Path(out)
     path = save_checkpoint(ckpt, out / CHECKPOINT_NAME)

@@ -6,7 +6,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from csmf.checkpoint import load_checkpoint
+from csmf.checkpoint import dataset_files, dataset_fingerprint, load_checkpoint, vocab_hash
 from trainer import cli
 
 runner = CliRunner()
@@ -39,6 +39,11 @@ def test_train_writes_checkpoint_with_dataset_config_and_metrics(run_dir, tiny_d
     assert len(ckpt.metrics["stages"]) == 3
     assert (run_dir / "train_metrics.json").exists()
     ckpt.build_model()  # owners consistent
+    # provenance for `csmf build-index` (tests/index_builder/test_provenance.py)
+    prov = ckpt.provenance
+    assert prov["dataset_fingerprint"] == dataset_fingerprint(dataset_files(tiny_data))
+    assert prov["item_vocab_hash"] == vocab_hash(ckpt.item_vocab)
+    assert prov["items"] == len(ckpt.item_vocab.ids.values)
 
 
 def test_eval_prints_table_and_writes_json(run_dir):
