@@ -39,24 +39,21 @@ def serve(
     for var in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, "1")
     import uvicorn
-
-    from csmf.bundle import read_manifest
-    from csmf.errors import CsmfError
-
-    os.environ["CSMF_BUNDLE"] = str(bundle.resolve())
-    try:
-        manifest = read_manifest(bundle)  # a clear error now rather than from inside a worker
-    except CsmfError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
     from pydantic import ValidationError
 
+    from csmf.errors import CsmfError
     from service.settings import Settings
 
+    os.environ["CSMF_BUNDLE"] = str(bundle.resolve())
     try:
         settings = Settings()
     except ValidationError as exc:
         typer.echo(f"error: invalid CSMF_* setting: {exc}", err=True)
+        raise typer.Exit(2) from None
+    try:  # a clear error now rather than a traceback from inside a worker's startup
+        manifest = _preflight(bundle, settings.verify_bundle)
+    except CsmfError as exc:
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(
         f"serving {bundle} (model {manifest.model_version}, {manifest.item_count} items, "
@@ -79,3 +76,25 @@ def serve(
         uvicorn.run("service.main:app_from_env", factory=True, workers=workers, **common)
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+def _preflight(bundle: Path, verify: bool):
+    """The manifest, and every file present at its recorded size (free: a stat each) and, with
+    CSMF_VERIFY_BUNDLE, its recorded SHA-256 (what each worker checks again when it loads):
+    a truncated or corrupted bundle is one ``error:`` line and exit 2, not a worker's traceback."""
+    from csmf.bundle import read_manifest, verify_files
+    from csmf.errors import BundleError
+
+    manifest = read_manifest(bundle)
+    if verify:
+        verify_files(bundle, manifest)
+        return manifest
+    for name, rec in manifest.files.items():
+        p = bundle / name
+        size = p.stat().st_size if p.is_file() else None
+        if size != rec.bytes:
+            raise BundleError(
+                f"file {name} in bundle {bundle} is missing or truncated: "
+                f"{size} bytes, manifest says {rec.bytes}"
+            )
+    return manifest

@@ -1,8 +1,11 @@
 """`csmf serve` fails fast, with one clear line, on what it can check before starting uvicorn."""
 
 import os
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 
 def _serve(*args: str, **env: str) -> subprocess.CompletedProcess:
@@ -21,6 +24,39 @@ def test_bad_setting(bundles):
     r = _serve("--bundle", str(bundles["flat"]), CSMF_MAX_K="lots")
     assert r.returncode == 2
     assert "invalid CSMF_* setting" in r.stderr and "max_k" in r.stderr
+
+
+def _copy(bundle, tmp_path):
+    out = tmp_path / "b"
+    shutil.copytree(bundle, out)
+    return out
+
+
+@pytest.mark.parametrize("verify", ["true", "false"])
+def test_truncated_bundle_is_one_error_line(bundles, tmp_path, verify):
+    b = _copy(bundles["flat"], tmp_path)
+    data = (b / "index.faiss").read_bytes()
+    (b / "index.faiss").write_bytes(data[: len(data) // 2])
+    r = _serve("--bundle", str(b), CSMF_VERIFY_BUNDLE=verify)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "index.faiss" in lines[0]
+    assert "truncated" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_corrupt_bundle_file_and_manifest_are_one_error_line(bundles, tmp_path):
+    b = _copy(bundles["flat"], tmp_path)
+    data = bytearray((b / "items.parquet").read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes
+    (b / "items.parquet").write_bytes(bytes(data))
+    r = _serve("--bundle", str(b))
+    assert r.returncode == 2 and r.stderr.startswith("error: checksum mismatch for items.parquet")
+    assert len(r.stderr.strip().splitlines()) == 1
+    text = (b / "manifest.json").read_text()
+    (b / "manifest.json").write_text(text[: len(text) // 3])
+    r = _serve("--bundle", str(b))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_help_lists_the_options():
