@@ -16,6 +16,11 @@ from csmf.errors import WeightsError
 
 DEFAULT_OBJECTIVES = ("exposure", "click", "conversion")
 DEFAULT_WEIGHTS = (1.0, 1.8, 1.2)  # the paper's default triplet <k_d, k_o, k_r>
+# Bounds of one weight. Query scales and scores are float32 (max ~3.4e38, ~7 significant digits):
+# a weight of 1e308 overflows the scale to inf and every score to inf/NaN, and a weight more than
+# ~1e6 times another cannot change a ranking anyway. Only ratios matter: scale weights into range.
+MAX_WEIGHT = 1e6
+MIN_LARGEST_WEIGHT = 1e-6  # the largest weight must reach this (smaller: scores underflow)
 
 
 def parse_weights(
@@ -48,9 +53,19 @@ def parse_weights(
             raise WeightsError(f"weight for {name!r} must be finite, got {v!r}")
         if f < 0:
             raise WeightsError(f"weight for {name!r} must be >= 0, got {f}")
+        if f > MAX_WEIGHT:
+            raise WeightsError(
+                f"weight for {name!r} must be <= {MAX_WEIGHT:g}, got {f:g} (scores are float32; "
+                "only the ratios between weights matter, so scale them down)"
+            )
         out.append(f)
     if not any(out):
         raise WeightsError("weights must not all be zero")
+    if max(out) < MIN_LARGEST_WEIGHT:
+        raise WeightsError(
+            f"weights are too small: the largest is {max(out):g}, expected at least "
+            f"{MIN_LARGEST_WEIGHT:g} (scores are float32; only the ratios matter, so scale them up)"
+        )
     return tuple(out)
 
 

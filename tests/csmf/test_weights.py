@@ -44,6 +44,8 @@ def test_by_name_missing_names_are_zero():
         ([1, float("inf"), 1], "weight for 'click' must be finite"),
         ([1, -0.5, 1], "weight for 'click' must be >= 0, got -0.5"),
         ([0, 0, 0], "must not all be zero"),
+        ([1e308, 1, 1], "weight for 'exposure' must be <= 1e+06, got 1e+308"),
+        ([0, 1e-300, 0], "weights are too small: the largest is 1e-300"),
         (["a", 1, 1], "weight for 'exposure' must be a number, got 'a'"),
     ],
 )
@@ -51,6 +53,11 @@ def test_bad_weights_are_refused_with_a_message(weights, message):
     with pytest.raises(WeightsError) as err:
         parse_weights(weights, OBJ)
     assert message in str(err.value)
+
+
+def test_weights_at_the_bounds_give_finite_float32_scales():
+    for k in ([1e6, 1e6, 1e6], [1e-6, 0, 0], [1e6, 0, 1e-6]):
+        assert np.isfinite(slice_scale(parse_weights(k, OBJ), [2, 1, 3])).all()
 
 
 @pytest.mark.parametrize("sizes", [(2, 1, 3), (3, 0, 3), (0, 4, 2), (6, 0, 0)])

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 from fixtures.services import AUTH
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,6 +57,22 @@ def test_non_finite_weights_are_422(client, token):
     r = client.post("/v1/retrieve", content=body, headers={"content-type": "application/json"})
     assert ("body", "weights") in _loc(r)
     assert "finite" in r.json()["detail"][0]["msg"]
+
+
+@pytest.mark.parametrize("path", ["/v1/retrieve", "/v1/retrieve/batch"])
+def test_overflowing_weights_are_422_and_scores_always_finite(client, path):
+    user = {"user_id": "u1"} if path == "/v1/retrieve" else {"users": [{"user_id": "u1"}]}
+    r = client.post(path, json={**user, "k": 5, "weights": [1e308, 1, 1]})
+    assert r.status_code == 422 and "must be <= 1e+06" in r.json()["detail"][0]["msg"], r.text
+    for weights in ([1e6, 1e6, 1e6], [1e-6, 0, 0], [1e6, 0, 1e-6]):  # the extremes allowed
+        r = client.post(path, json={**user, "k": 5, "weights": weights, "explain": True})
+        assert r.status_code == 200, r.text
+        assert "Infinity" not in r.text and "NaN" not in r.text
+        body = json.loads(r.text)
+        items = body["items"] if "items" in body else body["results"][0]["items"]
+        assert len(items) == 5
+        assert all(math.isfinite(i["score"]) for i in items)
+        assert all(math.isfinite(v) for i in items for v in i["scores"].values())
 
 
 def test_invalid_json_and_empty_body_are_422(client):
@@ -167,6 +186,9 @@ def test_scenario_crud(client):
         ([0, 0, 0], "all be zero"),
         ({"purchase": 1}, "unknown objective"),
         ([1, 1], "expected 3 weights"),
+        ([], "expected 3 weights"),
+        ({}, "all be zero"),
+        ([1e308, 1, 1], "must be <= 1e+06"),  # was accepted: every retrieve then came back empty
     ],
 )
 def test_scenario_validation(client, weights, msg):
