@@ -134,7 +134,7 @@ def _route(scope) -> str:
 
 
 def create_app(settings: Settings) -> FastAPI:
-    metrics = ServiceMetrics()
+    metrics = ServiceMetrics(settings.metrics_scenario_labels)
     state = AppState(settings, metrics)
 
     @asynccontextmanager

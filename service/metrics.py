@@ -9,6 +9,7 @@ a deleted scenario or a replaced bundle never leaves a stale series behind.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -55,8 +56,30 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
+SCENARIO_LABEL_MODES = ("name", "hash", "none")
+NAMED = "_named"  # scenario label of every named scenario when names are not exposed ("none")
+
+
+def scenario_label(name: str | None, mode: str) -> str:
+    """The ``scenario`` label of a request or weight series. /metrics is unauthenticated, so
+    scenario names (which can carry campaign names) can be replaced by a stable hash ("hash":
+    ``h-`` + 10 hex digits of SHA-256, the same on every replica) or omitted ("none")."""
+    if name is None:
+        return EXPLICIT
+    if mode == "hash":
+        return "h-" + hashlib.sha256(name.encode()).hexdigest()[:10]
+    if mode == "none":
+        return NAMED
+    return name
+
+
 class ServiceMetrics:
-    def __init__(self) -> None:
+    def __init__(self, scenario_labels: str = "name") -> None:
+        if scenario_labels not in SCENARIO_LABEL_MODES:
+            raise ValueError(
+                f"scenario_labels must be one of {SCENARIO_LABEL_MODES}, got {scenario_labels!r}"
+            )
+        self.scenario_labels = scenario_labels
         self.registry = CollectorRegistry()
         r = self.registry
         self.request_seconds = Histogram(
@@ -111,7 +134,7 @@ class ServiceMetrics:
             self.reloads_total.labels(result)
         for store in STORES:
             self.store_errors_total.labels(store)
-        self.requests_total.labels("default", "single")
+        self.requests_total.labels(scenario_label("default", scenario_labels), "single")
         self.stage = {s: self.stage_seconds.labels(s) for s in STAGES}
         self._route_status: dict[tuple[str, int], object] = {}
 
@@ -162,6 +185,7 @@ def state_metrics(
     scenarios: Iterable[tuple[str, dict[str, float]]],
     stores: Iterable[tuple[str, str, float]],
     corrupt_files: int = 0,
+    scenario_labels: str = "name",
 ) -> list[Metric]:
     """Scrape-time gauges from the serving state (see the module docstring)."""
     info = GaugeMetricFamily(
@@ -181,9 +205,10 @@ def state_metrics(
         "Objective weight k_t of each scenario",
         labels=["scenario", "objective"],
     )
-    for name, w in scenarios:
-        for obj, v in w.items():
-            weights.add_metric([name, obj], v)
+    if scenario_labels != "none":  # "none": which weights a campaign uses is not exposed either
+        for name, w in scenarios:
+            for obj, v in w.items():
+                weights.add_metric([scenario_label(name, scenario_labels), obj], v)
     age = GaugeMetricFamily(
         "csmf_store_sync_age_seconds",
         "Seconds since the store last synced with its backend",

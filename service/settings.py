@@ -63,6 +63,13 @@ class Settings(BaseSettings):
         "batch client on an otherwise idle machine",
     )
 
+    metrics_scenario_labels: Literal["name", "hash", "none"] = Field(
+        "name",
+        description="the `scenario` label on /metrics (which is unauthenticated): the scenario "
+        "name; `hash`: h- + 10 hex digits of its SHA-256 (stable across replicas); `none`: every "
+        "named scenario counted as `_named` and the per-scenario weight gauge left out",
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_k > self.max_k:

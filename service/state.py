@@ -25,7 +25,7 @@ from csmf.bundle import Bundle, load_bundle
 from csmf.errors import BundleError, WeightsError
 from service.errors import ConflictError, FieldError, ReloadError
 from service.feature_store import BundleFeatureStore, RedisFeatureStore
-from service.metrics import EXPLICIT, ServiceMetrics, state_metrics
+from service.metrics import ServiceMetrics, scenario_label, state_metrics
 from service.retriever import Retriever
 from service.settings import Settings
 from service.sync import BackgroundSync
@@ -137,11 +137,11 @@ class AppState:
         return hit[0], hit[1], name
 
     def count(self, scenario: str | None, endpoint: str, cold: int, warm: int) -> None:
-        label = EXPLICIT if scenario is None else scenario
-        c = self._counters.get((label, endpoint))
+        c = self._counters.get((scenario, endpoint))
         if c is None:
             m = self.metrics
-            c = self._counters[(label, endpoint)] = (
+            label = scenario_label(scenario, m.scenario_labels)  # once per (scenario, endpoint)
+            c = self._counters[(scenario, endpoint)] = (
                 m.requests_total.labels(label, endpoint),
                 m.users_total.labels(endpoint, "true"),
                 m.users_total.labels(endpoint, "false"),
@@ -261,6 +261,7 @@ class AppState:
             loaded_at=r.loaded_at,
             scenarios=[(n, s.weights) for n, s in w.scenarios.items()],
             corrupt_files=int(w.corrupt is not None),
+            scenario_labels=self.metrics.scenario_labels,
             stores=[("weights", w.backend, w.health.last_sync)]
             + (
                 [("features", self.features.backend, self.features.health.last_sync)]
