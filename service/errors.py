@@ -10,8 +10,10 @@ import logging
 from collections.abc import Sequence
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from csmf.errors import BundleError, CsmfError, FeatureError, WeightsError
 
@@ -111,9 +113,20 @@ def error_response(exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)
 
 
+# FastAPI's answer when a JSON body cannot even be decoded (not UTF-8): a bare 400. The retrieve
+# routes parse their bodies themselves and answer 422 for the same input; answer it alike.
+_BODY_PARSE_ERROR = "There was an error parsing the body"
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def handle(_request: Request, exc: Exception) -> JSONResponse:
         return error_response(exc)
 
+    async def handle_http(request: Request, exc: StarletteHTTPException):
+        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+            return _unprocessable(["body"], "the body is not valid JSON in UTF-8", "json_invalid")
+        return await http_exception_handler(request, exc)
+
     for cls in (CsmfError, ValidationError, Exception):
         app.add_exception_handler(cls, handle)
+    app.add_exception_handler(StarletteHTTPException, handle_http)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 import csmf
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.metrics import ROUTES, ServiceMetrics
+from service.openapi import install_openapi
 from service.routes import admin, health, retrieve
 from service.settings import Settings
 from service.state import AppState
@@ -158,6 +159,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.csmf = state
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(retrieve.router)
     app.include_router(admin.router)
     app.include_router(health.router)

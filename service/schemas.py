@@ -9,11 +9,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+
+from csmf.weights import MAX_WEIGHT
 
 MAX_LIST = 10_000  # ids in `history` / `exclude` of one request
 Id = Annotated[str, StringConstraints(min_length=1, max_length=256)]
-Weights = dict[str, float] | list[float]
+# The JSON schema of request weights says what parse_weights enforces (csmf/weights.py); the
+# served cascade's objective names and count are filled in per bundle by service/openapi.py.
+# Validation itself stays in parse_weights, whose messages name the objective and the value.
+_WEIGHT = {"type": "number", "minimum": 0, "maximum": MAX_WEIGHT}
+WEIGHTS_SCHEMA = {
+    "anyOf": [
+        {"type": "object", "additionalProperties": _WEIGHT, "minProperties": 1},
+        {"type": "array", "items": _WEIGHT, "minItems": 1},
+    ],
+    "description": "objective weights: by name (the served bundle's objectives; a missing name "
+    "is 0) or a list with one weight per objective in cascade order; each in [0, 1e6], not all "
+    "zero, the largest at least 1e-6 (only ratios matter)",
+    "x-csmf-weights": True,
+}
+Weights = Annotated[dict[str, float] | list[float], WithJsonSchema(WEIGHTS_SCHEMA)]
 
 
 class _Strict(BaseModel):
@@ -39,7 +55,8 @@ class RetrieveOptions(_Strict):
     weights: Weights | None = Field(
         None,
         description='explicit objective weights: {"exposure":1,"click":1.8,"conversion":1.2} '
-        "or a list in cascade order; excludes `scenario`",
+        "or a list in cascade order (one per objective); each in [0, 1e6], not all zero; "
+        "excludes `scenario`",
     )
     exclude: list[Id] = Field(
         default_factory=list, max_length=MAX_LIST, description="item ids never returned"
@@ -101,7 +118,10 @@ class BatchResponse(BaseModel):
 
 
 class ScenarioIn(_Strict):
-    weights: Weights = Field(description="by objective name (missing names = 0) or a list")
+    weights: Weights = Field(
+        description="by objective name (missing names = 0) or a list in cascade order (one per "
+        "objective); each in [0, 1e6], not all zero"
+    )
     description: str = Field("", max_length=1000)
 
 

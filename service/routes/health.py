@@ -9,7 +9,7 @@ on a Redis blip would turn a control-plane outage into a full outage.
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 
 from service.deps import State
 
@@ -27,7 +27,13 @@ def readyz(state: State) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics", summary="Prometheus metrics")
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics (text exposition format; unauthenticated, see "
+    "CSMF_METRICS_SCENARIO_LABELS)",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 def metrics(state: State) -> Response:
     data, content_type = state.metrics.render()
     return Response(data, media_type=content_type)
