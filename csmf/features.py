@@ -207,6 +207,9 @@ def fit_tower_vocab(spec: TowerSpec, columns: Mapping[str, Sequence[Any]]) -> To
     return tv
 
 
+NUMERIC_CLIP = 1e4  # standardised numeric inputs are clipped to ±this many standard deviations
+
+
 def encode_rows(
     spec: TowerSpec,
     vocab: TowerVocab,
@@ -247,7 +250,9 @@ def encode_rows(
             s = vocab.numeric[f.name]
             x = np.asarray([np.nan if v is None else v for v in col], dtype=np.float64)
             x = np.where(np.isfinite(x), (x - s.mean) / s.std, 0.0)  # missing → the mean
-            num[:, j] = x
+            # An absurd value (1e308 from a live feature store) would overflow float32 and turn
+            # the user vector, and every score, into inf/NaN: clip far outside any real tail.
+            num[:, j] = np.clip(x, -NUMERIC_CLIP, NUMERIC_CLIP)
         out["num"] = num
     if spec.history is not None:
         hs = histories if histories is not None else [[] for _ in range(n)]

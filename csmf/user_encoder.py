@@ -20,7 +20,15 @@ from typing import Any
 import numpy as np
 
 from csmf.errors import BundleError, FeatureError
-from csmf.features import UNK, FeatureSpec, TowerSpec, TowerVocab, Vocab, encode_rows
+from csmf.features import (
+    NUMERIC_CLIP,
+    UNK,
+    FeatureSpec,
+    TowerSpec,
+    TowerVocab,
+    Vocab,
+    encode_rows,
+)
 
 USER_ENCODER_FORMAT = 1
 ACTIVATIONS = ("relu", "silu")
@@ -214,7 +222,8 @@ class UserEncoder:
                     except (TypeError, ValueError):
                         raise FeatureError(f"feature {key!r} must be a number, got {v!r}") from None
                     if math.isfinite(v):  # missing / NaN → the mean, as encode_rows does
-                        x[0, lo] = (v - extra[0]) / extra[1]
+                        z = (v - extra[0]) / extra[1]  # clipped as encode_rows does
+                        x[0, lo] = min(max(z, -NUMERIC_CLIP), NUMERIC_CLIP)
             else:
                 if kind == "many":
                     values = list(row.get(key) or ())[-extra:]

@@ -164,3 +164,31 @@ def test_app_reads_live_features_from_redis(bundles, make_client, redis_prefix):
     _, rows = bundle.search(e * bundle.scale([1, 1, 1]), 5)
     live = client.post("/v1/retrieve", json=body).json()
     assert [i["item_id"] for i in live["items"]] == bundle.item_ids[rows[0]].tolist()
+
+
+def test_absurd_live_feature_values_never_make_scores_infinite(bundles, make_client, redis_prefix):
+    """A live numeric feature of 1e308 used to overflow float32 in the user vector, so every
+    score became inf/NaN (and the JSON carried Infinity). Standardised inputs are clipped."""
+    import math
+
+    import redis
+
+    client = make_client(
+        bundles["flat"], redis_url=REDIS_URL, redis_prefix=redis_prefix, feature_store="redis"
+    )
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    write_user(r, redis_prefix, "huge", {"age": 1e308, "gender": "F"}, ["i1", "i2"])
+    r.close()
+    body = {"user_id": "huge", "k": 5, "weights": [1, 1, 1], "explain": True}
+    wait_until(
+        lambda: client.post("/v1/retrieve", json=body).json()["cold_start"] is False, 1.0, "mirror"
+    )
+    for path, req in (
+        ("/v1/retrieve", body),
+        ("/v1/retrieve/batch", {"users": [{"user_id": "huge"}], "k": 5}),
+    ):
+        resp = client.post(path, json=req)
+        assert resp.status_code == 200 and "Infinity" not in resp.text and "NaN" not in resp.text
+        out = resp.json()
+        items = out["items"] if "items" in out else out["results"][0]["items"]
+        assert len(items) == 5 and all(math.isfinite(i["score"]) for i in items)
