@@ -363,7 +363,8 @@ local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
 local known = tonumber(ARGV[5])
 if ARGV[6] == 'delete' then
   local doc = redis.call('HGET', KEYS[1], ARGV[3])
-  local live = doc and not cjson.decode(doc).deleted
+  local ok, d = pcall(cjson.decode, doc or 'null')
+  local live = doc and not (ok and type(d) == 'table' and d.deleted)
   if not live and not (ARGV[7] == '1' and known > cur) then
     if fresh then redis.call('PUBLISH', ARGV[1], redis.call('INCR', KEYS[3])) end
     return {'unknown', '0', redis.call('GET', KEYS[4])}

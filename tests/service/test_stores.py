@@ -192,3 +192,23 @@ def test_absurd_live_feature_values_never_make_scores_infinite(bundles, make_cli
         out = resp.json()
         items = out["items"] if "items" in out else out["results"][0]["items"]
         assert len(items) == 5 and all(math.isfinite(i["score"]) for i in items)
+
+
+def test_redis_store_skips_an_unreadable_document_and_can_delete_it(redis_prefix):
+    """A scenario written into Redis by hand as garbage is ignored by every sync (with a
+    warning), not fatal to it, and an admin DELETE of it still works."""
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    r.hset(redis_prefix + "scenarios", mapping={"junk": "{not json", "odd": "[1, 2]"})
+    s = RedisWeightStore(REDIS_URL, redis_prefix, OBJ, 0.05, 0.5)
+    s.start()
+    try:
+        assert s.wait_synced(2)
+        s.put("good", {"exposure": 1.0, "click": 1.0, "conversion": 1.0}, "")
+        assert set(s.scenarios) == {"default", "good"}
+        s.delete("junk")
+        assert '"deleted": true' in r.hget(redis_prefix + "scenarios", "junk")
+    finally:
+        s.stop()
+        r.close()
