@@ -16,6 +16,7 @@ from enum import StrEnum
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -118,10 +119,15 @@ def batch_loss(
     """Sampled-softmax loss of view ``stage`` on the examples ``idx`` (DESIGN §2 'Loss')."""
     lc = cfg.loss
     user, pos = ex.user[idx], ex.item[idx]
+    if cfg.train.history == "others":  # the whole train history but the target itself
+        e = model.user(enc.user_batch(user, drop=pos), stage)  # (B, D)
+    else:  # next-item: only events strictly earlier than the example
+        e = model.user(enc.user_batch(user, ex.hist_end[idx]), stage)  # (B, D)
+    if lc.negatives == "catalogue":
+        return catalogue_loss(model, enc, e, pos, stage, cfg)
     cols = pos
     if lc.extra_negatives:
         cols = np.concatenate([pos, rng.integers(0, enc.n_items, lc.extra_negatives)])
-    e = model.user(enc.user_batch(user, ex.hist_end[idx]), stage)  # (B, D)
     v = model.item(enc.item_batch(cols), stage)  # (C, D)
     pos_t, cols_t = torch.as_tensor(pos), torch.as_tensor(cols)
     correction = (
@@ -142,6 +148,24 @@ def batch_loss(
         e, v, pos_t, cols_t, lc.temperature, correction, margin, hard_v, hard_items
     )
     return sampled_softmax_loss(logits)
+
+
+def catalogue_loss(
+    model: TwoTower, enc: Encoded, e: Tensor, pos: np.ndarray, stage: int, cfg: RunConfig
+) -> Tensor:
+    """Exact softmax of view ``stage`` over the whole catalogue (no sampling, so no log-Q):
+    every item but the positive is a negative; AML adds its gap to every negative."""
+    lc = cfg.loss
+    v = model.item(enc.item_batch(np.arange(enc.n_items)), stage)  # (N, D)
+    pos_t = torch.as_tensor(pos)
+    logits = e @ v.T / lc.temperature  # (B, N)
+    if stage >= 1 and lc.aml:
+        up = upstream_scores(e.detach(), v.detach(), model, stage, cfg)  # (B, N)
+        up_pos = up.gather(1, pos_t.unsqueeze(1)).squeeze(1)  # (B,)
+        margin = aml_margin(up_pos, up, lc.sigma, lc.eta)
+        margin = margin.scatter(1, pos_t.unsqueeze(1), 0.0)  # the positive gets no gap
+        logits = logits + margin
+    return F.cross_entropy(logits, pos_t)
 
 
 def run_epochs(

@@ -21,9 +21,11 @@ from csmf.towers import ModelConfig
 from csmf.weights import DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS
 
 OBJECTIVE_COLUMNS = {"exposure": None, "click": "clicked", "conversion": "converted"}
-PRUNING = ("cpp", "fixed")
+PRUNING = ("cpp", "fixed", "random")
 FREED_INIT = ("warm", "reinit")
 AML_UPSTREAM = ("prob", "logit")
+NEGATIVES = ("in-batch", "catalogue")
+TRAIN_HISTORY = ("before", "others")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -40,7 +42,9 @@ class CascadeConfig:
         "cascade order; stage t trains on positives of objectives[t]", DEFAULT_OBJECTIVES
     )
     pruning: str = _help(
-        "'cpp' (cumulative percentile) or 'fixed' (fraction tau, 'w/o CPP')", "cpp"
+        "'cpp' (cumulative percentile), 'fixed' (least important fraction tau, 'w/o CPP') or "
+        "'random' (CPP's count per layer, units drawn at random)",
+        "cpp",
     )
     tau: float = _help("CPP: free units whose cumulative importance is <= tau (paper 0.75)", 0.75)
     min_keep: int = _help("guard rail: units per layer that stay with the stage", 2)
@@ -85,6 +89,12 @@ class LossConfig:
         "exposure stage: unexposed candidates of the same request per example (if data has them)",
         4,
     )
+    negatives: str = _help(
+        "'in-batch': sampled softmax over the batch's positives (+ extra/request negatives), "
+        "log-Q corrected; 'catalogue': exact softmax over every item (no sampling, no log-Q) — "
+        "affordable for catalogues up to ~100k items",
+        "in-batch",
+    )
     aml: bool = _help("adaptive margin at stages t >= 1 ('w/o AML' if false)", True)
     sigma: float = _help("AML base margin, in logit units", 0.1)
     eta: float = _help("AML: extra weight when upstream disagrees (paper 1.8)", 1.8)
@@ -97,6 +107,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         _in_range("loss.temperature", self.temperature, 0.0, None, open_low=True)
         _choice("loss.aml_upstream", self.aml_upstream, AML_UPSTREAM)
+        _choice("loss.negatives", self.negatives, NEGATIVES)
         if self.extra_negatives < 0 or self.request_negatives < 0:
             raise ConfigError(
                 "loss.extra_negatives and loss.request_negatives must be >= 0, "
@@ -122,6 +133,12 @@ class TrainConfig:
         "(OpenMP oversubscription), while alone 2 threads are only ~1.3x faster than 1",
         0,
     )
+    history: str = _help(
+        "history visible to a training example: 'before' = the user's train events strictly "
+        "earlier than it (next-item); 'others' = all of the user's train events but the target "
+        "(set completion, what evaluation sees: the whole train history)",
+        "before",
+    )
     restore_each_step: bool = _help(
         "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
         False,
@@ -130,6 +147,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _as_tuple(self.lr, float, "train.lr"))
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "train.epochs"))
+        _choice("train.history", self.history, TRAIN_HISTORY)
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")
         if self.threads < 0:

@@ -106,13 +106,19 @@ class History:
     def all_of(self, user: np.ndarray) -> np.ndarray:
         return self.ptr[user + 1]
 
-    def gather(self, user: np.ndarray, end: np.ndarray) -> Tensor:
-        """(B, L) most recent ``max_len`` history items before ``end``, right-aligned, 0 = PAD."""
+    def gather(self, user: np.ndarray, end: np.ndarray, drop: np.ndarray | None = None) -> Tensor:
+        """(B, L) most recent ``max_len`` history items before ``end``, right-aligned, 0 = PAD.
+
+        ``drop`` (B,) item rows to blank out of each row's window (the example's own target when
+        training sees the user's whole history).
+        """
         if len(self.items) == 0:
             return torch.zeros((len(user), self.max_len), dtype=torch.int64)
         pos = end[:, None] + np.arange(-self.max_len, 0)[None, :]  # (B, L)
         valid = pos >= self.ptr[user][:, None]
         out = np.where(valid, self.items[np.clip(pos, 0, len(self.items) - 1)], 0)
+        if drop is not None:
+            out[out == (drop[:, None] + OFFSET)] = 0
         return torch.as_tensor(out, dtype=torch.int64)
 
 
@@ -160,13 +166,16 @@ class Encoded:
     def n_items(self) -> int:
         return len(self.item_vocab.ids.values)
 
-    def user_batch(self, user: np.ndarray, hist_end: np.ndarray | None = None) -> dict[str, Tensor]:
-        """Inputs of users ``user`` (B,); history up to ``hist_end`` (default: all train events)."""
+    def user_batch(
+        self, user: np.ndarray, hist_end: np.ndarray | None = None, drop: np.ndarray | None = None
+    ) -> dict[str, Tensor]:
+        """Inputs of users ``user`` (B,); history up to ``hist_end`` (default: all train events),
+        without the items ``drop`` (B,) if given."""
         idx = torch.as_tensor(user)
         batch = {k: v[idx] for k, v in self.users.items()}
         if self.history is not None:
             end = self.history.all_of(user) if hist_end is None else hist_end
-            batch["history"] = self.history.gather(user, end)
+            batch["history"] = self.history.gather(user, end, drop)
         return batch
 
     def item_batch(self, item: np.ndarray | Tensor) -> dict[str, Tensor]:

@@ -3,8 +3,10 @@
 CPP — cumulative percentile-based pruning (paper §4.2). Per layer (every embedding table is its
 own layer; the final layer spans both towers) and among the units owned by ``t``: importance of a
 unit = L1 norm of its live incoming weights; sort ascending; with cumulative sums c_1..c_n, free
-every unit with ``c_j <= tau * c_n``. Freed units become owned by ``t + 1``. The "fixed" ablation
-('w/o CPP') frees the ``round(tau * n)`` least important units instead.
+every unit with ``c_j <= tau * c_n``. Freed units become owned by ``t + 1``. Two ablations:
+"fixed" ('w/o CPP', PackNet-style magnitude pruning) frees the ``round(tau * n)`` least important
+units; "random" frees as many units as CPP would, chosen uniformly at random (is the *choice* by
+importance worth anything beyond the budget?).
 
 Guard rails per layer: at least ``min_keep`` units stay with ``t`` and at least ``min_free`` are
 freed (``min_keep`` wins when a layer is too small for both).
@@ -37,16 +39,24 @@ def fixed_free_count(n: int, tau: float) -> int:
 
 
 def select_freed(
-    importance: Tensor, tau: float, method: str = "cpp", min_keep: int = 1, min_free: int = 0
+    importance: Tensor,
+    tau: float,
+    method: str = "cpp",
+    min_keep: int = 1,
+    min_free: int = 0,
+    generator: torch.Generator | None = None,
 ) -> Tensor:
     """Bool mask (n,) of the units to free, among ``importance`` (n,) of one layer's units."""
     n = importance.numel()
-    k = cpp_free_count(importance, tau) if method == "cpp" else fixed_free_count(n, tau)
+    k = fixed_free_count(n, tau) if method == "fixed" else cpp_free_count(importance, tau)
     k = max(k, min_free)
     k = max(0, min(k, n - min_keep))
     freed = torch.zeros(n, dtype=torch.bool)
     if k:
-        order = torch.sort(importance, stable=True).indices  # ascending; ties by position
+        if method == "random":  # CPP's budget, units drawn uniformly
+            order = torch.randperm(n, generator=generator)
+        else:
+            order = torch.sort(importance, stable=True).indices  # ascending; ties by position
         freed[order[:k]] = True
     return freed
 
@@ -69,7 +79,7 @@ def prune_stage(
     plans = []
     for g in groups:
         mine = torch.nonzero(g.owner == stage).squeeze(1)  # (n,) units owned by this stage
-        freed = select_freed(g.importance()[mine], tau, method, min_keep, min_free)
+        freed = select_freed(g.importance()[mine], tau, method, min_keep, min_free, generator)
         plans.append((g, mine[freed]))
     sizes = {}
     for g, idx in plans:

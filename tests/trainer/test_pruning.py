@@ -92,3 +92,17 @@ def test_reinit_changes_only_freed_units():
     assert torch.equal(emb.weight[:, kept], old["user.tables.cat__g.weight"][:, kept])
     assert not torch.equal(emb.weight[:, ~kept], old["user.tables.cat__g.weight"][:, ~kept])
     assert torch.all(emb.weight[0] == 0)  # padding row stays zero
+
+
+def test_random_variant_frees_cpps_count_but_not_by_importance():
+    imp = torch.tensor([5.0, 0.1, 4.0, 0.2, 3.0, 0.3, 2.0, 0.4, 1.0, 0.5, 6.0, 7.0])
+    want = cpp_free_count(imp, 0.5)
+    picks = set()
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        freed = select_freed(imp, 0.5, "random", min_keep=1, min_free=0, generator=g)
+        assert int(freed.sum()) == want  # same budget as CPP
+        picks.add(tuple(freed.tolist()))
+    cpp = select_freed(imp, 0.5, "cpp", min_keep=1, min_free=0)
+    assert len(picks) > 1  # drawn, not ranked
+    assert any(p != tuple(cpp.tolist()) for p in picks)
