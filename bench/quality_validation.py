@@ -77,7 +77,8 @@ def ease(enc: Encoded, truth: dict, lambdas=(100, 200, 400, 800)) -> dict:
             e, v = torch.as_tensor(x), torch.as_tensor(b.T, dtype=torch.float32)
             ones = ("scale", torch.ones(enc.n_items))
             out[f"ease-{source} lambda={lam}"] = {
-                t: m["s"] for t, m in metrics(e, v, {"s": ones}, truth, user_items(enc, fit)).items()
+                t: m["s"]
+                for t, m in metrics(e, v, {"s": ones}, truth, user_items(enc, fit)).items()
             }
     return out
 
