@@ -51,6 +51,13 @@ CSMF_VARIANTS = {
     "csmf-wo-cpp": {"cascade": {"pruning": "fixed"}},
     "csmf-wo-aml": {"loss": {"aml": False}},
     "csmf-wo-ar": {"cascade": {"accuracy_recovery": False}},
+    # CPP against random pruning of the same budget (per layer, CPP's count, random units)
+    "csmf-random-prune": {"cascade": {"pruning": "random"}},
+    # the investigation's steps (issue 12), each undoing one change of the ML-100K default:
+    # in-batch sampled softmax with log-Q instead of the exact catalogue softmax ...
+    "csmf-in-batch": {"loss": {"negatives": "in-batch"}},
+    # ... and the previous default: [256, 128] MLP towers with the in-batch softmax
+    "csmf-mlp-in-batch": {"model": {"hidden": [256, 128]}, "loss": {"negatives": "in-batch"}},
 }
 METHODS = (
     *CSMF_VARIANTS,

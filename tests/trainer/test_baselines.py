@@ -149,3 +149,12 @@ def test_oracle_ranks_by_the_generators_true_scores(tmp_path):
         assert oracle[target][ranker]["recall"] > pop[target]["clicks"]["recall"]
     with pytest.raises(DataError, match="truth.npz"):
         oracle_rankers(enc, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["csmf", "sep", "mix", "mmoe"])
+def test_two_tower_methods_train_with_the_catalogue_softmax(method, tiny_cfg, enc):
+    cfg = with_changes(tiny_cfg, {"loss": {"negatives": "catalogue"}, "model": {"hidden": []}})
+    run = run_method(method, cfg, enc, log=lambda _: None)
+    for rankers in run.result["metrics"].values():
+        for m in rankers.values():
+            assert 0.0 <= m["recall"] <= 1.0 and np.isfinite(m["ndcg"])
