@@ -40,11 +40,12 @@ class BuildConfig:
         default=0,
         metadata={"help": "ivfpq: re-rank rerank·k PQ candidates with exact vectors; 0 = off"},
     )
-    exact_below: float = field(
-        default=0.01,
+    exact_below: float | None = field(
+        default=None,
         metadata={
             "help": "a filter allowing less than this share of items searches exactly over the "
-            "allowed rows (approximate types; see bench/results/index-backends.md)"
+            "allowed rows; None = measured default (5 %, HNSW 10 %; bench/results/"
+            "index-backends.md)"
         },
     )
     filter_columns: tuple[str, ...] | None = field(

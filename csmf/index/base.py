@@ -157,9 +157,10 @@ class IndexSpec(BaseModel):
     item_offset: list[float] | None = Field(
         None, description="mean subtracted from stored vectors (scores add q·offset back)"
     )
-    exact_below: float = Field(
-        0.01, ge=0, le=1, description="filters allowing a smaller share of items search exactly"
-    )
+    exact_below: float | None = Field(
+        None, ge=0, le=1, description="filters allowing a smaller share of items search exactly "
+        "over the allowed rows; None = the backend's measured default"
+    )  # fmt: skip
     files: list[str] = Field(default_factory=list, description="the index's files in the bundle")
     uri: str | None = Field(None, description="engine URI (Milvus: file or http://host:port)")
     collection: str | None = Field(None, description="Milvus alias the service searches")

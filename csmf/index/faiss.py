@@ -12,7 +12,8 @@ reach most items (measured: recall@50 0.59 raw vs 0.96 centred, ef=128, on a ran
 Filters and exclusions are FAISS search-time ID selectors (a bitmap of allowed rows, a batch of
 excluded ones): exact, nothing over-fetched. On the approximate types a very selective filter
 starves the search — IVF scans nprobe lists that hold few allowed items, HNSW's graph walk
-disconnects — so below ``exact_below`` of the catalogue the search is brute force over the allowed
+disconnects. Above ``exact_below`` (5 %; HNSW 10 %) of the catalogue the ANN search widens nprobe
+/ efSearch by 1/share; below it the search is brute force over the allowed
 rows instead (exact, and cheap: 1 % of 1M items is 10k dot products). Flat takes the same path
 (same result, less work than testing the selector on every row).
 
@@ -42,6 +43,11 @@ INDEX_FILE = "index.faiss"
 VECTORS_FILE = "vectors.npy"  # IVF-PQ: exact float32 vectors, memory-mapped at serving
 ADD_CHUNK = 65536  # vectors per add() call, so long builds show progress
 KNOBS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
+# Below this share of the catalogue a filtered search is exact over the allowed rows. Measured at
+# 100k items (bench/results/index-backends.md): the exact search over 5 % of the rows costs what
+# IVF with nprobe widened by 1/share costs (0.6 vs 0.7 ms), at 10 % half of widened HNSW (1.1 vs
+# 2.3 ms, whose recall also sags: 0.96 → 0.74 at 0.5 %); flat takes the gather below 5 % too.
+EXACT_BELOW = {"flat": 0.05, "ivf": 0.05, "ivfpq": 0.05, "hnsw": 0.10}
 EF_CAP = 4096
 
 
@@ -60,7 +66,8 @@ class FaissSpec:
     pq_bits: int | None = None  # bits per sub-quantizer code; None = 8, fewer for tiny catalogues
     opq: bool = False  # learn a rotation before PQ (OPQ): better recall, slower build
     rerank: int = 0  # IVF-PQ: re-rank rerank·k PQ candidates with the exact vectors; 0 = off
-    exact_below: float = 0.01  # filters allowing fewer rows than this share search exactly
+    exact_below: float | None = None  # filters allowing less than this share search exactly;
+    # None = EXACT_BELOW[kind], measured in bench/results/index-backends.md
     centered: bool = False
     seed: int = 0
 
@@ -71,6 +78,8 @@ class FaissSpec:
             raise ConfigError(f"rerank applies to index ivfpq only, got index {self.kind!r}")
         if self.opq and self.kind != "ivfpq":
             raise ConfigError(f"opq applies to index ivfpq only, got index {self.kind!r}")
+        if self.exact_below is None:
+            object.__setattr__(self, "exact_below", EXACT_BELOW[self.kind])
         if not 0.0 <= self.exact_below <= 1.0:
             raise ConfigError(f"exact_below must be in [0, 1], got {self.exact_below}")
         if self.rerank < 0:
@@ -110,7 +119,7 @@ class FaissIndex(VectorIndex):
         build_params: dict[str, Any] | None = None,
         item_offset: np.ndarray | None = None,
         exact_vectors: np.ndarray | None = None,
-        exact_below: float = 0.01,
+        exact_below: float | None = None,
         bytes_: int | None = None,
     ) -> None:
         self.index = index
@@ -121,13 +130,16 @@ class FaissIndex(VectorIndex):
         offset = None if item_offset is None else np.asarray(item_offset, np.float32)
         self.offset = offset if offset is not None and np.any(offset) else None  # (D,) or None
         self.exact = exact_vectors  # (N, D) float32 memmap (IVF-PQ) or None
-        self.exact_below = float(exact_below)
+        self.exact_below = float(EXACT_BELOW[kind] if exact_below is None else exact_below)
+        self.widen_filtered = True  # see _faiss_params; off only to measure what it buys
         self._bytes = bytes_
         self.capabilities = Capabilities("faiss", kind, kind == "flat", True, True)
         self._params: dict[str, Any] = {}
         self.build_info: dict[str, Any] = {}
+        self._nlist = 0
         if kind in ("ivf", "ivfpq"):
             ivf = faiss.extract_index_ivf(index)
+            self._nlist = int(ivf.nlist)
             if kind == "ivf" and ivf.direct_map.type == faiss.DirectMap.NoMap:
                 ivf.make_direct_map()  # reconstruct(row) for explain and the exact fallback
         self.set_search_params(search_params)
@@ -236,17 +248,25 @@ class FaissIndex(VectorIndex):
         cap = faiss.extract_index_ivf(self.index).nlist if name == "nprobe" else EF_CAP
         return name, int(cap)
 
-    def _faiss_params(self, sel: faiss.IDSelector) -> faiss.SearchParameters:
+    def _faiss_params(self, sel: faiss.IDSelector, share: float = 1.0) -> faiss.SearchParameters:
         """Per-call parameters with the selector. A SearchParameters object *replaces* the index's
         own efSearch/nprobe with its defaults (efSearch=16, nprobe=1), so each must carry them.
-        HNSW keeps ``bounded_queue=True``: with False, faiss <= 1.15 ignores ``sel`` (#5504)."""
+        HNSW keeps ``bounded_queue=True``: with False, faiss <= 1.15 ignores ``sel`` (#5504).
+
+        A filter allowing ``share`` of the items leaves IVF's nprobe lists / HNSW's ef candidates
+        with ``share`` as many allowed ones, so (``widen_filtered``) both are divided by ``share``:
+        the search sees as many allowed candidates as an unfiltered one (capped at nlist / EF_CAP).
+        """
+        widen = 1.0 / share if self.widen_filtered and share < 1.0 else 1.0
         if self.kind == "hnsw":
             p = faiss.SearchParametersHNSW()
-            p.efSearch = int(self._params["ef_search"])
+            ef = int(self._params["ef_search"])
+            p.efSearch = min(max(ef, math.ceil(ef * widen)), max(ef, EF_CAP))
             p.bounded_queue = True
         elif self.kind in ("ivf", "ivfpq"):
             p = faiss.SearchParametersIVF()
-            p.nprobe = int(self._params["nprobe"])
+            nprobe = int(self._params["nprobe"])
+            p.nprobe = min(math.ceil(nprobe * widen), max(nprobe, self._nlist))
         else:
             p = faiss.SearchParameters()
         p.sel = sel
@@ -266,7 +286,8 @@ class FaissIndex(VectorIndex):
             return self._exact_search(q, k, allowed.rows, exclude)
         sel = _selector(allowed, exclude)
         fetch = k * self._rerank if self._rerank else k
-        params = None if sel is None else self._faiss_params(sel)
+        share = 1.0 if allowed is None else allowed.count / max(self.n, 1)
+        params = None if sel is None else self._faiss_params(sel, share)
         scores, rows = self.index.search(q, fetch, params=params)
         if self._rerank:
             return self._rerank_rows(q, rows, k)
@@ -338,7 +359,7 @@ class FaissIndex(VectorIndex):
         *,
         build_params: dict[str, Any] | None = None,
         item_offset: Sequence[float] | None = None,
-        exact_below: float = 0.01,
+        exact_below: float | None = None,
     ) -> FaissIndex:
         path = Path(folder) / INDEX_FILE
         try:
