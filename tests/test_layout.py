@@ -40,3 +40,13 @@ def test_contract_does_not_import_the_stages():
         if m in {"trainer", "index_builder", "service", "fastapi"}
     ]
     assert not bad, bad
+
+
+def test_index_backends_do_not_need_torch():
+    """csmf/index is imported by the torch-free service install (DESIGN §12)."""
+    bad = [
+        f"{p.relative_to(ROOT)} imports {m}"
+        for p, m in _imports("csmf/index")
+        if m in {"torch", "trainer", "index_builder", "service", "fastapi"}
+    ]
+    assert not bad, bad
