@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.data.cli", "app", "group"),
     "train": ("trainer.cli", "train", "command"),
     "eval": ("trainer.cli", "evaluate", "command"),
+    "tune": ("trainer.cli", "tune", "command"),
     "bench": ("trainer.bench_cli", "app", "group"),
     "build-index": ("index_builder.cli", "build_index", "command"),
     "inspect": ("index_builder.cli", "inspect", "command"),
@@ -28,6 +29,7 @@ HELP = {
     "data": "Fetch/convert datasets: MovieLens-100K, synthetic cascades.",
     "train": "Train the CSMF cascade (exposure → click → conversion) into a run folder.",
     "eval": "Recall@N / nDCG@N of every view and the fused score, next to popularity.",
+    "tune": "Pareto front of weight triplets on validation; apply one as a scenario.",
     "bench": "Benchmarks: `csmf bench quality` (baselines table), `csmf bench sensitivity` (sweeps).",
     "build-index": "Encode the catalogue, build FAISS, verify recall, publish a bundle.",
     "inspect": "Print a bundle's manifest and verify its checksums.",
@@ -35,7 +37,7 @@ HELP = {
 }
 
 
-NEEDS_TORCH = {"train", "eval", "bench", "build-index"}
+NEEDS_TORCH = {"train", "eval", "tune", "bench", "build-index"}
 
 
 def _load(name: str):

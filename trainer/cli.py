@@ -13,7 +13,9 @@ import typer
 
 from csmf.errors import CsmfError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CSMF trainer: train, eval.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="CSMF trainer: train, eval, tune."
+)
 
 
 def _fail(exc: Exception) -> NoReturn:
@@ -88,6 +90,62 @@ def evaluate(
         _fail(exc)
     typer.echo(format_table(result))
     typer.echo(f"wrote {Path(run) / EVAL_NAME}")
+
+
+@app.command("tune")
+def tune(
+    run: Annotated[Path, typer.Option("--run", help="Run folder written by csmf train.")],
+    objectives: Annotated[
+        str, typer.Option("--objectives", help="The two objectives of the front, x,y.")
+    ] = "click,conversion",
+    metric: Annotated[str, typer.Option("--metric", help="recall or ndcg (@N).")] = "recall",
+    n: Annotated[
+        int | None, typer.Option("--n", min=1, help="Cut-off N (default: the run's eval.n).")
+    ] = None,
+    values: Annotated[
+        str,
+        typer.Option("--values", help="Values each weight takes; the grid is their product."),
+    ] = "0,0.5,1,1.5,2,3,5",
+    prefer: Annotated[
+        float,
+        typer.Option(
+            "--prefer",
+            help="Chosen front point: maximises (1-p)·x/max x + p·y/max y; 0 favours x, 1 y.",
+        ),
+    ] = 0.5,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for tune.json/tune.png (default: the run).")
+    ] = None,
+    apply: Annotated[
+        str | None,
+        typer.Option("--apply", help="Put the chosen point as this scenario (needs --url)."),
+    ] = None,
+    url: Annotated[
+        str | None,
+        typer.Option("--url", help="Running service for --apply, e.g. http://127.0.0.1:8000."),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", envvar="CSMF_ADMIN_TOKEN", help="Admin token (or CSMF_ADMIN_TOKEN)."
+        ),
+    ] = None,
+) -> None:
+    """Pareto front of weight triplets on the VALIDATION split; optionally apply one as a scenario."""
+    from trainer.tune import TUNE_NAME, TuneError, apply_scenario, parse_values, summary, tune_run
+
+    try:
+        if apply and not (url and token):
+            raise TuneError("--apply needs --url of a running service and --token (admin)")
+        doc = tune_run(run, objectives.split(","), metric, n, parse_values(values), prefer, out)
+        typer.echo(summary(doc))
+        if apply:
+            s = apply_scenario(doc, apply, url, token)
+            typer.echo(f"applied scenario {apply!r} version {s['version']} at {url}")
+    except CsmfError as exc:
+        _fail(exc)
+    where = Path(out or run)
+    typer.echo(f"wrote {where / TUNE_NAME}" + (f" and {doc['plot']}" if doc["plot"] else ""))
 
 
 if __name__ == "__main__":
