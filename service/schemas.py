@@ -98,6 +98,8 @@ class RetrieveResponse(BaseModel):
     items: list[Item]
     weights: dict[str, float]
     scenario: str | None = Field(description="scenario used, null for explicit weights")
+    arm: str | None = Field(None, description="experiment arm that served (scenarios with arms)")
+    request_id: str = Field(description="send it back with POST /v1/feedback")
     model_version: str
     cold_start: bool = Field(description="unknown user without history: the cold-start vector")
     took_ms: float
@@ -107,6 +109,8 @@ class BatchResult(BaseModel):
     user_id: str | None
     items: list[Item]
     cold_start: bool
+    arm: str | None = Field(None, description="experiment arm that served this user")
+    request_id: str = Field(description="send it back with POST /v1/feedback")
 
 
 class BatchResponse(BaseModel):
@@ -117,10 +121,28 @@ class BatchResponse(BaseModel):
     took_ms: float
 
 
+class ArmIn(_Strict):
+    name: str = Field(description="unique within the scenario; letters, digits, _ . -")
+    weights: Weights = Field(description="this arm's objective weights (as a scenario's)")
+    share: float = Field(description="fraction of users, in (0, 1]; shares sum to 1")
+
+
+class ArmOut(BaseModel):
+    name: str
+    weights: dict[str, float]
+    share: float
+
+
 class ScenarioIn(_Strict):
-    weights: Weights = Field(
+    weights: Weights | None = Field(
+        None,
         description="by objective name (missing names = 0) or a list in cascade order (one per "
-        "objective); each in [0, 1e6], not all zero"
+        "objective); each in [0, 1e6], not all zero. Give `weights` or `arms`",
+    )
+    arms: list[ArmIn] | None = Field(
+        None,
+        description="an experiment: users are split over the arms by a stable hash of "
+        "(scenario, user id); shares sum to 1",
     )
     description: str = Field("", max_length=1000)
 
@@ -134,12 +156,20 @@ class Scenario(BaseModel):
         "embedded: a counter) — compare versions, do not count them"
     )
     updated_at: str = Field(description="ISO 8601 UTC time of the last write")
+    arms: list[ArmOut] | None = Field(None, description="experiment arms, if any")
 
 
 class ScenarioList(BaseModel):
     scenarios: list[Scenario]
     store: str
     state: str
+
+
+class FeedbackIn(_Strict):
+    request_id: str = Field(min_length=1, max_length=512, description="from the retrieve response")
+    user_id: Id = Field(description="the user the request was for")
+    item_id: Id = Field(description="the item the event is about")
+    event: str = Field(description="click or conversion")
 
 
 class ReloadRequest(_Strict):

@@ -24,8 +24,11 @@ import numpy as np
 from csmf.bundle import Bundle, load_bundle
 from csmf.errors import BundleError, WeightsError
 from service.errors import ConflictError, FieldError, ReloadError
+from service.event_log import EventLog
+from service.experiments import assign
 from service.feature_store import BundleFeatureStore, RedisFeatureStore
-from service.metrics import ServiceMetrics, scenario_label, state_metrics
+from service.metrics import NO_ARM, ServiceMetrics, scenario_label, state_metrics
+from service.request_ids import RequestIds, key_from
 from service.retriever import Retriever
 from service.settings import Settings
 from service.sync import BackgroundSync
@@ -46,6 +49,13 @@ class AppState:
         self._control: BackgroundSync | None = None
         self._control_sig: tuple | None = None
         self._counters: dict[tuple, Any] = {}
+        self._served: dict[tuple, Any] = {}
+        secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
+        self.request_ids = RequestIds(
+            key_from(secret(settings.feedback_key), secret(settings.admin_token)),
+            settings.feedback_ttl_s,
+        )
+        self.event_log: EventLog | None = None
         stage = metrics.stage
         self._observe = lambda name, seconds: stage[name].observe(seconds)
 
@@ -94,10 +104,16 @@ class AppState:
                 lambda: m.reloads_total.labels("failure").inc(),
             )  # fmt: skip
             self._control.start()
+        if s.event_log_dir is not None:
+            self.event_log = EventLog(
+                s.event_log_dir, s.event_log_queue, s.event_log_rotate_rows, s.event_log_rotate_s,
+                on_drop=m.event_log_dropped_total.inc, on_write=m.event_log_rows_total.inc,
+            )  # fmt: skip
+            self.event_log.start()
         m.add_state_collector(self._state_metrics)
 
     def stop(self) -> None:
-        for part in (self._control, self.weights, self.features):
+        for part in (self._control, self.weights, self.features, self.event_log):
             if part is not None:
                 part.stop()
 
@@ -111,22 +127,24 @@ class AppState:
         return k
 
     def resolve_weights(
-        self, retriever: Retriever, scenario: str | None, weights: Any
-    ) -> tuple[tuple[float, ...], np.ndarray, str | None]:
-        """(weights in cascade order, (D,) query scale, scenario name or None if explicit)."""
+        self, retriever: Retriever, scenario: str | None, weights: Any, user_id: str | None = None
+    ) -> tuple[tuple[float, ...], np.ndarray, str | None, str | None]:
+        """(weights in cascade order, (D,) query scale, scenario name or None if explicit,
+        experiment arm or None). A scenario with arms serves ``user_id`` its assigned arm's."""
         if weights is not None:
             if scenario is not None:
                 raise FieldError(("scenario",), "give either `scenario` or `weights`, not both")
             w = retriever.weights(weights)
-            return w, retriever.scale(w), None
+            return w, retriever.scale(w), None, None
         name = DEFAULT_SCENARIO if scenario is None else scenario
         sc = self.weights.get(name)
-        key = (name, sc.version, sc.updated_at)
+        arm = assign(name, user_id, sc.arms) if sc.arms else None
+        key = (name, sc.version, sc.updated_at, arm and arm.name)
         cache = retriever.scenario_cache  # per bundle: a reload starts afresh
         hit = cache.get(key)
         if hit is None:
             try:
-                w = retriever.weights(sc.weights)
+                w = retriever.weights(arm.weights if arm else sc.weights)
             except WeightsError as exc:
                 raise FieldError(
                     ("scenario",), f"scenario {name!r} does not fit the served cascade: {exc}"
@@ -134,7 +152,29 @@ class AppState:
             if len(cache) > 1024:
                 cache.clear()
             hit = cache[key] = (w, retriever.scale(w))
-        return hit[0], hit[1], name
+        return hit[0], hit[1], name, arm and arm.name
+
+    def served(
+        self,
+        scenario: str | None,
+        arm: str | None,
+        user_id: str | None,
+        retriever: Retriever,
+        rows: list[int],
+    ) -> str:
+        """Count the impressions, log them, and return the request id for feedback."""
+        c = self._served.get((scenario, arm))
+        if c is None:
+            mode = self.metrics.scenario_labels
+            a = NO_ARM if arm is None else scenario_label(arm, mode)
+            c = self._served[(scenario, arm)] = self.metrics.impressions_total.labels(
+                scenario_label(scenario, mode), a
+            )
+        c.inc(len(rows))
+        token, rid = self.request_ids.issue(user_id, scenario, arm)
+        if self.event_log is not None and user_id is not None and rows:
+            self.event_log.served(rid, user_id, retriever.item_ids[rows].tolist())
+        return token
 
     def count(self, scenario: str | None, endpoint: str, cold: int, warm: int) -> None:
         c = self._counters.get((scenario, endpoint))

@@ -18,7 +18,9 @@ Two backends (DESIGN §5):
   It survives restarts.
 
 Weights are stored by objective name; they are validated against the served bundle's cascade by
-the routes, which know it.
+the routes, which know it. A scenario may also hold experiment arms (``service/experiments.py``):
+they travel inside the same versioned document (``"arms": [{"name", "weights", "share"}]``), so
+every invariant above holds for them unchanged; ``weights`` is then the first arm's.
 """
 
 from __future__ import annotations
@@ -34,13 +36,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 from csmf.errors import CsmfError
 from csmf.weights import DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS
 from service.errors import ConflictError, StoreUnavailableError, UnknownScenarioError
+from service.experiments import Arm
 from service.sync import BackgroundSync, Health
 
 log = logging.getLogger("csmf.service")
@@ -56,6 +59,7 @@ class Scenario:
     version: int
     updated_at: str
     deleted: bool = False  # a tombstone: keeps a delete ordered against older re-seeds (Redis)
+    arms: tuple[Arm, ...] = ()  # experiment arms; empty = one triplet for everyone
 
     def doc(self) -> dict:
         d = {
@@ -63,9 +67,18 @@ class Scenario:
             "description": self.description,
             "updated_at": self.updated_at,
         }
+        if self.arms:
+            d["arms"] = [a.doc() for a in self.arms]
         if self.deleted:
             d["deleted"] = True
         return d
+
+
+def _parse_arms(raw) -> tuple[Arm, ...]:
+    return tuple(
+        Arm(str(a["name"]), {str(k): float(v) for k, v in a["weights"].items()}, float(a["share"]))
+        for a in raw or ()
+    )
 
 
 def now_iso() -> str:
@@ -146,7 +159,13 @@ class WeightStore:
 
     # -- backend ----------------------------------------------------------------------------------
 
-    def put(self, name: str, weights: Mapping[str, float], description: str) -> Scenario:
+    def put(
+        self,
+        name: str,
+        weights: Mapping[str, float],
+        description: str,
+        arms: Sequence[Arm] = (),
+    ) -> Scenario:
         raise NotImplementedError
 
     def delete(self, name: str) -> None:
@@ -181,7 +200,12 @@ def _parse_file(text: str) -> tuple[dict[str, Scenario], int]:
         if not all(math.isfinite(v) for v in weights.values()):
             raise ValueError(f"scenario {n!r} has non-finite weights {weights}")
         out[n] = Scenario(
-            n, weights, str(d["description"]), int(d["version"]), str(d["updated_at"])
+            n,
+            weights,
+            str(d["description"]),
+            int(d["version"]),
+            str(d["updated_at"]),
+            arms=_parse_arms(d.get("arms")),
         )
     return out, int(raw["generation"])
 
@@ -233,10 +257,7 @@ class FileWeightStore(WeightStore):
         doc = {
             "format": FILE_FORMAT,
             "generation": generation,
-            "scenarios": {
-                n: {k: v for k, v in asdict(s).items() if k not in ("name", "deleted")}
-                for n, s in scenarios.items()
-            },
+            "scenarios": {n: s.doc() | {"version": s.version} for n, s in scenarios.items()},
         }
         tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
         with open(tmp, "w") as fh:
@@ -298,14 +319,19 @@ class FileWeightStore(WeightStore):
             raise StoreUnavailableError(f"cannot write scenarios file {self.path}: {exc}") from None
         self._sync.mark_ok()
 
-    def put(self, name: str, weights: Mapping[str, float], description: str) -> Scenario:
+    def put(
+        self,
+        name: str,
+        weights: Mapping[str, float],
+        description: str,
+        arms: Sequence[Arm] = (),
+    ) -> Scenario:
         out: list[Scenario] = []
 
         def fn(scenarios: dict[str, Scenario]) -> None:
             old = scenarios.get(name)
-            s = Scenario(
-                name, dict(weights), description, (old.version if old else 0) + 1, now_iso()
-            )
+            version = (old.version if old else 0) + 1
+            s = Scenario(name, dict(weights), description, version, now_iso(), arms=tuple(arms))
             scenarios[name] = s
             out.append(s)
 
@@ -415,6 +441,7 @@ def _parse_records(docs: Mapping[str, str], versions: Mapping[str, str]) -> dict
                 int(versions.get(name, 1)),
                 str(d.get("updated_at", "")),
                 bool(d.get("deleted", False)),
+                _parse_arms(d.get("arms")),
             )
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("ignoring unreadable scenario %r in Redis: %s: %s", name, raw[:200], exc)
@@ -547,8 +574,14 @@ class RedisWeightStore(WeightStore):
                 self._reconcile()
         return out
 
-    def put(self, name: str, weights: Mapping[str, float], description: str) -> Scenario:
-        s = Scenario(name, dict(weights), description, 0, now_iso())
+    def put(
+        self,
+        name: str,
+        weights: Mapping[str, float],
+        description: str,
+        arms: Sequence[Arm] = (),
+    ) -> Scenario:
+        s = Scenario(name, dict(weights), description, 0, now_iso(), arms=tuple(arms))
         return self._write(name, s, f"write scenario {name!r}")
 
     def delete(self, name: str) -> None:

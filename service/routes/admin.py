@@ -6,8 +6,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from csmf.errors import WeightsError
 from service.deps import Admin, State
-from service.schemas import BundleInfo, ReloadRequest, Scenario, ScenarioIn, ScenarioList
+from service.errors import FieldError
+from service.experiments import Arm, ArmsError, check_arms
+from service.schemas import ArmOut, BundleInfo, ReloadRequest, Scenario, ScenarioIn, ScenarioList
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Admin])
 Name = Annotated[
@@ -26,6 +29,7 @@ def _out(s) -> Scenario:
         description=s.description,
         version=s.version,
         updated_at=s.updated_at,
+        arms=[ArmOut(**a.doc()) for a in s.arms] if s.arms else None,
     )
 
 
@@ -46,12 +50,28 @@ def get_scenario(name: Name, state: State) -> Scenario:
 
 @router.put("/scenarios/{name}", response_model=Scenario, responses={**AUTH, 422: {}, 503: {}})
 def put_scenario(name: Name, body: ScenarioIn, state: State) -> Scenario:
-    """Create or replace. Weights must be finite, >= 0, not all zero, for known objectives."""
+    """Create or replace. Weights must be finite, >= 0, not all zero, for known objectives.
+    With ``arms`` (an experiment): 1..16 arms, unique names, shares summing to 1 (within 1e-9),
+    valid weights in each; the scenario's ``weights`` are then the first arm's."""
     r = state.retriever
-    weights = r.weights(body.weights)  # WeightsError → 422 naming `weights`
-    return _out(
-        state.weights.put(name, dict(zip(r.objectives, weights, strict=True)), body.description)
-    )
+    if (body.weights is None) == (body.arms is None):
+        raise FieldError(("weights",), "give exactly one of `weights` or `arms`")
+    if body.arms is None:
+        weights = r.weights(body.weights)  # WeightsError → 422 naming `weights`
+        named = dict(zip(r.objectives, weights, strict=True))
+        return _out(state.weights.put(name, named, body.description))
+    arms = []
+    for i, a in enumerate(body.arms):
+        try:
+            w = r.weights(a.weights)
+        except WeightsError as exc:
+            raise FieldError(("arms", i, "weights"), f"arm {a.name!r}: {exc}") from None
+        arms.append(Arm(a.name, dict(zip(r.objectives, w, strict=True)), float(a.share)))
+    try:
+        check_arms(arms)
+    except ArmsError as exc:
+        raise FieldError(("arms",), str(exc)) from None
+    return _out(state.weights.put(name, arms[0].weights, body.description, arms))
 
 
 @router.delete("/scenarios/{name}", responses={**AUTH, 404: {}, 409: {}, 503: {}})

@@ -13,6 +13,7 @@ from __future__ import annotations
 from time import perf_counter
 
 import faiss
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import ValidationError
 from pydantic_core import to_json
@@ -74,15 +75,20 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
         raise FieldError(("user_id",), "give `user_id` and/or `history`")
     retriever = state.retriever  # one read: the whole request uses one bundle
     k = state.check_k(req.k)
-    weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
+    weights, scale, scenario, arm = state.resolve_weights(
+        retriever, req.scenario, req.weights, req.user_id
+    )
     hits = retriever.retrieve(
         req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain, req.filter
     )
     state.count(scenario, "single", hits.cold_start, not hits.cold_start)
+    request_id = state.served(scenario, arm, req.user_id, retriever, hits.rows)
     items = retriever.items_json(hits)
     rest = {
         "weights": dict(zip(retriever.objectives, weights, strict=True)),
         "scenario": scenario,
+        "arm": arm,
+        "request_id": request_id,
         "model_version": retriever.model_version,
         "cold_start": hits.cold_start,
         "took_ms": round((perf_counter() - t0) * 1000, 3),
@@ -127,22 +133,33 @@ async def retrieve_batch(request: Request) -> Response:
             raise FieldError(("users", i, "user_id"), "give `user_id` and/or `history`")
     retriever = state.retriever
     k = state.check_k(req.k)
-    weights, scale, scenario = state.resolve_weights(retriever, req.scenario, req.weights)
+    weights, scale, scenario, _ = state.resolve_weights(retriever, req.scenario, req.weights)
+    # Experiment arms: one batched search per arm, each user under the arm assigned to them.
+    groups: dict[str | None, tuple[np.ndarray, list[int]]] = {}
+    arms: list[str | None] = []
+    for i, u in enumerate(req.users):
+        _, s, _, arm = state.resolve_weights(retriever, req.scenario, req.weights, u.user_id)
+        groups.setdefault(arm, (s, []))[1].append(i)
+        arms.append(arm)
     threads = state.settings.batch_threads
     if req.filter is not None:
         retriever.compile_filter(req.filter)  # a bad filter is a 422 before the worker thread
 
     def work() -> bytes:
         faiss.omp_set_num_threads(threads)  # per-thread OpenMP setting: the loop thread keeps 1
-        hits = retriever.retrieve_batch(
-            [(u.user_id, u.history) for u in req.users],
-            scale,
-            k,
-            req.exclude,
-            req.exclude_seen,
-            req.explain,
-            req.filter,
-        )
+        hits: list = [None] * len(req.users)
+        for s, idx in groups.values():
+            part = retriever.retrieve_batch(
+                [(req.users[i].user_id, req.users[i].history) for i in idx],
+                s,
+                k,
+                req.exclude,
+                req.exclude_seen,
+                req.explain,
+                req.filter,
+            )
+            for i, h in zip(idx, part, strict=True):
+                hits[i] = h
         cold = sum(h.cold_start for h in hits)
         state.count(scenario, "batch", cold, len(hits) - cold)
         results = b",".join(
@@ -151,8 +168,13 @@ async def retrieve_batch(request: Request) -> Response:
                 + to_json(u.user_id)
                 + b',"items":'
                 + retriever.items_json(h)
-                + (b',"cold_start":true}' if h.cold_start else b',"cold_start":false}')
-                for u, h in zip(req.users, hits, strict=True)
+                + (b',"cold_start":true' if h.cold_start else b',"cold_start":false')
+                + b',"arm":'
+                + to_json(arm)
+                + b',"request_id":'
+                + to_json(state.served(scenario, arm, u.user_id, retriever, h.rows))
+                + b"}"
+                for u, h, arm in zip(req.users, hits, arms, strict=True)
             ]
         )
         rest = {

@@ -48,7 +48,8 @@ def test_metrics_is_documented_as_text(doc, client):
 
 def test_weights_schema_says_what_the_server_enforces(doc, client):
     schemas = _weights_schemas(doc)
-    assert len(schemas) == 3  # /v1/retrieve, /v1/retrieve/batch, PUT /admin/scenarios/{name}
+    # /v1/retrieve, /v1/retrieve/batch, PUT /admin/scenarios/{name} and its experiment arms
+    assert len(schemas) == 4
     objectives = ["exposure", "click", "conversion"]
     for s in schemas:
         obj, arr = s["object"], s["array"]
