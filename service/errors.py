@@ -40,6 +40,13 @@ class UnknownScenarioError(CsmfError, KeyError):
         return self.msg
 
 
+class UnknownRequestIdError(CsmfError, KeyError):
+    """Feedback for a request id this service did not issue (for that user), or expired."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 class PayloadTooLargeError(CsmfError, ValueError):
     """The body or the batch is larger than allowed (→ 413)."""
 
@@ -96,6 +103,8 @@ def error_response(exc: Exception) -> JSONResponse:
         return validation_response(exc)
     if isinstance(exc, UnknownScenarioError):
         return JSONResponse({"detail": exc.msg}, status_code=404)
+    if isinstance(exc, UnknownRequestIdError):
+        return JSONResponse({"detail": str(exc)}, status_code=404)
     if isinstance(exc, PayloadTooLargeError):
         return JSONResponse({"detail": str(exc)}, status_code=413)
     if isinstance(exc, AuthError):

@@ -38,6 +38,8 @@ STAGE_BUCKETS = (
 ROUTES = (
     "/v1/retrieve",
     "/v1/retrieve/batch",
+    "/v1/feedback",
+    "/playground",
     "/admin/scenarios",
     "/admin/scenarios/{name}",
     "/admin/bundle",
@@ -50,6 +52,8 @@ ROUTES = (
 STAGES = ("features", "encode", "search", "explain")
 STORES = ("weights", "features")
 EXPLICIT = "_explicit"  # scenario label of requests with explicit weights
+NO_ARM = "_none"  # arm label of scenarios without experiment arms (arm names start alphanumeric)
+FEEDBACK_EVENTS = ("click", "conversion")
 
 
 def multiprocess_dir() -> str | None:
@@ -108,6 +112,26 @@ class ServiceMetrics:
             ["endpoint", "cold_start"],
             registry=r,
         )
+        self.impressions_total = Counter(
+            "csmf_impressions_total",
+            f"Items served by /v1/retrieve, by scenario and experiment arm ({NO_ARM}: no arms)",
+            ["scenario", "arm"],
+            registry=r,
+        )
+        self.feedback_total = Counter(
+            "csmf_feedback_events_total",
+            "Feedback events (click, conversion) by scenario and experiment arm",
+            ["scenario", "arm", "event"],
+            registry=r,
+        )
+        self.event_log_rows_total = Counter(
+            "csmf_event_log_rows_total", "Rows written to the event log", registry=r
+        )
+        self.event_log_dropped_total = Counter(
+            "csmf_event_log_dropped_total",
+            "Event log rows dropped (queue full or write failed)",
+            registry=r,
+        )
         self.reloads_total = Counter(
             "csmf_bundle_reloads_total", "Hot reloads by result", ["result"], registry=r
         )
@@ -135,6 +159,10 @@ class ServiceMetrics:
         for store in STORES:
             self.store_errors_total.labels(store)
         self.requests_total.labels(scenario_label("default", scenario_labels), "single")
+        default = scenario_label("default", scenario_labels)
+        self.impressions_total.labels(default, NO_ARM)
+        for event in FEEDBACK_EVENTS:
+            self.feedback_total.labels(default, NO_ARM, event)
         self.stage = {s: self.stage_seconds.labels(s) for s in STAGES}
         self._route_status: dict[tuple[str, int], object] = {}
 

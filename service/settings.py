@@ -70,6 +70,30 @@ class Settings(BaseSettings):
         "named scenario counted as `_named` and the per-scenario weight gauge left out",
     )
 
+    feedback_key: SecretStr | None = Field(
+        None,
+        description="key that signs request ids (POST /v1/feedback verifies them on any replica); "
+        "unset = derived from admin_token, or random per process without one (then feedback "
+        "must reach the process that served: set it with several workers or replicas)",
+    )
+    feedback_ttl_s: float = Field(
+        7 * 86400.0, gt=0, description="feedback is accepted this long after the retrieve"
+    )
+    event_log_dir: Path | None = Field(
+        None,
+        description="folder of the served/feedback event log (events/part-*.parquet, the dataset "
+        "schema); unset = no log (counters on /metrics still work)",
+    )
+    event_log_rotate_s: float = Field(
+        60.0, gt=0, description="a log part is written at least this often"
+    )
+    event_log_rotate_rows: int = Field(
+        100_000, ge=1, description="... or when it holds this many rows"
+    )
+    event_log_queue: int = Field(
+        100_000, ge=1, description="queued log entries before new ones are dropped (and counted)"
+    )
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_k > self.max_k:
