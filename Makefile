@@ -34,6 +34,7 @@ demo: venv
 	@echo "Serving on http://$(HOST):$(PORT) — in another shell try:"
 	@echo "  curl -s -X POST http://$(HOST):$(PORT)/v1/retrieve -H 'content-type: application/json' \\"
 	@echo "       -d '{\"user_id\": \"196\", \"k\": 10, \"weights\": {\"exposure\": 1, \"click\": 1.8, \"conversion\": 1.2}}'"
+	@echo "Weights playground (sliders, two triplets side by side): http://$(HOST):$(PORT)/playground"
 	@echo
 	$(BIN)/csmf serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 

@@ -17,7 +17,7 @@ import csmf
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.metrics import ROUTES, ServiceMetrics
 from service.openapi import install_openapi
-from service.routes import admin, feedback, health, retrieve
+from service.routes import admin, feedback, health, playground, retrieve
 from service.settings import Settings
 from service.state import AppState
 
@@ -164,6 +164,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(feedback.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(playground.router)
     app.add_middleware(EdgeMiddleware, state=state, max_body=settings.max_body_bytes)
     return app
 
