@@ -133,14 +133,14 @@ async def retrieve_batch(request: Request) -> Response:
             raise FieldError(("users", i, "user_id"), "give `user_id` and/or `history`")
     retriever = state.retriever
     k = state.check_k(req.k)
-    weights, scale, scenario, _ = state.resolve_weights(retriever, req.scenario, req.weights)
-    # Experiment arms: one batched search per arm, each user under the arm assigned to them.
-    groups: dict[str | None, tuple[np.ndarray, list[int]]] = {}
-    arms: list[str | None] = []
-    for i, u in enumerate(req.users):
-        _, s, _, arm = state.resolve_weights(retriever, req.scenario, req.weights, u.user_id)
-        groups.setdefault(arm, (s, []))[1].append(i)
-        arms.append(arm)
+    weights, scale, scenario, some_arm = state.resolve_weights(retriever, req.scenario, req.weights)
+    arms: list[str | None] = [None] * len(req.users)
+    groups: dict[str | None, tuple[np.ndarray, list[int]]] = {None: (scale, list(range(len(arms))))}
+    if some_arm is not None:  # experiment arms: one batched search per arm, users by assignment
+        groups = {}
+        for i, u in enumerate(req.users):
+            _, s, _, arms[i] = state.resolve_weights(retriever, req.scenario, None, u.user_id)
+            groups.setdefault(arms[i], (s, []))[1].append(i)
     threads = state.settings.batch_threads
     if req.filter is not None:
         retriever.compile_filter(req.filter)  # a bad filter is a 422 before the worker thread
