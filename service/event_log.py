@@ -94,7 +94,11 @@ class EventLog:
         """Drain the queue, write the last part, stop the thread (a clean shutdown loses nothing)."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)  # blocking: behind every entry already queued
+        try:  # behind every entry already queued; the writer is draining, so room comes soon
+            self._queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.error("event log: writer did not drain the queue within %.0fs", timeout)
+            return
         self._thread.join(timeout)
         self._thread = None
 
