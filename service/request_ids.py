@@ -17,6 +17,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 
 VERSION = "v1"
 
@@ -33,6 +34,7 @@ class UnknownRequestError(ValueError):
     """The id was not issued by this service (or not for this user), or it expired."""
 
 
+@lru_cache(maxsize=4096)  # scenario and arm names repeat: encode each once
 def _b64(s: str | None) -> str:
     return "" if s is None else base64.urlsafe_b64encode(s.encode()).decode().rstrip("=")
 
@@ -53,12 +55,13 @@ def key_from(feedback_key: str | None, admin_token: str | None) -> bytes:
 
 class RequestIds:
     def __init__(self, key: bytes, ttl_s: float) -> None:
-        self._key = key
+        self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # keyed once, copied per id
         self.ttl_s = ttl_s
 
     def _mac(self, body: str, user_id: str | None) -> str:
-        msg = f"{body}\x00{user_id or ''}".encode()
-        return hmac.new(self._key, msg, hashlib.sha256).hexdigest()[:32]
+        h = self._hmac.copy()
+        h.update(f"{body}\x00{user_id or ''}".encode())
+        return h.hexdigest()[:32]
 
     def issue(self, user_id: str | None, scenario: str | None, arm: str | None) -> tuple[str, int]:
         rid = secrets.randbits(63)
