@@ -212,16 +212,18 @@ def markdown(
             if c
             else "0 | 0 | 0 | 0 | n/a"
         )
+        tune = _fmt(t["tune_seconds"], ".1f") if m in hyper else "—"
         lines.append(
-            f"| {m} | {_fmt(t['train_seconds'], '.1f')} | {_fmt(t['tune_seconds'], '.1f')} | "
+            f"| {m} | {_fmt(t['train_seconds'], '.2f')} | {tune} | "
             f"{_fmt(t['peak_extra_mb'], '.0f')} | {_fmt(t['peak_rss_mb'], '.0f')} | {serve} |"
         )
     measured = next((t["memory_measured"] for t in train.values() if t["memory_measured"]), None)
     lines += [
         "",
-        "Train s: fitting the final model (CSMF family: the whole cascade; CF baselines: one fit "
-        "with the chosen hyper-parameters). Tuning s: the validation grid search of the CF "
-        "baselines (CSMF's configuration was chosen by hand on validation; not timed). "
+        "Train s: building the evaluated model (CSMF family: the whole cascade; CF baselines: "
+        "the chosen grid point alone — ALS/BPR's sweeps up to the chosen count, ItemKNN's "
+        "similarity + top-k). Tuning s: the CF baselines' whole validation grid search (— = no "
+        "automatic search: CSMF's configuration was chosen by hand on validation, not timed). "
         "Peak memory: resident set of a fresh process running only that method — "
         + (measured or "not measured (--no-isolate)")
         + "; 'extra' is above the RSS after imports and data loading. "
