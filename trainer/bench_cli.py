@@ -279,7 +279,7 @@ def command(
 @app.command("quality")
 def quality(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder.")] = Path("data/ml-100k"),
-    seeds: Annotated[int, typer.Option("--seeds", help="Number of seeds (0..N-1).")] = 3,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Number of seeds (0..N-1).")] = 3,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -378,6 +378,7 @@ def quality(
     train = training_cost(results)
     hyper = hyperparameters(results)
     cmd = command(data, config, seeds, methods, set_ or [], isolate)
+    resolved = cfg.to_dict()  # train.seed: one run per seed
     out.mkdir(parents=True, exist_ok=True)
     text = markdown(dataset, agg, cost, train, hyper, n, seeds_of, cmd)
     md, js = out / f"quality-{dataset}.md", out / f"quality-{dataset}.json"
@@ -388,7 +389,10 @@ def quality(
             "dataset": dataset,
             "dataset_fingerprint": fingerprint,
             "config": str(config),
-            "resolved_config": cfg.to_dict(),
+            "resolved_config": {
+                **resolved,
+                "train": {**resolved["train"], "seed": list(range(seeds))},
+            },
             "command": cmd,
             "n": n,
             "seeds": seeds_of,
