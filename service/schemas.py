@@ -110,6 +110,9 @@ class BatchResult(BaseModel):
     items: list[Item]
     cold_start: bool
     arm: str | None = Field(None, description="experiment arm that served this user")
+    weights: dict[str, float] | None = Field(
+        None, description="this user's arm's weights (scenarios with arms; else the top level's)"
+    )
     request_id: str = Field(description="send it back with POST /v1/feedback")
 
 

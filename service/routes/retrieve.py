@@ -136,11 +136,18 @@ async def retrieve_batch(request: Request) -> Response:
     weights, scale, scenario, some_arm = state.resolve_weights(retriever, req.scenario, req.weights)
     arms: list[str | None] = [None] * len(req.users)
     groups: dict[str | None, tuple[np.ndarray, list[int]]] = {None: (scale, list(range(len(arms))))}
+    arm_weights: dict[str | None, bytes] = {}  # per result, only for scenarios with arms
     if some_arm is not None:  # experiment arms: one batched search per arm, users by assignment
         groups = {}
         for i, u in enumerate(req.users):
-            _, s, _, arms[i] = state.resolve_weights(retriever, req.scenario, None, u.user_id)
-            groups.setdefault(arms[i], (s, []))[1].append(i)
+            w, s, _, arms[i] = state.resolve_weights(retriever, req.scenario, None, u.user_id)
+            if arms[i] not in groups:
+                groups[arms[i]] = (s, [])
+                named = dict(zip(retriever.objectives, w, strict=True))
+                arm_weights[arms[i]] = b',"weights":' + to_json(named)
+            groups[arms[i]][1].append(i)
+        first = state.weights.get(scenario).arms[0]  # top level: the first arm's (as the scenario)
+        weights = tuple(first.weights.get(o, 0.0) for o in retriever.objectives)
     threads = state.settings.batch_threads
     if req.filter is not None:
         retriever.compile_filter(req.filter)  # a bad filter is a 422 before the worker thread
@@ -171,6 +178,7 @@ async def retrieve_batch(request: Request) -> Response:
                 + (b',"cold_start":true' if h.cold_start else b',"cold_start":false')
                 + b',"arm":'
                 + to_json(arm)
+                + arm_weights.get(arm, b"")
                 + b',"request_id":'
                 + to_json(state.served(scenario, arm, u.user_id, retriever, h.rows))
                 + b"}"

@@ -105,6 +105,14 @@ def test_assignment_is_sticky_and_close_to_the_shares_on_a_real_server(bundles, 
         res = svc.client.post("/v1/retrieve/batch", json=body)
         assert res.status_code == 200, res.text
         got.update({x["user_id"]: x["arm"] for x in res.json()["results"]})
+        assert res.json()["weights"] == {"exposure": 1.0, "click": 1.8, "conversion": 1.2}
+        for x in res.json()["results"][:30]:  # each result carries its arm's weights
+            want = next(a for a in ARMS if a["name"] == x["arm"])["weights"]
+            w = x["weights"]
+            if isinstance(want, list):
+                assert [w[o] for o in OBJ] == pytest.approx(want)
+            else:
+                assert w == pytest.approx({o: float(want.get(o, 0.0)) for o in OBJ})
     counts = {a["name"]: sum(v == a["name"] for v in got.values()) for a in ARMS}
     for a in ARMS:
         assert abs(counts[a["name"]] / len(users) - a["share"]) < 0.02, counts
