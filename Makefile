@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 
 demo: venv
 	$(BIN)/csmf data ml-100k --out $(DATA)
-	$(BIN)/csmf train --config configs/ml-100k.toml --data $(DATA) --out $(RUN)
+	$(BIN)/csmf train --config configs/ml-100k.toml --data $(DATA) --out $(RUN) --force
 	$(BIN)/csmf eval --run $(RUN)
 	$(BIN)/csmf build-index --run $(RUN) --out $(BUNDLE) --index $(INDEX)
 	@echo

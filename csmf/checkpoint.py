@@ -76,6 +76,14 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
         "metrics": ckpt.metrics,
         "provenance": ckpt.provenance,
     }
+    return atomic_save(payload, path)
+
+
+def atomic_save(payload: Any, path: str | Path) -> Path:
+    """torch.save to ``path`` through a fsynced temporary file and a rename (readers see the old
+    file or the new one, never half of one)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as fh:
         torch.save(payload, fh)

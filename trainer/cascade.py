@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
@@ -23,6 +24,7 @@ from tqdm.auto import tqdm
 from csmf.errors import CsmfError, OwnershipError
 from csmf.towers import TwoTower
 from trainer.config import RunConfig
+from trainer.distributed import SINGLE, Dist
 from trainer.encoding import Encoded, StageExamples, stage_examples
 from trainer.evaluate import validation_recall
 from trainer.losses import aml_margin, log_q, sampled_softmax_loss, softmax_logits
@@ -129,9 +131,11 @@ def batch_loss(
     if lc.extra_negatives:
         cols = np.concatenate([pos, rng.integers(0, enc.n_items, lc.extra_negatives)])
     v = model.item(enc.item_batch(cols), stage)  # (C, D)
-    pos_t, cols_t = torch.as_tensor(pos), torch.as_tensor(cols)
+    pos_t, cols_t = torch.as_tensor(pos, device=e.device), torch.as_tensor(cols, device=e.device)
     correction = (
-        log_q(ex.item_prob, cols_t, len(pos), lc.extra_negatives, enc.n_items) if lc.log_q else None
+        log_q(ex.item_prob.to(e.device), cols_t, len(pos), lc.extra_negatives, enc.n_items)
+        if lc.log_q
+        else None
     )
     margin = None
     if stage >= 1 and lc.aml:
@@ -141,7 +145,7 @@ def batch_loss(
     if objective == "exposure" and lc.request_negatives and enc.candidates is not None:
         hard = enc.candidates.sample(ex.request[idx], lc.request_negatives, rng)  # (B, R)
         if (hard >= 0).any():
-            hard_items = torch.as_tensor(hard)
+            hard_items = torch.as_tensor(hard, device=e.device)
             hv = model.item(enc.item_batch(np.maximum(hard, 0).reshape(-1)), stage)
             hard_v = hv.view(len(idx), lc.request_negatives, -1)  # (B, R, D)
     logits = softmax_logits(
@@ -157,7 +161,7 @@ def catalogue_loss(
     every item but the positive is a negative; AML adds its gap to every negative."""
     lc = cfg.loss
     v = model.item(enc.item_batch(np.arange(enc.n_items)), stage)  # (N, D)
-    pos_t = torch.as_tensor(pos)
+    pos_t = torch.as_tensor(pos, device=e.device)
     logits = e @ v.T / lc.temperature  # (B, N)
     if stage >= 1 and lc.aml:
         up = upstream_scores(e.detach(), v.detach(), model, stage, cfg)  # (B, N)
@@ -166,6 +170,9 @@ def catalogue_loss(
         margin = margin.scatter(1, pos_t.unsqueeze(1), 0.0)  # the positive gets no gap
         logits = logits + margin
     return F.cross_entropy(logits, pos_t)
+
+
+EpochHook = Callable[[int, list[float], torch.optim.Optimizer], None]
 
 
 def run_epochs(
@@ -180,34 +187,59 @@ def run_epochs(
     rng: np.random.Generator,
     desc: str,
     progress: bool,
+    *,
+    sample_rng: np.random.Generator | None = None,
+    dist: Dist = SINGLE,
+    start_epoch: int = 0,
+    losses: list[float] | None = None,
+    opt_state: dict | None = None,
+    on_epoch: EpochHook | None = None,
 ) -> list[float]:
-    """Train ``params`` for ``epochs`` over ``ex`` with a fresh optimizer; mean loss per epoch."""
+    """Train ``params`` for ``epochs`` over ``ex`` with a fresh optimizer; mean loss per epoch.
+
+    ``rng`` draws the batch order (identical on every rank); ``sample_rng`` (default ``rng``) the
+    sampled negatives. Resuming: ``start_epoch`` epochs are done, their ``losses`` and the
+    optimizer's ``opt_state`` given. ``on_epoch(epochs_done, losses, optimizer)`` after each epoch.
+    """
     tc = cfg.train
+    sample_rng = rng if sample_rng is None else sample_rng
     opt = params.optimizer(tc.stage_lr(stage))
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
     model.train()
-    bs = tc.batch_size
+    bs = tc.batch_size * dist.world  # one global batch per step; each rank trains on its shard
     steps = (len(ex) + bs - 1) // bs
-    losses = []
-    bar = tqdm(total=epochs * steps, desc=desc, disable=not progress, leave=False, unit="step")
-    for _ in range(epochs):
+    losses = list(losses or [])
+    bar = tqdm(
+        total=(epochs - start_epoch) * steps, desc=desc, disable=not progress, leave=False,
+        unit="step",
+    )  # fmt: skip
+    for epoch in range(start_epoch, epochs):
         perm = rng.permutation(len(ex))
         total, count = 0.0, 0
         for lo in range(0, len(perm), bs):
-            idx = perm[lo : lo + bs]
+            idx = dist.shard(perm[lo : lo + bs])
             bar.update(1)
-            if len(idx) < 2:  # a softmax over one candidate teaches nothing
+            if (
+                len(perm[lo : lo + bs]) < 2 * dist.world
+            ):  # a softmax over one candidate teaches nothing
                 continue
-            loss = batch_loss(model, enc, ex, idx, stage, objective, cfg, rng)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if len(idx) >= 2:
+                loss = batch_loss(model, enc, ex, idx, stage, objective, cfg, sample_rng)
+                loss.backward()
+                total += loss.item() * len(idx)
+                count += len(idx)
+            dist.average_gradients(params.params)
             params.mask_gradients(tc.weight_decay)
             opt.step()
             if tc.restore_each_step:
                 params.restore_frozen()
-            total += loss.item() * len(idx)
-            count += len(idx)
+        total, count = dist.sum_floats(total, count)
         losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, losses, opt)
     bar.close()
     return losses
 
@@ -223,6 +255,34 @@ def probe_scores(model: TwoTower, enc: Encoded, probe: tuple[np.ndarray, np.ndar
         return model.objective_scores(e, v)
 
 
+@dataclass
+class Progress:
+    """Where a cascade is, to resume it bit-identically (with the model's state dict).
+
+    ``phase`` is TRAIN or RECOVER with ``epoch`` epochs of it done (``opt_state`` = the optimizer
+    then), or FREEZE: stage ``stage`` finished. ``rec`` is the current stage's record so far.
+    """
+
+    stage: int
+    phase: Phase
+    epoch: int
+    stages: list[dict]
+    rec: dict
+    probe: tuple[np.ndarray, np.ndarray]
+    frozen_scores: list[Tensor]
+    rng: dict  # numpy bit-generator state of the shared (batch-order) rng
+    sample_rngs: list[dict]  # per rank (single process: empty, the shared rng samples)
+    gen: Tensor  # torch.Generator state (CPP 'random', reinit)
+    torch_rng: Tensor  # torch's global RNG
+    opt_state: dict | None = None
+    subset: np.ndarray | None = None  # AR example indices
+    seconds: float = 0.0  # time spent in the current stage before this point
+    extra: dict = field(default_factory=dict)
+
+
+CheckpointHook = Callable[[Progress], None]
+
+
 def run_cascade(
     model: TwoTower,
     enc: Encoded,
@@ -230,51 +290,121 @@ def run_cascade(
     log: Log = print,
     progress: bool = True,
     on_freeze: Callable[[int, TwoTower], None] | None = None,
+    *,
+    resume: Progress | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+    dist: Dist = SINGLE,
 ) -> dict:
     """Train every stage of the cascade in place; return per-stage metrics.
 
     ``on_freeze(t, model)`` is called right after stage t froze (tests record snapshots there).
+    ``on_checkpoint(progress)`` after every epoch and every frozen stage (every rank calls it;
+    the writer decides who writes); ``resume`` continues from such a point — ``model`` must
+    already hold that point's state dict. ``dist`` is the process group (trainer.distributed).
     """
     cc, tc = cfg.cascade, cfg.train
     objectives = cfg.objectives
     rng = np.random.default_rng(tc.seed)
     gen = torch.Generator().manual_seed(tc.seed + 1)
+    # one process: the shared rng also samples negatives (the historical stream); several: each
+    # rank samples its own negatives, the batch order stays shared
+    sample_rng = np.random.default_rng([tc.seed, 7919, dist.rank]) if dist.active else rng
     sm = StageMachine(len(objectives), recover=cc.accuracy_recovery)
-    n_probe = min(256, enc.n_users)
-    probe = (rng.integers(0, enc.n_users, n_probe), rng.integers(0, enc.n_items, n_probe))
-    frozen_scores: list[Tensor] = []  # s_t on the probe, recorded when stage t froze
-    stages = []
+    if resume is None:
+        n_probe = min(256, enc.n_users)
+        probe = (rng.integers(0, enc.n_users, n_probe), rng.integers(0, enc.n_items, n_probe))
+        frozen_scores: list[Tensor] = []  # s_t on the probe, recorded when stage t froze
+        stages: list[dict] = []
+    else:
+        probe, frozen_scores, stages = resume.probe, list(resume.frozen_scores), list(resume.stages)
+        rng.bit_generator.state = resume.rng
+        if dist.active and resume.sample_rngs:
+            sample_rng.bit_generator.state = resume.sample_rngs[dist.rank % len(resume.sample_rngs)]
+        gen.set_state(resume.gen)
+        torch.set_rng_state(resume.torch_rng)
+        sm.stage, sm.phase = resume.stage, resume.phase
+
+    def checkpoint(t: int, phase: Phase, epoch: int, rec: dict, started: float, **kw) -> None:
+        if on_checkpoint is None:
+            return
+        samples = dist.gather_objects(sample_rng.bit_generator.state) if dist.active else []
+        on_checkpoint(
+            Progress(
+                stage=t, phase=phase, epoch=epoch, stages=list(stages), rec=dict(rec),
+                probe=probe, frozen_scores=list(frozen_scores), rng=rng.bit_generator.state,
+                sample_rngs=samples, gen=gen.get_state(), torch_rng=torch.get_rng_state(),
+                seconds=time.perf_counter() - started, **kw,
+            )
+        )  # fmt: skip
+
     for t, objective in enumerate(objectives):
-        start = time.perf_counter()
-        sm.advance(Phase.TRAIN)
+        at = resume if resume is not None and resume.stage == t else None
+        if t < len(stages):  # finished before the resume point
+            continue
+        start = time.perf_counter() - (at.seconds if at is not None else 0.0)
+        if at is None:
+            sm.advance(Phase.TRAIN)
         snapshot = FrozenSnapshot.take(model, t)
         ex = stage_examples(enc, objective)
         name = f"stage {t} ({objective})"
-        log(f"{name}: {len(ex):,} train positives")
+        log(f"{name}: {len(ex):,} train positives" + (" (resumed)" if at is not None else ""))
         params = mark_only_stage_trainable(model, t)
-        rec: dict = {"objective": objective, "positives": len(ex), "trainable": params.count()}
-        rec["loss"] = run_epochs(
-            model, enc, ex, t, objective, params, cfg, tc.stage_epochs(t), rng, name, progress
+        rec: dict = (
+            dict(at.rec)
+            if at is not None
+            else {"objective": objective, "positives": len(ex), "trainable": params.count()}
         )
-        rec["val_recall"] = {"trained": _val(model, enc, t, objective, cfg)}
+        in_train = at is None or at.phase is Phase.TRAIN
+        if in_train:
+            rec["loss"] = run_epochs(
+                model, enc, ex, t, objective, params, cfg, tc.stage_epochs(t), rng, name, progress,
+                sample_rng=sample_rng, dist=dist,
+                start_epoch=at.epoch if at is not None else 0,
+                losses=rec.get("loss"), opt_state=at.opt_state if at is not None else None,
+                on_epoch=lambda k, losses, opt, t=t, rec=rec, start=start: checkpoint(
+                    t, Phase.TRAIN, k, {**rec, "loss": losses}, start,
+                    opt_state=opt.state_dict(),
+                ),
+            )  # fmt: skip
+            rec["val_recall"] = {"trained": _val(model, enc, t, objective, cfg, dist)}
         if not sm.last:
-            sm.advance(Phase.PRUNE)
-            rec["slices"] = prune_stage(
-                model, t, cc.tau, cc.pruning, cc.min_keep, cc.min_free, cc.freed_init, gen
-            )
-            rec["val_recall"]["pruned"] = _val(model, enc, t, objective, cfg)
+            if in_train:
+                sm.advance(Phase.PRUNE)
+                reduce = dist.mean if dist.active else None
+                rec["slices"] = prune_stage(
+                    model, t, cc.tau, cc.pruning, cc.min_keep, cc.min_free, cc.freed_init, gen,
+                    reduce_importance=reduce,
+                )  # fmt: skip
+                dist.check_consistent(model, t, f"stage {t} after CPP")
+                rec["val_recall"]["pruned"] = _val(model, enc, t, objective, cfg, dist)
             if cc.accuracy_recovery:
-                sm.advance(Phase.RECOVER)
+                if in_train:
+                    sm.advance(Phase.RECOVER)
+                    sub_idx = np.sort(
+                        rng.choice(len(ex), size=max(1, round(len(ex) * cc.rho)), replace=False)
+                    )
+                else:
+                    sub_idx = at.subset
                 params = mark_only_stage_trainable(model, t)
-                sub = ex.subset(cc.rho, rng)
+                sub = _take(ex, sub_idx)
                 rec["ar_loss"] = run_epochs(
                     model, enc, sub, t, objective, params, cfg, tc.ar_epochs, rng,
-                    f"{name} AR", progress,
+                    f"{name} AR", progress, sample_rng=sample_rng, dist=dist,
+                    start_epoch=0 if in_train else at.epoch,
+                    losses=None if in_train else rec.get("ar_loss"),
+                    opt_state=None if in_train else at.opt_state,
+                    on_epoch=lambda k, losses, opt, t=t, rec=rec, start=start, sub=sub_idx: (
+                        checkpoint(
+                            t, Phase.RECOVER, k, {**rec, "ar_loss": losses}, start,
+                            opt_state=opt.state_dict(), subset=sub,
+                        )
+                    ),
                 )  # fmt: skip
-                rec["val_recall"]["recovered"] = _val(model, enc, t, objective, cfg)
+                rec["val_recall"]["recovered"] = _val(model, enc, t, objective, cfg, dist)
         sm.advance(Phase.FREEZE)
         unfreeze_all(model)
         snapshot.verify(model)
+        dist.check_consistent(model, t, f"stage {t} frozen")
         scores = probe_scores(model, enc, probe)
         for s, before in enumerate(frozen_scores):
             if not torch.equal(scores[:, s], before):
@@ -285,6 +415,7 @@ def run_cascade(
         rec["seconds"] = time.perf_counter() - start
         stages.append(rec)
         _log_stage(log, name, rec, cfg.eval.n)
+        checkpoint(t, Phase.FREEZE, 0, {}, time.perf_counter())
     sm.advance(Phase.DONE)
     return {"stages": stages, "output_slices": output_slices(model)}
 
@@ -294,7 +425,19 @@ def output_slices(model: TwoTower) -> list[int]:
     return torch.bincount(model.output_owner.long(), minlength=model.cfg.num_objectives).tolist()
 
 
-def _val(model: TwoTower, enc: Encoded, t: int, objective: str, cfg: RunConfig) -> float:
+def _take(ex: StageExamples, idx: np.ndarray) -> StageExamples:
+    """The examples ``idx`` (accuracy recovery's rho subset; same item_prob)."""
+    return StageExamples(
+        ex.user[idx], ex.item[idx], ex.hist_end[idx], ex.request[idx], ex.item_prob
+    )
+
+
+def _val(
+    model: TwoTower, enc: Encoded, t: int, objective: str, cfg: RunConfig, dist: Dist = SINGLE
+) -> float:
+    """Validation Recall@N of view t — on rank 0 only (NaN on the others)."""
+    if not dist.main:
+        return float("nan")
     return validation_recall(model, enc, t, objective, cfg.eval.n, cfg.eval.val_users)
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, NoReturn
 
 import typer
 
-from csmf.errors import CsmfError
+from csmf.errors import ConfigError, CsmfError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="CSMF trainer: train, eval, tune."
@@ -26,11 +26,16 @@ def _fail(exc: Exception) -> NoReturn:
 @app.command("train")
 def train(
     config: Annotated[
-        Path, typer.Option("--config", help="TOML config: [features], [model], [cascade], ...")
-    ] = Path("configs/ml-100k.toml"),
-    data: Annotated[Path, typer.Option("--data", help="Dataset folder (csmf data ...).")] = Path(
-        "data/ml-100k"
-    ),
+        Path | None,
+        typer.Option(
+            "--config",
+            help="TOML config: [features], [model], [cascade], ... [default: configs/ml-100k.toml]",
+        ),
+    ] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset folder (csmf data ...). [default: data/ml-100k]"),
+    ] = None,
     out: Annotated[
         Path, typer.Option("--out", help="Run folder to write (checkpoint.pt, train_metrics.json).")
     ] = Path("runs/ml-100k"),
@@ -48,26 +53,127 @@ def train(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Show per-stage progress bars.")
     ] = True,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run in this folder from its last epoch/stage "
+            "checkpoint (its own config and dataset; no --config/--data/--set/--seed).",
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite a run folder that already holds a run.")
+    ] = False,
+    nproc: Annotated[
+        int,
+        typer.Option(
+            "--nproc", min=1, help="Data-parallel processes on this machine (launches torchrun)."
+        ),
+    ] = 1,
 ) -> None:
     """Train the CSMF cascade (train → CPP → AR → freeze per objective) into a run folder."""
+    if nproc > 1:
+        _launch_torchrun(nproc, config, data, out, seed, set_, progress, resume, force)
+        return
     from trainer.config import load_config
-    from trainer.pipeline import train_run
+    from trainer.distributed import init_from_env, shutdown
+    from trainer.pipeline import resolve_device, resume_run, train_run
 
-    overrides = list(set_ or [])
-    if seed is not None:
-        overrides.append(f"train.seed={seed}")
     try:
-        cfg = load_config(config, overrides)
-        path, metrics = train_run(cfg, data, out, log=typer.echo, progress=progress)
+        if resume is not None:
+            if config is not None or data is not None or set_ or seed is not None or force:
+                raise ConfigError(
+                    "--resume takes the run's own config and dataset; drop --config, --data, "
+                    "--set, --seed and --force"
+                )
+            cfg = None
+        else:
+            overrides = list(set_ or [])
+            if seed is not None:
+                overrides.append(f"train.seed={seed}")
+            cfg = load_config(config or DEFAULT_CONFIG, overrides)
+        dist = init_from_env(resolve_device(cfg.train.device) if cfg else _env_device())
+        log = typer.echo if dist.main else _quiet
+        try:
+            if resume is not None:
+                path, metrics = resume_run(
+                    resume, log=log, progress=progress and dist.main, dist=dist
+                )
+            else:
+                path, metrics = train_run(
+                    cfg, data or DEFAULT_DATA, out, log=log, progress=progress and dist.main,
+                    force=force, dist=dist,
+                )  # fmt: skip
+        finally:
+            shutdown(dist)
     except CsmfError as exc:
         _fail(exc)
+    if not dist.main:
+        return
+    objectives = load_checkpoint_objectives(path)
     slices = " | ".join(
-        f"{o} {n}" for o, n in zip(cfg.objectives, metrics["output_slices"], strict=True)
+        f"{o} {n}" for o, n in zip(objectives, metrics["output_slices"], strict=True)
     )
     typer.echo(
-        f"trained {len(cfg.objectives)} stages in {metrics['seconds']:.0f}s "
+        f"trained {len(objectives)} stages in {metrics['seconds']:.0f}s "
         f"(output slices {slices}); checkpoint at {path}"
     )
+
+
+DEFAULT_CONFIG = Path("configs/ml-100k.toml")
+DEFAULT_DATA = Path("data/ml-100k")
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _env_device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_checkpoint_objectives(path: Path) -> tuple[str, ...]:
+    from csmf.checkpoint import load_checkpoint
+
+    return load_checkpoint(path).objectives
+
+
+def _launch_torchrun(
+    nproc: int,
+    config: Path | None,
+    data: Path | None,
+    out: Path,
+    seed: int | None,
+    set_: list[str] | None,
+    progress: bool,
+    resume: Path | None,
+    force: bool,
+) -> None:
+    """``csmf train --nproc N ...`` = ``torchrun --standalone --nproc-per-node N -m trainer.cli
+    train ...`` (same options minus --nproc); exits with torchrun's status."""
+    import subprocess
+    import sys
+
+    args = ["train", "--progress" if progress else "--no-progress"]
+    if resume is not None:
+        args += ["--resume", str(resume)]
+    else:
+        args += ["--out", str(out)]
+    for flag, value in (("--config", config), ("--data", data), ("--seed", seed)):
+        if value is not None:
+            args += [flag, str(value)]
+    for item in set_ or []:
+        args += ["--set", item]
+    if force:
+        args.append("--force")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", "-m", "trainer.cli", *args]  # fmt: skip
+    typer.echo("launching: " + " ".join(cmd[1:]), err=True)
+    code = subprocess.call(cmd)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command("eval")

@@ -26,6 +26,7 @@ FREED_INIT = ("warm", "reinit")
 AML_UPSTREAM = ("prob", "logit")
 NEGATIVES = ("in-batch", "catalogue")
 TRAIN_HISTORY = ("before", "others")
+DEVICES = ("auto", "cpu", "cuda")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -139,6 +140,11 @@ class TrainConfig:
         "(set completion, what evaluation sees: the whole train history)",
         "before",
     )
+    device: str = _help(
+        "'auto' (CUDA when torch sees a GPU, else CPU), 'cpu' or 'cuda'; under torchrun each "
+        "process uses cuda:LOCAL_RANK",
+        "auto",
+    )
     restore_each_step: bool = _help(
         "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
         False,
@@ -148,6 +154,7 @@ class TrainConfig:
         object.__setattr__(self, "lr", _as_tuple(self.lr, float, "train.lr"))
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "train.epochs"))
         _choice("train.history", self.history, TRAIN_HISTORY)
+        _choice("train.device", self.device, DEVICES)
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")
         if self.threads < 0:

@@ -157,6 +157,14 @@ class Encoded:
     split: Split
     history: History | None
     candidates: Candidates | None
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: torch.device) -> Encoded:
+        """Move the user/item feature tensors to ``device`` once; batches are built there."""
+        self.users = {k: v.to(device) for k, v in self.users.items()}
+        self.items = {k: v.to(device) for k, v in self.items.items()}
+        self.device = device
+        return self
 
     @property
     def n_users(self) -> int:
@@ -171,15 +179,15 @@ class Encoded:
     ) -> dict[str, Tensor]:
         """Inputs of users ``user`` (B,); history up to ``hist_end`` (default: all train events),
         without the items ``drop`` (B,) if given."""
-        idx = torch.as_tensor(user)
+        idx = torch.as_tensor(user, device=self.device)
         batch = {k: v[idx] for k, v in self.users.items()}
         if self.history is not None:
             end = self.history.all_of(user) if hist_end is None else hist_end
-            batch["history"] = self.history.gather(user, end, drop)
+            batch["history"] = self.history.gather(user, end, drop).to(self.device)
         return batch
 
     def item_batch(self, item: np.ndarray | Tensor) -> dict[str, Tensor]:
-        idx = torch.as_tensor(item)
+        idx = torch.as_tensor(item, device=self.device)
         return {k: v[idx] for k, v in self.items.items()}
 
 

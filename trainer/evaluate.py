@@ -40,11 +40,11 @@ def encode_all(model: TwoTower, enc: Encoded, batch: int = 4096) -> tuple[Tensor
         [model.item(enc.item_batch(items[i : i + batch])) for i in range(0, len(items), batch)]
     )
     model.train(was_training)
-    return e, v
+    return e.cpu(), v.cpu()  # ranking runs on the CPU whatever device trained
 
 
 def view_ranker(model: TwoTower, t: int) -> Ranker:
-    return ("scale", model.objective_masks()[t])
+    return ("scale", model.objective_masks()[t].cpu())
 
 
 def fused_ranker(model: TwoTower, weights: Sequence[float]) -> Ranker:

@@ -2,7 +2,9 @@
 checkpoint, and checkpoint → evaluation table.
 
 A run folder holds ``checkpoint.pt`` (csmf.checkpoint format; ``dataset`` = absolute path of the
-dataset folder), ``train_metrics.json`` and, after ``csmf eval``, ``eval.json``.
+dataset folder), ``train_metrics.json`` and, after ``csmf eval``, ``eval.json``. While a run is
+unfinished it holds ``resume.pt`` instead: model, optimizer, RNG states and the stage machine's
+position at the last epoch or stage boundary, written atomically (``csmf train --resume``).
 """
 
 from __future__ import annotations
@@ -18,20 +20,27 @@ import torch
 from csmf.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
+    atomic_save,
+    dataset_files,
+    dataset_fingerprint,
     load_checkpoint,
     new_model,
     save_checkpoint,
     training_provenance,
 )
+from csmf.errors import ConfigError, CsmfError
 from csmf.weights import parse_weights
-from trainer.cascade import Log, run_cascade
+from trainer.cascade import Log, Phase, Progress, run_cascade
 from trainer.config import RunConfig
 from trainer.data.dataset import load_dataset, split_by_time
+from trainer.distributed import SINGLE, Dist
 from trainer.encoding import Encoded, encode_dataset
 from trainer.evaluate import evaluate_model
 
 TRAIN_METRICS = "train_metrics.json"
 EVAL_NAME = "eval.json"
+RESUME_NAME = "resume.pt"  # the last epoch/stage boundary of an unfinished run
+RESUME_FORMAT = 1
 
 
 def prepare(cfg: RunConfig, data: str | Path, vocabs=None) -> Encoded:
@@ -43,21 +52,148 @@ def prepare(cfg: RunConfig, data: str | Path, vocabs=None) -> Encoded:
     return encode_dataset(ds, cfg.features, split, vocabs)
 
 
+class RunFolderError(CsmfError, ValueError):
+    """A run folder holds a finished or interrupted run that would be overwritten."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` → a torch device ('auto': CUDA when available). Under torchrun each
+    process takes cuda:LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.device = 'cuda' but torch sees no CUDA device "
+                f"(torch {torch.__version__}); use 'cpu' or 'auto'"
+            )
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def check_run_folder(out: Path, force: bool) -> None:
+    """Refuse to overwrite a finished or interrupted run unless ``force`` (then clear it)."""
+    finished, partial = (out / CHECKPOINT_NAME).exists(), (out / RESUME_NAME).exists()
+    if not force:
+        if finished:
+            raise RunFolderError(
+                f"run folder {out} already holds a finished run ({CHECKPOINT_NAME}); "
+                "pass --force to overwrite it or choose another --out"
+            )
+        if partial:
+            raise RunFolderError(
+                f"run folder {out} holds an interrupted run ({RESUME_NAME}); continue it with "
+                f"`csmf train --resume {out}` or pass --force to start over"
+            )
+        return
+    for name in (CHECKPOINT_NAME, RESUME_NAME, TRAIN_METRICS, EVAL_NAME):
+        (out / name).unlink(missing_ok=True)
+
+
 def train_run(
-    cfg: RunConfig, data: str | Path, out: str | Path, log: Log = print, progress: bool = True
+    cfg: RunConfig,
+    data: str | Path,
+    out: str | Path,
+    log: Log = print,
+    progress: bool = True,
+    *,
+    force: bool = False,
+    dist: Dist = SINGLE,
 ) -> tuple[Path, dict]:
-    """Train the cascade on ``data`` and write the run folder ``out``; returns (checkpoint, metrics)."""
+    """Train the cascade on ``data`` and write the run folder ``out``; returns (checkpoint, metrics).
+
+    A folder holding a finished or interrupted run is refused unless ``force``. The folder gets
+    ``resume.pt`` after every epoch and stage (see :func:`resume_run`), replaced by
+    ``checkpoint.pt`` when the cascade finishes. With ``dist`` (torchrun), rank 0 writes.
+    """
+    out = Path(out)
+    if dist.main:
+        check_run_folder(out, force)
+    dist.barrier()  # no rank starts writing before every rank checked the folder
+    return _train(cfg, Path(data), out, log, progress, dist, None)
+
+
+def resume_run(
+    run: str | Path, log: Log = print, progress: bool = True, *, dist: Dist = SINGLE
+) -> tuple[Path, dict]:
+    """Continue the interrupted run in folder ``run`` from its last ``resume.pt`` (same config,
+    same dataset — checked by content fingerprint); the result is bit-identical to an
+    uninterrupted run with the same thread count."""
+    run = Path(run)
+    path = run / RESUME_NAME
+    if not path.exists():
+        if (run / CHECKPOINT_NAME).exists():
+            raise RunFolderError(
+                f"run {run} already finished ({CHECKPOINT_NAME}); nothing to resume"
+            )
+        raise RunFolderError(f"no interrupted run to resume in {run} (no {RESUME_NAME})")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise RunFolderError(f"cannot read {path}: {exc}") from None
+    if raw.get("format") != RESUME_FORMAT:
+        raise RunFolderError(
+            f"{path} has format {raw.get('format')!r}, this version resumes {RESUME_FORMAT}"
+        )
+    cfg = RunConfig.from_dict(raw["train_config"])
+    data = Path(raw["dataset"])
+    now = dataset_fingerprint(dataset_files(data)) if data.is_dir() else "missing"
+    if now != raw["dataset_fingerprint"]:
+        raise RunFolderError(
+            f"cannot resume {run}: dataset {data} changed since the run started "
+            f"(fingerprint {now}, the run trained on {raw['dataset_fingerprint']})"
+        )
+    return _train(cfg, data, run, log, progress, dist, raw)
+
+
+def _train(
+    cfg: RunConfig, data: Path, out: Path, log: Log, progress: bool, dist: Dist, raw: dict | None
+) -> tuple[Path, dict]:
     start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    enc = prepare(cfg, data)
+    device = resolve_device(cfg.train.device)
+    enc = prepare(cfg, data).to(device)
     log(
         f"data {data}: {enc.n_users:,} users, {enc.n_items:,} items, "
         f"{len(enc.split.train):,}/{len(enc.split.val):,}/{len(enc.split.test):,} "
-        "train/val/test events"
+        f"train/val/test events; device {device}"
+        + (f"; {dist.world} processes" if dist.active else "")
     )
-    model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab)
-    metrics = run_cascade(model, enc, cfg, log=log, progress=progress)
+    model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab).to(device)
+    fingerprint = dataset_fingerprint(dataset_files(data))
+    resume = None
+    if raw is not None:
+        model.load_state_dict(raw["state_dict"])
+        model.sync_owners()
+        model.check_owners()
+        resume = _progress_from(raw["progress"])
+        log(f"resuming {out}: stage {resume.stage}, {resume.phase.value}, epoch {resume.epoch}")
+
+    def save_progress(p: Progress) -> None:
+        if dist.main:
+            payload = {
+                "format": RESUME_FORMAT,
+                "train_config": cfg.to_dict(),
+                "dataset": str(data.resolve()),
+                "dataset_fingerprint": fingerprint,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                "progress": _progress_to(p),
+            }
+            atomic_save(payload, out / RESUME_NAME)
+
+    metrics = run_cascade(
+        model, enc, cfg, log=log, progress=progress, resume=resume, on_checkpoint=save_progress,
+        dist=dist,
+    )  # fmt: skip
     metrics["seconds"] = time.perf_counter() - start
+    metrics["device"] = str(device)
+    metrics["processes"] = dist.world
+    if resume is not None:
+        metrics["resumed_from"] = {
+            "stage": resume.stage, "phase": resume.phase.value, "epoch": resume.epoch
+        }  # fmt: skip
     ckpt = Checkpoint(
         model_config=cfg.model,
         features=cfg.features,
@@ -65,15 +201,57 @@ def train_run(
         item_vocab=enc.item_vocab,
         objectives=cfg.objectives,
         state_dict=model.state_dict(),
-        dataset=str(Path(data).resolve()),
+        dataset=str(data.resolve()),
         train_config=cfg.to_dict(),
         metrics=metrics,
         provenance=training_provenance(data, enc.user_vocab, enc.item_vocab),
     )
-    out = Path(out)
-    path = save_checkpoint(ckpt, out / CHECKPOINT_NAME)
-    write_json(out / TRAIN_METRICS, {"config": cfg.to_dict(), **metrics})
+    path = out / CHECKPOINT_NAME
+    if dist.main:
+        save_checkpoint(ckpt, path)
+        write_json(out / TRAIN_METRICS, {"config": cfg.to_dict(), **metrics})
+        (out / RESUME_NAME).unlink(missing_ok=True)  # the run is finished
+    dist.barrier()
     return path, metrics
+
+
+def _progress_to(p: Progress) -> dict:
+    """Progress → plain tensors/str/numbers (loadable with weights_only=True)."""
+    return {
+        "stage": p.stage,
+        "phase": p.phase.value,
+        "epoch": p.epoch,
+        "stages": json.dumps(p.stages, default=float),
+        "rec": json.dumps(p.rec, default=float),
+        "probe": [torch.as_tensor(p.probe[0]), torch.as_tensor(p.probe[1])],
+        "frozen_scores": [s.detach().cpu() for s in p.frozen_scores],
+        "rng": json.dumps(p.rng),
+        "sample_rngs": [json.dumps(s) for s in p.sample_rngs],
+        "gen": p.gen,
+        "torch_rng": p.torch_rng,
+        "opt_state": p.opt_state,
+        "subset": None if p.subset is None else torch.as_tensor(p.subset),
+        "seconds": p.seconds,
+    }
+
+
+def _progress_from(d: dict) -> Progress:
+    return Progress(
+        stage=d["stage"],
+        phase=Phase(d["phase"]),
+        epoch=d["epoch"],
+        stages=json.loads(d["stages"]),
+        rec=json.loads(d["rec"]),
+        probe=(d["probe"][0].numpy(), d["probe"][1].numpy()),
+        frozen_scores=list(d["frozen_scores"]),
+        rng=json.loads(d["rng"]),
+        sample_rngs=[json.loads(s) for s in d["sample_rngs"]],
+        gen=d["gen"],
+        torch_rng=d["torch_rng"],
+        opt_state=d["opt_state"],
+        subset=None if d["subset"] is None else d["subset"].numpy(),
+        seconds=d["seconds"],
+    )
 
 
 def eval_run(

@@ -19,6 +19,7 @@ their trained incoming weights (``warm``) or are re-initialised (``reinit``).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -51,10 +52,10 @@ def select_freed(
     k = fixed_free_count(n, tau) if method == "fixed" else cpp_free_count(importance, tau)
     k = max(k, min_free)
     k = max(0, min(k, n - min_keep))
-    freed = torch.zeros(n, dtype=torch.bool)
+    freed = torch.zeros(n, dtype=torch.bool, device=importance.device)
     if k:
         if method == "random":  # CPP's budget, units drawn uniformly
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator).to(importance.device)
         else:
             order = torch.sort(importance, stable=True).indices  # ascending; ties by position
         freed[order[:k]] = True
@@ -70,16 +71,22 @@ def prune_stage(
     min_free: int = 0,
     freed_init: str = "warm",
     generator: torch.Generator | None = None,
+    reduce_importance: Callable[[Tensor], Tensor] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Apply CPP (or the fixed variant) to every unit group; return ``{group: {kept, freed}}``.
 
     Importances are all computed before any owner changes, so the order of groups does not matter.
+    ``reduce_importance`` (data-parallel training: the mean over ranks) is applied to each
+    group's importances first, so every rank frees the same units.
     """
     groups = model.unit_groups()
     plans = []
     for g in groups:
         mine = torch.nonzero(g.owner == stage).squeeze(1)  # (n,) units owned by this stage
-        freed = select_freed(g.importance()[mine], tau, method, min_keep, min_free, generator)
+        importance = g.importance()
+        if reduce_importance is not None:
+            importance = reduce_importance(importance)
+        freed = select_freed(importance[mine], tau, method, min_keep, min_free, generator)
         plans.append((g, mine[freed]))
     sizes = {}
     for g, idx in plans:
@@ -105,13 +112,13 @@ def reinit_units(model: TwoTower, owner: int, generator: torch.Generator | None 
             if not units.any():
                 continue
             if isinstance(m, OwnedEmbedding):
-                fresh = torch.randn(m.weight.shape, generator=generator) * std
+                fresh = (torch.randn(m.weight.shape, generator=generator) * std).to(m.weight.device)
                 fresh[0] = 0.0  # padding row stays zero
                 m.weight[:, units] = fresh[:, units]
             else:
-                fresh = torch.empty_like(m.weight)
+                fresh = torch.empty(m.weight.shape)
                 bound = 1.0 / math.sqrt(m.weight.shape[1])  # kaiming_uniform(a=sqrt(5)) bound
-                fresh.uniform_(-bound, bound, generator=generator)
+                fresh = fresh.uniform_(-bound, bound, generator=generator).to(m.weight.device)
                 m.weight[units] = (fresh * m.connection_mask())[units]
                 m.bias[units] = 0.0
 

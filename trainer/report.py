@@ -75,7 +75,7 @@ def main(
             run = out / f"seed{seed}"
             if retrain or not (run / CHECKPOINT_NAME).exists():
                 cfg = load_config(config, [*(set_ or []), f"train.seed={seed}"])
-                _, metrics = train_run(cfg, data, run, log=typer.echo, progress=False)
+                _, metrics = train_run(cfg, data, run, log=typer.echo, progress=False, force=True)
             else:
                 metrics = json.loads((run / "train_metrics.json").read_text())
             seconds.append(metrics["seconds"])
