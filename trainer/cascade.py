@@ -356,6 +356,7 @@ def run_cascade(
         )
         in_train = at is None or at.phase is Phase.TRAIN
         if in_train:
+            t_train = time.perf_counter()
             rec["loss"] = run_epochs(
                 model, enc, ex, t, objective, params, cfg, tc.stage_epochs(t), rng, name, progress,
                 sample_rng=sample_rng, dist=dist,
@@ -366,6 +367,7 @@ def run_cascade(
                     opt_state=opt.state_dict(),
                 ),
             )  # fmt: skip
+            rec["train_seconds"] = rec.get("train_seconds", 0.0) + time.perf_counter() - t_train
             rec["val_recall"] = {"trained": _val(model, enc, t, objective, cfg, dist)}
         if not sm.last:
             if in_train:
@@ -375,7 +377,7 @@ def run_cascade(
                     model, t, cc.tau, cc.pruning, cc.min_keep, cc.min_free, cc.freed_init, gen,
                     reduce_importance=reduce,
                 )  # fmt: skip
-                dist.check_consistent(model, t, f"stage {t} after CPP")
+                rec["digests"] = {"pruned": dist.check_consistent(model, t, f"stage {t} CPP")}
                 rec["val_recall"]["pruned"] = _val(model, enc, t, objective, cfg, dist)
             if cc.accuracy_recovery:
                 if in_train:
@@ -404,7 +406,9 @@ def run_cascade(
         sm.advance(Phase.FREEZE)
         unfreeze_all(model)
         snapshot.verify(model)
-        dist.check_consistent(model, t, f"stage {t} frozen")
+        rec.setdefault("digests", {})["frozen"] = dist.check_consistent(
+            model, t, f"stage {t} frozen"
+        )
         scores = probe_scores(model, enc, probe)
         for s, before in enumerate(frozen_scores):
             if not torch.equal(scores[:, s], before):

@@ -94,18 +94,17 @@ class Dist:
         if self.active:
             td.barrier()
 
-    def check_consistent(self, model: TwoTower, stage: int, what: str) -> str:
-        """Hard error unless every rank holds the same owners and frozen entries; returns the hash."""
-        digest = model_digest(model, stage)
-        if self.active:
-            digests = self.gather_objects(digest)
-            if len(set(digests)) != 1:
-                per_rank = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
-                raise RankMismatchError(
-                    f"{what}: ranks disagree on owners / parameters owned by stages <= {stage} "
-                    f"({per_rank})"
-                )
-        return digest
+    def check_consistent(self, model: TwoTower, stage: int, what: str) -> list[str]:
+        """Hard error unless every rank holds the same owners and entries owned by stages
+        <= ``stage``; returns every rank's digest (rank order)."""
+        digests = [str(d) for d in self.gather_objects(model_digest(model, stage))]
+        if len(set(digests)) != 1:
+            per_rank = ", ".join(f"rank {r}: {d[:12]}" for r, d in enumerate(digests))
+            raise RankMismatchError(
+                f"{what}: ranks disagree on owners / parameters owned by stages <= {stage} "
+                f"({per_rank})"
+            )
+        return digests
 
 
 def model_digest(model: TwoTower, stage: int) -> str:

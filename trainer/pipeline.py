@@ -190,6 +190,7 @@ def _train(
     metrics["seconds"] = time.perf_counter() - start
     metrics["device"] = str(device)
     metrics["processes"] = dist.world
+    metrics["peak_rss_mb"] = dist.gather_objects(_peak_rss_mb())  # per rank
     if resume is not None:
         metrics["resumed_from"] = {
             "stage": resume.stage, "phase": resume.phase.value, "epoch": resume.epoch
@@ -213,6 +214,12 @@ def _train(
         (out / RESUME_NAME).unlink(missing_ok=True)  # the run is finished
     dist.barrier()
     return path, metrics
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def _progress_to(p: Progress) -> dict:
