@@ -170,6 +170,12 @@ def _train(
         model.check_owners()
         resume = _progress_from(raw["progress"])
         log(f"resuming {out}: stage {resume.stage}, {resume.phase.value}, epoch {resume.epoch}")
+        if raw.get("processes", 1) != dist.world:
+            log(
+                f"warning: the run was started with {raw.get('processes', 1)} process(es), resumed "
+                f"with {dist.world}: the global batch and negative sampling change from here on "
+                "(valid, but not bit-identical to an uninterrupted run)"
+            )
 
     def save_progress(p: Progress) -> None:
         if dist.main:
@@ -178,6 +184,7 @@ def _train(
                 "train_config": cfg.to_dict(),
                 "dataset": str(data.resolve()),
                 "dataset_fingerprint": fingerprint,
+                "processes": dist.world,
                 "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
                 "progress": _progress_to(p),
             }

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from csmf.checkpoint import load_checkpoint
 from trainer.config import load_config
@@ -28,18 +31,57 @@ def test_shard_splits_a_global_batch_without_overlap():
     assert SINGLE.shard(idx) is idx
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in their own sessions)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+SETS = ["train.threads=1", "train.epochs=[2,30,1]"]  # stage 1 long enough to be killed in
+
+
 @pytest.fixture(scope="module")
 def two_procs(tmp_path_factory, tiny_config_path, tiny_data):
-    """`csmf train --nproc 2` (launches torchrun) with the global batch of the 1-process run."""
+    """`csmf train --nproc 2` (launches torchrun) with the global batch of the 1-process run,
+    SIGKILLed (launcher, torchrun and both workers) after stage 0's checkpoint, then
+    `--nproc 2 --resume`."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    res = subprocess.run(
-        [sys.executable, "-m", "trainer.cli", "train", "--nproc", "2",
-         "--config", str(tiny_config_path), "--data", str(tiny_data), "--out", str(out),
-         "--set", "train.threads=1", "--set", "train.batch_size=32", "--no-progress"],
-        env=ENV, capture_output=True, text=True, timeout=600,
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--nproc", "2", "--no-progress"]
+    sets = [x for s in [*SETS, "train.batch_size=32"] for x in ("--set", s)]
+    proc = subprocess.Popen(
+        [*cmd, "--config", str(tiny_config_path), "--data", str(tiny_data), "--out", str(out),
+         *sets],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
+    deadline, killed = time.monotonic() + 300, False
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (out / "resume.pt").exists():
+            p = torch.load(out / "resume.pt", weights_only=True)["progress"]
+            if p["stage"] >= 1 or p["phase"] == "freeze":
+                for pid in [proc.pid, *_descendants(proc.pid)]:  # launcher, torchrun, workers
+                    os.kill(pid, signal.SIGKILL)
+                killed = True
+                break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert killed and not (out / "checkpoint.pt").exists(), proc.stderr.read().decode()[-3000:]
+    res = subprocess.run(
+        [*cmd, "--resume", str(out)], env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "2 processes" in res.stdout and res.stdout.count("checkpoint at") == 1  # rank 0 logs
+    assert "2 processes" in res.stdout and "resuming" in res.stdout
+    assert res.stdout.count("checkpoint at") == 1  # rank 0 logs
     return out
 
 
@@ -47,6 +89,7 @@ def test_two_processes_agree_on_every_stage_boundary(two_procs):
     ckpt = load_checkpoint(two_procs)
     metrics = json.loads((two_procs / "train_metrics.json").read_text())
     assert metrics["processes"] == 2 and not (two_procs / "resume.pt").exists()
+    assert metrics["resumed_from"]["stage"] >= 0 and len(metrics["peak_rss_mb"]) == 2
     stages = ckpt.metrics["stages"]
     for s in stages:
         for what, digests in s["digests"].items():
@@ -60,7 +103,7 @@ def test_two_processes_agree_on_every_stage_boundary(two_procs):
 
 
 def test_two_processes_match_one_process_quality(two_procs, tmp_path, tiny_config_path, tiny_data):
-    cfg = load_config(tiny_config_path, ["train.threads=1"])
+    cfg = load_config(tiny_config_path, SETS)
     train_run(cfg, tiny_data, tmp_path / "one", log=lambda _: None, progress=False)
     one = eval_run(tmp_path / "one", n=10, write=False)
     two = eval_run(two_procs, n=10, write=False)
