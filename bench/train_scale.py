@@ -92,7 +92,8 @@ def main() -> None:
     for r in rows:
         r["efficiency_stage0"] = r["stage0_examples_per_s"] / base["stage0_examples_per_s"]
         r["efficiency_stage1"] = r["stage1_examples_per_s"] / base["stage1_examples_per_s"]
-    dataset = json.loads((args.data / "dataset.json").read_text()).get("counts", {})
+    meta = args.data / "dataset.json"
+    dataset = json.loads(meta.read_text()).get("counts", {}) if meta.exists() else {}
     command = (
         f"python bench/train_scale.py --data {args.data} --config {args.config} "
         f"--epochs '{args.epochs}' --ar-epochs {args.ar_epochs} --batch-size {args.batch_size}"
