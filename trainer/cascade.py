@@ -316,7 +316,9 @@ def run_cascade(
         frozen_scores: list[Tensor] = []  # s_t on the probe, recorded when stage t froze
         stages: list[dict] = []
     else:
-        probe, frozen_scores, stages = resume.probe, list(resume.frozen_scores), list(resume.stages)
+        probe, stages = resume.probe, list(resume.stages)
+        device = model.output_owner.device
+        frozen_scores = [s.to(device) for s in resume.frozen_scores]
         rng.bit_generator.state = resume.rng
         if dist.active and resume.sample_rngs:
             sample_rng.bit_generator.state = resume.sample_rngs[dist.rank % len(resume.sample_rngs)]

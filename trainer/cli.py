@@ -77,7 +77,7 @@ def train(
         return
     from trainer.config import load_config
     from trainer.distributed import init_from_env, shutdown
-    from trainer.pipeline import resolve_device, resume_run, train_run
+    from trainer.pipeline import resolve_device, resume_config, resume_run, train_run
 
     try:
         if resume is not None:
@@ -92,7 +92,8 @@ def train(
             if seed is not None:
                 overrides.append(f"train.seed={seed}")
             cfg = load_config(config or DEFAULT_CONFIG, overrides)
-        dist = init_from_env(resolve_device(cfg.train.device) if cfg else _env_device())
+        device_name = (cfg or resume_config(resume)).train.device
+        dist = init_from_env(resolve_device(device_name))
         log = typer.echo if dist.main else _quiet
         try:
             if resume is not None:
@@ -126,12 +127,6 @@ DEFAULT_DATA = Path("data/ml-100k")
 
 def _quiet(_: str) -> None:
     pass
-
-
-def _env_device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_checkpoint_objectives(path: Path) -> tuple[str, ...]:

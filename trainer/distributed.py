@@ -43,6 +43,7 @@ class RankMismatchError(CsmfError, RuntimeError):
 class Dist:
     rank: int = 0
     world: int = 1
+    device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL: CUDA)
 
     @property
     def main(self) -> bool:
@@ -79,9 +80,9 @@ class Dist:
     def sum_floats(self, *values: float) -> list[float]:
         if not self.active:
             return list(values)
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         td.all_reduce(t)
-        return t.tolist()
+        return t.cpu().tolist()
 
     def gather_objects(self, obj: object) -> list[object]:
         if not self.active:
@@ -132,7 +133,7 @@ def init_from_env(device: torch.device) -> Dist:
     if not td.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         td.init_process_group(backend=backend)
-    return Dist(rank=td.get_rank(), world=td.get_world_size())
+    return Dist(rank=td.get_rank(), world=td.get_world_size(), device=device)
 
 
 def shutdown(dist: Dist) -> None:

@@ -122,6 +122,24 @@ def resume_run(
     same dataset — checked by content fingerprint); the result is bit-identical to an
     uninterrupted run with the same thread count."""
     run = Path(run)
+    raw = _load_resume(run)
+    cfg = RunConfig.from_dict(raw["train_config"])
+    data = Path(raw["dataset"])
+    now = dataset_fingerprint(dataset_files(data)) if data.is_dir() else "missing"
+    if now != raw["dataset_fingerprint"]:
+        raise RunFolderError(
+            f"cannot resume {run}: dataset {data} changed since the run started "
+            f"(fingerprint {now}, the run trained on {raw['dataset_fingerprint']})"
+        )
+    return _train(cfg, data, run, log, progress, dist, raw)
+
+
+def resume_config(run: str | Path) -> RunConfig:
+    """The config of the interrupted run in folder ``run``."""
+    return RunConfig.from_dict(_load_resume(Path(run))["train_config"])
+
+
+def _load_resume(run: Path) -> dict:
     path = run / RESUME_NAME
     if not path.exists():
         if (run / CHECKPOINT_NAME).exists():
@@ -137,15 +155,7 @@ def resume_run(
         raise RunFolderError(
             f"{path} has format {raw.get('format')!r}, this version resumes {RESUME_FORMAT}"
         )
-    cfg = RunConfig.from_dict(raw["train_config"])
-    data = Path(raw["dataset"])
-    now = dataset_fingerprint(dataset_files(data)) if data.is_dir() else "missing"
-    if now != raw["dataset_fingerprint"]:
-        raise RunFolderError(
-            f"cannot resume {run}: dataset {data} changed since the run started "
-            f"(fingerprint {now}, the run trained on {raw['dataset_fingerprint']})"
-        )
-    return _train(cfg, data, run, log, progress, dist, raw)
+    return raw
 
 
 def _train(

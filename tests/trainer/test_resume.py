@@ -174,3 +174,32 @@ def test_training_on_an_explicit_device_records_it(tmp_path, tiny_config_path, t
     _, metrics = train_run(cfg, tiny_data, tmp_path / "run", log=lambda _: None, progress=False)
     assert metrics["device"] == "cpu" and metrics["processes"] == 1
     assert np.isfinite(metrics["stages"][0]["loss"]).all()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_resume_refuses_a_changed_dataset(tmp_path, tiny_cfg, tiny_data):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from trainer.pipeline import RunFolderError, resume_config, resume_run
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    cfg = tiny_cfg
+
+    def log(msg: str) -> None:
+        if msg.startswith("stage 1"):  # stage 0 froze and was checkpointed
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train_run(cfg, data, tmp_path / "run", log=log, progress=False)
+    assert (tmp_path / "run" / RESUME_NAME).exists()
+    assert resume_config(tmp_path / "run").to_dict() == cfg.to_dict()
+    events = pq.read_table(data / "events.parquet")
+    pq.write_table(events.slice(1), data / "events.parquet")
+    with pytest.raises(RunFolderError, match="changed since the run started"):
+        resume_run(tmp_path / "run", log=lambda _: None, progress=False)
