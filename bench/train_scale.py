@@ -6,7 +6,9 @@ launching torchrun) on the same dataset, config, seed and *global* batch (the P-
 Per setting: examples/s of stage 0 (exposure; every unit trainable) and stage 1 (click; masked
 fine-tuning of the units CPP freed), from the stages' ``train_seconds`` (training epochs only:
 no validation, CPP or checkpoint writes); scaling efficiency = P-process examples/s ÷
-1-process examples/s (same cores, so 1.0 = parallel as good as threads); peak RSS per process;
+1-process × T-thread examples/s (same cores: 1.0 = processes as good as threads), and the
+stage-0 speed-up over 1 process × 1 thread; the load average is recorded (shared machines skew
+multi-threaded runs most); peak RSS per process;
 whole-process wall time; fused Recall@50 on the test split.
 
     .venv/bin/python bench/train_scale.py --data data/synth --config configs/synthetic.toml
@@ -81,6 +83,7 @@ def main() -> None:
     ap.add_argument("--name", default="train-scale")
     args = ap.parse_args()
     settings = [
+        {"name": "1 process × 1 thread", "procs": 1, "threads": 1},
         {"name": f"1 process × {args.cores} threads", "procs": 1, "threads": args.cores},
         {"name": f"{args.cores} processes × 1 thread (gloo)", "procs": args.cores, "threads": 1},
     ]
@@ -88,10 +91,11 @@ def main() -> None:
     for i, s in enumerate(settings):
         rows.append(run(s, args, args.runs / f"run{i}"))
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]
+    base = rows[1]  # same total cores as the multi-process run
     for r in rows:
         r["efficiency_stage0"] = r["stage0_examples_per_s"] / base["stage0_examples_per_s"]
         r["efficiency_stage1"] = r["stage1_examples_per_s"] / base["stage1_examples_per_s"]
+        r["speedup_vs_1_thread"] = r["stage0_examples_per_s"] / rows[0]["stage0_examples_per_s"]
     meta = args.data / "dataset.json"
     dataset = json.loads(meta.read_text()).get("counts", {}) if meta.exists() else {}
     command = (
@@ -99,7 +103,11 @@ def main() -> None:
         f"--epochs '{args.epochs}' --ar-epochs {args.ar_epochs} --batch-size {args.batch_size}"
     )
     RESULTS.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command, "dataset": dataset, "rows": rows, "cpus": os.cpu_count()}
+    load = os.getloadavg()
+    payload = {
+        "command": command, "dataset": dataset, "rows": rows, "cpus": os.cpu_count(),
+        "loadavg_at_end": load,
+    }  # fmt: skip
     (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [
         f"# Training throughput ({args.name})",
@@ -107,18 +115,20 @@ def main() -> None:
         f"`{command}`",
         "",
         f"Dataset: {dataset}; config {args.config.name}, epochs {args.epochs}, AR epochs "
-        f"{args.ar_epochs}, global batch {args.batch_size}; machine: {os.cpu_count()} cores.",
+        f"{args.ar_epochs}, global batch {args.batch_size}; machine: {os.cpu_count()} cores, "
+        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
         "",
-        "| setting | stage 0 ex/s | stage 1 ex/s | eff. s0 | eff. s1 | peak RSS MB / proc | "
-        "cascade s | wall s | fused R@50 click / conv |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | stage 0 ex/s | stage 1 ex/s | eff. s0 | eff. s1 | s0 speed-up vs 1×1 | "
+        "peak RSS MB / proc | cascade s | wall s | fused R@50 click / conv |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         f = r["fused_recall"]
         lines.append(
             f"| {r['name']} | {r['stage0_examples_per_s']:,.0f} | "
             f"{r['stage1_examples_per_s']:,.0f} | {r['efficiency_stage0']:.2f} | "
-            f"{r['efficiency_stage1']:.2f} | {', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} | "
+            f"{r['efficiency_stage1']:.2f} | {r['speedup_vs_1_thread']:.2f} | "
+            f"{', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} | "
             f"{r['cascade_seconds']:.0f} | {r['process_wall_seconds']:.0f} | "
             f"{f.get('click', float('nan')):.4f} / {f.get('conversion', float('nan')):.4f} |"
         )
