@@ -93,6 +93,18 @@ def atomic_save(payload: Any, path: str | Path) -> Path:
     return path
 
 
+def load_versioned(path: Path, fmt: int, error: type[Exception], what: str = "") -> dict:
+    """``torch.load`` a dict written by :func:`atomic_save` and check its ``format``; a corrupt
+    file or another format raises ``error`` naming ``what`` + the path."""
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt files
+        raise error(f"cannot read {what}{path}: {exc}") from None
+    if raw.get("format") != fmt:
+        raise error(f"{what}{path} has format {raw.get('format')!r}, this version reads {fmt}")
+    return raw
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load ``path`` (a checkpoint file or a run folder containing checkpoint.pt)."""
     path = Path(path)
@@ -100,14 +112,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         path = path / CHECKPOINT_NAME
     if not path.exists():
         raise BundleError(f"no checkpoint at {path}; train one with `csmf train`")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise BundleError(f"cannot read checkpoint {path}: {exc}") from None
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        raise BundleError(
-            f"checkpoint {path} has format {raw.get('format')!r}, this version reads {CHECKPOINT_FORMAT}"
-        )
+    raw = load_versioned(path, CHECKPOINT_FORMAT, BundleError, "checkpoint ")
     return Checkpoint(
         model_config=ModelConfig(**raw["model_config"]),
         features=FeatureSpec.from_dict(_spec_dict(raw["features"])),

@@ -24,6 +24,7 @@ from csmf.checkpoint import (
     dataset_files,
     dataset_fingerprint,
     load_checkpoint,
+    load_versioned,
     new_model,
     save_checkpoint,
     training_provenance,
@@ -147,15 +148,7 @@ def _load_resume(run: Path) -> dict:
                 f"run {run} already finished ({CHECKPOINT_NAME}); nothing to resume"
             )
         raise RunFolderError(f"no interrupted run to resume in {run} (no {RESUME_NAME})")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt files
-        raise RunFolderError(f"cannot read {path}: {exc}") from None
-    if raw.get("format") != RESUME_FORMAT:
-        raise RunFolderError(
-            f"{path} has format {raw.get('format')!r}, this version resumes {RESUME_FORMAT}"
-        )
-    return raw
+    return load_versioned(path, RESUME_FORMAT, RunFolderError)
 
 
 def _train(
