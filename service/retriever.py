@@ -44,6 +44,18 @@ class Hits:
     scores: list[float]
     per_objective: np.ndarray | None  # (k, T) s_t
     cold_start: bool
+    warnings: list[str] | None = None  # e.g. inline history ids unknown to the bundle
+
+
+def unknown_history_warning(unknown: Sequence[str], n: int) -> str:
+    """The response warning for inline history ids that are not in the bundle's catalogue."""
+    shown = ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+    if len(unknown) == n:
+        return (
+            f"history: none of its {n} item ids is in the served bundle ({shown}); "
+            "it was ignored"
+        )
+    return f"history: {len(unknown)} of its {n} item ids are not in the served bundle ({shown})"
 
 
 Lookup = Callable[[Any, str], UserData | None]
@@ -93,8 +105,11 @@ class Retriever:
 
     def user(
         self, user_id: str | None, history: Sequence[str] | None
-    ) -> tuple[dict, list[str], bool]:
-        """(raw features row, history used, cold_start). Inline history replaces the stored one."""
+    ) -> tuple[dict, list[str], bool, list[str] | None]:
+        """(raw features row, history used, cold_start, warnings). Inline history replaces the
+        stored one. Inline ids the bundle does not know would encode as UNK without a word: they
+        are reported, and a history of only unknown ids counts as no history (cold start unless
+        the user is known)."""
         data = self._lookup(self.users, user_id) if user_id is not None else None
         if data is None:
             row: dict = {self.id_column: user_id} if user_id is not None else {}
@@ -104,8 +119,16 @@ class Retriever:
             if self.id_column not in row:
                 row = {**row, self.id_column: user_id}
         hist = history if history is not None else stored
+        warnings = None
+        if history:
+            known = self.item_rows
+            unknown = [h for h in history if h not in known]
+            if unknown:
+                warnings = [unknown_history_warning(unknown, len(history))]
+                if len(unknown) == len(history):
+                    hist = []
         cold = data is None and (not hist or not self.has_history)
-        return row, hist, cold
+        return row, hist, cold, warnings
 
     def rows_of(self, ids: Sequence[str]) -> list[int]:
         if isinstance(ids, CodedHistory) and ids.resolved:  # a stored history: rows precomputed
@@ -154,7 +177,7 @@ class Retriever:
         filter_: Any = None,
     ) -> Hits:
         t0 = time.perf_counter()
-        row, hist, cold = self.user(user_id, history)
+        row, hist, cold, warnings = self.user(user_id, history)
         t1 = time.perf_counter()
         e = self.cold_vector if cold else self.encoder.encode([row], [hist])  # (1, D)
         t2 = time.perf_counter()
@@ -174,7 +197,7 @@ class Retriever:
         else:
             s = scores[0]
         per = self.explain(e[0], r) if explain else None
-        return Hits(r.tolist(), s.tolist(), per, cold)
+        return Hits(r.tolist(), s.tolist(), per, cold, warnings)
 
     def explain(self, e: np.ndarray, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """(k, T) per-objective scores s_t = sum over dims owned <= t of e_j v_j."""
@@ -203,7 +226,7 @@ class Retriever:
         t1 = time.perf_counter()
         n = len(resolved)
         e = np.empty((n, self.cold_vector.shape[1]), np.float32)  # (n, D)
-        warm = [i for i, (_, _, cold) in enumerate(resolved) if not cold]
+        warm = [i for i, (_, _, cold, _) in enumerate(resolved) if not cold]
         e[:] = self.cold_vector
         if warm:
             e[warm] = self.encoder.encode(
@@ -213,7 +236,7 @@ class Retriever:
         seen: list[set[int]] = []
         extra = 0
         if exclude_seen:
-            seen = [set(self.rows_of(hist)) for _, hist, _ in resolved]
+            seen = [set(self.rows_of(hist)) for _, hist, _, _ in resolved]
             extra = max(map(len, seen), default=0)
         where = self._where(self.rows_of(exclude) if exclude else [], filter_)
         fetch = min(k + extra, self.n_items)
@@ -232,7 +255,7 @@ class Retriever:
                 r, s = r[keep], s[keep]
             r, s = r[:k], s[:k]
             per = self.explain(e[i], r) if explain else None
-            out.append(Hits(r.tolist(), s.tolist(), per, resolved[i][2]))
+            out.append(Hits(r.tolist(), s.tolist(), per, resolved[i][2], resolved[i][3]))
         return out
 
     # -- response items ---------------------------------------------------------------------------

@@ -61,7 +61,11 @@ class RetrieveOptions(_Strict):
     exclude: list[Id] = Field(
         default_factory=list, max_length=MAX_LIST, description="item ids never returned"
     )
-    exclude_seen: bool = Field(False, description="never return items in the user's history")
+    exclude_seen: bool = Field(
+        True,
+        description="never return items in the user's history (stored or inline) — on by "
+        "default, as a recommender frontend expects; false to allow items already seen",
+    )
     explain: bool = Field(False, description="add per-objective scores s_t to every item")
     filter: dict[str, Any] | None = Field(
         None,
@@ -94,6 +98,16 @@ class Item(BaseModel):
     meta: dict[str, object] | None = Field(None, description="the bundle's display columns")
 
 
+COLD_START = (
+    "true when the cold-start vector was used: a user unknown to the store with no usable "
+    "history (none given, or inline history ids none of which the bundle knows)"
+)
+WARNINGS = (
+    "things the request asked for that were not honoured as given, e.g. inline history ids "
+    "unknown to the served bundle; absent when there are none"
+)
+
+
 class RetrieveResponse(BaseModel):
     items: list[Item]
     weights: dict[str, float]
@@ -101,14 +115,16 @@ class RetrieveResponse(BaseModel):
     arm: str | None = Field(None, description="experiment arm that served (scenarios with arms)")
     request_id: str = Field(description="send it back with POST /v1/feedback")
     model_version: str
-    cold_start: bool = Field(description="unknown user without history: the cold-start vector")
+    cold_start: bool = Field(description=COLD_START)
+    warnings: list[str] | None = Field(None, description=WARNINGS)
     took_ms: float
 
 
 class BatchResult(BaseModel):
     user_id: str | None
     items: list[Item]
-    cold_start: bool
+    cold_start: bool = Field(description=COLD_START)
+    warnings: list[str] | None = Field(None, description=WARNINGS)
     arm: str | None = Field(None, description="experiment arm that served this user")
     weights: dict[str, float] | None = Field(
         None, description="this user's arm's weights (scenarios with arms; else the top level's)"

@@ -91,6 +91,7 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
         "request_id": request_id,
         "model_version": retriever.model_version,
         "cold_start": hits.cold_start,
+        **({"warnings": hits.warnings} if hits.warnings else {}),
         "took_ms": round((perf_counter() - t0) * 1000, 3),
     }
     return b'{"items":' + items + b"," + to_json(rest)[1:]
@@ -176,6 +177,7 @@ async def retrieve_batch(request: Request) -> Response:
                 + b',"items":'
                 + retriever.items_json(h)
                 + (b',"cold_start":true' if h.cold_start else b',"cold_start":false')
+                + (b',"warnings":' + to_json(h.warnings) if h.warnings else b"")
                 + b',"arm":'
                 + to_json(arm)
                 + arm_weights.get(arm, b"")

@@ -146,6 +146,66 @@ def test_cold_start_and_inline_history(bundles, loaded, make_client):
     assert [bundle.item_rows[it["item_id"]] for it in r["items"]] == want.tolist()
 
 
+def test_exclude_seen_is_on_by_default(bundles, loaded, make_client):
+    """A frontend asking without options is never recommended what the user already saw."""
+    client, bundle = make_client(bundles["flat"]), loaded["flat"]
+    k = 200  # of a few hundred items: the brute-force top k holds some seen items
+    for user in bundle.users.ids[:5]:
+        _, hist = bundle.users.get(user)
+        seen = {bundle.item_rows[h] for h in hist if h in bundle.item_rows}
+        _, _, s_t = _truth(bundle, user)
+        top, _ = _expected(bundle, s_t, WEIGHTS, k)
+        if not seen & set(top.tolist()):
+            continue
+        body = {"user_id": user, "k": k, "weights": WEIGHTS}
+        default = client.post("/v1/retrieve", json=body).json()["items"]
+        got = [bundle.item_rows[it["item_id"]] for it in default]
+        want, _ = _expected(bundle, s_t, WEIGHTS, k, excluded=seen)
+        assert got == want.tolist() and not seen & set(got)
+        allowed = client.post("/v1/retrieve", json={**body, "exclude_seen": False}).json()
+        assert [bundle.item_rows[it["item_id"]] for it in allowed["items"]] == top.tolist()
+        batch = client.post("/v1/retrieve/batch", json={"users": [{"user_id": user}], "k": k})
+        rows = {bundle.item_rows[it["item_id"]] for it in batch.json()["results"][0]["items"]}
+        assert len(rows) == k and not seen & rows
+        return
+    pytest.fail("no user with a seen item in its top k: the test proves nothing")
+
+
+def test_unknown_inline_history_is_flagged(bundles, loaded, make_client):
+    """Inline ids the bundle does not know are reported; only unknown ids = cold start."""
+    client, bundle = make_client(bundles["flat"]), loaded["flat"]
+    ghosts = ["no-such-item-1", "no-such-item-2"]
+    r = client.post("/v1/retrieve", json={"history": ghosts, "k": 5, "weights": WEIGHTS}).json()
+    assert r["cold_start"] is True
+    assert r["warnings"] == [
+        "history: none of its 2 item ids is in the served bundle ('no-such-item-1', "
+        "'no-such-item-2'); it was ignored"
+    ]
+    _, _, s_t = _truth(bundle)  # the cold-start vector's ranking
+    want, _ = _expected(bundle, s_t, WEIGHTS, 5)
+    assert [bundle.item_rows[it["item_id"]] for it in r["items"]] == want.tolist()
+
+    partial = client.post("/v1/retrieve", json={"history": ["i10", ghosts[0]], "k": 5}).json()
+    assert partial["cold_start"] is False
+    assert partial["warnings"] == [
+        "history: 1 of its 2 item ids are not in the served bundle ('no-such-item-1')"
+    ]
+    known = bundle.users.ids[2]  # a stored user keeps its features: not cold, still warned
+    mixed = client.post("/v1/retrieve", json={"user_id": known, "history": ghosts}).json()
+    assert mixed["cold_start"] is False and "none of its 2" in mixed["warnings"][0]
+    clean = client.post("/v1/retrieve", json={"history": ["i10"], "k": 5}).json()
+    assert "warnings" not in clean
+
+    users = [{"history": ghosts}, {"history": ["i10"]}, {"user_id": known, "history": ghosts}]
+    res = client.post("/v1/retrieve/batch", json={"users": users, "k": 5}).json()["results"]
+    assert [x["cold_start"] for x in res] == [True, False, False]
+    assert [len(x.get("warnings", [])) for x in res] == [1, 0, 1]
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    for name in ("RetrieveResponse", "BatchResult"):
+        assert schema[name]["properties"]["warnings"]["anyOf"][0]["type"] == "array"
+        assert "warnings" not in schema[name].get("required", [])
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
 def test_batch_equals_single_calls(kind, bundles, make_client):
     client = make_client(bundles[kind])
