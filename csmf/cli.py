@@ -10,9 +10,35 @@ from __future__ import annotations
 
 import importlib
 import sys
+from importlib.metadata import PackageNotFoundError, version
+from typing import NoReturn
 
 import typer
 from typer.main import get_command
+
+USAGE_ERROR = 2  # bad options, bad config or data: click's own code for usage errors
+
+
+def new_app(**kwargs) -> typer.Typer:
+    """A typer app as every csmf command builds it: click's plain help (rich markup would eat
+    bracketed text such as ``[exposure, click]`` and print a ``<bool>`` per flag) and no shell
+    completion options."""
+    return typer.Typer(add_completion=False, rich_markup_mode=None, **kwargs)
+
+
+def fail(message: object) -> NoReturn:
+    """One ``error: ...`` line on stderr and exit code 2 — every csmf command ends this way on a
+    bad option, config or dataset (a usage error, as click's own)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(USAGE_ERROR)
+
+
+def package_version() -> str:
+    try:
+        return version("csmf-retrieval")
+    except PackageNotFoundError:  # a source tree without an install
+        return "unknown (not installed)"
+
 
 # subcommand → (module, attribute, kind). "group" attributes are typer.Typer apps.
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -45,20 +71,26 @@ def _load(name: str):
     obj = getattr(importlib.import_module(module), attr)
     if kind == "group":
         return get_command(obj)
-    app = typer.Typer(add_completion=False)
+    app = new_app()
     app.command(name=name)(obj)
     return get_command(app)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("--version", "-V"):
+        print(f"csmf {package_version()}")
+        raise SystemExit(0)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(
                 f"error: unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}",
                 file=sys.stderr,
             )
-        print("usage: csmf COMMAND [OPTIONS]   (csmf COMMAND --help for its options)\n\ncommands:")
+        print(
+            "usage: csmf COMMAND [OPTIONS]   (csmf COMMAND --help for its options; "
+            "csmf --version)\n\ncommands:"
+        )
         for n in COMMANDS:
             print(f"  {n:<12} {HELP[n]}")
         raise SystemExit(0 if not argv or argv[0] in ("-h", "--help") else 2)

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from csmf.cli import fail, new_app
 from csmf.errors import CsmfError
 
 if TYPE_CHECKING:
@@ -184,8 +185,7 @@ def build_index(
         )
         path, m = build_bundle(run, out, cfg, items=items, progress=not quiet)
     except CsmfError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(exc)
     for warning in m.source.get("provenance", {}).get("warnings", []):
         typer.echo(f"warning: {warning}", err=True)
     rc = m.recall_check
@@ -244,7 +244,7 @@ def summarize(m: Manifest) -> str:
     return "\n".join(lines)
 
 
-app = typer.Typer(add_completion=False, help="Index builder: build and inspect bundles.")
+app = new_app(help="Index builder: build and inspect bundles.")
 app.command("build-index")(build_index)
 app.command("inspect")(inspect)
 

@@ -52,8 +52,7 @@ def unknown_history_warning(unknown: Sequence[str], n: int) -> str:
     shown = ", ".join(repr(u) for u in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
     if len(unknown) == n:
         return (
-            f"history: none of its {n} item ids is in the served bundle ({shown}); "
-            "it was ignored"
+            f"history: none of its {n} item ids is in the served bundle ({shown}); it was ignored"
         )
     return f"history: {len(unknown)} of its {n} item ids are not in the served bundle ({shown})"
 

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import typer
 
+from csmf.cli import fail, new_app
 from csmf.errors import CsmfError
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import cache_key, dataset_fingerprint
@@ -34,7 +35,7 @@ from trainer.pipeline import prepare, write_json
 from trainer.report import aggregate
 from trainer.sensitivity import app as sensitivity_app
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="CSMF benchmarks.")
+app = new_app(no_args_is_help=True, help="CSMF benchmarks.")
 
 TARGETS = ("click", "conversion")
 
@@ -314,7 +315,8 @@ def quality(
         ),
     ] = True,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override section.key=value.")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Config override section.key=value."),
     ] = None,
 ) -> None:
     """Train and evaluate every method for each seed; write the comparison table."""
@@ -328,8 +330,7 @@ def quality(
         names = [m.strip() for m in methods.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
     if bad:
-        typer.echo(f"error: unknown method(s) {bad}; expected {list(METHODS)}", err=True)
-        raise typer.Exit(2)
+        fail(f"unknown method(s) {bad}; expected {list(METHODS)}")
     results: dict[str, list[dict]] = {m: [] for m in names}
     serving: dict[str, MethodRun] = {}
     n, hits = 50, 0
@@ -362,12 +363,10 @@ def quality(
                     typer.echo(_summary(m, seed, rec))
                 results[m].append(rec)
     except (CsmfError, FileNotFoundError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     names = [m for m in names if results[m]]
     if not names:
-        typer.echo("error: no runs to tabulate", err=True)
-        raise typer.Exit(2)
+        fail("no runs to tabulate")
     results = {m: results[m] for m in names}
     agg = {m: aggregate(results[m]) for m in names}
     seeds_of = {m: [r["seed"] for r in results[m]] for m in names}

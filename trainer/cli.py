@@ -7,20 +7,14 @@ Bad configuration or data ends with one ``error: ...`` line on stderr and exit c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 
+from csmf.cli import fail, new_app
 from csmf.errors import ConfigError, CsmfError
 
-app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="CSMF trainer: train, eval, tune."
-)
-
-
-def _fail(exc: Exception) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
+app = new_app(no_args_is_help=True, help="CSMF trainer: train, eval, tune.")
 
 
 @app.command("train")
@@ -46,6 +40,7 @@ def train(
         list[str] | None,
         typer.Option(
             "--set",
+            metavar="KEY=VALUE",
             help="Override a config key, e.g. --set cascade.tau=0.5 --set train.epochs=[8,8,4] "
             "(value parsed as TOML). Repeatable.",
         ),
@@ -108,7 +103,7 @@ def train(
         finally:
             shutdown(dist)
     except CsmfError as exc:
-        _fail(exc)
+        fail(exc)
     if not dist.main:
         return
     objectives = load_checkpoint_objectives(path)
@@ -188,7 +183,7 @@ def evaluate(
     try:
         result = eval_run(run, weights, n)
     except CsmfError as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(format_table(result))
     typer.echo(f"wrote {Path(run) / EVAL_NAME}")
 
@@ -244,7 +239,7 @@ def tune(
             s = apply_scenario(doc, apply, url, token)
             typer.echo(f"applied scenario {apply!r} version {s['version']} at {url}")
     except CsmfError as exc:
-        _fail(exc)
+        fail(exc)
     where = Path(out or run)
     typer.echo(f"wrote {where / TUNE_NAME}" + (f" and {doc['plot']}" if doc["plot"] else ""))
 

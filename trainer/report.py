@@ -17,6 +17,7 @@ import numpy as np
 import typer
 
 from csmf.checkpoint import CHECKPOINT_NAME
+from csmf.cli import fail
 from csmf.errors import CsmfError
 from trainer.config import load_config
 from trainer.pipeline import eval_run, train_run
@@ -64,7 +65,8 @@ def main(
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
     retrain: Annotated[bool, typer.Option("--retrain", help="Retrain existing runs.")] = False,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Config override section.key=value.")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Config override section.key=value."),
     ] = None,
 ) -> None:
     """Train/evaluate one run per seed and print the mean ± std table."""
@@ -81,8 +83,7 @@ def main(
             seconds.append(metrics["seconds"])
             results.append(eval_run(run))
     except CsmfError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     agg = aggregate(results)
     text = markdown(agg, results[0]["n"], seed_list, seconds)
     (out / "report.md").write_text(text + "\n")

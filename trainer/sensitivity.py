@@ -29,13 +29,14 @@ import torch
 import typer
 
 from csmf.checkpoint import new_model
+from csmf.cli import fail, new_app
 from csmf.errors import CsmfError
 from trainer.cascade import run_cascade
 from trainer.config import load_config
 from trainer.evaluate import encode_all, evaluate_vectors, fused_ranker, view_ranker
 from trainer.pipeline import prepare, write_json
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
+app = new_app(no_args_is_help=True, help=__doc__.split("\n")[0])
 
 TARGETS = ("click", "conversion")
 RANKERS = ("exposure", "click", "conversion", "fused")
@@ -127,7 +128,8 @@ def sweep(
     config: Annotated[Path | None, typer.Option("--config")] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="comma-separated")] = "0",
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="fixed override, section.key=value")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="fixed override, section.key=value"),
     ] = None,
     out: Annotated[Path, typer.Option("--out")] = Path("bench/results"),
 ) -> None:
@@ -158,8 +160,7 @@ def sweep(
             write_json(path, {"split": "val", "config": str(config), "points": points})
             (out / f"sensitivity-{dataset}.md").write_text(sweep_markdown(points))
     except CsmfError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     typer.echo(sweep_markdown(points))
 
 
@@ -204,7 +205,10 @@ def weights(
         str, typer.Option("--values", help="values each coefficient takes, comma-separated")
     ] = "0,0.5,1,1.2,1.5,1.8,2.5,3.5,5",
     seeds: Annotated[str, typer.Option("--seeds")] = "0",
-    set_: Annotated[list[str] | None, typer.Option("--set")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Config override (repeatable)."),
+    ] = None,
     out: Annotated[Path, typer.Option("--out")] = Path("bench/results"),
 ) -> None:
     """Train once per seed; score a grid of fused weight triplets on the validation split."""
@@ -218,8 +222,7 @@ def weights(
             runs.append(train_val(config, data, list(set_ or []), seed, grid))
             typer.echo(f"seed {seed}: {len(grid)} triplets scored ({runs[-1]['seconds']:.0f}s)")
     except CsmfError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        fail(exc)
     doc = {
         "split": "val",
         "config": str(config),
@@ -312,8 +315,7 @@ def plot(
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        typer.echo("error: plotting needs matplotlib: pip install -e '.[bench]'", err=True)
-        raise typer.Exit(2) from None
+        fail("plotting needs matplotlib: pip install -e '.[bench]'")
     dataset = data.resolve().name
     written = []
     sweeps, wts = out / f"sensitivity-{dataset}.json", out / f"weights-{dataset}.json"
@@ -322,10 +324,7 @@ def plot(
     if wts.exists():
         written.append(plot_weights(json.loads(wts.read_text()), out, dataset))
     if not written:
-        typer.echo(
-            f"error: neither {sweeps} nor {wts} exists; run sweep or weights first", err=True
-        )
-        raise typer.Exit(2)
+        fail(f"neither {sweeps} nor {wts} exists; run sweep or weights first")
     for p in written:
         typer.echo(f"wrote {p}")
 

@@ -157,7 +157,7 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     r = CliRunner().invoke(
         app, ["build-index", "--run", str(tmp_path / "none"), "--out", str(tmp_path / "b")]
     )
-    assert r.exit_code == 1
+    assert r.exit_code == 2
     assert "error: no checkpoint at" in r.output
     r = CliRunner().invoke(app, ["inspect", str(tmp_path / "none")])
     assert r.exit_code == 2 and "no bundle at" in r.output

@@ -63,7 +63,7 @@ def test_unknown_items_refused_with_counts_then_indexed_as_cold_when_allowed(sma
     pq.write_table(other, tmp_path / "other-items.parquet")
     out = tmp_path / "bundle"
     r = _build(["--run", run, "--out", out, "--items", tmp_path / "other-items.parquet"])
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 2, r.output
     assert "has 100 of 500 item ids (20.0%) that the model was not trained on" in r.output
     assert "--allow-unknown-items" in r.output and "Traceback" not in r.output
     assert not out.exists()  # nothing published

@@ -6,23 +6,19 @@ Run standalone as ``python -m trainer.data.cli``; the top-level ``csmf`` command
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated
 
 import typer
 from tqdm import tqdm
 
+from csmf.cli import fail, new_app
 from csmf.errors import CsmfError
 
-app = typer.Typer(
+app = new_app(
     help="Build datasets in the csmf format: real MovieLens-100K, or a synthetic cascade "
     "(exposure → click → conversion) with known ground truth.",
     no_args_is_help=True,
 )
-
-
-def _fail(exc: CsmfError) -> NoReturn:
-    typer.echo(f"error: {exc}", err=True)
-    raise typer.Exit(2)
 
 
 def _summary(name: str, out: Path, counts: dict[str, int]) -> str:
@@ -52,7 +48,7 @@ def ml_100k(
         src = fetch_ml100k(cache_dir, log=lambda msg: typer.echo(msg, err=True))
         counts = convert_ml100k(src, out)
     except CsmfError as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(_summary("ml-100k", out, counts))
 
 
@@ -117,7 +113,7 @@ def synthetic(
         with tqdm(total=exposures, unit="ev", unit_scale=True, desc="synthetic") as bar:
             counts = generate_synthetic(cfg, out, progress=bar.update)
     except CsmfError as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(_summary("synthetic", out, counts))
 
 
