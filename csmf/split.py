@@ -27,17 +27,35 @@ def split_labels(
 
     ``user_codes`` are non-negative integers identifying the user of each event (any numbering).
     """
+    codes = np.asarray(user_codes, dtype=np.int64)
+    n = len(codes)
+    order = np.lexsort((np.asarray(timestamps), codes))  # stable: ties keep row order
+    per_user = np.bincount(codes, minlength=int(codes.max(initial=-1)) + 1)  # (n_users,)
+    starts = np.concatenate(([0], np.cumsum(per_user)[:-1]))
+    n_val, n_test = split_counts(per_user, val_frac, test_frac, min_events)
+
+    user_sorted = codes[order]  # (n,) user of each position in time order
+    from_end = starts[user_sorted] + per_user[user_sorted] - 1 - np.arange(n)  # 0 = latest
+    sorted_labels = np.full(n, TRAIN, np.int8)
+    sorted_labels[from_end < (n_test + n_val)[user_sorted]] = VALIDATION
+    sorted_labels[from_end < n_test[user_sorted]] = TEST
+    labels = np.empty(n, np.int8)
+    labels[order] = sorted_labels
+    return labels
+
+
+def split_counts(
+    per_user: np.ndarray, val_frac: float = 0.1, test_frac: float = 0.2, min_events: int = 3
+) -> tuple[np.ndarray, np.ndarray]:
+    """(n_val, n_test) per user from each user's event count (the rule in the module docstring);
+    the streaming split (trainer.data.stream) labels with the same counts."""
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ConfigError(
             f"val_frac and test_frac must be in [0, 1) with a sum < 1, got {val_frac}, {test_frac}"
         )
     if min_events < 1:
         raise ConfigError(f"min_events must be >= 1, got {min_events}")
-    codes = np.asarray(user_codes, dtype=np.int64)
-    n = len(codes)
-    order = np.lexsort((np.asarray(timestamps), codes))  # stable: ties keep row order
-    per_user = np.bincount(codes, minlength=int(codes.max(initial=-1)) + 1)  # (n_users,)
-    starts = np.concatenate(([0], np.cumsum(per_user)[:-1]))
+    per_user = np.asarray(per_user, dtype=np.int64)
 
     def take(frac: float) -> np.ndarray:  # (n_users,) events per user for a fraction
         k = np.floor(per_user * frac + 0.5).astype(np.int64)
@@ -48,12 +66,4 @@ def split_labels(
     small = per_user < min_events
     n_test[small] = 0
     n_val[small] = 0
-
-    user_sorted = codes[order]  # (n,) user of each position in time order
-    from_end = starts[user_sorted] + per_user[user_sorted] - 1 - np.arange(n)  # 0 = latest
-    sorted_labels = np.full(n, TRAIN, np.int8)
-    sorted_labels[from_end < (n_test + n_val)[user_sorted]] = VALIDATION
-    sorted_labels[from_end < n_test[user_sorted]] = TEST
-    labels = np.empty(n, np.int8)
-    labels[order] = sorted_labels
-    return labels
+    return n_val, n_test

@@ -208,25 +208,26 @@ def run_epochs(
         opt.load_state_dict(opt_state)
     model.train()
     bs = tc.batch_size * dist.world  # one global batch per step; each rank trains on its shard
-    steps = (len(ex) + bs - 1) // bs
+    streamed = not isinstance(ex, StageExamples)  # trainer.data.stream
+    steps = ex.steps(tc.batch_size) if streamed else (len(ex) + bs - 1) // bs
+    if tc.max_steps:
+        steps = min(steps, tc.max_steps)
     losses = list(losses or [])
     bar = tqdm(
         total=(epochs - start_epoch) * steps, desc=desc, disable=not progress, leave=False,
         unit="step",
     )  # fmt: skip
     for epoch in range(start_epoch, epochs):
-        perm = rng.permutation(len(ex))
         total, count = 0.0, 0
-        for lo in range(0, len(perm), bs):
-            idx = dist.shard(perm[lo : lo + bs])
+        for step, (part, idx, n_global) in enumerate(_batches(ex, rng, tc.batch_size, dist)):
+            if step == steps:  # train.max_steps
+                break
             bar.update(1)
-            if (
-                len(perm[lo : lo + bs]) < 2 * dist.world
-            ):  # a softmax over one candidate teaches nothing
+            if n_global < 2 * dist.world:  # a softmax over one candidate teaches nothing
                 continue
             opt.zero_grad(set_to_none=True)
             if len(idx) >= 2:
-                loss = batch_loss(model, enc, ex, idx, stage, objective, cfg, sample_rng)
+                loss = batch_loss(model, enc, part, idx, stage, objective, cfg, sample_rng)
                 loss.backward()
                 total += loss.item() * len(idx)
                 count += len(idx)
@@ -242,6 +243,19 @@ def run_epochs(
             on_epoch(epoch + 1, losses, opt)
     bar.close()
     return losses
+
+
+def _batches(ex, rng: np.random.Generator, batch_size: int, dist: Dist):
+    """Per step: (examples, this rank's rows of them, global batch size). In memory: slices of
+    one permutation every rank draws alike; streamed: the rank's own batches."""
+    if isinstance(ex, StageExamples):
+        bs = batch_size * dist.world
+        perm = rng.permutation(len(ex))
+        for lo in range(0, len(perm), bs):
+            yield ex, dist.shard(perm[lo : lo + bs]), len(perm[lo : lo + bs])
+    else:
+        for part in ex.batches(rng, batch_size):
+            yield part, np.arange(len(part)), batch_size * dist.world
 
 
 # --------------------------------------------------------------------------- the cascade
@@ -384,13 +398,11 @@ def run_cascade(
             if cc.accuracy_recovery:
                 if in_train:
                     sm.advance(Phase.RECOVER)
-                    sub_idx = np.sort(
-                        rng.choice(len(ex), size=max(1, round(len(ex) * cc.rho)), replace=False)
-                    )
+                    sub_idx = _draw_subset(ex, cc.rho, rng)
                 else:
                     sub_idx = at.subset
                 params = mark_only_stage_trainable(model, t)
-                sub = _take(ex, sub_idx)
+                sub = _take(ex, sub_idx, cc.rho)
                 rec["ar_loss"] = run_epochs(
                     model, enc, sub, t, objective, params, cfg, tc.ar_epochs, rng,
                     f"{name} AR", progress, sample_rng=sample_rng, dist=dist,
@@ -431,8 +443,17 @@ def output_slices(model: TwoTower) -> list[int]:
     return torch.bincount(model.output_owner.long(), minlength=model.cfg.num_objectives).tolist()
 
 
-def _take(ex: StageExamples, idx: np.ndarray) -> StageExamples:
-    """The examples ``idx`` (accuracy recovery's rho subset; same item_prob)."""
+def _draw_subset(ex, rho: float, rng: np.random.Generator) -> np.ndarray:
+    """Accuracy recovery's rho subset: example indices, or (streamed) ``[hash seed]``."""
+    if isinstance(ex, StageExamples):
+        return np.sort(rng.choice(len(ex), size=max(1, round(len(ex) * rho)), replace=False))
+    return np.array([rng.integers(1 << 62)])
+
+
+def _take(ex, idx: np.ndarray, rho: float):
+    """The examples ``idx`` of :func:`_draw_subset` (same item_prob)."""
+    if not isinstance(ex, StageExamples):
+        return ex.subset(rho, int(idx[0]))
     return StageExamples(
         ex.user[idx], ex.item[idx], ex.hist_end[idx], ex.request[idx], ex.item_prob
     )

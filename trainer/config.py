@@ -27,6 +27,7 @@ AML_UPSTREAM = ("prob", "logit")
 NEGATIVES = ("in-batch", "catalogue")
 TRAIN_HISTORY = ("before", "others")
 DEVICES = ("auto", "cpu", "cuda")
+DATA_MODES = ("auto", "memory", "stream")
 
 
 def _help(text: str, default: Any) -> Any:
@@ -149,12 +150,31 @@ class TrainConfig:
         "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
         False,
     )
+    data: str = _help(
+        "'memory' reads every event into RAM; 'stream' reads Parquet row groups per epoch through "
+        "a bounded shuffle buffer (trainer.data.stream: RSS independent of the event count); "
+        "'auto' streams when the dataset has more than stream_above events",
+        "auto",
+    )
+    stream_above: int = _help("'auto' streams datasets with more events than this", 5_000_000)
+    max_steps: int = _help(
+        "cap on optimizer steps per epoch (0 = none): for benchmarks and smoke runs", 0
+    )
+    shuffle_buffer: int = _help(
+        "streaming: examples held in the shuffle buffer per process (memory ~40 B each)", 262_144
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _as_tuple(self.lr, float, "train.lr"))
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "train.epochs"))
         _choice("train.history", self.history, TRAIN_HISTORY)
         _choice("train.device", self.device, DEVICES)
+        _choice("train.data", self.data, DATA_MODES)
+        if self.stream_above < 0 or self.shuffle_buffer < 1 or self.max_steps < 0:
+            raise ConfigError(
+                "train.stream_above and train.max_steps must be >= 0 and train.shuffle_buffer "
+                f">= 1, got {self.stream_above}, {self.max_steps}, {self.shuffle_buffer}"
+            )
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")
         if self.threads < 0:

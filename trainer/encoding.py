@@ -14,6 +14,7 @@ arrays (CSR); a batch gathers its ``(B, L)`` window from positions, so memory st
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +25,9 @@ from torch import Tensor
 from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerSpec, TowerVocab, encode_rows, fit_tower_vocab
 from trainer.data.dataset import Dataset, Split
+
+if TYPE_CHECKING:
+    from trainer.data.stream import StreamExamples, StreamSource
 
 OFFSET = 2  # vocab index of row 0
 
@@ -158,6 +162,14 @@ class Encoded:
     history: History | None
     candidates: Candidates | None
     device: torch.device = torch.device("cpu")
+    # out of core (trainer.data.stream): events/split then hold only the validation sample
+    stream: StreamSource | None = None
+
+    def split_sizes(self) -> tuple[int, int, int]:
+        """(train, validation, test) events of the whole dataset."""
+        if self.stream is not None:
+            return self.stream.split_sizes
+        return len(self.split.train), len(self.split.val), len(self.split.test)
 
     def to(self, device: torch.device) -> Encoded:
         """Move the user/item feature tensors to ``device`` once; batches are built there."""
@@ -268,7 +280,9 @@ class StageExamples:
         )
 
 
-def stage_examples(enc: Encoded, objective: str) -> StageExamples:
+def stage_examples(enc: Encoded, objective: str) -> StageExamples | StreamExamples:
+    if enc.stream is not None:
+        return enc.stream.examples(objective)
     ev = enc.events
     rows = enc.split.train
     rows = rows[ev.positive(objective)[rows]]

@@ -44,13 +44,37 @@ RESUME_NAME = "resume.pt"  # the last epoch/stage boundary of an unfinished run
 RESUME_FORMAT = 1
 
 
-def prepare(cfg: RunConfig, data: str | Path, vocabs=None) -> Encoded:
-    """Load, validate, split and encode a dataset folder for ``cfg`` (and apply its threads)."""
+def prepare(
+    cfg: RunConfig, data: str | Path, vocabs=None, *, stream: bool = False, dist: Dist = SINGLE
+) -> Encoded:
+    """Load, validate, split and encode a dataset folder for ``cfg`` (and apply its threads);
+    ``stream``: out of core (trainer.data.stream), each rank reading its own shard."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if stream:
+        from trainer.data.stream import open_stream
+
+        return open_stream(
+            data, cfg.features, cfg.objectives, asdict(cfg.split), vocabs=vocabs,
+            rank=dist.rank, world=dist.world, shuffle_buffer=cfg.train.shuffle_buffer,
+            val_users=cfg.eval.val_users, dist=dist,
+        )  # fmt: skip
     ds = load_dataset(data, cfg.features, objectives=cfg.objectives)
     split = split_by_time(ds.events, **asdict(cfg.split))
     return encode_dataset(ds, cfg.features, split, vocabs)
+
+
+def use_stream(cfg: RunConfig, data: str | Path) -> bool:
+    """``train.data``: 'stream', 'memory', or 'auto' = stream above ``train.stream_above`` events
+    (counted from the Parquet footers)."""
+    if cfg.train.data != "auto":
+        return cfg.train.data == "stream"
+    from trainer.data.stream import count_events
+
+    try:
+        return count_events(data) > cfg.train.stream_above
+    except CsmfError:
+        return False  # let the loader report the problem
 
 
 class RunFolderError(CsmfError, ValueError):
@@ -157,11 +181,13 @@ def _train(
     start = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    enc = prepare(cfg, data).to(device)
+    streamed = use_stream(cfg, data)
+    enc = prepare(cfg, data, stream=streamed, dist=dist).to(device)
+    n_train, n_val, n_test = enc.split_sizes()
     log(
         f"data {data}: {enc.n_users:,} users, {enc.n_items:,} items, "
-        f"{len(enc.split.train):,}/{len(enc.split.val):,}/{len(enc.split.test):,} "
-        f"train/val/test events; device {device}"
+        f"{n_train:,}/{n_val:,}/{n_test:,} train/val/test events; device {device}"
+        + ("; streamed from Parquet" if streamed else "")
         + (f"; {dist.world} processes" if dist.active else "")
     )
     model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab).to(device)
@@ -199,6 +225,7 @@ def _train(
     )  # fmt: skip
     metrics["seconds"] = time.perf_counter() - start
     metrics["device"] = str(device)
+    metrics["data"] = "stream" if streamed else "memory"
     metrics["processes"] = dist.world
     metrics["peak_rss_mb"] = dist.gather_objects(_peak_rss_mb())  # per rank
     if resume is not None:
