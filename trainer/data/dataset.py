@@ -96,18 +96,35 @@ def load_dataset(
     items = _read_parquet(root / "items.parquet")
     cand_path = root / "candidates.parquet"
     candidates = _read_parquet(cand_path) if cand_path.exists() else None
-
-    events = _check_events(events, events_name, objectives)
-    users = _check_entities(users, "users.parquet", "user_id", events, events_name)
-    items = _check_entities(items, "items.parquet", "item_id", events, events_name)
-    if spec is not None:
-        _check_features(users, "users.parquet", spec.user)
-        _check_features(items, "items.parquet", spec.item)
-    _check_references(events, events_name, users, "users.parquet", "user_id")
-    _check_references(events, events_name, items, "items.parquet", "item_id")
+    rows = {events_name: events.num_rows, "users.parquet": users.num_rows}
+    rows |= {"items.parquet": items.num_rows}
     if candidates is not None:
-        candidates = _check_candidates(candidates, events, events_name, items)
+        rows["candidates.parquet"] = candidates.num_rows
+
+    try:
+        events = _check_events(events, events_name, objectives)
+        users = _check_entities(users, "users.parquet", "user_id", events, events_name)
+        items = _check_entities(items, "items.parquet", "item_id", events, events_name)
+        if spec is not None:
+            _check_features(users, "users.parquet", spec.user)
+            _check_features(items, "items.parquet", spec.item)
+        _check_references(events, events_name, users, "users.parquet", "user_id")
+        _check_references(events, events_name, items, "items.parquet", "item_id")
+        if candidates is not None:
+            candidates = _check_candidates(candidates, events, events_name, items)
+    except DataError as exc:
+        raise DataError(_located(root, str(exc), rows)) from None
     return Dataset(root, events, users, items, candidates, _read_meta(root))
+
+
+def _located(root: Path, msg: str, rows: dict[str, int]) -> str:
+    """A check's ``<file>: <problem>`` message with the file's full path and its row count, so
+    the one error line names the file, the column and how many rows there are."""
+    name = msg.split(": ", 1)[0]
+    if name not in rows:
+        return msg
+    count = "" if "no rows" in msg else f" ({name} has {rows[name]} rows)"
+    return f"{root / name}{'/' if name.endswith('/') else ''}: {msg.split(': ', 1)[1]}{count}"
 
 
 def _read_events(root: Path) -> tuple[pa.Table, str]:
@@ -303,11 +320,43 @@ def _normalise_id(table: pa.Table, name: str, col: str) -> pa.Table:
         target = pa.int64()
     elif pa.types.is_string(t) or pa.types.is_large_string(t):
         target = pa.string()
+        _valid_utf8(table, name, col)
     else:
         raise DataError(f"{name}: column {col} must be int64 or string, got {t}")
     table = _set(table, col, table[col].cast(target))
     _no_nulls(table, name, col)
     return table
+
+
+def _valid_utf8(table: pa.Table, name: str, col: str) -> None:
+    """Parquet does not enforce UTF-8 in string columns; an id that is not UTF-8 would break
+    later (vocabularies, JSON, the bundle), so refuse it here, naming rows."""
+    try:
+        table[col].validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    values = _raw_bytes(table[col])
+    bad = [i for i, v in enumerate(values) if v is not None and not _is_utf8(v)]
+    raise DataError(
+        f"{name}: column {col} has {len(bad)} ids that are not valid UTF-8 (e.g. rows "
+        f"{', '.join(map(str, bad[:_N_EXAMPLES]))}: {values[bad[0]][:40]!r}); "
+        "ids must be UTF-8 strings or integers"
+    )
+
+
+def _raw_bytes(values: pa.ChunkedArray) -> list[bytes | None]:
+    """The bytes of a string column without UTF-8 decoding (a zero-copy view as binary)."""
+    binary = pa.large_binary() if pa.types.is_large_string(values.type) else pa.binary()
+    return [v for chunk in values.chunks for v in chunk.view(binary).to_pylist()]
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _cast_integer(table: pa.Table, name: str, col: str) -> pa.Table:
