@@ -15,10 +15,10 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from csmf.errors import DataError
 from csmf.features import TowerSpec, TowerVocab, Vocab, encode_rows
+from csmf.progress import progress_bar
 from csmf.towers import Tower, TwoTower
 from csmf.user_encoder import UserEncoder
 
@@ -70,7 +70,7 @@ def encode_items(
     model.eval()
     with (
         torch.inference_mode(),
-        tqdm(total=n, desc="encode items", unit="item", disable=not progress) as bar,
+        progress_bar(n, "encode items", "item", progress) as bar,
     ):
         for start in range(0, n, batch_size):
             chunk = items.slice(start, batch_size)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from csmf.errors import CsmfError, OwnershipError
+from csmf.progress import progress_bar
 from csmf.towers import TwoTower
 from trainer.config import RunConfig
 from trainer.distributed import SINGLE, Dist
@@ -194,12 +194,14 @@ def run_epochs(
     losses: list[float] | None = None,
     opt_state: dict | None = None,
     on_epoch: EpochHook | None = None,
+    log: Log | None = None,
 ) -> list[float]:
     """Train ``params`` for ``epochs`` over ``ex`` with a fresh optimizer; mean loss per epoch.
 
     ``rng`` draws the batch order (identical on every rank); ``sample_rng`` (default ``rng``) the
     sampled negatives. Resuming: ``start_epoch`` epochs are done, their ``losses`` and the
     optimizer's ``opt_state`` given. ``on_epoch(epochs_done, losses, optimizer)`` after each epoch.
+    ``progress``: a bar on a terminal; with stderr redirected, one ``log`` line per epoch instead.
     """
     tc = cfg.train
     sample_rng = rng if sample_rng is None else sample_rng
@@ -213,10 +215,9 @@ def run_epochs(
     if tc.max_steps:
         steps = min(steps, tc.max_steps)
     losses = list(losses or [])
-    bar = tqdm(
-        total=(epochs - start_epoch) * steps, desc=desc, disable=not progress, leave=False,
-        unit="step",
-    )  # fmt: skip
+    bar = progress_bar((epochs - start_epoch) * steps, desc, "step", progress, leave=False)
+    lines = progress and bar.disable and log is not None  # redirected: one line per epoch
+    t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
         total, count = 0.0, 0
         for step, (part, idx, n_global) in enumerate(_batches(ex, rng, tc.batch_size, dist)):
@@ -239,6 +240,9 @@ def run_epochs(
         total, count = dist.sum_floats(total, count)
         losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        if lines:
+            took = time.perf_counter() - t0
+            log(f"  {desc} epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f} ({took:.1f}s)")
         if on_epoch is not None:
             on_epoch(epoch + 1, losses, opt)
     bar.close()
@@ -375,7 +379,7 @@ def run_cascade(
             t_train = time.perf_counter()
             rec["loss"] = run_epochs(
                 model, enc, ex, t, objective, params, cfg, tc.stage_epochs(t), rng, name, progress,
-                sample_rng=sample_rng, dist=dist,
+                sample_rng=sample_rng, dist=dist, log=log,
                 start_epoch=at.epoch if at is not None else 0,
                 losses=rec.get("loss"), opt_state=at.opt_state if at is not None else None,
                 on_epoch=lambda k, losses, opt, t=t, rec=rec, start=start: checkpoint(
@@ -405,7 +409,7 @@ def run_cascade(
                 sub = _take(ex, sub_idx, cc.rho)
                 rec["ar_loss"] = run_epochs(
                     model, enc, sub, t, objective, params, cfg, tc.ar_epochs, rng,
-                    f"{name} AR", progress, sample_rng=sample_rng, dist=dist,
+                    f"{name} AR", progress, sample_rng=sample_rng, dist=dist, log=log,
                     start_epoch=0 if in_train else at.epoch,
                     losses=None if in_train else rec.get("ar_loss"),
                     opt_state=None if in_train else at.opt_state,

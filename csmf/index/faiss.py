@@ -33,10 +33,10 @@ from typing import Any
 
 import faiss
 import numpy as np
-from tqdm import tqdm
 
 from csmf.errors import BundleError, ConfigError
 from csmf.index.base import Capabilities, RowSet, VectorIndex, Where
+from csmf.progress import progress_bar
 
 FAISS_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 INDEX_FILE = "index.faiss"
@@ -193,7 +193,7 @@ class FaissIndex(VectorIndex):
             index.train(sample)
             train_s = time.perf_counter() - t0
             build["train_points"] = int(len(sample))
-        with tqdm(total=n, desc=f"add to {spec.kind}", unit="item", disable=not progress) as bar:
+        with progress_bar(n, f"add to {spec.kind}", "item", progress) as bar:
             for start in range(0, n, ADD_CHUNK):
                 index.add(x[start : start + ADD_CHUNK])
                 bar.update(min(ADD_CHUNK, n - start))

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from csmf.errors import BundleError, ConfigError
 from csmf.index.base import Capabilities, IndexSpec, VectorIndex, Where
 from csmf.index.filters import to_expr
+from csmf.progress import progress_bar
 
 try:
     from pymilvus import DataType, MilvusClient
@@ -186,7 +186,7 @@ class MilvusIndex(VectorIndex):
         )
         try:
             client.create_collection(name, schema=schema, index_params=ip)
-            with tqdm(total=n, desc="insert into milvus", unit="item", disable=not progress) as bar:
+            with progress_bar(n, "insert into milvus", "item", progress) as bar:
                 for s in range(0, n, INSERT_BATCH):
                     e = min(n, s + INSERT_BATCH)
                     rows = [

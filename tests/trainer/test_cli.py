@@ -24,10 +24,14 @@ def run_dir(tmp_path_factory, tiny_config_path, tiny_data):
     res = runner.invoke(
         cli.app,
         ["train", "--config", str(tiny_config_path), "--data", str(tiny_data), "--out", str(out),
-         "--seed", "3", "--set", "train.epochs=1", "--no-progress"],
+         "--seed", "3", "--set", "train.epochs=1"],
     )  # fmt: skip
     assert res.exit_code == 0, res.output
     assert "checkpoint at" in res.output and "CPP kept/units per layer" in res.output
+    # progress on, stderr not a terminal: no bar redraws, one line per epoch instead
+    assert "\r" not in res.output and "step/s" not in res.output
+    assert "stage 0 (exposure) epoch 1/1: loss " in res.output
+    assert "stage 1 (click) AR epoch 1/1: loss " in res.output
     return out
 
 

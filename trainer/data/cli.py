@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from tqdm import tqdm
 
 from csmf.cli import fail, new_app
 from csmf.errors import CsmfError
+from csmf.progress import progress_bar
 
 app = new_app(
     help="Build datasets in the csmf format: real MovieLens-100K, or a synthetic cascade "
@@ -110,7 +110,7 @@ def synthetic(
             cvr=cvr,
             chunk_size=chunk_size,
         )
-        with tqdm(total=exposures, unit="ev", unit_scale=True, desc="synthetic") as bar:
+        with progress_bar(exposures, "synthetic", "ev", unit_scale=True) as bar:
             counts = generate_synthetic(cfg, out, progress=bar.update)
     except CsmfError as exc:
         fail(exc)
