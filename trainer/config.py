@@ -13,7 +13,7 @@ import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from csmf.errors import ConfigError
 from csmf.features import FeatureSpec
@@ -333,10 +333,45 @@ def _build(section: str, klass: type, values: Mapping[str, Any], skip: set[str] 
         raise ConfigError(
             f"[{section}]: unknown key(s) {sorted(unknown)}; expected {sorted(names)}"
         )
+    hints = get_type_hints(klass)
+    for k, v in values.items():
+        if k not in skip:
+            _check_type(f"{section}.{k}", v, hints[k])
     try:
         return klass(**{k: v for k, v in values.items() if k not in skip})
     except TypeError as exc:
         raise ConfigError(f"[{section}]: {exc}") from None
+
+
+_KIND = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _fits(value: Any, kind: type) -> bool:
+    if kind is float:  # TOML's 1 is an int: fine where a number is expected
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    """``value`` (from TOML or ``--set``) against the dataclass field's type: ``--set
+    train.batch_size=2.5`` is an error naming the key, the value and the type expected, not a
+    2.5-example batch. ``tuple[X, ...]`` fields take one X or a list of them."""
+    if get_origin(hint) is tuple:
+        kind = get_args(hint)[0]
+        items = value if isinstance(value, list | tuple) else [value]
+        if all(_fits(v, kind) for v in items):
+            return
+        expected = f"{_KIND[kind]} or a list of them"
+    elif hint in _KIND:
+        if _fits(value, hint):
+            return
+        expected = _KIND[hint]
+    else:
+        return  # nested specs validate themselves
+    got = "a string" if isinstance(value, str) else type(value).__name__
+    raise ConfigError(f"{key} must be {expected}, got {value!r} ({got})")
 
 
 def _spec_to_config(spec: FeatureSpec) -> dict[str, Any]:

@@ -59,6 +59,27 @@ def test_bad_values_are_config_errors_quoting_the_value(override, quoted):
     assert quoted in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.batch_size=2.5", "train.batch_size must be an integer, got 2.5 (float)"),
+        ("train.batch_size=lots", "train.batch_size must be an integer, got 'lots' (a string)"),
+        ("train.lr=[0.1, 'x']", "train.lr must be a number or a list of them, got [0.1, 'x']"),
+        ("cascade.accuracy_recovery=1", "cascade.accuracy_recovery must be a boolean, got 1"),
+        ("model.hidden=[64, 2.5]", "model.hidden must be an integer or a list of them"),
+        ("model.activation=3", "model.activation must be a string, got 3 (int)"),
+        ("eval.n=true", "eval.n must be an integer, got True (bool)"),
+    ],
+)
+def test_config_values_are_type_checked_against_the_dataclass_fields(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert str(err.value).startswith(message)
+    # what the types allow still passes: an int where a number goes, one value for a list
+    cfg = load_config(None, ["loss.sigma=1", "train.lr=0.01", "model.hidden=[64, 32]"])
+    assert cfg.loss.sigma == 1 and cfg.train.lr == (0.01,) and cfg.model.hidden == (64, 32)
+
+
 def test_override_syntax_errors():
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_override({}, "tau=0.5")
