@@ -11,12 +11,21 @@ from __future__ import annotations
 import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
-from typing import NoReturn
+from typing import Annotated, NoReturn
 
 import typer
 from typer.main import get_command
 
 USAGE_ERROR = 2  # bad options, bad config or data: click's own code for usage errors
+
+
+# `--seeds N` means the same in every command that repeats runs over seeds: N runs, seeds 0..N-1.
+Seeds = Annotated[
+    int,
+    typer.Option(
+        "--seeds", min=1, help="Number of seeds: one run per seed 0..N-1 (in every csmf command)."
+    ),
+]
 
 
 def new_app(**kwargs) -> typer.Typer:

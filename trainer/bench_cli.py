@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import typer
 
-from csmf.cli import fail, new_app
+from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import cache_key, dataset_fingerprint
@@ -280,7 +280,7 @@ def command(
 @app.command("quality")
 def quality(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder.")] = Path("data/ml-100k"),
-    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Number of seeds (0..N-1).")] = 3,
+    seeds: Seeds = 3,
     methods: Annotated[
         str | None,
         typer.Option(

@@ -2,7 +2,7 @@
 evaluate each on its test split, aggregate.
 
     python -m trainer.report --config configs/ml-100k.toml --data data/ml-100k \
-        --out runs/ml-100k-seeds --seeds 0,1,2
+        --out runs/ml-100k-seeds --seeds 3
 
 writes ``OUT/report.md`` and ``OUT/report.json`` and prints the table.
 """
@@ -17,7 +17,7 @@ import numpy as np
 import typer
 
 from csmf.checkpoint import CHECKPOINT_NAME
-from csmf.cli import fail
+from csmf.cli import Seeds, fail
 from csmf.errors import CsmfError
 from trainer.config import load_config
 from trainer.pipeline import eval_run, train_run
@@ -62,7 +62,7 @@ def main(
     out: Annotated[Path, typer.Option("--out", help="Folder for seed runs and the report.")] = Path(
         "runs/ml-100k-seeds"
     ),
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated seeds.")] = "0,1,2",
+    seeds: Seeds = 3,
     retrain: Annotated[bool, typer.Option("--retrain", help="Retrain existing runs.")] = False,
     set_: Annotated[
         list[str] | None,
@@ -70,7 +70,7 @@ def main(
     ] = None,
 ) -> None:
     """Train/evaluate one run per seed and print the mean ± std table."""
-    seed_list = [int(s) for s in seeds.split(",")]
+    seed_list = list(range(seeds))
     results, seconds = [], []
     try:
         for seed in seed_list:

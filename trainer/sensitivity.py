@@ -1,8 +1,8 @@
 """Sensitivity of CSMF (paper Figs. 4-5), scored on the VALIDATION split only.
 
     csmf bench sensitivity sweep --data data/ml-100k --key cascade.tau \
-        --values 0.25,0.5,0.75,0.85,0.95 --seeds 0,1 [--set cascade.pruning=fixed]
-    csmf bench sensitivity weights --data data/ml-100k --seeds 0,1
+        --values 0.25,0.5,0.75,0.85,0.95 --seeds 2 [--set cascade.pruning=fixed]
+    csmf bench sensitivity weights --data data/ml-100k --seeds 2
     csmf bench sensitivity plot --data data/ml-100k
 
 ``sweep`` trains one cascade per (value, seed) and records, besides validation Recall/nDCG@N of
@@ -29,7 +29,7 @@ import torch
 import typer
 
 from csmf.checkpoint import new_model
-from csmf.cli import fail, new_app
+from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
 from trainer.cascade import run_cascade
 from trainer.config import load_config
@@ -83,15 +83,6 @@ def _floats(text: str, name: str) -> list[float]:
         raise typer.BadParameter(f"{name} must be comma-separated numbers, got {text!r}") from None
 
 
-def _seeds(text: str) -> list[int]:
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise typer.BadParameter(
-            f"--seeds must be comma-separated integers, got {text!r}"
-        ) from None
-
-
 def mean_std(records: list[dict], target: str, ranker: str, metric: str = "recall") -> tuple:
     vals = np.array([r["metrics"][target][ranker][metric] for r in records])
     return float(vals.mean()), float(vals.std())
@@ -126,7 +117,7 @@ def sweep(
     values: Annotated[str, typer.Option("--values", help="comma-separated")] = "0.25,0.5,0.75,0.95",
     data: Annotated[Path, typer.Option("--data")] = Path("data/ml-100k"),
     config: Annotated[Path | None, typer.Option("--config")] = None,
-    seeds: Annotated[str, typer.Option("--seeds", help="comma-separated")] = "0",
+    seeds: Seeds = 1,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", help="fixed override, section.key=value"),
@@ -145,7 +136,7 @@ def sweep(
             setting = " ".join([*base, override])
             load_config(config, [*base, override])  # fail before training on a bad value
             runs = []
-            for seed in _seeds(seeds):
+            for seed in range(seeds):
                 rec = train_val(config, data, [*base, override], seed)
                 runs.append(rec)
                 m = rec["metrics"]
@@ -204,7 +195,7 @@ def weights(
     values: Annotated[
         str, typer.Option("--values", help="values each coefficient takes, comma-separated")
     ] = "0,0.5,1,1.2,1.5,1.8,2.5,3.5,5",
-    seeds: Annotated[str, typer.Option("--seeds")] = "0",
+    seeds: Seeds = 1,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", metavar="KEY=VALUE", help="Config override (repeatable)."),
@@ -218,7 +209,7 @@ def weights(
         cfg = load_config(config, list(set_ or []))
         grid = weight_grid(list(cfg.eval.weights), _floats(values, "--values"))
         runs = []
-        for seed in _seeds(seeds):
+        for seed in range(seeds):
             runs.append(train_val(config, data, list(set_ or []), seed, grid))
             typer.echo(f"seed {seed}: {len(grid)} triplets scored ({runs[-1]['seconds']:.0f}s)")
     except CsmfError as exc:

@@ -26,9 +26,9 @@ def test_weight_grid_varies_one_coefficient_at_a_time():
 
 def test_sweep_records_validation_metrics_and_slices(tiny_config_path, tiny_data, tmp_path):
     base = ["--data", str(tiny_data), "--config", str(tiny_config_path), "--out", str(tmp_path)]
-    res = _run(["sweep", *base, "--key", "cascade.tau", "--values", "0.5", "--seeds", "0"])
+    res = _run(["sweep", *base, "--key", "cascade.tau", "--values", "0.5", "--seeds", "1"])
     assert res.exit_code == 0, res.output
-    res = _run(["sweep", *base, "--key", "cascade.tau", "--values", "0.5", "--seeds", "0"]
+    res = _run(["sweep", *base, "--key", "cascade.tau", "--values", "0.5", "--seeds", "1"]
                + ["--set", "cascade.pruning=fixed"])  # fmt: skip
     assert res.exit_code == 0, res.output
     name = tiny_data.resolve().name
@@ -46,12 +46,13 @@ def test_sweep_records_validation_metrics_and_slices(tiny_config_path, tiny_data
     assert fixed["stages"][0]["slices"]["output"] == {"kept": 8, "freed": 8}  # round(0.5 * 16)
     md = (tmp_path / f"sensitivity-{name}.md").read_text()
     assert "| cascade.pruning=fixed cascade.tau=0.5 | 0 |" in md
-    # rerunning a setting replaces its point instead of appending a twin
+    # rerunning a setting replaces its point instead of appending a twin (--seeds 1 = seed 0)
     res = _run(["sweep", *base, "--key", "cascade.tau", "--values", "0.5", "--seeds", "1"])
     assert res.exit_code == 0, res.output
     doc = json.loads((tmp_path / f"sensitivity-{name}.json").read_text())
     assert [p["setting"] for p in doc["points"]].count("cascade.tau=0.5") == 1
-    assert doc["points"][-1]["runs"][0]["seed"] == 1
+    assert doc["points"][-1]["setting"] == "cascade.tau=0.5"
+    assert [r["seed"] for r in doc["points"][-1]["runs"]] == [0]
 
     res = _run(["plot", "--data", str(tiny_data), "--out", str(tmp_path)])
     assert res.exit_code == 0, res.output
@@ -61,7 +62,7 @@ def test_sweep_records_validation_metrics_and_slices(tiny_config_path, tiny_data
 
 def test_weights_sweep_scores_every_triplet_on_one_model(tiny_config_path, tiny_data, tmp_path):
     args = ["weights", "--data", str(tiny_data), "--config", str(tiny_config_path)]
-    args += ["--out", str(tmp_path), "--values", "0,1,2", "--seeds", "0"]
+    args += ["--out", str(tmp_path), "--values", "0,1,2", "--seeds", "1"]
     args += ["--set", "eval.weights=[1.0, 1.0, 0.0]"]
     res = _run(args)
     assert res.exit_code == 0, res.output
@@ -89,5 +90,8 @@ def test_bad_input_is_a_clear_error(tiny_config_path, tiny_data, tmp_path):
     assert res.exit_code == 2 and "cascade.tau" in res.output
     res = _run(["weights", *base, "--values", "a,b"])
     assert res.exit_code != 0 and "--values" in res.output
+    for seeds in ("0,1", "0"):  # a count, as in every command: not a list, at least 1
+        res = _run(["weights", *base, "--seeds", seeds])
+        assert res.exit_code == 2 and "--seeds" in res.output
     res = _run(["plot", "--data", str(tiny_data), "--out", str(tmp_path / "empty")])
     assert res.exit_code == 2 and "run sweep or weights first" in res.output
