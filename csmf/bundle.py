@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -37,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from csmf.atomic import atomic_write_text
 from csmf.errors import BundleError
 from csmf.index import IndexSpec, VectorIndex, Where, open_index
 from csmf.index.filters import ItemAttributes
@@ -156,15 +156,6 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def fsync_path(path: str | Path) -> None:
-    """fsync a file or a directory (a rename is durable only once its directory is synced)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: str | Path, manifest: Manifest) -> Manifest:
     """Checksum every file in ``folder`` into ``manifest.files`` and write manifest.json last,
     atomically (tmp + fsync + rename). Returns the manifest as written."""
@@ -176,13 +167,7 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Manifest:
         files[p.name] = FileRecord(sha256=sha256_file(p), bytes=p.stat().st_size)
     out = manifest.model_copy(update={"files": files})
     text = out.to_json()
-    tmp = folder / (MANIFEST_NAME + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, folder / MANIFEST_NAME)
-    fsync_path(folder)
+    atomic_write_text(folder / MANIFEST_NAME, text)
     return Manifest.model_validate_json(text)  # exactly what readers will see
 
 

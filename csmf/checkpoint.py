@@ -10,13 +10,13 @@ dict is plain JSON-able data, so readers never unpickle arbitrary objects (``wei
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from csmf.atomic import atomic_write
 from csmf.errors import BundleError
 from csmf.features import FeatureSpec, TowerVocab
 from csmf.towers import ModelConfig, TwoTower
@@ -82,15 +82,7 @@ def save_checkpoint(ckpt: Checkpoint, path: str | Path) -> Path:
 def atomic_save(payload: Any, path: str | Path) -> Path:
     """torch.save to ``path`` through a fsynced temporary file and a rename (readers see the old
     file or the new one, never half of one)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda fh: torch.save(payload, fh))
 
 
 def load_versioned(path: Path, fmt: int, error: type[Exception], what: str = "") -> dict:

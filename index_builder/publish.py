@@ -22,7 +22,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from csmf.bundle import STAGING_MARKER, fsync_path
+from csmf.atomic import fsync_path
+from csmf.bundle import STAGING_MARKER
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2

@@ -28,6 +28,8 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from csmf.atomic import atomic_write
+
 log = logging.getLogger("csmf.service")
 EVENTS = ("click", "conversion")
 _STOP = object()
@@ -140,17 +142,7 @@ class EventLog:
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
         self._seq += 1
         path = self.folder / f"part-{stamp}-{os.getpid()}-{self._seq:06d}.parquet"
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write(path, lambda fh: pq.write_table(table, fh))
         self.parts.append(path)
         self._on_write(len(rows))
 

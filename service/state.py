@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from csmf.atomic import atomic_write_text
 from csmf.bundle import Bundle, load_bundle
 from csmf.errors import BundleError, WeightsError
 from service.errors import ConflictError, FieldError, ReloadError
@@ -249,9 +250,9 @@ class AppState:
         p = self._control_path()
         if p is None:
             return
-        tmp = p.with_name(f"{p.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"path": str(r.bundle.path), "model_version": r.model_version}))
-        os.replace(tmp, p)
+        atomic_write_text(
+            p, json.dumps({"path": str(r.bundle.path), "model_version": r.model_version})
+        )
         self._control_sig = _sig(p)
 
     def _follow_announcement(self) -> None:

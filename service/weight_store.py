@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from csmf.atomic import atomic_write_text
 from csmf.errors import CsmfError
 from csmf.weights import DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS
 from service.errors import ConflictError, StoreUnavailableError, UnknownScenarioError
@@ -259,17 +260,7 @@ class FileWeightStore(WeightStore):
             "generation": generation,
             "scenarios": {n: s.doc() | {"version": s.version} for n, s in scenarios.items()},
         }
-        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        atomic_write_text(self.path, json.dumps(doc, indent=1))
 
     def _load(self) -> None:
         """Read the file into the cache; a missing file is (re)created from the cache; a corrupt

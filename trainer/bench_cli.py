@@ -25,13 +25,14 @@ import numpy as np
 import torch
 import typer
 
+from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import cache_key, dataset_fingerprint
 from trainer.bench_run import record, run_in_process, run_isolated
 from trainer.config import load_config
-from trainer.pipeline import prepare, write_json
+from trainer.pipeline import prepare
 from trainer.report import aggregate
 from trainer.sensitivity import app as sensitivity_app
 

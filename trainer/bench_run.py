@@ -21,11 +21,12 @@ import tempfile
 import traceback
 from pathlib import Path
 
+from csmf.atomic import write_json
 from csmf.errors import CsmfError
 from trainer.baselines import MethodRun, run_method
 from trainer.config import RunConfig
 from trainer.encoding import Encoded
-from trainer.pipeline import prepare, write_json
+from trainer.pipeline import prepare
 
 
 class BenchRunError(CsmfError, RuntimeError):

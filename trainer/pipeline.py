@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from csmf.atomic import write_json
 from csmf.checkpoint import (
     CHECKPOINT_NAME,
     Checkpoint,
@@ -324,12 +325,6 @@ def _floats(text: str) -> list[float]:
         raise WeightsError(
             f"--weights expects comma-separated numbers like 1,1.8,1.2, got {text!r}"
         ) from None
-
-
-def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
 
 
 def format_table(result: dict) -> str:

@@ -28,13 +28,14 @@ import numpy as np
 import torch
 import typer
 
+from csmf.atomic import write_json
 from csmf.checkpoint import new_model
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
 from trainer.cascade import run_cascade
 from trainer.config import load_config
 from trainer.evaluate import encode_all, evaluate_vectors, fused_ranker, view_ranker
-from trainer.pipeline import prepare, write_json
+from trainer.pipeline import prepare
 
 app = new_app(no_args_is_help=True, help=__doc__.split("\n")[0])
 

@@ -99,9 +99,10 @@ def tune_run(
 ) -> dict:
     """Score the grid on the run's validation split, find the front, choose a point, write
     ``tune.json`` (+ ``tune.png`` when matplotlib is installed) into ``out`` (default: the run)."""
+    from csmf.atomic import write_json
     from csmf.checkpoint import load_checkpoint
     from trainer.config import RunConfig
-    from trainer.pipeline import prepare, write_json
+    from trainer.pipeline import prepare
 
     if metric not in ("recall", "ndcg"):
         raise TuneError(f"--metric must be recall or ndcg, got {metric!r}")

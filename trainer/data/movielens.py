@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from csmf.atomic import atomic_write_bytes
 from csmf.errors import DataError
 from trainer.data.dataset import load_dataset, staged_dataset, write_meta
 
@@ -110,10 +111,7 @@ def _extract(wheel: Path, paths: dict[str, Path]) -> None:
             )
     for kind, data in blobs.items():
         path = paths[kind]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
 
 
 def _sha256(path: Path) -> str:
