@@ -10,6 +10,7 @@ dict is plain JSON-able data, so readers never unpickle arbitrary objects (``wei
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -139,11 +140,13 @@ def _file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def dataset_files(root: str | Path) -> dict[str, str]:
-    """{relative path: sha256} of the files training reads from the dataset folder ``root``.
+def dataset_files(root: str | Path, extra: Sequence[str] = ()) -> dict[str, str]:
+    """{relative path: sha256} of the files training reads from the dataset folder ``root``
+    (plus the ``extra`` files present, e.g. the benchmark oracle's ``truth.npz``). Metadata
+    (``dataset.json``, whose ``created_at`` changes on every conversion) is not content.
     Reading every byte once is cheap next to training on them (~1 GB/s)."""
     root = Path(root)
-    paths = [root / n for n in DATASET_FILES if (root / n).is_file()]
+    paths = [root / n for n in (*DATASET_FILES, *extra) if (root / n).is_file()]
     for d in DATASET_DIRS:
         if (root / d).is_dir():
             paths += sorted(p for p in (root / d).rglob("*.parquet") if p.is_file())

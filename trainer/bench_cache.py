@@ -4,7 +4,11 @@ A (method, seed) result of ``csmf bench quality`` may be reused only if everythi
 its numbers is unchanged:
 
 - the fully resolved config (``RunConfig.to_dict()`` after ``--set`` and the seed);
-- the dataset: a content hash of every file in the dataset folder (:func:`dataset_fingerprint`);
+- the dataset: the content fingerprint training records in its checkpoint
+  (:func:`csmf.checkpoint.dataset_fingerprint` of the files training reads), plus the synthetic
+  ground truth the oracle method reads (:data:`DATASET_EXTRA`). Until issue 16 the cache hashed
+  every file itself (``dataset.json`` too, which changes with each conversion's ``created_at``);
+  keys made before that are simply never hit again;
 - the method and the seed;
 - the code: a hash of the source of the training / evaluation code the method runs
   (:func:`code_version`; for the CF baselines this includes their validation grids) and the
@@ -21,6 +25,7 @@ from functools import cache
 from importlib import metadata
 from pathlib import Path
 
+from csmf.checkpoint import dataset_files, dataset_fingerprint
 from trainer.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,25 +43,12 @@ NOT_RESULT_CODE = frozenset(
 )
 CF_CODE = "trainer/cf_baselines.py"  # only the CF baselines run it (and its grids)
 LIBRARIES = ("numpy", "torch", "scipy", "implicit", "faiss-cpu", "pyarrow")
+DATASET_EXTRA = ("truth.npz",)  # read by the oracle method, not by training
 
 
-def dataset_fingerprint(folder: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 over the relative path and bytes of every file under ``folder`` (sorted; hidden
-    entries such as a writer's ``.tmp-*`` staging folders are skipped)."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {str(root)!r} does not exist")
-    h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        rel = path.relative_to(root)
-        if any(part.startswith(".") for part in rel.parts):
-            continue
-        h.update(str(rel.as_posix()).encode() + b"\0")
-        with path.open("rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        h.update(b"\0")
-    return h.hexdigest()
+def bench_fingerprint(folder: str | Path) -> str:
+    """The dataset part of a cache key: training's fingerprint over its files + DATASET_EXTRA."""
+    return dataset_fingerprint(dataset_files(folder, DATASET_EXTRA))
 
 
 def result_code_files(method: str) -> list[str]:

@@ -29,7 +29,7 @@ from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
 from trainer.baselines import METHODS, MethodRun
-from trainer.bench_cache import cache_key, dataset_fingerprint
+from trainer.bench_cache import bench_fingerprint, cache_key
 from trainer.bench_run import record, run_in_process, run_isolated
 from trainer.config import load_config
 from trainer.pipeline import prepare
@@ -336,7 +336,7 @@ def quality(
     serving: dict[str, MethodRun] = {}
     n, hits = 50, 0
     try:
-        fingerprint = dataset_fingerprint(data)
+        fingerprint = bench_fingerprint(data)
         for seed in range(seeds):
             cfg = load_config(config, [*(set_ or []), f"train.seed={seed}"])
             n = cfg.eval.n

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from trainer.bench_cache import cache_key, code_version, dataset_fingerprint, result_code_files
+from csmf.checkpoint import dataset_files, dataset_fingerprint
+from trainer.bench_cache import bench_fingerprint, cache_key, code_version, result_code_files
 from trainer.bench_cli import app
 from trainer.config import load_config
 
@@ -26,7 +27,8 @@ def _bench(data, config, out, cache, *extra):
 
 def test_key_changes_with_config_dataset_method_seed(tiny_config_path, tiny_data, tmp_path):
     cfg = load_config(tiny_config_path)
-    fp = dataset_fingerprint(tiny_data)
+    fp = bench_fingerprint(tiny_data)
+    assert fp == dataset_fingerprint(dataset_files(tiny_data))  # training's, the one function
     key, parts = cache_key(cfg, fp, "csmf", 0)
     assert parts["config"] == cfg.to_dict() and parts["dataset"] == fp
     assert cache_key(load_config(tiny_config_path), fp, "csmf", 0)[0] == key  # stable
@@ -35,11 +37,16 @@ def test_key_changes_with_config_dataset_method_seed(tiny_config_path, tiny_data
     assert cache_key(cfg, fp, "sep", 0)[0] != key
     assert cache_key(cfg, fp, "csmf", 1)[0] != key
     copy = shutil.copytree(tiny_data, tmp_path / "data")
-    assert dataset_fingerprint(copy) == fp  # content, not location
+    assert bench_fingerprint(copy) == fp  # content, not location
+    (copy / "dataset.json").write_text('{"created_at": "later"}')  # metadata is not content
+    assert bench_fingerprint(copy) == fp
+    (copy / "truth.npz").write_bytes(b"ground truth")  # what the oracle method reads
+    with_truth = bench_fingerprint(copy)
+    assert with_truth != fp and dataset_fingerprint(dataset_files(copy)) == fp
     events = pq.read_table(copy / "events.parquet")
     pq.write_table(events.slice(1), copy / "events.parquet")
-    assert dataset_fingerprint(copy) != fp
-    assert cache_key(cfg, dataset_fingerprint(copy), "csmf", 0)[0] != key
+    assert bench_fingerprint(copy) not in (fp, with_truth)
+    assert cache_key(cfg, bench_fingerprint(copy), "csmf", 0)[0] != key
 
 
 def test_code_version_covers_result_code_not_presentation():
