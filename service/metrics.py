@@ -13,6 +13,7 @@ import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -189,10 +190,32 @@ class ServiceMetrics:
         """The exposition text: this registry, or all workers' files plus this worker's state."""
         if multiprocess_dir() is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        forget_dead_workers(multiprocess_dir())
         reg = CollectorRegistry()
         MultiProcessCollector(reg)
         reg.register(self.state_collector)
         return generate_latest(reg), CONTENT_TYPE_LATEST
+
+
+def forget_dead_workers(folder: str) -> None:
+    """Drop the live gauges (``csmf_store_up``) of worker processes that no longer exist. A worker
+    killed by a signal (OOM, SIGKILL) never runs :meth:`ServiceMetrics.process_exit`, and its last
+    value would otherwise count in ``livemin`` forever: one worker that died degraded would keep
+    the instance reported degraded after the store and the replacement worker recovered."""
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), folder)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 class _StateCollector(Collector):
