@@ -13,6 +13,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from typing import Annotated, NoReturn
 
+import click
 import typer
 from typer.main import get_command
 
@@ -26,6 +27,31 @@ Seeds = Annotated[
         "--seeds", min=1, help="Number of seeds: one run per seed 0..N-1 (in every csmf command)."
     ),
 ]
+
+
+def invoked_command() -> str:
+    """The running command as a user would type it again — its path (``csmf bench sensitivity
+    sweep``) and every option given on the command line, defaults left out — for results files
+    to name what made them."""
+    import shlex
+
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context()
+    parts = [ctx.command_path]  # "csmf bench sensitivity sweep", "python -m trainer.report"
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name is None:
+            continue
+        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            continue
+        value = ctx.params[param.name]
+        if param.is_flag:
+            opts = param.opts if value else param.secondary_opts
+            parts += opts[:1]
+            continue
+        for v in value if param.multiple else [value]:
+            parts += [param.opts[0], shlex.quote(str(getattr(v, "value", v)))]
+    return " ".join(parts)
 
 
 def new_app(**kwargs) -> typer.Typer:

@@ -28,12 +28,13 @@ import typer
 from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
+from csmf.results import pm, table, write_results
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import bench_fingerprint, cache_key
 from trainer.bench_run import record, run_in_process, run_isolated
 from trainer.config import load_config
 from trainer.pipeline import prepare
-from trainer.report import aggregate
+from trainer.report import METRICS, aggregate
 from trainer.sensitivity import app as sensitivity_app
 
 app = new_app(no_args_is_help=True, help="CSMF benchmarks.")
@@ -167,30 +168,23 @@ def hyperparameters(results: dict[str, list[dict]]) -> dict:
     return out
 
 
-def _fmt(x: tuple[float, float] | None, spec: str) -> str:
-    return "n/a" if x is None else f"{x[0]:{spec}} ± {x[1]:{spec}}"
-
-
 def markdown(
-    dataset: str,
     agg: dict,
     cost: dict,
     train: dict,
     hyper: dict,
     n: int,
     seeds: dict,
-    cmd: str,
-) -> str:
+) -> list[str]:
+    """The results page's body (csmf.results.write_results adds the title and the command)."""
     head = ["method", "ranker"] + [f"{t} {m}@{n}" for t in TARGETS for m in ("Recall", "nDCG")]
-    lines = [f"# Retrieval quality on {dataset}", "", f"`{cmd}`", ""]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for method, ranker in _rows(agg):
-        cells = [
-            "{:.4f} ± {:.4f}".format(*agg[method][t][ranker][m])
-            for t in TARGETS
-            for m in ("recall", "ndcg")
-        ]
-        lines.append(f"| {method} | {ranker} | " + " | ".join(cells) + " |")
+    lines = table(
+        head,
+        (
+            [method, ranker, *(pm(agg[method][t][ranker][m]) for t in TARGETS for m in METRICS)]
+            for method, ranker in _rows(agg)
+        ),
+    )
     same = len({tuple(v) for v in seeds.values()}) == 1
     where = next(iter(seeds.values())) if same else "; ".join(f"{m} {v}" for m, v in seeds.items())
     lines += ["", f"seeds {where}; mean ± std (population) over seeds; test split."]
@@ -202,23 +196,26 @@ def markdown(
         f"## Cost (training: own process per run; serving: faiss.IndexFlatIP, float32, 1 thread, "
         f"top-{n}, one query at a time)",
         "",
-        "| method | train s | tuning s | peak extra MB | peak RSS MB | indexes | dims/item | "
-        "bytes/item | index bytes | µs/query |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rows = []
     for m, t in train.items():
         c = cost.get(m)
         serve = (
-            f"{c['indexes']} | {c['dims_per_item']} | {c['bytes_per_item']} | "
-            f"{c['index_bytes']:,} | {c['latency_us_per_query']:.1f}"
+            [c["indexes"], c["dims_per_item"], c["bytes_per_item"], f"{c['index_bytes']:,}",
+             f"{c['latency_us_per_query']:.1f}"]
             if c
-            else "0 | 0 | 0 | 0 | n/a"
-        )
-        tune = _fmt(t["tune_seconds"], ".1f") if m in hyper else "—"
-        lines.append(
-            f"| {m} | {_fmt(t['train_seconds'], '.2f')} | {tune} | "
-            f"{_fmt(t['peak_extra_mb'], '.0f')} | {_fmt(t['peak_rss_mb'], '.0f')} | {serve} |"
-        )
+            else [0, 0, 0, 0, "n/a"]
+        )  # fmt: skip
+        tune = pm(t["tune_seconds"], ".1f") if m in hyper else "—"
+        rows.append(
+            [m, pm(t["train_seconds"], ".2f"), tune, pm(t["peak_extra_mb"], ".0f"),
+             pm(t["peak_rss_mb"], ".0f"), *serve]
+        )  # fmt: skip
+    lines += table(
+        ["method", "train s", "tuning s", "peak extra MB", "peak RSS MB", "indexes", "dims/item",
+         "bytes/item", "index bytes", "µs/query"],
+        rows,
+    )  # fmt: skip
     measured = next((t["memory_measured"] for t in train.values() if t["memory_measured"]), None)
     lines += [
         "",
@@ -242,9 +239,8 @@ def markdown(
             f"## Hyper-parameters chosen on the validation split (criterion: mean over click and "
             f"conversion of (Recall@{n} + nDCG@{n}) / 2)",
             "",
-            "| method | seed | chosen | val criterion | val click R/nDCG | val conversion R/nDCG |",
-            "|---|---|---|---|---|---|",
         ]
+        rows = []
         for m, h in hyper.items():
             for r in h["per_seed"]:
                 params = ", ".join(f"{k}={v:g}" for k, v in r["params"].items())
@@ -253,15 +249,13 @@ def markdown(
                     f"{val[t]['recall']:.4f} / {val[t]['ndcg']:.4f}" if t in val else "n/a"
                     for t in TARGETS
                 ]
-                lines.append(
-                    f"| {m} | {r['seed']} | {params} | {r['criterion']:.4f} | "
-                    + " | ".join(cells)
-                    + " |"
-                )
+                rows.append([m, r["seed"], params, f"{r['criterion']:.4f}", *cells])
+        head = ["method", "seed", "chosen", "val criterion"]
+        lines += table(head + [f"val {t} R/nDCG" for t in TARGETS], rows)
         lines += ["", "Grids (trainer/cf_baselines.py GRIDS):"]
         for m, h in hyper.items():
             lines.append(f"- {m}: " + "; ".join(f"{k} {v}" for k, v in h["grid"].items()))
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def command(
@@ -380,11 +374,12 @@ def quality(
     cmd = command(data, config, seeds, methods, set_ or [], isolate)
     resolved = cfg.to_dict()  # train.seed: one run per seed
     out.mkdir(parents=True, exist_ok=True)
-    text = markdown(dataset, agg, cost, train, hyper, n, seeds_of, cmd)
-    md, js = out / f"quality-{dataset}.md", out / f"quality-{dataset}.json"
-    md.write_text(text)
-    write_json(
-        js,
+    body = markdown(agg, cost, train, hyper, n, seeds_of)
+    md, js = write_results(
+        out / f"quality-{dataset}",
+        f"Retrieval quality on {dataset}",
+        cmd,
+        body,
         {
             "dataset": dataset,
             "dataset_fingerprint": fingerprint,
@@ -393,7 +388,6 @@ def quality(
                 **resolved,
                 "train": {**resolved["train"], "seed": list(range(seeds))},
             },
-            "command": cmd,
             "n": n,
             "seeds": seeds_of,
             "seconds": {m: [r["seconds"] for r in results[m]] for m in names},
@@ -405,7 +399,7 @@ def quality(
             "per_seed": {m: [_slim(r) for r in results[m]] for m in names},
         },
     )
-    typer.echo(text)
+    typer.echo("\n".join(body))
     typer.echo(f"wrote {md} and {js} ({hits} cached runs reused)")
 
 

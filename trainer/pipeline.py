@@ -31,6 +31,7 @@ from csmf.checkpoint import (
     training_provenance,
 )
 from csmf.errors import ConfigError, CsmfError
+from csmf.results import table
 from csmf.weights import parse_weights
 from trainer.cascade import Log, Phase, Progress, run_cascade
 from trainer.config import RunConfig
@@ -333,12 +334,14 @@ def format_table(result: dict) -> str:
     targets = list(result["metrics"])
     head = ["ranker"] + [f"{t} {m}@{n}" for t in targets for m in ("recall", "ndcg")]
     names = list(next(iter(result["metrics"].values())))
-    lines = [" | ".join(f"{h:>18}" if i else f"{h:<24}" for i, h in enumerate(head))]
-    for name in names:
-        cells = [
-            f"{result['metrics'][t][name][m]:>18.4f}" for t in targets for m in ("recall", "ndcg")
+    rows = (
+        [
+            name,
+            *(f"{result['metrics'][t][name][m]:.4f}" for t in targets for m in ("recall", "ndcg")),
         ]
-        lines.append(" | ".join([f"{name:<24}", *cells]))
+        for name in names
+    )
+    lines = table(head, rows, "l" + "r" * (len(head) - 1))
     users = ", ".join(f"{t}: {u}" for t, u in result["users"].items())
     lines.append(f"(test users with positives — {users}; weights {result['weights']})")
     return "\n".join(lines)

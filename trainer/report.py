@@ -17,8 +17,9 @@ import numpy as np
 import typer
 
 from csmf.checkpoint import CHECKPOINT_NAME
-from csmf.cli import Seeds, fail
+from csmf.cli import Seeds, fail, invoked_command
 from csmf.errors import CsmfError
+from csmf.results import pm, table, write_results
 from trainer.config import load_config
 from trainer.pipeline import eval_run, train_run
 
@@ -39,19 +40,18 @@ def aggregate(results: list[dict]) -> dict:
     return out
 
 
-def markdown(agg: dict, n: int, seeds: list[int], seconds: list[float]) -> str:
+def markdown(agg: dict, n: int, seeds: list[int], seconds: list[float]) -> list[str]:
     targets = list(agg)
     head = ["ranker"] + [f"{t} {m}@{n}" for t in targets for m in ("Recall", "nDCG")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name in agg[targets[0]]:
-        cells = [
-            f"{agg[t][name][m][0]:.4f} ± {agg[t][name][m][1]:.4f}" for t in targets for m in METRICS
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows = (
+        [name, *(pm(agg[t][name][m]) for t in targets for m in METRICS)] for name in agg[targets[0]]
+    )
     train = ", ".join(f"{s:.0f}s" for s in seconds)
-    lines.append("")
-    lines.append(f"seeds {seeds}; mean ± std over seeds; training time per seed: {train}")
-    return "\n".join(lines)
+    return [
+        *table(head, rows),
+        "",
+        f"seeds {seeds}; mean ± std over seeds; training time per seed: {train}",
+    ]
 
 
 def main(
@@ -85,13 +85,11 @@ def main(
     except CsmfError as exc:
         fail(exc)
     agg = aggregate(results)
-    text = markdown(agg, results[0]["n"], seed_list, seconds)
-    (out / "report.md").write_text(text + "\n")
-    (out / "report.json").write_text(
-        json.dumps({"seeds": seed_list, "train_seconds": seconds, "metrics": agg}, indent=2) + "\n"
-    )
-    typer.echo(text)
-    typer.echo(f"wrote {out / 'report.md'}")
+    body = markdown(agg, results[0]["n"], seed_list, seconds)
+    doc = {"seeds": seed_list, "train_seconds": seconds, "metrics": agg}
+    md, _ = write_results(out / "report", f"{config} on {data}", invoked_command(), body, doc)
+    typer.echo("\n".join(body))
+    typer.echo(f"wrote {md}")
 
 
 if __name__ == "__main__":

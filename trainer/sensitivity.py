@@ -28,10 +28,10 @@ import numpy as np
 import torch
 import typer
 
-from csmf.atomic import write_json
 from csmf.checkpoint import new_model
-from csmf.cli import Seeds, fail, new_app
+from csmf.cli import Seeds, fail, invoked_command, new_app
 from csmf.errors import CsmfError
+from csmf.results import pm, table, write_results
 from trainer.cascade import run_cascade
 from trainer.config import load_config
 from trainer.evaluate import encode_all, evaluate_vectors, fused_ranker, view_ranker
@@ -89,13 +89,13 @@ def mean_std(records: list[dict], target: str, ranker: str, metric: str = "recal
     return float(vals.mean()), float(vals.std())
 
 
-def sweep_markdown(points: list[dict]) -> str:
+def sweep_title(points: list[dict]) -> str:
     n = points[0]["runs"][0]["n"] if points else 50
-    lines = [f"# CSMF sensitivity (validation split, Recall@{n} clicks / conversions)", ""]
-    lines += [
-        "| setting | seeds | exposure | click | conversion | fused | output [d/o/r] |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    return f"CSMF sensitivity (validation split, Recall@{n} clicks / conversions)"
+
+
+def sweep_markdown(points: list[dict]) -> list[str]:
+    rows = []
     for p in points:
         cells = []
         for r in RANKERS:
@@ -103,13 +103,18 @@ def sweep_markdown(points: list[dict]) -> str:
             cells.append(f"{c:.4f} / {v:.4f}")
         slices = "; ".join("/".join(map(str, r["output_slices"])) for r in p["runs"])
         seeds = ",".join(str(r["seed"]) for r in p["runs"])
-        lines.append(f"| {p['setting']} | {seeds} | " + " | ".join(cells) + f" | {slices} |")
-    lines += [
+        rows.append([p["setting"], seeds, *cells, slices])
+    head = ["setting", "seeds", *RANKERS, "output [d/o/r]"]
+    commands = dict.fromkeys(p["command"] for p in points if p.get("command"))
+    return [
+        *table(head, rows),
         "",
         "Means over the seeds listed; output [d/o/r] = output dims owned by exposure / click / "
-        "conversion, one entry per seed.",
+        "conversion, one entry per seed. The points were made by (a rerun of a setting replaces "
+        "its point):",
+        "",
+        *(f"- `{c}`" for c in commands),
     ]
-    return "\n".join(lines) + "\n"
 
 
 @app.command("sweep")
@@ -130,6 +135,7 @@ def sweep(
     config = config or Path(f"configs/{dataset}.toml")
     base = list(set_ or [])
     path = out / f"sensitivity-{dataset}.json"
+    command = invoked_command()
     points = json.loads(path.read_text())["points"] if path.exists() else []
     try:
         for value in values.split(","):
@@ -147,13 +153,14 @@ def sweep(
                     f", slices {rec['output_slices']} ({rec['seconds']:.0f}s)"
                 )
             point = {"key": key, "value": float(value), "base": base, "setting": setting}
+            point["command"] = command
             points = [p for p in points if p["setting"] != setting] + [point | {"runs": runs}]
-            out.mkdir(parents=True, exist_ok=True)
-            write_json(path, {"split": "val", "config": str(config), "points": points})
-            (out / f"sensitivity-{dataset}.md").write_text(sweep_markdown(points))
+            doc = {"split": "val", "config": str(config), "points": points}
+            body = sweep_markdown(points)
+            write_results(path.with_suffix(""), sweep_title(points), command, body, doc)
     except CsmfError as exc:
         fail(exc)
-    typer.echo(sweep_markdown(points))
+    typer.echo("\n".join(sweep_markdown(points)))
 
 
 def weight_grid(base: list[float], values: list[float]) -> list[tuple[float, ...]]:
@@ -168,25 +175,28 @@ def weight_grid(base: list[float], values: list[float]) -> list[tuple[float, ...
     return grid
 
 
-def weights_markdown(doc: dict) -> str:
+def weights_title(doc: dict) -> str:
+    return (
+        f"Fused weight sweep (validation split, Recall@{doc['runs'][0]['n']} clicks / conversions)"
+    )
+
+
+def weights_markdown(doc: dict) -> list[str]:
     objectives, base = doc["objectives"], doc["base"]
-    n = doc["runs"][0]["n"]
     lines = [
-        f"# Fused weight sweep (validation split, Recall@{n} clicks / conversions)",
-        "",
         f"Each coefficient varied with the others at {_label(base)} (cascade order "
         f"{', '.join(objectives)}); one trained model per seed, seeds "
         f"{','.join(str(r['seed']) for r in doc['runs'])}.",
         "",
     ]
     for i, name in enumerate(objectives):
-        lines += [f"## k_{name}", "", "| weights | clicks | conversions |", "|---|---|---|"]
-        for w in doc["grid"]:
-            if all(w[j] == base[j] for j in range(len(base)) if j != i):
-                c, v = (mean_std(doc["runs"], t, _label(w)) for t in TARGETS)
-                lines.append(f"| {_label(w)} | {c[0]:.4f} ± {c[1]:.4f} | {v[0]:.4f} ± {v[1]:.4f} |")
-        lines.append("")
-    return "\n".join(lines)
+        rows = [
+            [_label(w), *(pm(mean_std(doc["runs"], t, _label(w))) for t in TARGETS)]
+            for w in doc["grid"]
+            if all(w[j] == base[j] for j in range(len(base)) if j != i)
+        ]
+        lines += [f"## k_{name}", "", *table(["weights", "clicks", "conversions"], rows), ""]
+    return lines
 
 
 @app.command("weights")
@@ -224,10 +234,9 @@ def weights(
         "grid": [list(w) for w in grid],
         "runs": runs,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / f"weights-{dataset}.json", doc)
-    (out / f"weights-{dataset}.md").write_text(weights_markdown(doc))
-    typer.echo(weights_markdown(doc))
+    body = weights_markdown(doc)
+    write_results(out / f"weights-{dataset}", weights_title(doc), invoked_command(), body, doc)
+    typer.echo("\n".join(body))
 
 
 def plot_sweeps(points: list[dict], out: Path, dataset: str) -> list[Path]:
