@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,16 +34,12 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
-
-BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-sys.path.insert(0, str(BENCH.parent))
-
-from index_build import topic_vectors  # noqa: E402
+from index_build import topic_vectors  # noqa: E402  (a sibling: this script's folder)
 
 from csmf.index import IndexSpec, RowSet, VectorIndex, Where, open_index  # noqa: E402
 from csmf.index.faiss import FaissIndex, FaissSpec  # noqa: E402
 from csmf.index.filters import ItemAttributes, parse_filter  # noqa: E402
+from csmf.results import script_command, table, write_results  # noqa: E402
 from csmf.weights import slice_scale  # noqa: E402
 from index_builder.recall import (  # noqa: E402
     exact_topk,
@@ -53,6 +48,7 @@ from index_builder.recall import (  # noqa: E402
     weight_grid,
 )
 
+BENCH = Path(__file__).resolve().parent
 SELECTIVITY = (50, 10, 1)  # % of items a filter allows (main table)
 SWEEP = (20, 10, 5, 2, 1, 0.5, 0.2)  # % for the fallback table
 
@@ -190,13 +186,10 @@ def fallback_sweep(x, attrs, q, k) -> list[dict]:
     return out
 
 
-def markdown(meta: dict, rows: list[dict], sweep: list[dict]) -> str:
+def markdown(meta: dict, rows: list[dict], sweep: list[dict]) -> list[str]:
     k = meta["k"]
     lines = [
-        f"## {meta['items']:,} items ({meta['dim']} dims), topic share {meta['topic_share']}",
-        "",
-        f"Command: `{meta['command']}` — {meta['when']}, faiss {meta['faiss']}, "
-        f"{meta['cpus']} vCPU shared with other jobs (load average {meta['load']:.1f} at the "
+        f"{meta['when']}, faiss {meta['faiss']}, {meta['cpus']} vCPU shared with other jobs (load average {meta['load']:.1f} at the "
         "start; ±30 % run to run). One search thread. Recall@"
         f"{k} against brute force on weighted queries ({meta['queries']} users × "
         f"{len(meta['grid'])} weightings {meta['grid']}); filtered recall against brute force "
@@ -205,19 +198,21 @@ def markdown(meta: dict, rows: list[dict], sweep: list[dict]) -> str:
         f"≥ {meta['target']} on {meta['queries']} other users (IVF-PQ without re-rank keeps the "
         "re-ranked variant's nprobe).",
         "",
-        "| backend | search params | build s | bytes/item (memory) | + on disk | recall min / mean "
-        "| p50 / p99 ms | batch q/s | filter 50 %: recall, p50 ms | 10 % | 1 % |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        f = [f"{r[f'f{p}_recall']:.3f}, {r[f'f{p}_p50_ms']:.2f}" for p in SELECTIVITY]
-        lines.append(
-            f"| {r['backend']} | {r['search_params'] or '–'} | {r['build_s']} | "
-            f"{r['bytes_per_item']} | "
-            f"{r['disk_extra_bytes_per_item'] or '–'} | {r['recall_min']:.3f} / "
-            f"{r['recall_mean']:.3f} | {r['p50_ms']:.2f} / {r['p99_ms']:.2f} | "
-            f"{r['batch_qps']:,.0f} | {f[0]} | {f[1]} | {f[2]} |"
-        )
+    head = ["backend", "search params", "build s", "bytes/item (memory)", "+ on disk",
+            "recall min / mean", "p50 / p99 ms", "batch q/s", "filter 50 %: recall, p50 ms",
+            "10 %", "1 %"]  # fmt: skip
+    lines += table(
+        head,
+        (
+            [r["backend"], r["search_params"] or "–", r["build_s"], r["bytes_per_item"],
+             r["disk_extra_bytes_per_item"] or "–",
+             f"{r['recall_min']:.3f} / {r['recall_mean']:.3f}",
+             f"{r['p50_ms']:.2f} / {r['p99_ms']:.2f}", f"{r['batch_qps']:,.0f}",
+             *(f"{r[f'f{p}_recall']:.3f}, {r[f'f{p}_p50_ms']:.2f}" for p in SELECTIVITY)]
+            for r in rows
+        ),
+    )  # fmt: skip
     lines += [
         "",
         "Milvus Lite bytes/item is the size of its database folder (vectors, attributes, index "
@@ -233,15 +228,17 @@ def markdown(meta: dict, rows: list[dict], sweep: list[dict]) -> str:
         "(what it does below `exact_below`). Recall@50 against brute force over the allowed "
         "rows, p50 latency in ms.",
         "",
-        "| index | allowed | fixed knob: recall, p50 | widened: recall, p50 | exact: recall, p50 |",
-        "|---|---|---|---|---|",
     ]
-    for r in sweep:
-        cells = [
-            f"{r[f'{m}_recall']:.3f}, {r[f'{m}_p50_ms']:.2f}" for m in ("fixed", "widened", "exact")
-        ]
-        lines.append(f"| {r['index']} | {r['allowed_pct']} % | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    modes = ("fixed", "widened", "exact")
+    lines += table(
+        ["index", "allowed", "fixed knob: recall, p50", "widened: recall, p50", "exact: recall, p50"],
+        (
+            [r["index"], f"{r['allowed_pct']} %",
+             *(f"{r[f'{m}_recall']:.3f}, {r[f'{m}_p50_ms']:.2f}" for m in modes)]
+            for r in sweep
+        ),
+    )  # fmt: skip
+    return lines
 
 
 def main() -> None:
@@ -302,20 +299,25 @@ def main() -> None:
         "target": args.target,
         "topic_share": args.topic_share,
         "grid": [list(w) for w in grid],
-        "command": "python " + " ".join(["bench/index_backends.py", *sys.argv[1:]]),
+        "command": script_command(__file__),
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "faiss": faiss.__version__,
         "cpus": os.cpu_count(),
         "load": load,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{args.items // 1000}k-w{args.topic_share}"  # index-backends.md sums them up
-    (out / f"index-backends{suffix}.json").write_text(
-        json.dumps({"meta": meta, "backends": rows, "fallback": sweep}, indent=2) + "\n"
+    title = (
+        f"Index backends: {args.items:,} items ({args.dim} dims), topic share {args.topic_share}"
     )
-    (out / f"index-backends{suffix}.md").write_text(markdown(meta, rows, sweep))
-    print(f"wrote {out}/index-backends{suffix}.md")
+    doc = {"meta": meta, "backends": rows, "fallback": sweep}
+    md, _ = write_results(
+        Path(args.out) / f"index-backends{suffix}",
+        title,
+        meta["command"],
+        markdown(meta, rows, sweep),
+        doc,
+    )
+    print(f"wrote {md}")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from csmf.atomic import write_json
 from csmf.index.faiss import FaissIndex
+from csmf.results import script_command
 from csmf.weights import slice_scale
 from index_builder.config import BuildConfig
 from index_builder.recall import exact_topk, recall_with_ties, weight_grid
@@ -160,12 +162,10 @@ def main() -> None:
         "sweep": rows,
         "faiss": faiss.__version__,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     name = f"index-build-{args.index}" + (
         f"-w{args.topic_share}" if args.topic_share != 0.7 else ""
-    )
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    )  # bench/results/index-build.md sums the runs up
+    write_json(Path(args.out) / f"{name}.json", {"command": script_command(__file__), **result})
     print(json.dumps({k: v for k, v in result.items() if k != "sweep"}))
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from csmf.checkpoint import new_model
+from csmf.results import script_command
 from trainer.cascade import run_cascade
 from trainer.config import load_config
 from trainer.data.dataset import Split
@@ -112,6 +113,7 @@ def main() -> None:
             + " | ".join(f"{t} R {r[t]['recall']:.4f} N {r[t]['ndcg']:.4f}" for t in TARGETS)
         )
     record = {
+        "command": script_command(__file__),
         "tag": "ease" if args.ease else args.tag,
         "set": args.sets,
         "seed": cfg.train.seed,
@@ -120,7 +122,7 @@ def main() -> None:
     }
     path = Path("bench/results") / f"quality-validation-{dataset}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
+    with path.open("a") as f:  # one record per run, appended (a log, not a published file)
         f.write(json.dumps(record) + "\n")
 
 

@@ -43,11 +43,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+from csmf.atomic import atomic_write_text  # noqa: E402
 from csmf.bundle import Manifest, read_manifest  # noqa: E402
+from csmf.results import script_command, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-sys.path.insert(0, str(BENCH))
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -383,18 +384,21 @@ def section(
         f"{meta['baseline_us']:.0f} µs (with the separate-loop numbers instead: "
         f"{bare['cpu_us_per_req'] + base['encode_us'] + base['search_us']:.0f} µs, the last column).",
         "",
-        "| server | req/s | p50 ms | p90 ms | p99 ms | non-2xx | server CPU µs/req | ratio to baseline "
-        "| server cores used | CPU split across workers % | ratio, separate-loop baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     separate = bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"]
-    for name, r in runs.items():
-        lines.append(
-            f"| {name} | {r['rps']:.0f} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['non_2xx']} | {r['cpu_us_per_req']:.0f} | {r['ratio']:.2f} | "
-            f"{r['server_cores']:.2f} | {r['worker_split'] or '-'} | "
-            f"{r['cpu_us_per_req'] / separate:.2f} |"
-        )
+    head = ["server", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "server CPU µs/req",
+            "ratio to baseline", "server cores used", "CPU split across workers %",
+            "ratio, separate-loop baseline"]  # fmt: skip
+    lines += table(
+        head,
+        (
+            [name, f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
+             f"{r['p99_ms']:.2f}", r["non_2xx"], f"{r['cpu_us_per_req']:.0f}", f"{r['ratio']:.2f}",
+             f"{r['server_cores']:.2f}", r["worker_split"] or "-",
+             f"{r['cpu_us_per_req'] / separate:.2f}"]
+            for name, r in runs.items()
+        ),
+    )  # fmt: skip
     if batch_res:
         lines += [
             "",
@@ -418,8 +422,7 @@ def write_report(out: Path, n: int, text: str) -> None:
                     block.rstrip() + "\n"
                 )
     sections[(n, "(nprobe tuned)" in text.splitlines()[0])] = text
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(head + "\n".join(sections[k] for k in sorted(sections)))
+    atomic_write_text(out, head + "\n".join(sections[k] for k in sorted(sections)))
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -516,7 +519,7 @@ def main() -> None:
             _stop(proc)
     meta = {
         "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "command": " ".join([".venv/bin/python bench/serve.py", *sys.argv[1:]]),
+        "command": script_command(__file__),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "baseline_us": bare["cpu_us_per_req"] + work_us(base),

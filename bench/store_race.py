@@ -19,15 +19,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from service.errors import StoreUnavailableError  # noqa: E402
-from service.weight_store import RedisWeightStore  # noqa: E402
+from csmf.results import script_command, table
+from service.errors import StoreUnavailableError
+from service.weight_store import RedisWeightStore
 
 OBJ = ("exposure", "click", "conversion")
 WANT = {
@@ -125,19 +122,21 @@ def main() -> None:
     args = ap.parse_args()
     redis = Redis()
     redis.start()
+    rows = []
     try:
-        print("| delay ms | trials | trials losing a scenario | example |")
-        print("|---:|---:|---:|---|")
         for delay in map(int, args.delays.split(",")):
             losing = []
             for t in range(args.trials):
                 lost = trial(redis, delay, f"race{delay}-{t}:")
                 if lost:
                     losing.append(lost)
-            example = ", ".join(losing[0]) if losing else "—"
-            print(f"| {delay} | {args.trials} | {len(losing)} | {example} |", flush=True)
+            rows.append([delay, args.trials, len(losing), ", ".join(losing[0]) if losing else "—"])
+            print(f"delay {delay} ms: {len(losing)} of {args.trials} trials lost", flush=True)
     finally:
         redis.stop()
+    print(f"`{script_command(__file__)}`\n")  # for bench/results/store-race.md
+    head = ["delay ms", "trials", "trials losing a scenario", "example"]
+    print("\n".join(table(head, rows, "rrrl")))
 
 
 if __name__ == "__main__":

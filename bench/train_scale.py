@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from csmf.results import script_command, table, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
@@ -98,42 +100,34 @@ def main() -> None:
         r["speedup_vs_1_thread"] = r["stage0_examples_per_s"] / rows[0]["stage0_examples_per_s"]
     meta = args.data / "dataset.json"
     dataset = json.loads(meta.read_text()).get("counts", {}) if meta.exists() else {}
-    command = (
-        f"python bench/train_scale.py --data {args.data} --config {args.config} "
-        f"--epochs '{args.epochs}' --ar-epochs {args.ar_epochs} --batch-size {args.batch_size}"
-    )
-    RESULTS.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg()
-    payload = {
-        "command": command, "dataset": dataset, "rows": rows, "cpus": os.cpu_count(),
-        "loadavg_at_end": load,
-    }  # fmt: skip
-    (RESULTS / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    payload = {"dataset": dataset, "rows": rows, "cpus": os.cpu_count(), "loadavg_at_end": load}
     lines = [
-        f"# Training throughput ({args.name})",
-        "",
-        f"`{command}`",
-        "",
         f"Dataset: {dataset}; config {args.config.name}, epochs {args.epochs}, AR epochs "
         f"{args.ar_epochs}, global batch {args.batch_size}; machine: {os.cpu_count()} cores, "
         f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
         "",
-        "| setting | stage 0 ex/s | stage 1 ex/s | eff. s0 | eff. s1 | s0 speed-up vs 1×1 | "
-        "peak RSS MB / proc | cascade s | wall s | fused R@50 click / conv |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        f = r["fused_recall"]
-        lines.append(
-            f"| {r['name']} | {r['stage0_examples_per_s']:,.0f} | "
-            f"{r['stage1_examples_per_s']:,.0f} | {r['efficiency_stage0']:.2f} | "
-            f"{r['efficiency_stage1']:.2f} | {r['speedup_vs_1_thread']:.2f} | "
-            f"{', '.join(f'{x:.0f}' for x in r['peak_rss_mb'])} | "
-            f"{r['cascade_seconds']:.0f} | {r['process_wall_seconds']:.0f} | "
-            f"{f.get('click', float('nan')):.4f} / {f.get('conversion', float('nan')):.4f} |"
-        )
-    (RESULTS / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    head = ["setting", "stage 0 ex/s", "stage 1 ex/s", "eff. s0", "eff. s1",
+            "s0 speed-up vs 1×1", "peak RSS MB / proc", "cascade s", "wall s",
+            "fused R@50 click / conv"]  # fmt: skip
+    nan = float("nan")
+    lines += table(
+        head,
+        (
+            [r["name"], f"{r['stage0_examples_per_s']:,.0f}", f"{r['stage1_examples_per_s']:,.0f}",
+             f"{r['efficiency_stage0']:.2f}", f"{r['efficiency_stage1']:.2f}",
+             f"{r['speedup_vs_1_thread']:.2f}", ", ".join(f"{x:.0f}" for x in r["peak_rss_mb"]),
+             f"{r['cascade_seconds']:.0f}", f"{r['process_wall_seconds']:.0f}",
+             f"{r['fused_recall'].get('click', nan):.4f} / "
+             f"{r['fused_recall'].get('conversion', nan):.4f}"]
+            for r in rows
+        ),
+    )  # fmt: skip
+    title = f"Training throughput ({args.name})"
+    md, _ = write_results(RESULTS / args.name, title, script_command(__file__), lines, payload)
     print("\n".join(lines))
+    print(f"wrote {md}")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ Every results file (``bench/results/*``, ``csmf bench``'s outputs, ``csmf eval``
 rendered by :func:`table` and written by :func:`write_results`, which puts the exact command that
 made the numbers into both files: the JSON's ``"command"`` and the line under the markdown's
 title. It lives in ``csmf/`` because both the ``csmf bench`` commands (``trainer/``) and the
-scripts in ``bench/`` (run as ``python -m bench.<name>``; not an installed package) write results.
+scripts in ``bench/`` (run as ``python bench/<name>.py``: the repo's packages come from the install,
+their siblings from the script's folder — no ``sys.path`` edits) write results.
 """
 
 from __future__ import annotations
@@ -43,11 +44,12 @@ def pm(mean_std: Sequence[float] | None, spec: str = ".4f") -> str:
     return f"{mean_std[0]:{spec}} ± {mean_std[1]:{spec}}"
 
 
-def script_command(module: str, argv: Sequence[str] | None = None) -> str:
-    """How a ``bench/`` script was run, as a user would type it again:
-    ``python -m bench.serve --items 100000`` (from ``sys.argv``)."""
+def script_command(script: str | Path, argv: Sequence[str] | None = None) -> str:
+    """How a ``bench/`` script was run, as a user would type it again from the repo root:
+    ``python bench/serve.py --items 100000`` (``script`` = its ``__file__``; ``sys.argv``)."""
+    p = Path(script)
     args = sys.argv[1:] if argv is None else list(argv)
-    return " ".join(["python -m", module, shlex.join(args)]).rstrip()
+    return " ".join(["python", f"{p.parent.name}/{p.name}", shlex.join(args)]).rstrip()
 
 
 def markdown(title: str, command: str, body: Sequence[str] | str) -> str:
