@@ -133,6 +133,43 @@ def make_bodies(
     return out
 
 
+OPTIONS = ("plain", "explain", "exclude_seen", "exclude", "filter")
+OPTION_NOTES = {
+    "plain": "known users, scenario `default`, k=50, `exclude_seen: false`",
+    "explain": "plain + `explain: true` (per-objective scores of every item)",
+    "exclude_seen": "plain with `exclude_seen` at its default (true): the stored history "
+    "(~40 items) never returned",
+    "exclude": "plain + `exclude`: 5 item ids",
+    "filter": "plain + `filter`: `topic in [50 topics]` (~5 % of items), 8 distinct filters "
+    "(cached after first use)",
+}
+
+
+def option_bodies(
+    bundle: Path, n_items: int, option: str, count: int = 2000, k: int = 50, seed: int = 1
+) -> list[str]:
+    """Bodies that differ from the plainest request by one option, to price each option."""
+    from csmf.bundle import UserSnapshot
+
+    users = UserSnapshot.load(bundle / "users.parquet", "user_id").ids
+    rng = random.Random(seed)
+    topics = [str(t) for t in range(1000)]  # bench/serve_data.py: items have 1,000 topics
+    filters = [{"field": "topic", "in": rng.sample(topics, 50)} for _ in range(8)]
+    out = []
+    for _ in range(count):
+        b: dict = {"user_id": rng.choice(users), "k": k}
+        if option != "exclude_seen":
+            b["exclude_seen"] = False
+        if option == "explain":
+            b["explain"] = True
+        elif option == "exclude":
+            b["exclude"] = [f"i{rng.randrange(n_items)}" for _ in range(5)]
+        elif option == "filter":
+            b["filter"] = rng.choice(filters)
+        out.append(json.dumps(b))
+    return out
+
+
 def write_lua(bodies: list[str], path: Path) -> Path:
     lines = ["local bodies = {"] + [f"  {json.dumps(b)}," for b in bodies] + ["}"]
     lines += [
@@ -325,15 +362,20 @@ def batch(
 
 
 def start_service(
-    bundle: Path, port: int, workers: int, tmp: Path, **settings: str
+    bundle: Path, port: int, workers: int, tmp: Path, code: Path = ROOT, **settings: str
 ) -> subprocess.Popen:
+    """``csmf serve`` from the source tree ``code`` (default: this one; bench/serve.py --before
+    passes a git worktree of an earlier commit), which is its working directory and PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CSMF_", "PROMETHEUS_"))}
     env.update({f"CSMF_{k.upper()}": v for k, v in settings.items()})
-    env["CSMF_SCENARIOS_FILE"] = str(tmp / "scenarios.json")
+    env["CSMF_SCENARIOS_FILE"] = str(tmp / f"scenarios-{port}.json")
     env["CSMF_MAX_BATCH"] = "2000"
+    env["PYTHONPATH"] = str(code)
     csmf = [sys.executable, "-m", "csmf.cli", "serve", "--bundle", str(bundle)]
     args = csmf + ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
-    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        args, env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
 
 
 def start_bare(port: int, workers: int) -> subprocess.Popen:
@@ -350,7 +392,8 @@ def section(
     base: dict,
     bare: dict,
     runs: dict,
-    batch_res: dict | None,
+    batch_res: dict,
+    options: dict,
     meta: dict,
 ) -> str:
     rc, idx = manifest.recall_check, manifest.index
@@ -358,10 +401,13 @@ def section(
     lines = [
         f"## {n:,} items{tuned}",
         "",
-        f"Run {meta['when']}, command `{meta['command']}`; load average {meta['load_before']:.2f} before, "
-        f"{meta['load_after']:.2f} after (the machine is shared; ±30 % run to run). Medians of "
-        f"{meta['rounds']} rounds of {meta['duration']} s, bare and service alternating; the ratio "
-        "is service CPU / (bare + interleaved encode+search) per round, median.",
+        f"Run {meta['when']}, command `{meta['command']}`; load average {meta['load_before']:.2f} "
+        f"before, {meta['load_after']:.2f} after, on 2 cores shared with other jobs (absolute "
+        "rates are depressed and vary ±30 % run to run; compare rows within this section). "
+        f"Medians of {meta['rounds']} rounds of {meta['duration']} s; bare, "
+        + (f"the service before ({meta['before']}) and " if meta["before"] else "")
+        + f"the service at {meta['head']} measured alternately; the ratio is service CPU / "
+        "(bare + interleaved encode+search) per round, median.",
         "",
         f"Bundle: {idx.type} {idx.build_params} "
         f"{idx.search_params}, {manifest.dim} dims, slices {list(manifest.slice_sizes)}; "
@@ -384,6 +430,9 @@ def section(
         f"{meta['baseline_us']:.0f} µs (with the separate-loop numbers instead: "
         f"{bare['cpu_us_per_req'] + base['encode_us'] + base['search_us']:.0f} µs, the last column).",
         "",
+        "Mixed bodies (5,000: 10 % unknown users, 10 % inline histories, 40 % explicit weights, "
+        "10 % `exclude`; `exclude_seen` at its default), 16 connections, k=50:",
+        "",
     ]
     separate = bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"]
     head = ["server", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "server CPU µs/req",
@@ -399,11 +448,35 @@ def section(
             for name, r in runs.items()
         ),
     )  # fmt: skip
+    if options:
+        names = list(next(iter(options.values())))
+        lines += [
+            "",
+            f"What each option costs ({meta['option_duration']} s of wrk per row and server, "
+            "2,000 bodies, known users, 16 connections; Δ = CPU µs/request over `plain` on the "
+            "same server):",
+            "",
+        ]
+        rows = []
+        for opt, per in options.items():
+            cells = [f"{opt}: {OPTION_NOTES[opt]}"]
+            for s_ in names:
+                r, plain = per[s_], options["plain"][s_]
+                delta = r["cpu_us_per_req"] - plain["cpu_us_per_req"]
+                cells += [f"{r['rps']:.0f}", f"{r['cpu_us_per_req']:.0f}"]
+                cells.append("-" if opt == "plain" else f"{delta:+.0f}")
+            rows.append(cells)
+        lines += table(
+            ["bodies"] + [f"{s_} {c}" for s_ in names for c in ("req/s", "CPU µs/req", "Δ µs")],
+            rows,
+        )
     if batch_res:
         lines += [
             "",
-            f"Batch endpoint: {batch_res['users_per_s']:.0f} users/s ({batch_res['clients']} client "
-            f"processes, {batch_res['batch_size']} users per call, k={batch_res['k']}).",
+            "Batch endpoint (2 client processes, "
+            f"{next(iter(batch_res.values()))['batch_size']} users per call, k=10, 10 s): "
+            + "; ".join(f"{name}: {r['users_per_s']:.0f} users/s" for name, r in batch_res.items())
+            + ".",
         ]
     return "\n".join(lines) + "\n"
 
@@ -439,6 +512,31 @@ def _median_run(runs: list[dict]) -> dict:
     return out
 
 
+def _worktree(ref: str, cache: Path) -> tuple[Path, str]:
+    """A detached git worktree of ``ref`` (reused if it exists), and its short hash."""
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    path = cache / f"code-{sha}"
+    if not (path / "service").is_dir():
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", str(path), sha],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+    return path, sha
+
+
+def _head() -> str:
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no"],
+        cwd=ROOT, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    return f"{sha}{' + uncommitted changes' if dirty else ''}" if sha else "this tree"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -456,6 +554,15 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="worker processes (bare and service)")
     ap.add_argument(
         "--single", action="store_true", help="also measure a 1-worker service (multiprocess check)"
+    )
+    ap.add_argument(
+        "--before",
+        metavar="GIT_REF",
+        help="also serve this commit (a git worktree under --cache) and measure it in the same "
+        "rounds, option rows and batch run: before/after side by side",
+    )
+    ap.add_argument(
+        "--option-duration", type=int, default=5, help="seconds of load per option row (0: none)"
     )
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
@@ -475,6 +582,12 @@ def main() -> None:
     bodies = make_bodies(bundle, args.items)
     lua = write_lua(bodies, tmp / "bodies.lua")
     w = args.workers
+    head = _head()
+    codes = {f"service at {head}": ROOT}
+    before = None
+    if args.before:
+        path, before = _worktree(args.before, args.cache)
+        codes = {f"service before ({before})": path, **codes}
 
     base = in_process(bundle, bodies)
     print(f"in process, alone: {base}", flush=True)
@@ -483,28 +596,54 @@ def main() -> None:
         print(f"in process, {w} at once: {loaded}", flush=True)
         base = {**loaded, "alone": base, "parallel": w}
 
-    # Bare and service side by side (an idle uvicorn costs nothing), measured alternately so a
-    # change in the machine's load hits both alike; the ratio is taken per round.
-    ports = _free_port(), _free_port()
-    bare_p, svc_p = start_bare(ports[0], w), start_service(bundle, ports[1], w, tmp)
-    bare_runs, svc_runs, ratios = [], [], []
+    # Bare and the services side by side (an idle uvicorn costs nothing), measured alternately so
+    # a change in the machine's load hits all alike; the ratio is taken per round.
+    bare_p = start_bare(bare_port := _free_port(), w)
+    procs = {name: (port := _free_port(), start_service(bundle, port, w, tmp, code=code))
+             for name, code in codes.items()}  # fmt: skip
+    bare_runs: list[dict] = []
+    svc_runs: dict[str, list[dict]] = {name: [] for name in codes}
+    ratios: dict[str, list[float]] = {name: [] for name in codes}
+    options: dict[str, dict[str, dict]] = {}
+    batch_res: dict[str, dict] = {}
     try:
-        _wait_ready(ports[0], bare_p)
-        _wait_ready(ports[1], svc_p)
+        _wait_ready(bare_port, bare_p)
+        for port, proc in procs.values():
+            _wait_ready(port, proc)
         for i in range(args.rounds):
-            b = wrk(ports[0], lua, args.duration, args.connections, bare_p.pid)
-            r = wrk(ports[1], lua, args.duration, args.connections, svc_p.pid)
+            b = wrk(bare_port, lua, args.duration, args.connections, bare_p.pid)
             bare_runs.append(b)
-            svc_runs.append(r)
-            ratios.append(r["cpu_us_per_req"] / (b["cpu_us_per_req"] + work_us(base)))
-            print(f"round {i}: bare {b}\n         service {r}", flush=True)
-        batch_res = batch(ports[1], bundle, args.batch_size, 2, 10, 10, tmp)
-        print(f"batch: {batch_res}", flush=True)
+            print(f"round {i}: bare {b}", flush=True)
+            for name, (port, proc) in procs.items():
+                r = wrk(port, lua, args.duration, args.connections, proc.pid)
+                svc_runs[name].append(r)
+                ratios[name].append(r["cpu_us_per_req"] / (b["cpu_us_per_req"] + work_us(base)))
+                print(f"         {name} {r}", flush=True)
+        if args.option_duration > 0:
+            for opt in OPTIONS:
+                olua = write_lua(option_bodies(bundle, args.items, opt), tmp / f"opt-{opt}.lua")
+                options[opt] = {}
+                for name, (port, proc) in procs.items():
+                    short = name.replace("service ", "")
+                    options[opt][short] = wrk(
+                        port, olua, args.option_duration, args.connections, proc.pid
+                    )
+                    print(f"option {opt} {short}: {options[opt][short]}", flush=True)
+        for name, (port, _) in procs.items():
+            batch_res[name] = batch(port, bundle, args.batch_size, 2, 10, 10, tmp)
+            print(f"batch {name}: {batch_res[name]}", flush=True)
     finally:
         _stop(bare_p)
-        _stop(svc_p)
+        for _, proc in procs.values():
+            _stop(proc)
     bare = _median_run(bare_runs)
-    runs = {f"service, {w} workers": {**_median_run(svc_runs), "ratio": float(np.median(ratios))}}
+    runs = {
+        f"{name}, {w} workers": {
+            **_median_run(svc_runs[name]),
+            "ratio": float(np.median(ratios[name])),
+        }
+        for name in codes
+    }
     if args.single:
         port = _free_port()
         proc = start_service(bundle, port, 1, tmp)
@@ -513,7 +652,7 @@ def main() -> None:
             one = _median_run([wrk(port, lua, args.duration, args.connections, proc.pid)])
             alone = base.get("alone", base)  # one worker: the single-process measurement
             one["ratio"] = one["cpu_us_per_req"] / (bare["cpu_us_per_req"] + work_us(alone))
-            runs["service, 1 worker (no multiprocess metrics)"] = one
+            runs[f"service at {head}, 1 worker (no multiprocess metrics)"] = one
             print(f"service x1: {one}", flush=True)
         finally:
             _stop(proc)
@@ -525,9 +664,14 @@ def main() -> None:
         "baseline_us": bare["cpu_us_per_req"] + work_us(base),
         "rounds": args.rounds,
         "duration": args.duration,
+        "option_duration": args.option_duration,
+        "before": before,
+        "head": head,
     }
     write_report(
-        args.out, args.items, section(args.items, manifest, base, bare, runs, batch_res, meta)
+        args.out,
+        args.items,
+        section(args.items, manifest, base, bare, runs, batch_res, options, meta),
     )
     print(f"wrote {args.out}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import orjson
 from pydantic_core import to_json
 
 
@@ -30,7 +31,7 @@ class ItemJson:
                 else b""
             )
             prefixes[row] = b'{"item_id":' + to_json(iid) + m + b',"score":'
-        self.prefixes = prefixes
+        self.prefixes = prefixes.tolist()  # a list: indexing it per row beats a numpy gather
         self.bytes = sum(map(len, prefixes)) + 8 * len(prefixes)
 
     def render(
@@ -44,10 +45,11 @@ class ItemJson:
         if given, their (k, T) ``per_objective`` scores named by ``objectives``."""
         if len(rows) == 0:
             return b"[]"
-        pre = self.prefixes[np.asarray(rows, dtype=np.int64)].tolist()
-        fused = to_json(list(scores))[1:-1].split(b",")  # numbers never contain a comma
+        prefixes = self.prefixes
+        pre = [prefixes[r] for r in rows]
+        fused = orjson.dumps(list(scores))[1:-1].split(b",")  # numbers never contain a comma
         if per_objective is None:
-            body = b"},".join([p + s for p, s in zip(pre, fused, strict=True)])
+            body = b"},".join(map(bytes.__add__, pre, fused))
         else:
             body = b"},".join(
                 [

@@ -14,7 +14,9 @@ import base64
 import binascii
 import hashlib
 import hmac
+import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -53,19 +55,56 @@ def key_from(feedback_key: str | None, admin_token: str | None) -> bytes:
     return secrets.token_bytes(32)
 
 
+_BLOCK = 64  # SHA-256's block size
+
+
+class _RandomIds:
+    """63-bit ids from the OS's CSPRNG, read 4 KiB at a time (one system call per 512 ids, not
+    one per id); a forked child drops the parent's buffer so no two processes share ids."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # the loop thread and batch threads draw ids
+        self._buf, self._pos = b"", 0
+        os.register_at_fork(after_in_child=self._drop)
+
+    def _drop(self) -> None:
+        self._lock = threading.Lock()
+        self._buf, self._pos = b"", 0
+
+    def next(self) -> int:
+        with self._lock:
+            pos = self._pos
+            if pos >= len(self._buf):
+                self._buf, pos = secrets.token_bytes(4096), 0
+            self._pos = pos + 8
+            return int.from_bytes(self._buf[pos : pos + 8], "little") >> 1
+
+
+_random_ids = _RandomIds()
+
+
 class RequestIds:
     def __init__(self, key: bytes, ttl_s: float) -> None:
-        self._hmac = hmac.new(key, digestmod=hashlib.sha256)  # keyed once, copied per id
+        # HMAC-SHA256 (RFC 2104) from its two keyed hash states, each copied per id: the same MAC
+        # as hmac.new(key, msg, "sha256") at half the cost of copying an hmac object.
+        if len(key) > _BLOCK:
+            key = hashlib.sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in key))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in key))
+        self._ids = _random_ids
         self.ttl_s = ttl_s
 
     def _mac(self, body: str, user_id: str | None) -> str:
-        h = self._hmac.copy()
-        h.update(f"{body}\x00{user_id or ''}".encode())
-        return h.hexdigest()[:32]
+        inner = self._inner.copy()
+        inner.update(f"{body}\x00{user_id or ''}".encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()[:32]
 
     def issue(self, user_id: str | None, scenario: str | None, arm: str | None) -> tuple[str, int]:
-        rid = secrets.randbits(63)
-        body = f"{VERSION}.{rid:x}.{int(time.time() * 1000):x}.{_b64(scenario)}.{_b64(arm)}"
+        rid = self._ids.next()
+        body = f"{VERSION}.{rid:x}.{time.time_ns() // 1_000_000:x}.{_b64(scenario)}.{_b64(arm)}"
         return f"{body}.{self._mac(body, user_id)}", rid
 
     def verify(self, token: str, user_id: str) -> Served:

@@ -28,7 +28,13 @@ from service.errors import ConflictError, FieldError, ReloadError
 from service.event_log import EventLog
 from service.experiments import assign
 from service.feature_store import BundleFeatureStore, RedisFeatureStore
-from service.metrics import NO_ARM, ServiceMetrics, scenario_label, state_metrics
+from service.metrics import (
+    NO_ARM,
+    HotCounter,
+    ServiceMetrics,
+    scenario_label,
+    state_metrics,
+)
 from service.request_ids import RequestIds, key_from
 from service.retriever import Retriever
 from service.settings import Settings
@@ -135,8 +141,8 @@ class AppState:
         if weights is not None:
             if scenario is not None:
                 raise FieldError(("scenario",), "give either `scenario` or `weights`, not both")
-            w = retriever.weights(weights)
-            return w, retriever.scale(w), None, None
+            w, scale = retriever.explicit(weights)
+            return w, scale, None, None
         name = DEFAULT_SCENARIO if scenario is None else scenario
         sc = self.weights.get(name)
         arm = assign(name, user_id, sc.arms) if sc.arms else None
@@ -168,8 +174,8 @@ class AppState:
         if c is None:
             mode = self.metrics.scenario_labels
             a = NO_ARM if arm is None else scenario_label(arm, mode)
-            c = self._served[(scenario, arm)] = self.metrics.impressions_total.labels(
-                scenario_label(scenario, mode), a
+            c = self._served[(scenario, arm)] = HotCounter(
+                self.metrics.impressions_total.labels(scenario_label(scenario, mode), a)
             )
         c.inc(len(rows))
         token, rid = self.request_ids.issue(user_id, scenario, arm)
@@ -183,9 +189,9 @@ class AppState:
             m = self.metrics
             label = scenario_label(scenario, m.scenario_labels)  # once per (scenario, endpoint)
             c = self._counters[(scenario, endpoint)] = (
-                m.requests_total.labels(label, endpoint),
-                m.users_total.labels(endpoint, "true"),
-                m.users_total.labels(endpoint, "false"),
+                HotCounter(m.requests_total.labels(label, endpoint)),
+                HotCounter(m.users_total.labels(endpoint, "true")),
+                HotCounter(m.users_total.labels(endpoint, "false")),
             )
         c[0].inc()
         if cold:
