@@ -8,14 +8,21 @@ subcommand being run is imported, so ``csmf serve`` never loads the trainer and 
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import importlib
+import inspect
 import sys
+from collections.abc import Callable
+from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Annotated, NoReturn
+from types import UnionType
+from typing import Annotated, Any, NoReturn, Union, get_args, get_origin, get_type_hints
 
-import click
 import typer
 from typer.main import get_command
+
+from csmf.errors import ConfigError
 
 USAGE_ERROR = 2  # bad options, bad config or data: click's own code for usage errors
 
@@ -29,20 +36,82 @@ Seeds = Annotated[
 ]
 
 
-def invoked_command() -> str:
+def config_options(cls: type, *, skip: tuple[str, ...] = ()) -> Callable:
+    """Decorator: give a command one option per field of the frozen config dataclass ``cls``
+    (name, type, default, ``metadata["help"]``, ``metadata["choices"]``) instead of copying the
+    fields into the command by hand; the command receives ``config=cls(...)`` built from them
+    (a ConfigError from its validation → :func:`fail`). A field without a default is a required
+    option; a ``tuple[str, ...]`` field is one comma-separated string ('' = empty); a boolean
+    defaulting to false is a plain flag (``--opq``), one defaulting to true ``--x/--no-x``."""
+    hints = get_type_hints(cls)
+    spec = [f for f in dataclasses.fields(cls) if f.name not in skip]
+
+    def option(f: dataclasses.Field) -> inspect.Parameter:
+        kind, optional = hints[f.name], False
+        if get_origin(kind) in (Union, UnionType) and type(None) in get_args(kind):
+            kind, optional = next(a for a in get_args(kind) if a is not type(None)), True
+        default = f.default if f.default is not dataclasses.MISSING else ...
+        flag = "--" + f.name.replace("_", "-")
+        decl: list[str] = []
+        if kind is bool:
+            decl = [flag] if default is False else [f"{flag}/--no-{flag[2:]}"]
+        elif get_origin(kind) is tuple:
+            kind = str
+            default = None if default is None else ",".join(default)
+        elif "choices" in f.metadata:
+            kind = StrEnum(f.name, [(c, c) for c in f.metadata["choices"]])
+            default = default if default is ... else kind(default)
+        if optional:
+            kind = kind | None
+        info = typer.Option(*decl, help=f.metadata.get("help"), show_default=default is not None)
+        return inspect.Parameter(
+            f.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=default,
+            annotation=Annotated[kind, info],
+        )
+
+    def value(f: dataclasses.Field, v: Any) -> Any:
+        if isinstance(v, StrEnum):
+            return v.value
+        if get_origin(hints[f.name]) is tuple or tuple in map(get_origin, get_args(hints[f.name])):
+            return None if v is None else tuple(c.strip() for c in v.split(",") if c.strip())
+        return v
+
+    def decorate(fn: Callable) -> Callable:
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "config"]
+
+        @functools.wraps(fn)
+        def command(**kwargs: Any) -> Any:
+            values = {f.name: value(f, kwargs.pop(f.name)) for f in spec}
+            try:
+                config = cls(**values)
+            except ConfigError as exc:
+                fail(exc)
+            return fn(**kwargs, config=config)
+
+        params = own + [option(f) for f in spec]
+        command.__signature__ = sig.replace(parameters=params)  # what typer reads
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer must see the new signature, not fn's
+        return command
+
+    return decorate
+
+
+def invoked_command(ctx: typer.Context) -> str:
     """The running command as a user would type it again — its path (``csmf bench sensitivity
     sweep``) and every option given on the command line, defaults left out — for results files
-    to name what made them."""
+    to name what made them. ``ctx``: the command's ``typer.Context`` parameter."""
     import shlex
 
-    from click.core import ParameterSource
-
-    ctx = click.get_current_context()
     parts = [ctx.command_path]  # "csmf bench sensitivity sweep", "python -m trainer.report"
     for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name is None:
+        if param.param_type_name != "option" or param.name is None:
             continue
-        if ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+        source = ctx.get_parameter_source(param.name)
+        if source is None or source.name != "COMMANDLINE":
             continue
         value = ctx.params[param.name]
         if param.is_flag:

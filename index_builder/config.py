@@ -16,10 +16,18 @@ MILVUS_TYPES = ("flat", "ivf", "hnsw")  # → Milvus FLAT, IVF_FLAT, HNSW
 class BuildConfig:
     index: str = field(
         default="ivf",
-        metadata={"help": "flat (exact), hnsw, ivf or ivfpq (FAISS only: compressed codes)"},
+        metadata={
+            "help": "flat = exact; hnsw / ivf = approximate, checked by the recall floor; ivfpq = "
+            "compressed codes for catalogues past memory (FAISS only)",
+            "choices": FAISS_TYPES,
+        },
     )
     backend: str = field(
-        default="faiss", metadata={"help": "faiss (index in the bundle) or milvus (by uri)"}
+        default="faiss",
+        metadata={
+            "help": "faiss = index files in the bundle; milvus = a collection at --uri",
+            "choices": BACKENDS,
+        },
     )
     uri: str | None = field(
         default=None,
@@ -51,8 +59,8 @@ class BuildConfig:
     filter_columns: tuple[str, ...] | None = field(
         default=None,
         metadata={
-            "help": "item columns filterable at serving; None = every scalar item feature column "
-            "(categorical / numeric) the item table holds"
+            "help": "comma-separated item columns filterable at serving ('' = none); default: "
+            "every scalar item feature column (categorical / numeric) the item table holds"
         },
     )
     hnsw_m: int = field(default=32, metadata={"help": "HNSW graph degree M"})
@@ -69,7 +77,8 @@ class BuildConfig:
         default="auto",
         metadata={
             "help": "index item vectors minus their mean (ranking-exact; the bundle adds q·mean back "
-            "to scores): auto = for hnsw, whose graph degrades on IP data with a common offset"
+            "to scores): auto = for hnsw, whose graph degrades on IP data with a common offset",
+            "choices": ("auto", "on", "off"),
         },
     )
     recall_floor: float = field(default=0.95, metadata={"help": "min weighted recall@k to publish"})
@@ -89,7 +98,8 @@ class BuildConfig:
     history: str = field(
         default="train",
         metadata={
-            "help": "snapshot history: the run's train split ('train') or every event ('all')"
+            "help": "snapshot history: the run's train split ('train') or every event ('all')",
+            "choices": ("train", "all"),
         },
     )
     threads: int = field(default=0, metadata={"help": "FAISS/torch threads; 0 = all cores"})

@@ -55,6 +55,7 @@ def markdown(agg: dict, n: int, seeds: list[int], seconds: list[float]) -> list[
 
 
 def main(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", help="TOML config.")] = Path(
         "configs/ml-100k.toml"
     ),
@@ -87,7 +88,7 @@ def main(
     agg = aggregate(results)
     body = markdown(agg, results[0]["n"], seed_list, seconds)
     doc = {"seeds": seed_list, "train_seconds": seconds, "metrics": agg}
-    md, _ = write_results(out / "report", f"{config} on {data}", invoked_command(), body, doc)
+    md, _ = write_results(out / "report", f"{config} on {data}", invoked_command(ctx), body, doc)
     typer.echo("\n".join(body))
     typer.echo(f"wrote {md}")
 

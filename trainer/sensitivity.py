@@ -119,6 +119,7 @@ def sweep_markdown(points: list[dict]) -> list[str]:
 
 @app.command("sweep")
 def sweep(
+    ctx: typer.Context,
     key: Annotated[str, typer.Option("--key", help="section.key to sweep")] = "cascade.tau",
     values: Annotated[str, typer.Option("--values", help="comma-separated")] = "0.25,0.5,0.75,0.95",
     data: Annotated[Path, typer.Option("--data")] = Path("data/ml-100k"),
@@ -135,7 +136,7 @@ def sweep(
     config = config or Path(f"configs/{dataset}.toml")
     base = list(set_ or [])
     path = out / f"sensitivity-{dataset}.json"
-    command = invoked_command()
+    command = invoked_command(ctx)
     points = json.loads(path.read_text())["points"] if path.exists() else []
     try:
         for value in values.split(","):
@@ -201,6 +202,7 @@ def weights_markdown(doc: dict) -> list[str]:
 
 @app.command("weights")
 def weights(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option("--data")] = Path("data/ml-100k"),
     config: Annotated[Path | None, typer.Option("--config")] = None,
     values: Annotated[
@@ -235,7 +237,7 @@ def weights(
         "runs": runs,
     }
     body = weights_markdown(doc)
-    write_results(out / f"weights-{dataset}", weights_title(doc), invoked_command(), body, doc)
+    write_results(out / f"weights-{dataset}", weights_title(doc), invoked_command(ctx), body, doc)
     typer.echo("\n".join(body))
 
 

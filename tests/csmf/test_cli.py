@@ -4,11 +4,16 @@ before any heavy work, one exit code for bad input across subcommands."""
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass, field, fields
 from importlib.metadata import version
+from typing import Annotated
 
 import pytest
+import typer
+from typer.testing import CliRunner
 
-from csmf.cli import COMMANDS, main
+from csmf.cli import COMMANDS, config_options, invoked_command, main, new_app
+from csmf.errors import ConfigError
 
 
 def _run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -71,3 +76,88 @@ def test_usage_errors_exit_2_in_every_command(capsys, tmp_path):
         code, _, err = _run(capsys, *argv)
         assert code == 2, (argv, err)
         assert "Traceback" not in err and err.strip(), argv
+
+
+@dataclass(frozen=True)
+class _Demo:
+    size: int = field(metadata={"help": "required size"})
+    kind: str = field(default="ivf", metadata={"help": "which", "choices": ("flat", "ivf")})
+    limit: int | None = field(default=None, metadata={"help": "optional limit"})
+    columns: tuple[str, ...] | None = field(default=None, metadata={"help": "comma-separated"})
+    fast: bool = field(default=False, metadata={"help": "a flag"})
+    check: bool = field(default=True, metadata={"help": "on by default"})
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ConfigError(f"size must be >= 1, got {self.size}")
+
+
+def test_config_options_are_the_dataclass_fields():
+    seen = []
+
+    @config_options(_Demo)
+    def demo(out: Annotated[str, typer.Option(help="where")] = "x", *, config: _Demo) -> None:
+        seen.append((out, config))
+
+    app = new_app()
+    app.command()(demo)
+    runner = CliRunner()
+    res = runner.invoke(app, ["--size", "3"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1] == ("x", _Demo(size=3))
+    argv = ["--size", "2", "--kind", "flat", "--limit", "7", "--columns", "a, b", "--fast"]
+    res = runner.invoke(app, [*argv, "--no-check", "--out", "y"])
+    assert res.exit_code == 0, res.output
+    assert seen[-1] == ("y", _Demo(2, "flat", 7, ("a", "b"), True, False))
+    assert runner.invoke(app, ["--size", "1", "--columns", ""]).exit_code == 0
+    assert seen[-1][1].columns == ()  # '' = none, distinct from the default (None)
+    help_text = runner.invoke(app, ["--help"]).output
+    for f in fields(_Demo):
+        assert "--" + f.name.replace("_", "-") in help_text and f.metadata["help"] in help_text
+    for argv, message in [
+        ([], "Missing option '--size'"),
+        (["--size", "0"], "error: size must be >= 1, got 0"),  # the dataclass's validation
+        (["--size", "1", "--kind", "hnsw"], "'hnsw' is not one of 'flat', 'ivf'"),
+        (["--size", "1.5"], "Invalid value for '--size'"),
+    ]:
+        res = runner.invoke(app, argv)
+        assert res.exit_code == 2 and message in res.output, (argv, res.output)
+
+
+@pytest.mark.parametrize(
+    ("argv", "cls"),
+    [(["build-index", "--help"], "BuildConfig"), (["data", "synthetic", "--help"], "Synth")],
+)
+def test_build_and_data_options_come_from_their_configs(capsys, argv, cls):
+    from index_builder.config import BuildConfig
+    from trainer.data.synthetic import SyntheticConfig
+
+    config = {"BuildConfig": BuildConfig, "Synth": SyntheticConfig}[cls]
+    _, out, _ = _run(capsys, *argv)
+    flat, squeezed = " ".join(out.split()), "".join(out.split())  # click wraps at hyphens
+    for f in fields(config):
+        assert "--" + f.name.replace("_", "-") + " " in flat, f.name
+        assert "".join(f.metadata["help"].split()) in squeezed, f.name
+
+
+def test_invoked_command_names_the_options_given():
+    got = []
+    app = new_app()
+
+    @app.command()
+    def run(
+        ctx: typer.Context,
+        n: int = 1,
+        tag: Annotated[list[str] | None, typer.Option("--set")] = None,
+        fast: bool = False,
+        name: str = "a",
+    ) -> None:
+        got.append(invoked_command(ctx))
+
+    @app.command()
+    def other() -> None:
+        pass
+
+    res = CliRunner().invoke(app, ["run", "--n", "3", "--set", "a=1", "--set", "b=x y", "--fast"])
+    assert res.exit_code == 0, res.output
+    assert got == ["root run --n 3 --set a=1 --set 'b=x y' --fast"]  # defaults left out

@@ -10,9 +10,10 @@ from typing import Annotated
 
 import typer
 
-from csmf.cli import fail, new_app
+from csmf.cli import config_options, fail, new_app
 from csmf.errors import CsmfError
 from csmf.progress import progress_bar
+from trainer.data.synthetic import SyntheticConfig
 
 app = new_app(
     help="Build datasets in the csmf format: real MovieLens-100K, or a synthetic cascade "
@@ -53,65 +54,19 @@ def ml_100k(
 
 
 @app.command("synthetic")
+@config_options(SyntheticConfig)
 def synthetic(
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (created).")],
-    users: Annotated[int, typer.Option("--users", help="Number of users.")],
-    items: Annotated[int, typer.Option("--items", help="Number of items (catalogue size).")],
-    exposures: Annotated[
-        int, typer.Option("--exposures", help="Number of exposure events to generate.")
-    ],
-    seed: Annotated[int, typer.Option("--seed", help="Random seed; same seed, same data.")] = 0,
-    conflict: Annotated[
-        float,
-        typer.Option(
-            "--conflict",
-            help="0 = click/conversion tastes equal exposure taste, 1 = independent of it.",
-        ),
-    ] = 0.5,
-    factors: Annotated[int, typer.Option("--factors", help="Latent dimension K.")] = 16,
-    topics: Annotated[
-        int, typer.Option("--topics", help="Item topics; 0 = items // 500 within [4, 256].")
-    ] = 0,
-    exposures_per_request: Annotated[
-        int, typer.Option("--exposures-per-request", help="Items exposed per request.")
-    ] = 4,
-    proposals: Annotated[
-        int, typer.Option("--proposals", help="Items proposed per slot; the best is exposed.")
-    ] = 8,
-    candidates_per_request: Annotated[
-        int,
-        typer.Option(
-            "--candidates-per-request",
-            help="Shown-but-not-exposed items kept per request in candidates.parquet (0 = none).",
-        ),
-    ] = 0,
-    ctr: Annotated[float, typer.Option("--ctr", help="Target clicks per exposure.")] = 0.1,
-    cvr: Annotated[float, typer.Option("--cvr", help="Target conversions per click.")] = 0.1,
-    chunk_size: Annotated[
-        int, typer.Option("--chunk-size", help="Events per events/part-*.parquet file.")
-    ] = 1_000_000,
+    *,
+    config: SyntheticConfig,
 ) -> None:
-    """Seeded synthetic cascade with ground truth (truth.npz); streams events in chunks."""
-    from trainer.data.synthetic import SyntheticConfig, generate_synthetic
+    """Seeded synthetic cascade with ground truth (truth.npz); streams events in chunks. Every
+    option but --out is a field of trainer.data.synthetic.SyntheticConfig."""
+    from trainer.data.synthetic import generate_synthetic
 
     try:
-        cfg = SyntheticConfig(
-            users=users,
-            items=items,
-            exposures=exposures,
-            seed=seed,
-            conflict=conflict,
-            factors=factors,
-            topics=topics,
-            exposures_per_request=exposures_per_request,
-            proposals=proposals,
-            candidates_per_request=candidates_per_request,
-            ctr=ctr,
-            cvr=cvr,
-            chunk_size=chunk_size,
-        )
-        with progress_bar(exposures, "synthetic", "ev", unit_scale=True) as bar:
-            counts = generate_synthetic(cfg, out, progress=bar.update)
+        with progress_bar(config.exposures, "synthetic", "ev", unit_scale=True) as bar:
+            counts = generate_synthetic(config, out, progress=bar.update)
     except CsmfError as exc:
         fail(exc)
     typer.echo(_summary("synthetic", out, counts))

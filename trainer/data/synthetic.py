@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -74,21 +74,31 @@ T0, STEP = 1_600_000_000, 10  # request r happens at T0 + STEP·r + jitter in [0
 PILOT_REQUESTS = 32768
 
 
+def _opt(help: str, default=MISSING):  # noqa: A002 (the CLI reads metadata["help"])
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
-    users: int
-    items: int
-    exposures: int
-    seed: int = 0
-    conflict: float = 0.5
-    factors: int = 16
-    topics: int = 0  # 0 = auto: items // 500 clipped to [4, 256]
-    exposures_per_request: int = 4
-    proposals: int = 8
-    candidates_per_request: int = 0
-    ctr: float = 0.1
-    cvr: float = 0.1
-    chunk_size: int = 1_000_000
+    """What ``csmf data synthetic`` generates; its options are these fields (csmf.cli)."""
+
+    users: int = _opt("Number of users.")
+    items: int = _opt("Number of items (catalogue size).")
+    exposures: int = _opt("Number of exposure events to generate.")
+    seed: int = _opt("Random seed; same seed, same data.", 0)
+    conflict: float = _opt(
+        "0 = click/conversion tastes equal exposure taste, 1 = independent of it.", 0.5
+    )
+    factors: int = _opt("Latent dimension K.", 16)
+    topics: int = _opt("Item topics; 0 = items // 500 within [4, 256].", 0)
+    exposures_per_request: int = _opt("Items exposed per request.", 4)
+    proposals: int = _opt("Items proposed per slot; the best is exposed.", 8)
+    candidates_per_request: int = _opt(
+        "Shown-but-not-exposed items kept per request in candidates.parquet (0 = none).", 0
+    )
+    ctr: float = _opt("Target clicks per exposure.", 0.1)
+    cvr: float = _opt("Target conversions per click.", 0.1)
+    chunk_size: int = _opt("Events per events/part-*.parquet file.", 1_000_000)
 
     def __post_init__(self) -> None:
         for name in ("users", "exposures", "factors", "exposures_per_request", "chunk_size"):
