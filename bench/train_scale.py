@@ -1,25 +1,36 @@
-"""Training throughput: 1 process × T threads vs P processes × 1 thread (gloo), same total cores
-(issue 14). Each setting is one real `csmf train` (``python -m trainer.cli train``, ``--nproc``
-launching torchrun) on the same dataset, config, seed and *global* batch (the P-process run gets
-``batch_size / P`` per rank).
+"""Training at scale (issue 14): throughput, scaling efficiency, peak RSS and wall time of real
+`csmf train` runs (``python -m trainer.cli train``; ``--nproc`` launches torchrun, gloo).
 
-Per setting: examples/s of stage 0 (exposure; every unit trainable) and stage 1 (click; masked
-fine-tuning of the units CPP freed), from the stages' ``train_seconds`` (training epochs only:
-no validation, CPP or checkpoint writes); scaling efficiency = P-process examples/s ÷
-1-process × T-thread examples/s (same cores: 1.0 = processes as good as threads), and the
-stage-0 speed-up over 1 process × 1 thread; the load average is recorded (shared machines skew
-multi-threaded runs most); peak RSS per process;
-whole-process wall time; fused Recall@50 on the test split.
+Each section is one command (a heavy job: run them one after another, never two at once) and is
+merged into ``bench/results/<name>.json``; the Markdown file is rebuilt from every section:
 
-    .venv/bin/python bench/train_scale.py --data data/synth --config configs/synthetic.toml
+``throughput``  1 process × T threads vs P processes × 1 thread at the same *global* batch (the
+    P-process run gets ``batch_size / P`` per rank), epochs capped by ``--max-steps``:
+    examples/s of stage 0 (exposure; every unit trainable) and stage 1 (click; masked fine-tuning
+    of the units CPP freed) from the stages' ``train_seconds`` (training steps incl. reading and
+    shuffling streamed data; no validation, CPP or checkpoint writes); scaling efficiency =
+    P-process ÷ 1-process examples/s; peak RSS per process.
+``rss``  peak RSS of 1 process, streamed vs in memory, on each ``--data`` folder (e.g. 1M and
+    10M events): streaming's should not grow with the event count, in-memory's does.
+``cascade``  one whole cascade (every stage, CPP, AR, validation, checkpoint), no step cap:
+    wall time per stage.
+``demo``  ML-100K: the default config vs the demo config (``make demo``), wall time of the
+    training step and Recall/nDCG@50 on the test split, seed 0.
 
-Writes bench/results/train-scale.{json,md}.
+The load average is recorded with every section (the box is shared; multi-threaded runs suffer
+most from other jobs).
+
+    python bench/train_scale.py throughput --data data/synth-10m --config configs/synthetic-large.toml --max-steps 100
+    python bench/train_scale.py rss --data data/synth-1m --data data/synth-10m --config configs/synthetic-large.toml
+    python bench/train_scale.py cascade --data data/synth-10m --config configs/synthetic-large.toml --procs 2
+    python bench/train_scale.py demo --data data/ml-100k
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -32,102 +43,301 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 
 
-def run(setting: dict, args: argparse.Namespace, out: Path) -> dict:
-    procs, threads = setting["procs"], setting["threads"]
-    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(args.config),
-           "--data", str(args.data), "--out", str(out), "--force", "--no-progress",
-           "--set", f"train.threads={threads}", "--set", f"train.epochs={args.epochs}",
-           "--set", f"train.ar_epochs={args.ar_epochs}",
-           "--set", f"train.batch_size={args.batch_size // procs}"]  # fmt: skip
+def train(
+    args: argparse.Namespace,
+    data: Path,
+    config: Path,
+    out: Path,
+    procs: int,
+    threads: int,
+    sets: list[str],
+) -> dict:
+    """One `csmf train` run; its train_metrics.json plus the process wall time."""
+    cmd = [sys.executable, "-m", "trainer.cli", "train", "--config", str(config),
+           "--data", str(data), "--out", str(out), "--force", "--no-progress",
+           "--set", f"train.threads={threads}"]  # fmt: skip
+    for s in sets:
+        cmd += ["--set", s]
     if procs > 1:
         cmd += ["--nproc", str(procs)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(threads)}
+    print("$", " ".join(cmd[1:]), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, env=env, check=True, stdout=sys.stderr if args.verbose else None)
     wall = time.perf_counter() - start
     m = json.loads((out / "train_metrics.json").read_text())
-    stages = m["stages"]
-    epochs = json.loads(args.epochs)
+    m["process_wall_seconds"] = wall
+    return m
 
-    def rate(t: int) -> float:
-        return stages[t]["positives"] * epochs[t] / stages[t]["train_seconds"]
 
-    ev = subprocess.run(
+def evaluate(out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
         [sys.executable, "-m", "trainer.cli", "eval", "--run", str(out)],
         env=env, check=True, capture_output=True, text=True,
     )  # fmt: skip
     result = json.loads((out / "eval.json").read_text())
-    fused = {t: v["fused"]["recall"] for t, v in result["metrics"].items()}
+    return {t: v["fused"] for t, v in result["metrics"].items()}
+
+
+def throughput(args: argparse.Namespace) -> dict:
+    settings = [(1, args.cores), (args.cores, 1)] + ([(1, 1)] if args.with_single else [])
+    rows = []
+    for k, (procs, threads) in enumerate(settings):
+        bs = args.batch_size // procs
+        sets = [f"train.batch_size={bs}", f"train.max_steps={args.max_steps}", *args.set]
+        m = train(args, args.data[0], args.config, args.runs / f"tp{k}", procs, threads, sets)
+        stages = m["stages"]
+
+        rows.append({
+            "name": f"{procs} process{'es' if procs > 1 else ''} × {threads} thread"
+            + ("s" if threads > 1 else "") + (" (gloo)" if procs > 1 else ""),
+            "procs": procs, "threads": threads, "batch_per_rank": bs,
+            "stage0_examples_per_s": _rate(stages[0], args.max_steps * args.batch_size),
+            "stage1_examples_per_s": _rate(stages[1], args.max_steps * args.batch_size),
+            "stage_train_seconds": [s["train_seconds"] for s in stages],
+            "positives": [s["positives"] for s in stages],
+            "peak_rss_mb": m["peak_rss_mb"], "prepare_seconds": m.get("prepare_seconds"),
+            "cascade_seconds": m["seconds"], "process_wall_seconds": m["process_wall_seconds"],
+            "data": m.get("data"),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]  # 1 process with every core
+    for r in rows:
+        r["efficiency_stage0"] = r["stage0_examples_per_s"] / base["stage0_examples_per_s"]
+        r["efficiency_stage1"] = r["stage1_examples_per_s"] / base["stage1_examples_per_s"]
+    return {"rows": rows, "max_steps": args.max_steps, "batch_size": args.batch_size}
+
+
+def _rate(stage: dict, cap: int) -> float:
+    """Examples/s of a stage's training epochs (each capped at ``cap`` = max_steps × global
+    batch examples)."""
+    return min(stage["positives"], cap) * len(stage["loss"]) / stage["train_seconds"]
+
+
+def rss(args: argparse.Namespace) -> dict:
+    rows = []
+    for data in args.data:
+        for mode in ("stream", "memory"):
+            sets = [f'train.data="{mode}"', f"train.max_steps={args.max_steps}", *args.set]
+            out = args.runs / f"rss-{data.name}-{mode}"
+            m = train(args, data, args.config, out, 1, args.threads, sets)
+            rows.append({
+                "data": str(data), "events": _events(data), "mode": mode,
+                "peak_rss_mb": m["peak_rss_mb"][0], "prepare_seconds": m.get("prepare_seconds"),
+                "process_wall_seconds": m["process_wall_seconds"],
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "max_steps": args.max_steps, "threads": args.threads}
+
+
+def cascade(args: argparse.Namespace) -> dict:
+    procs, threads = args.procs, (1 if args.procs > 1 else args.threads)
+    sets = [f"train.batch_size={args.batch_size // procs}", *args.set]
+    m = train(args, args.data[0], args.config, args.runs / "cascade", procs, threads, sets)
     return {
-        **setting,
-        "batch_per_rank": args.batch_size // procs,
-        "stage0_examples_per_s": rate(0),
-        "stage1_examples_per_s": rate(1),
-        "stage_train_seconds": [s["train_seconds"] for s in stages],
-        "positives": [s["positives"] for s in stages],
-        "peak_rss_mb": m["peak_rss_mb"],
-        "cascade_seconds": m["seconds"],
-        "process_wall_seconds": wall,
-        "fused_recall": fused,
-        "eval_lines": ev.stdout.count("\n"),
-    }
+        "procs": procs, "threads": threads, "batch_size": args.batch_size,
+        "seconds": m["seconds"], "process_wall_seconds": m["process_wall_seconds"],
+        "prepare_seconds": m.get("prepare_seconds"), "peak_rss_mb": m["peak_rss_mb"],
+        "stages": [
+            {k: s.get(k) for k in ("objective", "positives", "seconds", "train_seconds",
+                                   "val_recall")}
+            for s in m["stages"]
+        ],
+        "epochs": m["config"]["train"]["epochs"], "ar_epochs": m["config"]["train"]["ar_epochs"],
+        "rho": m["config"]["cascade"]["rho"], "output_slices": m["output_slices"],
+    }  # fmt: skip
+
+
+def demo(args: argparse.Namespace) -> dict:
+    config = ROOT / "configs" / "ml-100k.toml"
+    rows = []
+    for name, sets in (("make demo", demo_sets()), ("full config (make demo FULL=1)", [])):
+        out = args.runs / f"demo-{len(rows)}"
+        m = train(args, args.data[0], config, out, 1, args.threads, sets + list(args.set))
+        rows.append({
+            "name": name, "config": "configs/ml-100k.toml " + " ".join(f"--set {x}" for x in sets),
+            "seconds": m["seconds"],
+            "process_wall_seconds": m["process_wall_seconds"], "threads": args.threads,
+            "fused": evaluate(out),
+        })  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows}
+
+
+def demo_sets() -> list[str]:
+    """The Makefile's DEMO_SET (``--set a=b --set c=d``) as ["a=b", "c=d"]."""
+    import re
+
+    line = re.search(r"^DEMO_SET \?=(.*)$", (ROOT / "Makefile").read_text(), re.M)
+    return re.findall(r"--set\s+(\S+)", line.group(1)) if line else []
+
+
+def _events(data: Path) -> int:
+    from trainer.data.stream import count_events
+
+    return count_events(data)
+
+
+def _dataset(data: Path) -> dict:
+    meta = data / "dataset.json"
+    return json.loads(meta.read_text()).get("counts", {}) if meta.exists() else {}
+
+
+def render(doc: dict) -> list[str]:
+    lines = [_HEAD, ""]
+    s = doc.get("throughput")
+    if s:
+        lines += [
+            "## Throughput: 1 process × 2 threads vs 2 processes × 1 thread (gloo)", "",
+            f"`{s['command']}`", "",
+            f"Dataset {s['dataset']}; streamed; every epoch capped at {s['max_steps']} steps of "
+            f"the global batch {s['batch_size']}; {_machine(s)}.", "",
+        ]  # fmt: skip
+        lines += table(
+            ["setting", "stage 0 ex/s", "stage 1 (masked) ex/s", "efficiency s0 / s1",
+             "peak RSS MB / proc", "prepare s", "cascade s", "process wall s"],
+            (
+                [r["name"], f"{r['stage0_examples_per_s']:,.0f}",
+                 f"{r['stage1_examples_per_s']:,.0f}",
+                 f"{r['efficiency_stage0']:.2f} / {r['efficiency_stage1']:.2f}",
+                 ", ".join(f"{x:.0f}" for x in r["peak_rss_mb"]), f"{r['prepare_seconds']:.0f}",
+                 f"{r['cascade_seconds']:.0f}", f"{r['process_wall_seconds']:.0f}"]
+                for r in s["rows"]
+            ),
+            "lrrrrrrr",
+        )  # fmt: skip
+        lines += [
+            "",
+            "Efficiency = examples/s ÷ the 1-process row's (same cores). `cascade s` = every "
+            "stage with its capped epoch, CPP, validation and checkpoints (no AR in this "
+            "section); `prepare s` = the streaming passes (counts, split cut-offs, statistics).",
+            "",
+        ]
+    s = doc.get("rss")
+    if s:
+        lines += [
+            "## Peak RSS: streamed vs in memory", "", f"`{s['command']}`", "",
+            f"1 process × {s['threads']} thread(s), every epoch capped at {s['max_steps']} steps "
+            f"(RSS is set by loading/encoding and the model, not by the number of steps); "
+            f"{_machine(s)}.", "",
+        ]  # fmt: skip
+        lines += table(
+            ["events", "mode", "peak RSS MB", "prepare s", "process wall s"],
+            (
+                [f"{r['events']:,}", r["mode"], f"{r['peak_rss_mb']:,.0f}",
+                 f"{r['prepare_seconds']:.0f}", f"{r['process_wall_seconds']:.0f}"]
+                for r in s["rows"]
+            ),
+            "rlrrr",
+        )  # fmt: skip
+        lines.append("")
+    s = doc.get("cascade")
+    if s:
+        lines += [
+            "## One whole cascade", "", f"`{s['command']}`", "",
+            f"Dataset {s['dataset']}; {s['procs']} process(es) × {s['threads']} thread(s), "
+            f"global batch {s['batch_size']}, epochs {s['epochs']} per stage, AR {s['ar_epochs']} "
+            f"epoch(s) on rho = {s['rho']} of a stage's positives; {_machine(s)}.", "",
+            f"Whole cascade {s['seconds']:.0f} s (process {s['process_wall_seconds']:.0f} s, of "
+            f"which {s['prepare_seconds']:.0f} s preparing the data), peak RSS "
+            f"{', '.join(f'{x:.0f}' for x in s['peak_rss_mb'])} MB per process; output slices "
+            f"{s['output_slices']}.", "",
+        ]  # fmt: skip
+        lines += table(
+            ["stage", "positives", "train s", "stage s (incl. CPP, AR, validation)",
+             "val Recall@50"],
+            (
+                [st["objective"], f"{st['positives']:,}", f"{st['train_seconds']:.0f}",
+                 f"{st['seconds']:.0f}",
+                 " → ".join(f"{k} {v:.4f}" for k, v in (st["val_recall"] or {}).items())]
+                for st in s["stages"]
+            ),
+            "lrrrl",
+        )  # fmt: skip
+        lines.append("")
+    s = doc.get("demo")
+    if s:
+        lines += [
+            "## ML-100K: `make demo`'s training vs the full config", "", f"`{s['command']}`", "",
+            f"1 process × {s['rows'][0]['threads']} thread(s), seed 0; fused score "
+            f"⟨1, 1.8, 1.2⟩ on the test split; {_machine(s)}.", "",
+        ]  # fmt: skip
+        lines += table(
+            ["run", "train wall s", "click R@50", "click nDCG@50", "conv R@50", "conv nDCG@50"],
+            (
+                [f"{r['name']}: `{r['config']}`", f"{r['process_wall_seconds']:.0f}",
+                 f"{r['fused']['click']['recall']:.4f}", f"{r['fused']['click']['ndcg']:.4f}",
+                 f"{r['fused']['conversion']['recall']:.4f}",
+                 f"{r['fused']['conversion']['ndcg']:.4f}"]
+                for r in s["rows"]
+            ),
+            "lrrrrr",
+        )  # fmt: skip
+        lines.append("")
+    return lines
+
+
+_HEAD = (
+    "Real `csmf train` processes on a shared 2-core box (other agents' jobs ran alongside: the "
+    "load average is given per section). Throughput rows of one section ran back to back; "
+    "compare ratios within a section, not absolute numbers across sessions."
+)
+
+
+def _machine(s: dict) -> str:
+    la = s["loadavg"]
+    return (
+        f"{s['cpus']} cores, load average {la['before'][0]:.1f} before / {la['after'][0]:.1f} "
+        f"after (1 min), measured {s['when']}"
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=ROOT / "data" / "synth")
-    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic.toml")
-    ap.add_argument("--epochs", default="[1,1,1]", help="train.epochs (TOML list)")
-    ap.add_argument("--ar-epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=2048, help="global batch")
+    ap.add_argument("section", choices=("throughput", "rss", "cascade", "demo"))
+    ap.add_argument("--data", type=Path, action="append", required=True)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic-large.toml")
+    ap.add_argument("--batch-size", type=int, default=4096, help="global batch")
+    ap.add_argument("--max-steps", type=int, default=100, help="train.max_steps per epoch")
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="threads of 1-process runs")
+    ap.add_argument("--procs", type=int, default=2, help="cascade: processes")
+    ap.add_argument("--with-single", action="store_true", help="throughput: add 1 × 1 thread")
+    ap.add_argument("--set", action="append", default=[], help="extra --set for every run")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/csmf-train-scale"))
     ap.add_argument("--name", default="train-scale")
+    ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args()
-    settings = [
-        {"name": "1 process × 1 thread", "procs": 1, "threads": 1},
-        {"name": f"1 process × {args.cores} threads", "procs": 1, "threads": args.cores},
-        {"name": f"{args.cores} processes × 1 thread (gloo)", "procs": args.cores, "threads": 1},
-    ]
-    rows = []
-    for i, s in enumerate(settings):
-        rows.append(run(s, args, args.runs / f"run{i}"))
-        print(json.dumps(rows[-1]), flush=True)
-    base = rows[1]  # same total cores as the multi-process run
-    for r in rows:
-        r["efficiency_stage0"] = r["stage0_examples_per_s"] / base["stage0_examples_per_s"]
-        r["efficiency_stage1"] = r["stage1_examples_per_s"] / base["stage1_examples_per_s"]
-        r["speedup_vs_1_thread"] = r["stage0_examples_per_s"] / rows[0]["stage0_examples_per_s"]
-    meta = args.data / "dataset.json"
-    dataset = json.loads(meta.read_text()).get("counts", {}) if meta.exists() else {}
-    load = os.getloadavg()
-    payload = {"dataset": dataset, "rows": rows, "cpus": os.cpu_count(), "loadavg_at_end": load}
-    lines = [
-        f"Dataset: {dataset}; config {args.config.name}, epochs {args.epochs}, AR epochs "
-        f"{args.ar_epochs}, global batch {args.batch_size}; machine: {os.cpu_count()} cores, "
-        f"load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min).",
-        "",
-    ]
-    head = ["setting", "stage 0 ex/s", "stage 1 ex/s", "eff. s0", "eff. s1",
-            "s0 speed-up vs 1×1", "peak RSS MB / proc", "cascade s", "wall s",
-            "fused R@50 click / conv"]  # fmt: skip
-    nan = float("nan")
-    lines += table(
-        head,
-        (
-            [r["name"], f"{r['stage0_examples_per_s']:,.0f}", f"{r['stage1_examples_per_s']:,.0f}",
-             f"{r['efficiency_stage0']:.2f}", f"{r['efficiency_stage1']:.2f}",
-             f"{r['speedup_vs_1_thread']:.2f}", ", ".join(f"{x:.0f}" for x in r["peak_rss_mb"]),
-             f"{r['cascade_seconds']:.0f}", f"{r['process_wall_seconds']:.0f}",
-             f"{r['fused_recall'].get('click', nan):.4f} / "
-             f"{r['fused_recall'].get('conversion', nan):.4f}"]
-            for r in rows
-        ),
+    args.data = [d.resolve() for d in args.data]
+    before = os.getloadavg()
+    result = {"throughput": throughput, "rss": rss, "cascade": cascade, "demo": demo}[args.section](
+        args
+    )
+    result.update(
+        command=script_command(__file__),
+        dataset=_dataset(args.data[0]),
+        cpus=os.cpu_count(),
+        loadavg={"before": before, "after": os.getloadavg()},
+        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    )
+    stem = RESULTS / args.name
+    path = stem.with_name(stem.name + ".json")
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc.pop("command", None)
+    doc[args.section] = result
+    doc = json.loads(json.dumps(doc, default=_nan))
+    md, _ = write_results(
+        stem, f"Training at scale ({args.name})",
+        "python bench/train_scale.py {throughput|rss|cascade|demo} ... (each section below "
+        "names its own command)",
+        render(doc), doc,
     )  # fmt: skip
-    title = f"Training throughput ({args.name})"
-    md, _ = write_results(RESULTS / args.name, title, script_command(__file__), lines, payload)
-    print("\n".join(lines))
-    print(f"wrote {md}")
+    print(md.read_text())
+
+
+def _nan(x: object) -> object:
+    return None if isinstance(x, float) and math.isnan(x) else float(x)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -27,11 +27,14 @@ Ranker = tuple[str, Any]
 
 
 @torch.no_grad()
-def encode_all(model: TwoTower, enc: Encoded, batch: int = 4096) -> tuple[Tensor, Tensor]:
-    """Full outputs of every user (history = all train events) and item: (U, D), (N, D)."""
+def encode_all(
+    model: TwoTower, enc: Encoded, batch: int = 4096, users: np.ndarray | None = None
+) -> tuple[Tensor, Tensor]:
+    """Full outputs of every user (history = all train events; or of ``users``, in that order)
+    and every item: (U, D), (N, D)."""
     was_training = model.training
     model.eval()
-    users = np.arange(enc.n_users)
+    users = np.arange(enc.n_users) if users is None else users
     e = torch.cat(
         [model.user(enc.user_batch(users[i : i + batch])) for i in range(0, len(users), batch)]
     )
@@ -164,8 +167,14 @@ def validation_recall(
     if max_users and len(truth) > max_users:
         keep = sorted(truth)[:max_users]
         truth = {u: truth[u] for u in keep}
-    e, v = encode_all(model, enc)
     exclude = user_items(enc, enc.split.train)
+    if len(truth) * 4 < enc.n_users:  # a sample (e.g. streamed data): encode only its users
+        users = np.array(sorted(truth), dtype=np.int64)
+        e, v = encode_all(model, enc, users=users)
+        truth = {i: truth[int(u)] for i, u in enumerate(users)}
+        exclude = {i: exclude[int(u)] for i, u in enumerate(users) if int(u) in exclude}
+    else:
+        e, v = encode_all(model, enc)
     return rank_metrics(e, v, {"view": view_ranker(model, stage)}, truth, exclude, n)["view"][
         "recall"
     ]

@@ -184,7 +184,9 @@ def _train(
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     streamed = use_stream(cfg, data)
+    t_prepare = time.perf_counter()
     enc = prepare(cfg, data, stream=streamed, dist=dist).to(device)
+    prepare_seconds = time.perf_counter() - t_prepare
     n_train, n_val, n_test = enc.split_sizes()
     log(
         f"data {data}: {enc.n_users:,} users, {enc.n_items:,} items, "
@@ -228,6 +230,7 @@ def _train(
     metrics["seconds"] = time.perf_counter() - start
     metrics["device"] = str(device)
     metrics["data"] = "stream" if streamed else "memory"
+    metrics["prepare_seconds"] = prepare_seconds  # load/validate/split/encode (or the passes)
     metrics["processes"] = dist.world
     metrics["peak_rss_mb"] = dist.gather_objects(_peak_rss_mb())  # per rank
     if resume is not None:
