@@ -55,7 +55,8 @@ class Report:
             f"    {REPORT_COMMAND}",
             "",
             f"Commit {commit or '?'}, {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, "
-            f"{platform.machine()} with {os.cpu_count()} CPUs (shared, loaded); "
+            f"{platform.machine()} with {os.cpu_count()} CPUs shared with other jobs (load "
+            f"average {os.getloadavg()[0]:.1f} at the end: times here are inflated accordingly); "
             f"suite wall time {duration:.0f} s. Loopback only: real `csmf serve` (uvicorn), "
             "real redis-server, real FAISS bundles (tiny: 1,500 items).",
             "",
