@@ -5,11 +5,11 @@ is degraded (the scenarios file was made unreadable just before; it is restored 
 Asserted: the supervisor starts a replacement (a new pid; two workers again) that answers
 requests; the only requests that fail are ones in flight on the killed worker when it died (at
 most one per client, since each client has one request in flight at a time, and none sent after
-the kill); scenarios are intact afterwards (same weights and versions everywhere); the
-replacement serves the bundle the server had been reloaded to, not the one on the command line
-(it follows the reload announcement at startup); and the instance reports its store up again
-(``csmf_store_up 1``) although the killed worker's last value was 0 — SIGKILL runs no exit hook,
-so /metrics must drop the live gauges of dead workers itself (service/metrics.py).
+the supervisor reaped it); scenarios are intact afterwards (same weights and versions
+everywhere); the replacement serves the bundle the server had been reloaded to, not the one on
+the command line (it follows the reload announcement at startup); and the instance reports its
+store up again (``csmf_store_up 1``) although the killed worker's last value was 0 — SIGKILL runs
+no exit hook, so /metrics must drop the live gauges of dead workers itself (service/metrics.py).
 """
 
 from __future__ import annotations
@@ -95,9 +95,10 @@ def test_worker_killed_under_load(serve, bundles, report):
     counts = summary(samples)
     failed = [s for s in samples if s.status != 200]
     assert len(failed) <= CLIENTS, failures(samples)
-    assert all(s.t0 < t_kill + 0.5 for s in failed), [(s.t0 - t_kill, s.error) for s in failed]
+    # in flight when it died: sent before the supervisor had reaped it (its sockets closed)
+    assert all(s.t0 < t_replaced for s in failed), [(s.t0 - t_kill, s.error) for s in failed]
     assert all(s.status == -1 for s in failed), failures(samples)  # dropped connections, no 5xx
-    after = [s for s in samples if s.t0 > t_kill + 0.5]
+    after = [s for s in samples if s.t0 > t_replaced]
     assert len(after) > 20 and all(s.status == 200 for s in after)
     assert counts["sent"] > 100, counts
     report.add(
@@ -108,7 +109,7 @@ def test_worker_killed_under_load(serve, bundles, report):
             "requests sent": counts["sent"],
             "requests in flight (all workers) when the worker was killed": inflight,
             "failed requests": f"{len(failed)} ({', '.join(sorted(failures(samples))) or '-'})",
-            "requests sent after the kill": len(after),
+            "requests sent after the replacement was started": len(after),
             "failed among them": sum(s.status != 200 for s in after),
             "replacement worker started (new pid) after the kill": f"{t_replaced - t_kill:.2f} s",
             "replacement answering requests after the kill": f"{t_serving:.2f} s",
