@@ -12,9 +12,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+import csmf.objectives as funnel
 from csmf.errors import WeightsError
 
-DEFAULT_OBJECTIVES = ("exposure", "click", "conversion")
+DEFAULT_OBJECTIVES = funnel.NAMES
 DEFAULT_WEIGHTS = (1.0, 1.8, 1.2)  # the paper's default triplet <k_d, k_o, k_r>
 # Bounds of one weight. Query scales and scores are float32 (max ~3.4e38, ~7 significant digits):
 # a weight of 1e308 overflows the scale to inf and every score to inf/NaN, and a weight more than

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import csmf.objectives as funnel
 from csmf.bundle import HISTORY_COLUMN, UserSnapshot
 from csmf.errors import ConfigError, DataError
 from csmf.features import TowerSpec
@@ -93,7 +94,8 @@ def _histories(
             pa.array(np.zeros(n + 1, np.int32)), pa.array([], pa.string())
         )
         return empty, 0
-    cols = ["user_id", "item_id", "timestamp", "clicked"]
+    source = funnel.get(spec.history.source)  # whose positives form the history
+    cols = ["user_id", "item_id", "timestamp", *([source.column] if source.column else [])]
     events = (
         read_table(events_path).select(cols)
         if events_path.is_file()
@@ -110,9 +112,9 @@ def _histories(
         keep = np.ones(len(order), bool)
     else:
         order, keep = train_mask(codes, ts, split)
-    if spec.history.source == "click":
-        clicked = events.column("clicked").to_numpy(zero_copy_only=False).astype(bool)
-        keep &= clicked[order]
+    if source.column is not None:
+        labels = {source.column: events.column(source.column).to_numpy(zero_copy_only=False)}
+        keep &= source.positive(labels, events.num_rows)[order]
     rows = order[keep]  # sorted by (user, time)
     counts = np.bincount(codes[rows], minlength=n)
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)

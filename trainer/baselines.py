@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+import csmf.objectives as funnel
 from csmf.checkpoint import new_model
 from csmf.errors import DataError
 from csmf.features import TowerSpec
@@ -143,7 +144,7 @@ def mixed_examples(enc: Encoded, objectives: tuple[str, ...]) -> StageExamples:
 
 
 def train_mix(
-    cfg: RunConfig, enc: Encoded, objectives: tuple[str, ...] = ("click", "conversion")
+    cfg: RunConfig, enc: Encoded, objectives: tuple[str, ...] = funnel.TARGETS
 ) -> torch.nn.Module:
     """YouTubeDNN-Mix: one 1-stage model, run_epochs over the mixed positives (click budget)."""
     cfg1 = single_objective_config(cfg, objectives[0])
@@ -317,7 +318,7 @@ def run_method(
         serving = [(e, v, 1.0)]
     elif method == "sep":
         es, vs = [], []
-        for o in ("click", "conversion"):
+        for o in funnel.TARGETS:  # one model per labelled objective
             m = train_single(cfg, enc, o, log=log)
             e1, v1 = encode_all(m, enc)
             es.append(e1)
@@ -393,4 +394,4 @@ def oracle_rankers(enc: Encoded, data: str | Path | None) -> dict[str, Ranker]:
     def ranker(objective: str) -> Ranker:
         return ("rows", lambda part: true_scores(truth, users[part], objective)[:, items])
 
-    return {"true clicks": ranker("click"), "true conversions": ranker("conversion")}
+    return {f"true {funnel.get(o).plural}": ranker(o) for o in funnel.TARGETS}

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import typer
 
+import csmf.objectives as funnel
 from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
@@ -39,7 +40,7 @@ from trainer.sensitivity import app as sensitivity_app
 
 app = new_app(no_args_is_help=True, help="CSMF benchmarks.")
 
-TARGETS = ("click", "conversion")
+TARGETS = funnel.TARGETS
 
 
 @app.callback()
@@ -413,10 +414,10 @@ def _slim(rec: dict) -> dict:
 def _summary(m: str, seed: int, rec: dict) -> str:
     mem = rec.get("memory")
     peak = f", peak +{mem['peak_extra_mb']:.0f} MB" if mem else ""
+    metrics = rec["metrics"]
     return f"seed {seed}: {m} {rec['seconds']:.0f}s{peak} " + ", ".join(
-        f"{r} {rec['metrics']['click'][r]['recall']:.4f}/"
-        f"{rec['metrics']['conversion'][r]['recall']:.4f}"
-        for r in rec["metrics"]["click"]
+        f"{r} " + "/".join(f"{metrics[t][r]['recall']:.4f}" for t in TARGETS)
+        for r in metrics[TARGETS[0]]
     )
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+import csmf.objectives as funnel
 from csmf.errors import CsmfError, OwnershipError
 from csmf.progress import progress_bar
 from csmf.towers import TwoTower
@@ -142,7 +143,7 @@ def batch_loss(
         up = upstream_scores(e.detach(), v.detach(), model, stage, cfg)  # (B, C)
         margin = aml_margin(up.diagonal(), up, lc.sigma, lc.eta)
     hard_v = hard_items = None
-    if objective == "exposure" and lc.request_negatives and enc.candidates is not None:
+    if funnel.get(objective).column is None and lc.request_negatives and enc.candidates is not None:
         hard = enc.candidates.sample(ex.request[idx], lc.request_negatives, rng)  # (B, R)
         if (hard >= 0).any():
             hard_items = torch.as_tensor(hard, device=e.device)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+import csmf.objectives as funnel
 from csmf.errors import ConfigError
 from trainer.encoding import Encoded, user_items
 from trainer.evaluate import rank_metrics
@@ -79,7 +80,7 @@ GRIDS: dict[str, dict[str, list]] = {
         "shrink": [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0],
     },
 }
-SELECTION_TARGETS = ("click", "conversion")
+SELECTION_TARGETS = funnel.TARGETS
 EASE_MAX_ITEMS = 30_000  # B is n_items² float64 (30k items ≈ 7 GB)
 
 Vectors = tuple[np.ndarray, np.ndarray]  # (n_users, D), (n_items, D) float32

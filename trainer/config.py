@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import csmf.objectives as funnel
 from csmf.errors import ConfigError
 from csmf.features import FeatureSpec
 from csmf.towers import ModelConfig
 from csmf.weights import DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS
 
-OBJECTIVE_COLUMNS = {"exposure": None, "click": "clicked", "conversion": "converted"}
 PRUNING = ("cpp", "fixed", "random")
 FREED_INIT = ("warm", "reinit")
 AML_UPSTREAM = ("prob", "logit")
@@ -56,19 +56,7 @@ class CascadeConfig:
     freed_init: str = _help("freed units start 'warm' (keep values) or 'reinit'", "warm")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "objectives", tuple(self.objectives))
-        bad = [o for o in self.objectives if o not in OBJECTIVE_COLUMNS]
-        if not self.objectives or bad or len(set(self.objectives)) != len(self.objectives):
-            raise ConfigError(
-                f"cascade.objectives must be distinct names from {list(OBJECTIVE_COLUMNS)}, "
-                f"got {list(self.objectives)}"
-            )
-        order = [list(OBJECTIVE_COLUMNS).index(o) for o in self.objectives]
-        if order != sorted(order):
-            raise ConfigError(
-                f"cascade.objectives must follow the funnel exposure → click → conversion, "
-                f"got {list(self.objectives)}"
-            )
+        object.__setattr__(self, "objectives", funnel.check_cascade(self.objectives))
         _choice("cascade.pruning", self.pruning, PRUNING)
         _choice("cascade.freed_init", self.freed_init, FREED_INIT)
         _in_range("cascade.tau", self.tau, 0.0, 1.0, open_low=True, open_high=True)

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
+import csmf.objectives as funnel
 from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerSpec, TowerVocab, encode_rows, fit_tower_vocab
 from trainer.data.dataset import Dataset, Split
@@ -81,10 +82,9 @@ class Events:
     request: np.ndarray  # request code, -1 when absent
 
     def positive(self, objective: str) -> np.ndarray:
-        """Boolean mask of events that are positives of ``objective``."""
-        if objective == "exposure":
-            return np.ones(len(self.user), bool)
-        return self.clicked if objective == "click" else self.converted
+        """Boolean mask of events that are positives of ``objective`` (csmf.objectives)."""
+        labels = {c: getattr(self, c) for c in funnel.LABEL_COLUMNS}
+        return funnel.get(objective).positive(labels, len(self.user))
 
 
 class History:
@@ -232,15 +232,13 @@ def encode_dataset(
         user=rows_of(ev["user_id"], user_vocab, "event user"),
         item=rows_of(ev["item_id"], item_vocab, "event item"),
         ts=ev["timestamp"].to_numpy().astype(np.int64),
-        clicked=ev["clicked"].to_numpy(zero_copy_only=False).astype(bool),
-        converted=ev["converted"].to_numpy(zero_copy_only=False).astype(bool),
         request=request,
+        **{c: ev[c].to_numpy(zero_copy_only=False).astype(bool) for c in funnel.LABEL_COLUMNS},
     )
     history = None
     if spec.user.history is not None:
         rows = split.train
-        if spec.user.history.source == "click":
-            rows = rows[events.clicked[rows]]
+        rows = rows[events.positive(spec.user.history.source)[rows]]
         history = History(events, rows, len(user_vocab.ids.values), spec.user.history.max_len)
     return Encoded(
         spec=spec,

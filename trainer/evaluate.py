@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+import csmf.objectives as funnel
 from csmf.towers import TwoTower
 from csmf.weights import dim_scale
 from trainer.encoding import Encoded, user_items
@@ -121,7 +122,7 @@ def evaluate_model(
     weights: Sequence[float],
     n: int = 50,
     rows: np.ndarray | None = None,
-    targets: Sequence[str] = ("click", "conversion"),
+    targets: Sequence[str] = funnel.TARGETS,
 ) -> dict:
     """Test-split table: every view, the fused score and popularity rankings, on each target.
 
@@ -143,7 +144,7 @@ def evaluate_vectors(
     enc: Encoded,
     n: int = 50,
     rows: np.ndarray | None = None,
-    targets: Sequence[str] = ("click", "conversion"),
+    targets: Sequence[str] = funnel.TARGETS,
 ) -> dict:
     """The protocol of :func:`evaluate_model` for any user/item vectors (baselines share it):
     {"users": {target: count}, "metrics": {target: {ranker: {"recall", "ndcg"}}}}."""

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import typer
 
+import csmf.objectives as funnel
 from csmf.checkpoint import new_model
 from csmf.cli import Seeds, fail, invoked_command, new_app
 from csmf.errors import CsmfError
@@ -39,8 +40,8 @@ from trainer.pipeline import prepare
 
 app = new_app(no_args_is_help=True, help=__doc__.split("\n")[0])
 
-TARGETS = ("click", "conversion")
-RANKERS = ("exposure", "click", "conversion", "fused")
+TARGETS = funnel.TARGETS
+RANKERS = (*funnel.NAMES, "fused")  # the views of a full-funnel cascade, then the fused score
 
 
 def train_val(config: Path, data: Path, overrides: list[str], seed: int, grid=None) -> dict:
@@ -150,8 +151,8 @@ def sweep(
                 m = rec["metrics"]
                 typer.echo(
                     f"{setting} seed {seed}: fused val Recall@{rec['n']} "
-                    f"{m['click']['fused']['recall']:.4f}/{m['conversion']['fused']['recall']:.4f}"
-                    f", slices {rec['output_slices']} ({rec['seconds']:.0f}s)"
+                    + "/".join(f"{m[t]['fused']['recall']:.4f}" for t in TARGETS)
+                    + f", slices {rec['output_slices']} ({rec['seconds']:.0f}s)"
                 )
             point = {"key": key, "value": float(value), "base": base, "setting": setting}
             point["command"] = command

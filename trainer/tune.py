@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+import csmf.objectives as funnel
 from csmf.errors import CsmfError
 from csmf.weights import parse_weights
 
@@ -90,7 +91,7 @@ def score_grid(model, enc, grid, objectives, metric, n, rows) -> tuple[np.ndarra
 
 def tune_run(
     run: str | Path,
-    objectives: Sequence[str] = ("click", "conversion"),
+    objectives: Sequence[str] = funnel.TARGETS,
     metric: str = "recall",
     n: int | None = None,
     values: Sequence[float] = DEFAULT_VALUES,

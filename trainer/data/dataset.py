@@ -27,12 +27,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+import csmf.objectives as funnel
 from csmf.errors import ConfigError, DataError
 from csmf.features import FeatureSpec, TowerSpec
 from csmf.split import TEST, TRAIN, VALIDATION, split_labels
 
-OBJECTIVES: tuple[str, ...] = ("exposure", "click", "conversion")
-EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", "clicked", "converted")
+OBJECTIVES: tuple[str, ...] = funnel.NAMES
+EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", *funnel.LABEL_COLUMNS)
 # Everything a writer may produce; publishing removes the ones a new dataset does not have.
 DATASET_ENTRIES: tuple[str, ...] = (
     "events.parquet",
@@ -56,12 +57,11 @@ class Dataset:
     meta: dict  # dataset.json, {} if absent
 
     def counts(self) -> dict[str, int]:
+        n = self.events.num_rows
         return {
             "users": self.users.num_rows,
             "items": self.items.num_rows,
-            "exposures": self.events.num_rows,
-            "clicks": _count_true(self.events["clicked"]),
-            "conversions": _count_true(self.events["converted"]),
+            **{o.plural: label_count(self.events, o, n) for o in funnel.FUNNEL},
         }
 
 
@@ -184,30 +184,44 @@ def _check_events(events: pa.Table, name: str, objectives: Sequence[str]) -> pa.
     events = _cast_integer(events, name, "timestamp")
     if "request_id" in events.column_names:
         events = _cast_integer(events, name, "request_id")
-    for col in ("timestamp", "clicked", "converted"):
+    for col in ("timestamp", *funnel.LABEL_COLUMNS):
         _no_nulls(events, name, col)
-    for col in ("clicked", "converted"):
+    for col in funnel.LABEL_COLUMNS:
         if not pa.types.is_boolean(events.schema.field(col).type):
             raise DataError(
                 f"{name}: column {col} must be bool, got {events.schema.field(col).type}"
             )
-    broken = pc.and_(events["converted"], pc.invert(events["clicked"]))
-    n_broken = _count_true(broken)
-    if n_broken:
-        rows = np.flatnonzero(broken.to_numpy(zero_copy_only=False))[:_N_EXAMPLES]
-        raise DataError(
-            f"{name}: {n_broken} rows have converted=true but clicked=false, violating the "
-            f"cascade converted => clicked (e.g. rows {', '.join(map(str, rows))})"
-        )
-    if "exposure" in objectives and events.num_rows == 0:
-        raise DataError(f"{name}: no rows, so the exposure objective has no positives")
-    for objective, col in (("click", "clicked"), ("conversion", "converted")):
-        if objective in objectives and _count_true(events[col]) == 0:
+    for o in funnel.FUNNEL:  # each label implies its parent's (converted => clicked)
+        parent = funnel.get(o.parent) if o.parent is not None else None
+        if o.column is None or parent is None or parent.column is None:
+            continue
+        broken = pc.and_(events[o.column], pc.invert(events[parent.column]))
+        n_broken = _count_true(broken)
+        if n_broken:
+            rows = np.flatnonzero(broken.to_numpy(zero_copy_only=False))[:_N_EXAMPLES]
             raise DataError(
-                f"{name}: column {col} is never true ({events.num_rows} rows), "
-                f"so the {objective} objective has no positives"
+                f"{name}: {n_broken} rows have {o.column}=true but {parent.column}=false, "
+                f"violating the cascade {o.column} => {parent.column} "
+                f"(e.g. rows {', '.join(map(str, rows))})"
             )
+    n = events.num_rows
+    check_positives(name, {o.name: label_count(events, o, n) for o in funnel.FUNNEL}, n, objectives)
     return events
+
+
+def label_count(events: pa.Table, o: funnel.Objective, n: int) -> int:
+    """Positives of objective ``o`` among ``n`` event rows (every row for the exposure log)."""
+    return n if o.column is None else _count_true(events[o.column])
+
+
+def check_positives(
+    name: str, positives: dict[str, int], n_rows: int, objectives: Sequence[str]
+) -> None:
+    """Every objective the cascade trains needs positives; the error names the column."""
+    for o in funnel.FUNNEL:
+        if o.name in objectives and positives[o.name] == 0:
+            what = "no rows" if o.column is None else f"column {o.column} is never true ({n_rows} rows)"
+            raise DataError(f"{name}: {what}, so the {o.name} objective has no positives")
 
 
 def _check_entities(

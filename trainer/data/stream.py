@@ -39,10 +39,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
+import csmf.objectives as funnel
 from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerVocab
 from csmf.split import TEST, TRAIN, VALIDATION, split_counts
 from trainer.data.dataset import (
+    check_positives,
+    label_count,
     Dataset,
     Split,
     _cast_integer,
@@ -232,9 +235,8 @@ class Chunk:
         return self.offset + np.arange(len(self.user), dtype=np.int64)
 
     def positive(self, objective: str) -> np.ndarray:
-        if objective == "exposure":
-            return np.ones(len(self.user), bool)
-        return self.clicked if objective == "click" else self.converted
+        labels = {c: getattr(self, c) for c in funnel.LABEL_COLUMNS}
+        return funnel.get(objective).positive(labels, len(self.user))
 
 
 @dataclass
@@ -290,15 +292,14 @@ class StreamSource:
             else np.zeros(n, np.int64)
         )
         ts = table["timestamp"].to_numpy().astype(np.int64, copy=False)
-        clicked = _bools(table, "clicked", n)
-        converted = _bools(table, "converted", n)
+        labels = {c: _bools(table, c, n) for c in funnel.LABEL_COLUMNS}
         request = np.full(n, -1, np.int64)
         if self.request_ids is not None and "request_id" in table.column_names:
             raw = table["request_id"].to_numpy(zero_copy_only=False)
             raw = np.where(np.isnan(raw.astype(np.float64)), -1, raw).astype(np.int64)
             pos = np.minimum(np.searchsorted(self.request_ids, raw), len(self.request_ids) - 1)
             request = np.where(self.request_ids[pos] == raw, pos, -1)
-        chunk = Chunk(offset, user, item, ts, clicked, converted, request)
+        chunk = Chunk(offset, user, item, ts, request=request, **labels)
         if self.cutoffs is not None:
             chunk.label = self.cutoffs.labels(user, ts, chunk.row)
         return chunk
@@ -354,8 +355,9 @@ class StreamExamples:
     def _own_examples(self, part_ids) -> Iterator[tuple[np.ndarray, ...]]:
         src = self.src
         cols = ["user_id", "item_id", "timestamp"]
-        if self.objective != "exposure":
-            cols.append("clicked" if self.objective == "click" else "converted")
+        label = funnel.get(self.objective).column
+        if label is not None:
+            cols.append(label)
         if src.request_ids is not None:
             cols.append("request_id")
         for _, _, c in src.read(part_ids, tuple(cols), rank=src.rank):
@@ -473,7 +475,8 @@ def open_stream(
 
     # pass 1: validate, count events per user and positives per objective
     per_user = np.zeros(src.n_users, np.int64)
-    n_events = clicks = conversions = 0
+    n_events = 0
+    positives = dict.fromkeys(funnel.NAMES, 0)
     for i in all_parts:
         for offset, table in _read_part(parts[i], ()):
             where = f"{events_name} ({parts[i].path.name}, rows {offset}-{offset + table.num_rows - 1})"
@@ -482,15 +485,9 @@ def open_stream(
             src.items(table["item_id"], events_name)
             per_user += np.bincount(user, minlength=src.n_users)
             n_events += table.num_rows
-            clicks += _count_true(table["clicked"])
-            conversions += _count_true(table["converted"])
-    for objective, n, col in (
-        ("exposure", n_events, None), ("click", clicks, "clicked"),
-        ("conversion", conversions, "converted"),
-    ):  # fmt: skip
-        if objective in objectives and n == 0:
-            what = "no rows" if col is None else f"column {col} is never true ({n_events} rows)"
-            raise DataError(f"{events_name}: {what}, so the {objective} objective has no positives")
+            for o in funnel.FUNNEL:
+                positives[o.name] += label_count(table, o, table.num_rows)
+    check_positives(events_name, positives, n_events, objectives)
 
     # pass 2: the split's per-user cut-offs (one pass per bucket of users)
     def user_ts():
@@ -510,7 +507,7 @@ def open_stream(
     sizes = np.zeros(3, np.int64)
     hist: list[tuple[np.ndarray, ...]] = []
     samp: list[Chunk] = []
-    cols = ("user_id", "item_id", "timestamp", "clicked", "converted")
+    cols = ("user_id", "item_id", "timestamp", *funnel.LABEL_COLUMNS)
     for i, c_idx, c in src.read(all_parts, cols):
         train = c.label == TRAIN
         sizes += np.bincount(c.label, minlength=3)
@@ -520,13 +517,12 @@ def open_stream(
             counts[o] += np.bincount(c.item[sel], minlength=src.n_items)
             ranks[o][r] += int(sel.sum())
         if hist_src is not None:
-            sel = train & (c.clicked if hist_src == "click" else True)
+            sel = train & c.positive(hist_src)
             hist.append((c.user[sel], c.item[sel], c.ts[sel]))
         keep = sample[c.user]
         if keep.any():
-            samp.append(Chunk(0, *(getattr(c, k)[keep] for k in
-                                   ("user", "item", "ts", "clicked", "converted", "request")),
-                              label=c.label[keep]))  # fmt: skip
+            keys = ("user", "item", "ts", "request", *funnel.LABEL_COLUMNS)
+            samp.append(Chunk(0, **{k: getattr(c, k)[keep] for k in keys}, label=c.label[keep]))
     src.item_counts, src.rank_counts = counts, ranks
     src.split_sizes = tuple(int(x) for x in sizes)
     history = None
@@ -536,7 +532,8 @@ def open_stream(
         ] * 3
         hist.clear()
         none = np.zeros(len(h[0]), bool)
-        hev = Events(user=h[0], item=h[1], ts=h[2], clicked=none, converted=none, request=h[0])
+        labels = dict.fromkeys(funnel.LABEL_COLUMNS, none)
+        hev = Events(user=h[0], item=h[1], ts=h[2], request=h[0], **labels)
         history = History(hev, np.arange(len(h[0])), src.n_users, spec.user.history.max_len)
         del h, hev
     src.history, src.history_source = history, hist_src
@@ -547,8 +544,7 @@ def open_stream(
     label = cat("label", np.int8)
     events = Events(
         user=cat("user", np.int64), item=cat("item", np.int64), ts=cat("ts", np.int64),
-        clicked=cat("clicked", bool), converted=cat("converted", bool),
-        request=cat("request", np.int64),
+        request=cat("request", np.int64), **{c: cat(c, bool) for c in funnel.LABEL_COLUMNS},
     )  # fmt: skip
     split_sample = Split(
         train=np.flatnonzero(label == TRAIN),
