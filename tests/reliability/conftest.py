@@ -19,6 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from csmf.atomic import atomic_write_text
+from csmf.results import table
+
 ROOT = Path(__file__).resolve().parents[2]
 REPORT_ENV = "CSMF_RELIABILITY_REPORT"
 REPORT_COMMAND = (
@@ -34,8 +37,7 @@ class Report:
         self.sections: list[tuple[str, list[str]]] = []
 
     def add(self, title: str, rows: dict[str, object], note: str = "") -> None:
-        lines = ["| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows.items()]
+        lines = table(["figure", "value"], rows.items())
         if note:
             lines += ["", note]
         self.sections.append((title, lines))
@@ -64,8 +66,7 @@ class Report:
         body = []
         for title, lines in sorted(self.sections, key=lambda s: s[0]):
             body += [f"## {title}", "", *lines, ""]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("\n".join(head + body))
+        atomic_write_text(path, "\n".join(head + body))
 
 
 @pytest.fixture(scope="session")
