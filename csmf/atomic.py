@@ -8,7 +8,8 @@ atomic only within one filesystem), flushed and fsynced, renamed over the target
 raises, the temporary file is removed and the old file is untouched.
 
 Folders published whole (bundles, datasets) stage into a sibling folder instead
-(``index_builder.publish``, ``trainer.data.dataset``); they use :func:`fsync_path` from here.
+(``index_builder.publish``, ``trainer.data.dataset``); they use :func:`fsync_tree` and
+:func:`fsync_path` from here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ def fsync_path(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """fsync every file and folder below ``folder``, then ``folder``: a staged folder is on disk
+    before it is renamed into place (bundles, datasets)."""
+    folder = Path(folder)
+    for p in sorted(folder.rglob("*"), reverse=True):  # children before their folders
+        if p.is_file() or (p.is_dir() and not p.is_symlink()):
+            fsync_path(p)
+    fsync_path(folder)
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:

@@ -22,19 +22,11 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from csmf.atomic import fsync_path
+from csmf.atomic import fsync_path, fsync_tree
 from csmf.bundle import STAGING_MARKER
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file in ``folder`` (non-recursive), then the folder itself."""
-    for p in folder.iterdir():
-        if p.is_file():
-            fsync_path(p)
-    fsync_path(folder)
 
 
 def _pid_alive(pid: int) -> bool:

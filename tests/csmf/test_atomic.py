@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,18 @@ def test_no_file_is_created_when_the_first_write_fails(tmp_path):
     with pytest.raises(ValueError):
         atomic_write(tmp_path / "new.bin", lambda fh: int("x"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_fsync_tree_reaches_every_file_and_folder(tmp_path, monkeypatch):
+    import csmf.atomic as atomic
+
+    (tmp_path / "events").mkdir()
+    (tmp_path / "events" / "part-0.parquet").write_bytes(b"x")
+    (tmp_path / "dataset.json").write_text("{}")
+    synced = []
+    monkeypatch.setattr(atomic, "fsync_path", lambda p: synced.append(Path(p)))
+    atomic.fsync_tree(tmp_path)
+    assert synced.index(tmp_path / "events" / "part-0.parquet") < synced.index(tmp_path / "events")
+    assert set(synced) == {tmp_path, tmp_path / "events", tmp_path / "dataset.json",
+                           tmp_path / "events" / "part-0.parquet"}  # fmt: skip
+    assert synced[-1] == tmp_path

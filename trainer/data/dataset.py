@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import csmf.objectives as funnel
+from csmf.atomic import fsync_path, fsync_tree
 from csmf.errors import ConfigError, DataError
 from csmf.features import FeatureSpec, TowerSpec
 from csmf.split import TEST, TRAIN, VALIDATION, split_labels
@@ -456,6 +457,7 @@ def staged_dataset(out: str | Path) -> Iterator[Path]:
 def _publish(tmp: Path, out: Path) -> None:
     if not (tmp / "dataset.json").exists():
         raise RuntimeError(f"{tmp}: staged dataset has no dataset.json; refusing to publish")
+    fsync_tree(tmp)  # on disk before anything is renamed into place
     (out / "dataset.json").unlink(missing_ok=True)  # readers never see old metadata on new data
     for name in DATASET_ENTRIES:
         if name == "dataset.json":
@@ -468,6 +470,7 @@ def _publish(tmp: Path, out: Path) -> None:
         if (tmp / name).exists():
             os.replace(tmp / name, target)
     os.replace(tmp / "dataset.json", out / "dataset.json")
+    fsync_path(out)
 
 
 def write_meta(folder: Path, meta: dict[str, Any]) -> None:
