@@ -102,14 +102,16 @@ def test_sigkilled_run_resumes_to_the_bit_identical_result(
     assert done.metrics["resumed_from"]["stage"] == killed_at[0]
 
 
-def test_resume_from_any_epoch_or_stage_boundary_is_bit_identical(tiny_cfg, tiny_data):
+@pytest.mark.parametrize("stream", [False, True], ids=["memory", "stream"])
+def test_resume_from_any_epoch_or_stage_boundary_is_bit_identical(tiny_cfg, tiny_data, stream):
     """In process: every kind of resume point (mid-train, mid-recovery, stage frozen), with the
-    progress round-tripped through the on-disk format."""
+    progress round-tripped through the on-disk format; in memory and streamed (trainer.data.stream:
+    the epoch's row-group order, shuffle buffer and AR subset come from the saved RNG state)."""
     cfg = tiny_cfg
 
     def fresh():
         torch.manual_seed(cfg.train.seed)
-        enc = prepare(cfg, tiny_data)
+        enc = prepare(cfg, tiny_data, stream=stream)
         return enc, new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab)
 
     points = []
