@@ -123,9 +123,10 @@ def batch_loss(
     lc = cfg.loss
     user, pos = ex.user[idx], ex.item[idx]
     if cfg.train.history == "others":  # the whole train history but the target itself
-        e = model.user(enc.user_batch(user, drop=pos), stage)  # (B, D)
+        inputs = enc.user_batch(user, drop=pos)
     else:  # next-item: only events strictly earlier than the example
-        e = model.user(enc.user_batch(user, ex.hist_end[idx]), stage)  # (B, D)
+        inputs = enc.user_batch(user, ex.hist_end[idx])
+    e = model.user(drop_history(inputs, cfg.train.history_dropout, rng), stage)  # (B, D)
     if lc.negatives == "catalogue":
         return catalogue_loss(model, enc, e, pos, stage, cfg)
     cols = pos
@@ -153,6 +154,17 @@ def batch_loss(
         e, v, pos_t, cols_t, lc.temperature, correction, margin, hard_v, hard_items
     )
     return sampled_softmax_loss(logits)
+
+
+def drop_history(inputs: dict[str, Tensor], p: float, rng: np.random.Generator) -> dict:
+    """Blank each history slot with probability ``p`` (training only): the user vector must then
+    predict held-out items from a random part of the history, as a denoising autoencoder does,
+    instead of memorising the user's whole set."""
+    if p <= 0 or "history" not in inputs:
+        return inputs
+    h = inputs["history"]  # (B, L)
+    keep = torch.as_tensor(rng.random(tuple(h.shape)) >= p, device=h.device)
+    return {**inputs, "history": h * keep}
 
 
 def catalogue_loss(

@@ -129,6 +129,11 @@ class TrainConfig:
         "(set completion, what evaluation sees: the whole train history)",
         "before",
     )
+    history_dropout: float = _help(
+        "probability of blanking each history item of a training example (denoising; 0 = off); "
+        "never applied when encoding users for evaluation or serving",
+        0.0,
+    )
     device: str = _help(
         "'auto' (CUDA when torch sees a GPU, else CPU), 'cpu' or 'cuda'; under torchrun each "
         "process uses cuda:LOCAL_RANK",
@@ -162,6 +167,10 @@ class TrainConfig:
             raise ConfigError(
                 "train.stream_above and train.max_steps must be >= 0 and train.shuffle_buffer "
                 f">= 1, got {self.stream_above}, {self.max_steps}, {self.shuffle_buffer}"
+            )
+        if not 0.0 <= self.history_dropout < 1.0:
+            raise ConfigError(
+                f"train.history_dropout must be in [0, 1), got {self.history_dropout}"
             )
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")

@@ -1,14 +1,26 @@
 """The cascade on a tiny real dataset: state machine, exactness of the serving trick on trained
 owners, and no forgetting across stages."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from csmf.checkpoint import new_model
 from csmf.weights import dim_scale
-from trainer.cascade import CascadeStateError, Phase, StageMachine, probe_scores, run_cascade
+from trainer.cascade import (
+    CascadeStateError,
+    Phase,
+    StageMachine,
+    drop_history,
+    probe_scores,
+    run_cascade,
+)
+from trainer.config import ConfigError, load_config
+from trainer.evaluate import encode_all
 from trainer.ownership import owned_parameters
 from trainer.pipeline import prepare
 
@@ -116,3 +128,33 @@ def test_single_stage_is_an_exposure_only_model(tiny_cfg, tiny_data):
     model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab)
     metrics = run_cascade(model, enc, cfg, log=lambda _: None, progress=False)
     assert metrics["output_slices"] == [16]
+
+
+def test_history_dropout_blanks_a_share_of_slots_and_only_in_training(tiny_cfg, tiny_data):
+    enc = prepare(tiny_cfg, tiny_data)
+    inputs = enc.user_batch(np.arange(enc.n_users))
+    h = inputs["history"].clone()
+    assert drop_history(inputs, 0.0, np.random.default_rng(0)) is inputs
+    dropped = drop_history(inputs, 0.5, np.random.default_rng(0))["history"]
+    assert torch.equal(dropped[dropped > 0], h[dropped > 0])  # survivors are untouched
+    assert 0.4 < float((dropped[h > 0] > 0).float().mean()) < 0.6
+    assert torch.equal(inputs["history"], h)  # the caller's batch is not modified
+    with pytest.raises(ConfigError, match="history_dropout must be in"):
+        load_config(None, ["train.history_dropout=1.0"])
+
+
+def test_history_dropout_changes_training_not_encoding(tiny_cfg, tiny_data):
+    def train(p: float) -> torch.Tensor:
+        cfg = dataclasses.replace(
+            tiny_cfg, train=dataclasses.replace(tiny_cfg.train, history_dropout=p)
+        )
+        torch.manual_seed(0)
+        enc = prepare(cfg, tiny_data)
+        model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab)
+        run_cascade(model, enc, cfg, log=lambda _: None, progress=False)
+        e, _ = encode_all(model, enc)
+        e2, _ = encode_all(model, enc)
+        assert torch.equal(e, e2)  # encoding is deterministic: no dropout outside training
+        return e
+
+    assert not torch.allclose(train(0.0), train(0.5))
