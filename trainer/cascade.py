@@ -122,11 +122,12 @@ def batch_loss(
     """Sampled-softmax loss of view ``stage`` on the examples ``idx`` (DESIGN §2 'Loss')."""
     lc = cfg.loss
     user, pos = ex.user[idx], ex.item[idx]
-    if cfg.train.history == "others":  # the whole train history but the target itself
+    mode, dropout = cfg.train.stage_history(stage)
+    if mode == "others":  # the whole train history but the target itself
         inputs = enc.user_batch(user, drop=pos)
     else:  # next-item: only events strictly earlier than the example
         inputs = enc.user_batch(user, ex.hist_end[idx])
-    e = model.user(drop_history(inputs, cfg.train.history_dropout, rng), stage)  # (B, D)
+    e = model.user(drop_history(inputs, dropout, rng), stage)  # (B, D)
     if lc.negatives == "catalogue":
         return catalogue_loss(model, enc, e, pos, stage, cfg)
     cols = pos

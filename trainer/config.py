@@ -123,16 +123,17 @@ class TrainConfig:
         "(OpenMP oversubscription), while alone 2 threads are only ~1.3x faster than 1",
         0,
     )
-    history: str = _help(
-        "history visible to a training example: 'before' = the user's train events strictly "
-        "earlier than it (next-item); 'others' = all of the user's train events but the target "
-        "(set completion, what evaluation sees: the whole train history)",
-        "before",
+    history: tuple[str, ...] = _help(
+        "history visible to a training example, one value or one per stage: 'before' = the "
+        "user's train events strictly earlier than it (next-item); 'others' = all of the user's "
+        "train events but the target (set completion, what evaluation sees: the whole train "
+        "history)",
+        ("before",),
     )
-    history_dropout: float = _help(
-        "probability of blanking each history item of a training example (denoising; 0 = off); "
-        "never applied when encoding users for evaluation or serving",
-        0.0,
+    history_dropout: tuple[float, ...] = _help(
+        "probability of blanking each history item of a training example (denoising; 0 = off), "
+        "one value or one per stage; never applied when encoding users for evaluation or serving",
+        (0.0,),
     )
     device: str = _help(
         "'auto' (CUDA when torch sees a GPU, else CPU), 'cpu' or 'cuda'; under torchrun each "
@@ -160,7 +161,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr", _as_tuple(self.lr, float, "train.lr"))
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "train.epochs"))
-        _choice("train.history", self.history, TRAIN_HISTORY)
+        object.__setattr__(self, "history", _as_tuple(self.history, str, "train.history"))
+        object.__setattr__(
+            self, "history_dropout", _as_tuple(self.history_dropout, float, "train.history_dropout")
+        )
+        for h in self.history:
+            _choice("train.history", h, TRAIN_HISTORY)
         _choice("train.device", self.device, DEVICES)
         _choice("train.data", self.data, DATA_MODES)
         if self.stream_above < 0 or self.shuffle_buffer < 1 or self.max_steps < 0:
@@ -168,9 +174,9 @@ class TrainConfig:
                 "train.stream_above and train.max_steps must be >= 0 and train.shuffle_buffer "
                 f">= 1, got {self.stream_above}, {self.max_steps}, {self.shuffle_buffer}"
             )
-        if not 0.0 <= self.history_dropout < 1.0:
+        if not all(0.0 <= p < 1.0 for p in self.history_dropout):
             raise ConfigError(
-                f"train.history_dropout must be in [0, 1), got {self.history_dropout}"
+                f"train.history_dropout must be in [0, 1), got {list(self.history_dropout)}"
             )
         if self.batch_size < 2:
             raise ConfigError(f"train.batch_size must be >= 2, got {self.batch_size}")
@@ -189,6 +195,12 @@ class TrainConfig:
 
     def stage_epochs(self, stage: int) -> int:
         return self.epochs[stage] if len(self.epochs) > 1 else self.epochs[0]
+
+    def stage_history(self, stage: int) -> tuple[str, float]:
+        """(history mode, history dropout) of stage ``stage``."""
+        mode = self.history[stage] if len(self.history) > 1 else self.history[0]
+        drop = self.history_dropout
+        return mode, drop[stage] if len(drop) > 1 else drop[0]
 
 
 @dataclass(frozen=True)
@@ -248,7 +260,13 @@ class RunConfig:
             object.__setattr__(
                 self, "model", ModelConfig(**{**asdict(self.model), "num_objectives": t})
             )
-        for name, values in (("train.lr", self.train.lr), ("train.epochs", self.train.epochs)):
+        per_stage = (
+            ("train.lr", self.train.lr),
+            ("train.epochs", self.train.epochs),
+            ("train.history", self.train.history),
+            ("train.history_dropout", self.train.history_dropout),
+        )
+        for name, values in per_stage:
             if len(values) not in (1, t):
                 raise ConfigError(
                     f"{name} needs 1 or {t} values (one per stage), got {list(values)}"

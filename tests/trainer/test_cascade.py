@@ -141,6 +141,17 @@ def test_history_dropout_blanks_a_share_of_slots_and_only_in_training(tiny_cfg, 
     assert torch.equal(inputs["history"], h)  # the caller's batch is not modified
     with pytest.raises(ConfigError, match="history_dropout must be in"):
         load_config(None, ["train.history_dropout=1.0"])
+    per_stage = load_config(
+        None,
+        ['train.history=["before", "others", "others"]', "train.history_dropout=[0, 0.5, 0.5]"],
+    ).train
+    assert [per_stage.stage_history(t) for t in range(3)] == [
+        ("before", 0.0),
+        ("others", 0.5),
+        ("others", 0.5),
+    ]
+    with pytest.raises(ConfigError, match="train.history needs 1 or 3 values"):
+        load_config(None, ['train.history=["before", "others"]'])
 
 
 def test_history_dropout_changes_training_not_encoding(tiny_cfg, tiny_data):
