@@ -231,8 +231,8 @@ def run_epochs(
     losses = list(losses or [])
     bar = progress_bar((epochs - start_epoch) * steps, desc, "step", progress, leave=False)
     lines = progress and bar.disable and log is not None  # redirected: one line per epoch
-    t0 = time.perf_counter()
     for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()  # this epoch's time, in its log line
         total, count = 0.0, 0
         for step, (part, idx, n_global) in enumerate(_batches(ex, rng, tc.batch_size, dist)):
             if step == steps:  # train.max_steps
