@@ -16,8 +16,11 @@ checked on weighted queries) it measures, in one run:
    service CPU / (bare + encode + search);
 4. the batch endpoint from two separate client processes: users/s.
 
-Bare and service run side by side and are measured alternately (``--rounds``), medians kept, so
-a neighbour's job starting mid-run hits both alike.
+Bare and service run side by side and are loaded at the same time in each of ``--rounds`` rounds
+(medians kept), so a neighbour's job starting mid-run hits both alike (``--sequential``: one after
+the other). ``--before REF`` serves that commit too (a git worktree under ``--cache``), measured
+in the same rounds: before and after side by side in one run. Option rows price ``explain``,
+``exclude_seen``, ``exclude`` and ``filter`` one at a time against the plainest request.
 
 Server CPU is read from /proc (utime+stime of the uvicorn processes), so the load generator's own
 CPU is excluded. The machine is shared: the 1-minute load average before and after is recorded.
@@ -36,6 +39,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # Same BLAS threading as `csmf serve` (see service/cli.py), before numpy is imported.
@@ -133,15 +137,17 @@ def make_bodies(
     return out
 
 
-OPTIONS = ("plain", "explain", "exclude_seen", "exclude", "filter")
+OPTIONS = ("plain", "explain", "exclude_seen", "exclude", "filter", "filter_narrow")
 OPTION_NOTES = {
     "plain": "known users, scenario `default`, k=50, `exclude_seen: false`",
     "explain": "plain + `explain: true` (per-objective scores of every item)",
     "exclude_seen": "plain with `exclude_seen` at its default (true): the stored history "
     "(~40 items) never returned",
     "exclude": "plain + `exclude`: 5 item ids",
-    "filter": "plain + `filter`: `topic in [50 topics]` (~5 % of items), 8 distinct filters "
+    "filter": "plain + `filter`: `topic in [500 topics]` (~50 % of items), 8 distinct filters "
     "(cached after first use)",
+    "filter_narrow": "plain + `filter`: `topic in [50 topics]` (~5 % of items: IVF probes "
+    "nprobe / 0.05 lists to see as many allowed items), 8 distinct filters",
 }
 
 
@@ -154,7 +160,8 @@ def option_bodies(
     users = UserSnapshot.load(bundle / "users.parquet", "user_id").ids
     rng = random.Random(seed)
     topics = [str(t) for t in range(1000)]  # bench/serve_data.py: items have 1,000 topics
-    filters = [{"field": "topic", "in": rng.sample(topics, 50)} for _ in range(8)]
+    share = {"filter": 500, "filter_narrow": 50}.get(option, 0)
+    filters = [{"field": "topic", "in": rng.sample(topics, share)} for _ in range(8)]
     out = []
     for _ in range(count):
         b: dict = {"user_id": rng.choice(users), "k": k}
@@ -164,7 +171,7 @@ def option_bodies(
             b["explain"] = True
         elif option == "exclude":
             b["exclude"] = [f"i{rng.randrange(n_items)}" for _ in range(5)]
-        elif option == "filter":
+        elif option in ("filter", "filter_narrow"):
             b["filter"] = rng.choice(filters)
         out.append(json.dumps(b))
     return out
@@ -333,6 +340,7 @@ def batch(
 ) -> dict:
     from csmf.bundle import UserSnapshot
 
+    tmp.mkdir(parents=True, exist_ok=True)
     users = tmp / "batch_users.json"
     users.write_text(json.dumps(UserSnapshot.load(bundle / "users.parquet", "user_id").ids[:20000]))
     procs = [
@@ -406,8 +414,15 @@ def section(
         "rates are depressed and vary ±30 % run to run; compare rows within this section). "
         f"Medians of {meta['rounds']} rounds of {meta['duration']} s; bare, "
         + (f"the service before ({meta['before']}) and " if meta["before"] else "")
-        + f"the service at {meta['head']} measured alternately; the ratio is service CPU / "
-        "(bare + interleaved encode+search) per round, median.",
+        + f"the service at {meta['head']} "
+        + (
+            "measured one after the other"
+            if meta["sequential"]
+            else "under load at the same "
+            "time (each server its own wrk; CPU per request is each server's own), so the "
+            "machine's changing load hits them alike"
+        )
+        + "; the ratio is service CPU / (bare + interleaved encode+search) per round, median.",
         "",
         f"Bundle: {idx.type} {idx.build_params} "
         f"{idx.search_params}, {manifest.dim} dims, slices {list(manifest.slice_sizes)}; "
@@ -452,9 +467,11 @@ def section(
         names = list(next(iter(options.values())))
         lines += [
             "",
-            f"What each option costs ({meta['option_duration']} s of wrk per row and server, "
-            "2,000 bodies, known users, 16 connections; Δ = CPU µs/request over `plain` on the "
-            "same server):",
+            f"What each option costs (medians of {meta['option_rounds']} rounds of "
+            f"{meta['option_duration']} s of wrk per row, options interleaved"
+            + ("" if meta["sequential"] else ", the servers under load together")
+            + "; 2,000 bodies, known users, 16 connections; Δ = CPU µs/request over "
+            "`plain` on the same server):",
             "",
         ]
         rows = []
@@ -562,7 +579,14 @@ def main() -> None:
         "rounds, option rows and batch run: before/after side by side",
     )
     ap.add_argument(
-        "--option-duration", type=int, default=5, help="seconds of load per option row (0: none)"
+        "--option-duration", type=int, default=4, help="seconds of load per option row (0: none)"
+    )
+    ap.add_argument("--option-rounds", type=int, default=3, help="rounds of the option rows")
+    ap.add_argument(
+        "--sequential",
+        action="store_true",
+        help="load one server at a time (default: bare and the services under load together, "
+        "so a shared machine's changing load hits them alike; CPU per request is per server)",
     )
     ap.add_argument("--batch-size", type=int, default=500)
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
@@ -610,28 +634,55 @@ def main() -> None:
         _wait_ready(bare_port, bare_p)
         for port, proc in procs.values():
             _wait_ready(port, proc)
+
+        # One round: every server under the same load, either at the same time (default: a
+        # neighbour's job hits all of them alike) or one after the other (--sequential).
+        def measure(targets: dict[str, tuple[int, Path, int]], seconds: int) -> dict[str, dict]:
+            if args.sequential:
+                return {n: wrk(p, l_, seconds, args.connections, pid)
+                        for n, (p, l_, pid) in targets.items()}  # fmt: skip
+            with ThreadPoolExecutor(len(targets)) as ex:
+                futs = {n: ex.submit(wrk, p, l_, seconds, args.connections, pid)
+                        for n, (p, l_, pid) in targets.items()}  # fmt: skip
+                return {n: f.result() for n, f in futs.items()}
+
         for i in range(args.rounds):
-            b = wrk(bare_port, lua, args.duration, args.connections, bare_p.pid)
+            targets = {"bare": (bare_port, lua, bare_p.pid)}
+            targets.update({name: (port, lua, proc.pid) for name, (port, proc) in procs.items()})
+            got_round = measure(targets, args.duration)
+            b = got_round.pop("bare")
             bare_runs.append(b)
             print(f"round {i}: bare {b}", flush=True)
-            for name, (port, proc) in procs.items():
-                r = wrk(port, lua, args.duration, args.connections, proc.pid)
+            for name, r in got_round.items():
                 svc_runs[name].append(r)
                 ratios[name].append(r["cpu_us_per_req"] / (b["cpu_us_per_req"] + work_us(base)))
                 print(f"         {name} {r}", flush=True)
-        if args.option_duration > 0:
-            for opt in OPTIONS:
-                olua = write_lua(option_bodies(bundle, args.items, opt), tmp / f"opt-{opt}.lua")
-                options[opt] = {}
-                for name, (port, proc) in procs.items():
-                    short = name.replace("service ", "")
-                    options[opt][short] = wrk(
-                        port, olua, args.option_duration, args.connections, proc.pid
-                    )
-                    print(f"option {opt} {short}: {options[opt][short]}", flush=True)
-        for name, (port, _) in procs.items():
-            batch_res[name] = batch(port, bundle, args.batch_size, 2, 10, 10, tmp)
-            print(f"batch {name}: {batch_res[name]}", flush=True)
+        if args.option_duration > 0:  # options interleaved, servers together, medians over rounds
+            luas = {
+                opt: write_lua(option_bodies(bundle, args.items, opt), tmp / f"opt-{opt}.lua")
+                for opt in OPTIONS
+            }
+            got: dict[tuple[str, str], list[dict]] = {}
+            for _ in range(args.option_rounds):
+                for opt in OPTIONS:
+                    targets = {
+                        name: (port, luas[opt], proc.pid) for name, (port, proc) in procs.items()
+                    }
+                    for name, r in measure(targets, args.option_duration).items():
+                        got.setdefault((opt, name.replace("service ", "")), []).append(r)
+                        print(f"option {opt} {name}: {r}", flush=True)
+            for (opt, short), rs in got.items():
+                options.setdefault(opt, {})[short] = _median_run(rs)
+        with ThreadPoolExecutor(1 if args.sequential else len(procs)) as ex:
+            futs = {
+                name: ex.submit(
+                    batch, port, bundle, args.batch_size, 2, 10, 10, tmp / f"batch-{port}"
+                )
+                for name, (port, _) in procs.items()
+            }
+            for name, f in futs.items():
+                batch_res[name] = f.result()
+                print(f"batch {name}: {batch_res[name]}", flush=True)
     finally:
         _stop(bare_p)
         for _, proc in procs.values():
@@ -665,6 +716,8 @@ def main() -> None:
         "rounds": args.rounds,
         "duration": args.duration,
         "option_duration": args.option_duration,
+        "option_rounds": args.option_rounds,
+        "sequential": args.sequential,
         "before": before,
         "head": head,
     }
