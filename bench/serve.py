@@ -84,7 +84,7 @@ def _tree_cpu(pid: int) -> dict[int, float]:
     return out
 
 
-def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 900) -> None:
     import httpx
 
     end = time.monotonic() + timeout
@@ -378,6 +378,7 @@ def start_service(
     env.update({f"CSMF_{k.upper()}": v for k, v in settings.items()})
     env["CSMF_SCENARIOS_FILE"] = str(tmp / f"scenarios-{port}.json")
     env["CSMF_MAX_BATCH"] = "2000"
+    env.setdefault("CSMF_VERIFY_BUNDLE", "false")  # checked when built; startup is not measured
     env["PYTHONPATH"] = str(code)
     csmf = [sys.executable, "-m", "csmf.cli", "serve", "--bundle", str(bundle)]
     args = csmf + ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
