@@ -548,8 +548,8 @@ def _head() -> str:
     sha = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
     ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"],
+    dirty = subprocess.run(  # changes to what is served, not to bench/ or results
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "service", "csmf"],
         cwd=ROOT, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     return f"{sha}{' + uncommitted changes' if dirty else ''}" if sha else "this tree"

@@ -12,10 +12,12 @@ py-spy: ``pip install py-spy`` (needs ptrace; root in the container is enough).
 from __future__ import annotations
 
 import argparse
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from serve import (
@@ -69,6 +71,69 @@ def _record(pid: int, seconds: int, out: Path) -> None:
         r.wait()
 
 
+ANCHORS = {"retrieve": "_fast_retrieve (main.py)", "batch": "retrieve_batch.<locals>.work"}
+
+
+def summary(raw: Path, anchor: str, top: int = 22) -> list[list[str]]:
+    """Rows (% of the request, % of samples, self %, frame) of the ``top`` frames under
+    ``anchor`` (the request's outermost frame of ours) in a collapsed-stack file, by inclusive
+    share (a frame counted once per stack)."""
+    inc: Counter[str] = Counter()
+    own: Counter[str] = Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, n = line.rsplit(" ", 1)
+        frames = [
+            re.sub(r" \(.*?(?:site-packages|lib/python3\.\d+|wt-[\w-]+|hotpath-base)/", " (", f)
+            for f in stack.split(";")
+        ]
+        frames = [re.sub(r":\d+\)$", ")", f) for f in frames]
+        total += int(n)
+        if not any(f.startswith(anchor) for f in frames):
+            continue
+        below = frames[next(i for i, f in enumerate(frames) if f.startswith(anchor)) :]
+        for f in set(below):
+            inc[f] += int(n)
+        own[frames[-1]] += int(n)
+    request = max(inc.values(), default=1)
+    return [
+        [
+            f"{100 * c / request:.1f}",
+            f"{100 * c / total:.1f}",
+            f"{100 * own[f] / total:.1f}",
+            f"`{f}`",
+        ]
+        for f, c in inc.most_common(top)
+    ]
+
+
+def write_summary(out: Path, tags: list[str]) -> None:
+    """``out`` (markdown): each profile's top frames under the request, before and after."""
+    from csmf.results import script_command, table
+
+    lines = [
+        "# Serving profiles",
+        "",
+        f"`{script_command(__file__)}` from `python bench/serve_profile.py --items 1000000 --tag "
+        "TAG` (py-spy, 200 Hz, the busiest worker under wrk / two batch clients, 1,000,000 "
+        "items; `before` served a git worktree of the base commit with `--code`). Wall-clock "
+        "samples of threads that are not idle: a thread preempted inside a system call (the "
+        "response-header write that wakes the client) is counted there, so on a loaded machine "
+        "`RequestResponseCycle.send` is mostly time waiting for a core, not CPU work; "
+        "bench/results/serve.md has the CPU accounting. Flame graphs: "
+        + ", ".join(f"`profile-{t}-{p}.svg`" for t in tags for p in ANCHORS),
+        "",
+    ]
+    for path, anchor in ANCHORS.items():
+        for tag in tags:
+            raw = out.parent / f"profile-{tag}-{path}.txt"
+            if raw.exists():
+                lines += [f"## {path}, {tag}", ""]
+                head = ["% of the request", "% of samples", "self % of samples", "frame"]
+                lines += table(head, summary(raw, anchor), "rrrl") + [""]
+    out.write_text("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--items", type=int, default=1_000_000)
@@ -80,7 +145,16 @@ def main() -> None:
     ap.add_argument(
         "--code", type=Path, default=ROOT, help="source tree to serve (e.g. a worktree of main)"
     )
+    ap.add_argument(
+        "--summarise",
+        metavar="TAG",
+        nargs="+",
+        help="only write bench/results/profile.md from the recorded profiles of these tags",
+    )
     args = ap.parse_args()
+    if args.summarise:
+        write_summary(args.out / "profile.md", args.summarise)
+        return
     from serve_data import bench_bundle
 
     bundle = bench_bundle(args.items, args.cache, nprobe=args.nprobe)
