@@ -502,7 +502,8 @@ def section(
 def write_report(out: Path, n: int, text: str) -> None:
     head = (
         "# Serving benchmark\n\nProduced by `bench/serve.py` (see its docstring for what is measured). "
-        "16 connections, wrk on loopback, 5,000 varied bodies, k=50.\n\n"
+        "16 connections, wrk on loopback, 5,000 varied bodies, k=50. Where a worker's time goes: "
+        "bench/results/profile.md (bench/serve_profile.py, flame graphs before/after).\n\n"
     )
     sections = {}
     if out.exists():
