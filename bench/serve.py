@@ -10,10 +10,12 @@ checked on weighted queries) it measures, in one run:
    interleaved per request (encode, then its search); the interleaved cost is the baseline,
    because separate loops keep each step's data cache-hot, which no request enjoys;
 2. a bare FastAPI endpoint (bench/serve_bare.py) under the same load: server CPU µs/request;
+   and a hand-written FastAPI + encoder + FAISS endpoint (bench/serve_handwritten.py), what a team
+   would write instead of the service: same bodies, same results, none of the service's extras;
 3. the service (`csmf serve --workers W`) under wrk: 16 connections, 5,000 varied bodies
    (known/unknown users, inline histories, exclusions, scenario or explicit weights), k=50:
-   requests/s, p50/p90/p99, non-2xx, server CPU µs/request, and the ratio
-   service CPU / (bare + encode + search);
+   requests/s, p50/p90/p99, non-2xx, server CPU µs/request, and the ratios
+   service CPU / (bare + encode + search) and service CPU / hand-written endpoint CPU;
 4. the batch endpoint from two separate client processes: users/s.
 
 Bare and service run side by side and are loaded at the same time in each of ``--rounds`` rounds
@@ -392,6 +394,15 @@ def start_bare(port: int, workers: int) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=BENCH, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_handwritten(bundle: Path, port: int, workers: int) -> subprocess.Popen:
+    """bench/serve_handwritten.py: FastAPI + encoder + FAISS, what a team would write instead."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HANDWRITTEN_BUNDLE": str(bundle)}
+    args = [sys.executable, "serve_handwritten.py", str(bundle), str(port), str(workers)]
+    return subprocess.Popen(
+        args, cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
 # -- report ---------------------------------------------------------------------------------------------
 
 
@@ -404,6 +415,7 @@ def section(
     batch_res: dict,
     options: dict,
     meta: dict,
+    hand: dict | None = None,
 ) -> str:
     rc, idx = manifest.recall_check, manifest.index
     tuned = " (nprobe tuned)" if idx.tuning else ""
@@ -423,7 +435,15 @@ def section(
             "time (each server its own wrk; CPU per request is each server's own), so the "
             "machine's changing load hits them alike"
         )
-        + "; the ratio is service CPU / (bare + interleaved encode+search) per round, median.",
+        + "; the ratio is service CPU / (bare + interleaved encode+search) per round, median"
+        + (
+            "; the hand-written ratio is service CPU / the hand-written endpoint's CPU "
+            "(bench/serve_handwritten.py: FastAPI + the same encoder and index, same bodies and "
+            "results, none of the service's scenarios, request ids, metrics, named errors), per "
+            "round, median."
+            if hand
+            else "."
+        ),
         "",
         f"Bundle: {idx.type} {idx.build_params} "
         f"{idx.search_params}, {manifest.dim} dims, slices {list(manifest.slice_sizes)}; "
@@ -453,15 +473,16 @@ def section(
     separate = bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"]
     head = ["server", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "server CPU µs/req",
             "ratio to baseline", "server cores used", "CPU split across workers %",
-            "ratio, separate-loop baseline"]  # fmt: skip
+            "ratio, separate-loop baseline", "ratio to hand-written"]  # fmt: skip
     lines += table(
         head,
         (
             [name, f"{r['rps']:.0f}", f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}",
              f"{r['p99_ms']:.2f}", r["non_2xx"], f"{r['cpu_us_per_req']:.0f}", f"{r['ratio']:.2f}",
              f"{r['server_cores']:.2f}", r["worker_split"] or "-",
-             f"{r['cpu_us_per_req'] / separate:.2f}"]
-            for name, r in runs.items()
+             f"{r['cpu_us_per_req'] / separate:.2f}",
+             f"{r['hand_ratio']:.2f}" if "hand_ratio" in r else "-"]
+            for name, r in ({**runs, "hand-written endpoint": hand} if hand else runs).items()
         ),
     )  # fmt: skip
     if options:
@@ -625,15 +646,19 @@ def main() -> None:
     # Bare and the services side by side (an idle uvicorn costs nothing), measured alternately so
     # a change in the machine's load hits all alike; the ratio is taken per round.
     bare_p = start_bare(bare_port := _free_port(), w)
+    hand_p = start_handwritten(bundle, hand_port := _free_port(), w)
     procs = {name: (port := _free_port(), start_service(bundle, port, w, tmp, code=code))
              for name, code in codes.items()}  # fmt: skip
     bare_runs: list[dict] = []
+    hand_runs: list[dict] = []
+    hand_ratios: dict[str, list[float]] = {name: [] for name in codes}
     svc_runs: dict[str, list[dict]] = {name: [] for name in codes}
     ratios: dict[str, list[float]] = {name: [] for name in codes}
     options: dict[str, dict[str, dict]] = {}
     batch_res: dict[str, dict] = {}
     try:
         _wait_ready(bare_port, bare_p)
+        _wait_ready(hand_port, hand_p)
         for port, proc in procs.values():
             _wait_ready(port, proc)
 
@@ -650,14 +675,19 @@ def main() -> None:
 
         for i in range(args.rounds):
             targets = {"bare": (bare_port, lua, bare_p.pid)}
+            targets["hand"] = (hand_port, lua, hand_p.pid)
             targets.update({name: (port, lua, proc.pid) for name, (port, proc) in procs.items()})
             got_round = measure(targets, args.duration)
             b = got_round.pop("bare")
             bare_runs.append(b)
+            hw = got_round.pop("hand")
+            hand_runs.append(hw)
             print(f"round {i}: bare {b}", flush=True)
+            print(f"         hand-written {hw}", flush=True)
             for name, r in got_round.items():
                 svc_runs[name].append(r)
                 ratios[name].append(r["cpu_us_per_req"] / (b["cpu_us_per_req"] + work_us(base)))
+                hand_ratios[name].append(r["cpu_us_per_req"] / hw["cpu_us_per_req"])
                 print(f"         {name} {r}", flush=True)
         if args.option_duration > 0:  # options interleaved, servers together, medians over rounds
             luas = {
@@ -687,13 +717,17 @@ def main() -> None:
                 print(f"batch {name}: {batch_res[name]}", flush=True)
     finally:
         _stop(bare_p)
+        _stop(hand_p)
         for _, proc in procs.values():
             _stop(proc)
     bare = _median_run(bare_runs)
+    hand = _median_run(hand_runs)
+    hand["ratio"] = hand["cpu_us_per_req"] / (bare["cpu_us_per_req"] + work_us(base))
     runs = {
         f"{name}, {w} workers": {
             **_median_run(svc_runs[name]),
             "ratio": float(np.median(ratios[name])),
+            "hand_ratio": float(np.median(hand_ratios[name])),
         }
         for name in codes
     }
@@ -726,7 +760,7 @@ def main() -> None:
     write_report(
         args.out,
         args.items,
-        section(args.items, manifest, base, bare, runs, batch_res, options, meta),
+        section(args.items, manifest, base, bare, runs, batch_res, options, meta, hand),
     )
     print(f"wrote {args.out}")
 

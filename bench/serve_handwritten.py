@@ -1,0 +1,87 @@
+"""The "hand-written endpoint" of bench/serve.py: what a team would write in an afternoon instead
+of running the service — FastAPI + the bundle's user encoder + the FAISS index, no more.
+
+It answers the same bodies as the service with the same results (known, unknown and inline-history
+users, explicit or default weights, ``exclude``, ``exclude_seen`` by the same k + |seen| search):
+``orjson`` in, a dict per item out through ``orjson``. What it leaves out is what the service
+adds for operators: scenarios and experiments, request ids for feedback, metrics, validation with
+named errors, warnings, filters, ``explain``, hot reload. So service CPU / this endpoint's CPU, in
+the same rounds, is the price of those — the comparison the issue's "why" describes. Run with
+``--workers`` like the service: ``python serve_handwritten.py BUNDLE PORT WORKERS``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import faiss  # noqa: E402
+import orjson  # noqa: E402
+from fastapi import FastAPI, Request, Response  # noqa: E402
+
+from csmf.bundle import load_bundle  # noqa: E402
+
+faiss.omp_set_num_threads(1)
+app = FastAPI()
+if __name__ != "__main__":  # a worker (uvicorn imports this module by name): load the bundle
+    bundle = load_bundle(os.environ["HANDWRITTEN_BUNDLE"], verify=False)
+    objectives = list(bundle.objectives)
+    default_weights = [1.0, 1.8, 1.2]  # the service's `default` scenario
+    ids = bundle.item_ids.tolist()
+    rows_of = {iid: r for r, iid in enumerate(ids)}
+    meta = {c: list(v) for c, v in bundle.item_meta.items()}
+    items_of = [
+        {"item_id": i, "meta": {c: v[r] for c, v in meta.items()}} for r, i in enumerate(ids)
+    ]
+
+
+@app.post("/v1/retrieve")
+async def retrieve(request: Request) -> Response:
+    req = orjson.loads(await request.body())
+    k = req.get("k", 50)
+    w = req.get("weights")
+    w = [w[o] for o in objectives] if isinstance(w, dict) else (w or default_weights)
+    uid = req.get("user_id")
+    got = bundle.users.get(uid) if uid is not None else None
+    row, stored = got if got else ({"user_id": uid}, [])
+    hist = req.get("history")
+    if hist is None:  # the stored history: item codes, with their index rows precomputed
+        hist, seen = stored, set(stored.rows().tolist()) if stored else set()
+    else:
+        hist = [h for h in hist if h in rows_of]
+        seen = {rows_of[h] for h in hist}
+    e = bundle.encoder.encode([row], [hist]) if got or hist else bundle.encoder.cold_start()
+    if not req.get("exclude_seen", True):
+        seen = set()
+    seen.update(rows_of[x] for x in req.get("exclude", ()) if x in rows_of)
+    scores, rows = bundle.search(e.reshape(1, -1) * bundle.scale(w), k + len(seen))
+    items = [
+        {**items_of[r], "score": s}
+        for r, s in zip(rows[0].tolist(), scores[0].tolist(), strict=True)
+        if r >= 0 and r not in seen
+    ][:k]
+    out = {"items": items, "weights": dict(zip(objectives, w, strict=True))}
+    out["model_version"] = bundle.model_version
+    return Response(orjson.dumps(out), media_type="application/json")
+
+
+@app.get("/readyz")
+def readyz() -> dict:
+    return {"status": "ok", "model_version": bundle.model_version}
+
+
+if __name__ == "__main__":
+    import uvicorn
+
+    os.environ["HANDWRITTEN_BUNDLE"] = sys.argv[1]
+    port, workers = int(sys.argv[2]), int(sys.argv[3])
+    uvicorn.run(
+        "serve_handwritten:app",
+        host="127.0.0.1",
+        port=port,
+        workers=workers,
+        log_level="warning",
+        access_log=False,
+    )
