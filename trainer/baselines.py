@@ -101,14 +101,21 @@ def with_changes(cfg: RunConfig, changes: Mapping[str, Mapping]) -> RunConfig:
 
 
 def single_objective_config(cfg: RunConfig, objective: str) -> RunConfig:
-    """A 1-stage cascade on ``objective`` with that stage's budget (lr, epochs) from ``cfg``."""
+    """A 1-stage cascade on ``objective`` with that stage's settings from ``cfg``: its budget
+    (lr, epochs) and its training history (mode, dropout) — every per-stage value."""
     t = cfg.objectives.index(objective)
+    mode, dropout = cfg.train.stage_history(t)
     return with_changes(
         cfg,
         {
             "cascade": {"objectives": [objective]},
             "eval": {"weights": [1.0]},
-            "train": {"epochs": [cfg.train.stage_epochs(t)], "lr": [cfg.train.stage_lr(t)]},
+            "train": {
+                "epochs": [cfg.train.stage_epochs(t)],
+                "lr": [cfg.train.stage_lr(t)],
+                "history": [mode],
+                "history_dropout": [dropout],
+            },
         },
     )
 

@@ -63,6 +63,20 @@ def test_single_objective_config_keeps_stage_budget(tiny_cfg):
     assert c.loss == tiny_cfg.loss and c.features == tiny_cfg.features
 
 
+def test_single_objective_config_takes_its_stage_history(tiny_cfg):
+    """Per-stage train.history / history_dropout (the ML-100K default) are sliced like lr and
+    epochs: the single-objective baselines (exposure-only, Sep, Mix) failed config validation
+    with a 3-value list on a 1-stage cascade."""
+    cfg = with_changes(
+        tiny_cfg,
+        {"train": {"history": ["before", "before", "others"], "history_dropout": [0, 0, 0.5]}},
+    )
+    for t, objective in enumerate(cfg.objectives):
+        c = single_objective_config(cfg, objective)
+        assert c.train.stage_history(0) == cfg.train.stage_history(t)
+    assert single_objective_config(cfg, "conversion").train.history == ("others",)
+
+
 def test_mixed_examples_are_click_plus_conversion_positives(enc):
     mix = mixed_examples(enc, ("click", "conversion"))
     n_click = len(stage_examples(enc, "click"))
