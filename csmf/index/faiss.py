@@ -12,10 +12,11 @@ reach most items (measured: recall@50 0.59 raw vs 0.96 centred, ef=128, on a ran
 Filters and exclusions are FAISS search-time ID selectors (a bitmap of allowed rows, a batch of
 excluded ones): exact, nothing over-fetched. On the approximate types a very selective filter
 starves the search — IVF scans nprobe lists that hold few allowed items, HNSW's graph walk
-disconnects. Above ``exact_below`` (5 %; HNSW 10 %) of the catalogue the ANN search widens nprobe
-/ efSearch by 1/share; below it the search is brute force over the allowed
-rows instead (exact, and cheap: 1 % of 1M items is 10k dot products). Flat takes the same path
-(same result, less work than testing the selector on every row).
+disconnects. Above ``exact_below`` (HNSW 10 %; IVF 5 % at 100k items, less at larger catalogues,
+see ``auto_exact_below``) of the catalogue the ANN search widens nprobe / efSearch by 1/share;
+below it the search is brute force over the allowed rows instead (exact, and cheap: 0.5 % of 1M
+items is 5k dot products). Flat takes the same path (same result, less work than testing the
+selector on every row).
 
 IVF-PQ keeps ``m`` bytes per item (plus ids) in memory; the float32 vectors stay on disk in
 ``vectors.npy``, memory-mapped, for the exact re-rank of ``rerank × k`` candidates, explain and
@@ -48,6 +49,26 @@ KNOBS = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}
 # IVF with nprobe widened by 1/share costs (0.6 vs 0.7 ms), at 10 % half of widened HNSW (1.1 vs
 # 2.3 ms, whose recall also sags: 0.96 → 0.74 at 0.5 %); flat takes the gather below 5 % too.
 EXACT_BELOW = {"flat": 0.05, "ivf": 0.05, "ivfpq": 0.05, "hnsw": 0.10}
+# IVF's crossover moves with the catalogue: the exact search costs ∝ share·N, the widened one
+# ∝ (nprobe/share)·(N/nlist), so they meet near share ≈ c·sqrt(nprobe/nlist). Measured
+# (bench/exact_below.py → bench/results/exact-below.md; medians, one thread): at 1M items (nlist
+# 4000, nprobe 32) exact 3.7 vs widened 5.8 ms at 1.5 %, 8.1 vs 4.1 ms at 2 %, 18 vs 3.2 ms at
+# 5 %; at 100k (nlist 1265, nprobe 32) both paths cost under 1 ms up to 7 %. c = 0.2 switches at
+# 1.8 % (1M) and 3.2 % (100k): right at 1M, where a wrong side costs milliseconds, and up to
+# 0.4 ms on the dear side at 100k for filters allowing 3–7 %; capped at the measured 5 %.
+IVF_EXACT_C = 0.2
+IVF_EXACT_MIN = 0.002
+
+
+def auto_exact_below(kind: str, nprobe: int = 0, nlist: int = 0) -> float:
+    """The default ``exact_below``: the measured share for flat and HNSW; for IVF types the
+    crossover c·sqrt(nprobe/nlist) (see IVF_EXACT_C), within [IVF_EXACT_MIN, 5 %]."""
+    if kind in ("ivf", "ivfpq") and nprobe > 0 and nlist > 0:
+        share = IVF_EXACT_C * math.sqrt(nprobe / nlist)
+        return min(EXACT_BELOW[kind], max(IVF_EXACT_MIN, share))
+    return EXACT_BELOW[kind]
+
+
 EF_CAP = 4096
 
 
@@ -78,9 +99,7 @@ class FaissSpec:
             raise ConfigError(f"rerank applies to index ivfpq only, got index {self.kind!r}")
         if self.opq and self.kind != "ivfpq":
             raise ConfigError(f"opq applies to index ivfpq only, got index {self.kind!r}")
-        if self.exact_below is None:
-            object.__setattr__(self, "exact_below", EXACT_BELOW[self.kind])
-        if not 0.0 <= self.exact_below <= 1.0:
+        if self.exact_below is not None and not 0.0 <= self.exact_below <= 1.0:
             raise ConfigError(f"exact_below must be in [0, 1], got {self.exact_below}")
         if self.rerank < 0:
             raise ConfigError(f"rerank must be >= 0, got {self.rerank}")
@@ -130,7 +149,9 @@ class FaissIndex(VectorIndex):
         offset = None if item_offset is None else np.asarray(item_offset, np.float32)
         self.offset = offset if offset is not None and np.any(offset) else None  # (D,) or None
         self.exact = exact_vectors  # (N, D) float32 memmap (IVF-PQ) or None
-        self.exact_below = float(EXACT_BELOW[kind] if exact_below is None else exact_below)
+        # None = auto_exact_below for the current search parameters (recorded as null)
+        self._exact_below = None if exact_below is None else float(exact_below)
+        self._auto_exact_below = EXACT_BELOW[kind]
         self.widen_filtered = True  # see _faiss_params; off only to measure what it buys
         self._bytes = bytes_
         self.capabilities = Capabilities("faiss", kind, kind == "flat", True, True)
@@ -228,6 +249,16 @@ class FaissIndex(VectorIndex):
     def search_params(self) -> dict[str, Any]:
         return dict(self._params)
 
+    @property
+    def exact_below(self) -> float:
+        """Filters allowing at most this share of the items search exactly over the allowed
+        rows: the configured value, or ``auto_exact_below`` for the current nprobe."""
+        return self._auto_exact_below if self._exact_below is None else self._exact_below
+
+    @exact_below.setter
+    def exact_below(self, value: float | None) -> None:
+        self._exact_below = None if value is None else float(value)
+
     def set_search_params(self, params: dict[str, Any]) -> None:
         p = dict(params)
         if self.kind == "hnsw":
@@ -240,6 +271,7 @@ class FaissIndex(VectorIndex):
                 raise BundleError("IVF-PQ re-rank needs the exact vectors file, none is loaded")
         self._params = p
         self._rerank = p.get("rerank", 0)
+        self._auto_exact_below = auto_exact_below(self.kind, int(p.get("nprobe", 0)), self._nlist)
 
     def knob(self) -> tuple[str, int] | None:
         name = KNOBS.get(self.kind)
@@ -344,7 +376,7 @@ class FaissIndex(VectorIndex):
             "build_params": self.build_params,
             "search_params": self.search_params,
             "item_offset": None if self.offset is None else self.offset.tolist(),
-            "exact_below": self.exact_below,
+            "exact_below": self._exact_below,  # null: auto_exact_below, recomputed on load
             "files": files,
             **self.build_info,
             **self.stats(),

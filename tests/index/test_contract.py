@@ -239,3 +239,44 @@ def test_opq_ivfpq_round_trips_and_reranks_exactly(tmp_path):
         scores, np.einsum("qd,qkd->qk", q, x[rows]), rtol=1e-5, atol=1e-4
     )  # re-ranked: exact scores
     assert recall_with_ties(x, q, rows, truth).mean() >= 0.9
+
+
+def test_ivf_exact_below_follows_the_catalogue_and_is_recorded(tmp_path, monkeypatch):
+    """IVF's default crossover is c·sqrt(nprobe/nlist) within [0.2 %, 5 %]: the exact search
+    costs ∝ share·N, the widened one ∝ (nprobe/share)·(N/nlist). It is recorded as null (auto),
+    recomputed for the loaded nprobe, and a configured value is kept as given."""
+    from csmf.index.faiss import EXACT_BELOW, IVF_EXACT_C, auto_exact_below
+
+    assert auto_exact_below("ivf", 32, 1265) == pytest.approx(IVF_EXACT_C * (32 / 1265) ** 0.5)
+    assert auto_exact_below("ivf", 20, 4000) < auto_exact_below("ivf", 32, 1265) < 0.05
+    assert auto_exact_below("ivf", 1, 10**6) == 0.002 and auto_exact_below("ivf", 16, 32) == 0.05
+    assert auto_exact_below("hnsw") == EXACT_BELOW["hnsw"] == 0.10
+
+    built = FaissIndex.build(X, FaissSpec("ivf", nlist=64, nprobe=1), progress=False)
+    want = IVF_EXACT_C * (1 / 64) ** 0.5
+    assert built.exact_below == pytest.approx(want)
+    (tmp_path / "auto").mkdir()
+    spec = IndexSpec.model_validate(built.save(tmp_path / "auto"))
+    assert spec.exact_below is None  # auto: not frozen into the manifest
+    loaded = open_index(spec, tmp_path / "auto")
+    assert loaded.exact_below == pytest.approx(want)
+    # A filter between the auto crossover and the old fixed 5 % takes the widened ANN path
+    share = want * 1.5
+    mask = np.zeros(N, bool)
+    mask[:: int(1 / share)] = True
+    assert want * N < mask.sum() <= 0.05 * N
+    exact_calls = []
+    monkeypatch.setattr(
+        loaded, "_exact_search", lambda *a: exact_calls.append(a) or _truth(USERS[:2])
+    )
+    loaded.search(USERS[:2], K, Where(allowed=RowSet(mask)))
+    assert not exact_calls
+    loaded.set_search_params({"nprobe": 3})  # e.g. after tuning: the crossover follows nprobe
+    assert loaded.exact_below == pytest.approx(IVF_EXACT_C * (3 / 64) ** 0.5)
+    loaded.search(USERS[:2], K, Where(allowed=RowSet(mask)))  # now below it: exact
+    assert len(exact_calls) == 1
+
+    fixed = FaissIndex.build(X, FaissSpec("ivf", nlist=64, nprobe=2, exact_below=0.03), False)
+    (tmp_path / "fixed").mkdir()
+    spec = IndexSpec.model_validate(fixed.save(tmp_path / "fixed"))
+    assert spec.exact_below == 0.03 and open_index(spec, tmp_path / "fixed").exact_below == 0.03
