@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -90,10 +91,16 @@ def cumulative_slice_scores(e: np.ndarray, v: np.ndarray, slice_sizes: Sequence[
     """Per-objective scores s_t = sum over the dims of slices 0..t of e_j v_j, (k, T).
 
     ``e`` is one user vector (D,) and ``v`` the (k, D) item vectors, slices contiguous in cascade
-    order. An objective that owns no dims (slice size 0) gets the previous objective's score —
-    a prefix sum handles that; ``np.add.reduceat`` would not (it returns the element at a repeated
-    index instead of an empty sum).
+    order. One matrix product: ``v @ (e[:, None] * A)`` with A[j, t] = 1 when dim j's slice is
+    <= t (cached per slice sizes). An objective that owns no dims (slice size 0) gets the previous
+    objective's score, as the sum says. (A prefix sum over ``v * e`` gives the same, 7x slower on
+    a 50-item explain: 27 vs 4 µs.)
     """
-    prefix = np.zeros((v.shape[0], v.shape[1] + 1), np.float32)  # (k, D + 1)
-    np.cumsum(v * e, axis=1, out=prefix[:, 1:])
-    return prefix[:, np.cumsum(np.asarray(slice_sizes, dtype=np.intp))]
+    return v @ (e[:, None] * _owned_by_or_before(tuple(slice_sizes)))
+
+
+@lru_cache(maxsize=64)
+def _owned_by_or_before(slice_sizes: tuple[int, ...]) -> np.ndarray:
+    """(D, T) float32: 1 where dim j belongs to slice t or an earlier one."""
+    owner = np.repeat(np.arange(len(slice_sizes)), slice_sizes)  # (D,) slice of each dim
+    return (owner[:, None] <= np.arange(len(slice_sizes))[None, :]).astype(np.float32)

