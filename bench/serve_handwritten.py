@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import asynccontextmanager
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -24,22 +25,41 @@ from fastapi import FastAPI, Request, Response  # noqa: E402
 from csmf.bundle import load_bundle  # noqa: E402
 
 faiss.omp_set_num_threads(1)
-app = FastAPI()
-if __name__ != "__main__":  # a worker (uvicorn imports this module by name): load the bundle
+G: dict = {}  # what the startup hook loads: the bundle and per-item response dicts
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    # Loaded after the worker is up (as the service does): uvicorn's supervisor restarts a worker
+    # that does not answer its health check within 5 s, and a 1M-item load takes longer.
     bundle = load_bundle(os.environ["HANDWRITTEN_BUNDLE"], verify=False)
-    objectives = list(bundle.objectives)
-    default_weights = [1.0, 1.8, 1.2]  # the service's `default` scenario
     ids = bundle.item_ids.tolist()
-    rows_of = {iid: r for r, iid in enumerate(ids)}
     meta = {c: list(v) for c, v in bundle.item_meta.items()}
-    items_of = [
-        {"item_id": i, "meta": {c: v[r] for c, v in meta.items()}} for r, i in enumerate(ids)
-    ]
+    G.update(
+        bundle=bundle,
+        objectives=list(bundle.objectives),
+        default_weights=[1.0, 1.8, 1.2],  # the service's `default` scenario
+        rows_of={iid: r for r, iid in enumerate(ids)},
+        items_of=[
+            {"item_id": i, "meta": {c: v[r] for c, v in meta.items()}} for r, i in enumerate(ids)
+        ],
+    )
+    yield
+
+
+app = FastAPI(lifespan=lifespan)
 
 
 @app.post("/v1/retrieve")
 async def retrieve(request: Request) -> Response:
     req = orjson.loads(await request.body())
+    bundle, objectives, rows_of, items_of = (
+        G["bundle"],
+        G["objectives"],
+        G["rows_of"],
+        G["items_of"],
+    )
+    default_weights = G["default_weights"]
     k = req.get("k", 50)
     w = req.get("weights")
     w = [w[o] for o in objectives] if isinstance(w, dict) else (w or default_weights)
@@ -69,7 +89,7 @@ async def retrieve(request: Request) -> Response:
 
 @app.get("/readyz")
 def readyz() -> dict:
-    return {"status": "ok", "model_version": bundle.model_version}
+    return {"status": "ok", "model_version": G["bundle"].model_version}
 
 
 if __name__ == "__main__":
