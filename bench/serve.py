@@ -396,7 +396,7 @@ def start_bare(port: int, workers: int) -> subprocess.Popen:
 
 def start_handwritten(bundle: Path, port: int, workers: int) -> subprocess.Popen:
     """bench/serve_handwritten.py: FastAPI + encoder + FAISS, what a team would write instead."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HANDWRITTEN_BUNDLE": str(bundle)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, "serve_handwritten.py", str(bundle), str(port), str(workers)]
     return subprocess.Popen(
         args, cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

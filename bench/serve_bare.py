@@ -41,15 +41,15 @@ def readyz() -> dict:
     return {"status": "ok", "model_version": "bare"}
 
 
-if __name__ == "__main__":
+def run(app: str, port: int, workers: int) -> None:
+    """Serve ``app`` ("module:attribute", imported by each worker) on loopback as the benchmark
+    loads every server: ``workers`` processes, no access log."""
     import uvicorn
 
-    port, workers = int(sys.argv[1]), int(sys.argv[2])
     uvicorn.run(
-        "serve_bare:app",
-        host="127.0.0.1",
-        port=port,
-        workers=workers,
-        log_level="warning",
-        access_log=False,
+        app, host="127.0.0.1", port=port, workers=workers, log_level="warning", access_log=False
     )
+
+
+if __name__ == "__main__":
+    run("serve_bare:app", int(sys.argv[1]), int(sys.argv[2]))

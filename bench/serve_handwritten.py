@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sys
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
@@ -23,27 +24,23 @@ import orjson  # noqa: E402
 from fastapi import FastAPI, Request, Response  # noqa: E402
 
 from csmf.bundle import load_bundle  # noqa: E402
+from csmf.weights import DEFAULT_WEIGHTS  # noqa: E402  (the service's `default` scenario)
 
 faiss.omp_set_num_threads(1)
-G: dict = {}  # what the startup hook loads: the bundle and per-item response dicts
+S = SimpleNamespace()  # what the startup hook loads: the bundle and per-item response dicts
 
 
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     # Loaded after the worker is up (as the service does): uvicorn's supervisor restarts a worker
     # that does not answer its health check within 5 s, and a 1M-item load takes longer.
-    bundle = load_bundle(os.environ["HANDWRITTEN_BUNDLE"], verify=False)
-    ids = bundle.item_ids.tolist()
-    meta = {c: list(v) for c, v in bundle.item_meta.items()}
-    G.update(
-        bundle=bundle,
-        objectives=list(bundle.objectives),
-        default_weights=[1.0, 1.8, 1.2],  # the service's `default` scenario
-        rows_of={iid: r for r, iid in enumerate(ids)},
-        items_of=[
-            {"item_id": i, "meta": {c: v[r] for c, v in meta.items()}} for r, i in enumerate(ids)
-        ],
-    )
+    S.bundle = load_bundle(os.environ["HANDWRITTEN_BUNDLE"], verify=False)
+    ids = S.bundle.item_ids.tolist()
+    meta = {c: list(v) for c, v in S.bundle.item_meta.items()}
+    S.rows_of = {iid: r for r, iid in enumerate(ids)}
+    S.items_of = [
+        {"item_id": i, "meta": {c: v[r] for c, v in meta.items()}} for r, i in enumerate(ids)
+    ]
     yield
 
 
@@ -53,16 +50,10 @@ app = FastAPI(lifespan=lifespan)
 @app.post("/v1/retrieve")
 async def retrieve(request: Request) -> Response:
     req = orjson.loads(await request.body())
-    bundle, objectives, rows_of, items_of = (
-        G["bundle"],
-        G["objectives"],
-        G["rows_of"],
-        G["items_of"],
-    )
-    default_weights = G["default_weights"]
+    bundle, rows_of = S.bundle, S.rows_of
     k = req.get("k", 50)
     w = req.get("weights")
-    w = [w[o] for o in objectives] if isinstance(w, dict) else (w or default_weights)
+    w = [w[o] for o in bundle.objectives] if isinstance(w, dict) else (w or DEFAULT_WEIGHTS)
     uid = req.get("user_id")
     got = bundle.users.get(uid) if uid is not None else None
     row, stored = got if got else ({"user_id": uid}, [])
@@ -78,30 +69,22 @@ async def retrieve(request: Request) -> Response:
     seen.update(rows_of[x] for x in req.get("exclude", ()) if x in rows_of)
     scores, rows = bundle.search(e.reshape(1, -1) * bundle.scale(w), k + len(seen))
     items = [
-        {**items_of[r], "score": s}
+        {**S.items_of[r], "score": s}
         for r, s in zip(rows[0].tolist(), scores[0].tolist(), strict=True)
         if r >= 0 and r not in seen
     ][:k]
-    out = {"items": items, "weights": dict(zip(objectives, w, strict=True))}
+    out = {"items": items, "weights": dict(zip(bundle.objectives, w, strict=True))}
     out["model_version"] = bundle.model_version
     return Response(orjson.dumps(out), media_type="application/json")
 
 
 @app.get("/readyz")
 def readyz() -> dict:
-    return {"status": "ok", "model_version": G["bundle"].model_version}
+    return {"status": "ok", "model_version": S.bundle.model_version}
 
 
 if __name__ == "__main__":
-    import uvicorn
+    from serve_bare import run
 
-    os.environ["HANDWRITTEN_BUNDLE"] = sys.argv[1]
-    port, workers = int(sys.argv[2]), int(sys.argv[3])
-    uvicorn.run(
-        "serve_handwritten:app",
-        host="127.0.0.1",
-        port=port,
-        workers=workers,
-        log_level="warning",
-        access_log=False,
-    )
+    os.environ["HANDWRITTEN_BUNDLE"] = sys.argv[1]  # the workers' lifespan reads it
+    run("serve_handwritten:app", int(sys.argv[2]), int(sys.argv[3]))

@@ -93,8 +93,8 @@ def cumulative_slice_scores(e: np.ndarray, v: np.ndarray, slice_sizes: Sequence[
     ``e`` is one user vector (D,) and ``v`` the (k, D) item vectors, slices contiguous in cascade
     order. One matrix product: ``v @ (e[:, None] * A)`` with A[j, t] = 1 when dim j's slice is
     <= t (cached per slice sizes). An objective that owns no dims (slice size 0) gets the previous
-    objective's score, as the sum says. (A prefix sum over ``v * e`` gives the same, 7x slower on
-    a 50-item explain: 27 vs 4 µs.)
+    objective's score, as the sum says. (A prefix sum over ``v * e`` gives the same with four
+    numpy calls and a temporary per call; this is one, on the explain hot path.)
     """
     return v @ (e[:, None] * _owned_by_or_before(tuple(slice_sizes)))
 

@@ -68,17 +68,13 @@ def _best(
     rows: np.ndarray, scores: np.ndarray, seen: np.ndarray | None, k: int
 ) -> tuple[list[int], list[float]]:
     """The first ``k`` valid rows of one search result (FAISS pads with -1) that are not in
-    ``seen``, with their scores, as lists. Plain Python on the ~k + |seen| candidates: measured
-    in the service after a search, 14 µs against 25 µs for the numpy mask (a (fetch, |seen|)
-    comparison, four small array operations, two ``tolist``)."""
+    ``seen``, with their scores, as lists: plain Python on the ~k + |seen| candidates, which
+    replaced a (fetch, |seen|) numpy mask and its four small array operations on the hot path."""
     r, s = rows.tolist(), scores.tolist()
-    if seen is not None and len(seen):
-        drop = set(seen.tolist())
-        keep = [i for i, x in enumerate(r) if x >= 0 and x not in drop][:k]
-    elif r and r[-1] < 0:  # fewer than k items left after exclusions
-        keep = [i for i, x in enumerate(r) if x >= 0][:k]
-    else:
+    drop = set(seen.tolist()) if seen is not None else set()
+    if not drop and (not r or r[-1] >= 0):  # nothing to drop (-1 pads only the tail)
         return r[:k], s[:k]
+    keep = [i for i, x in enumerate(r) if x >= 0 and x not in drop][:k]
     return [r[i] for i in keep], [s[i] for i in keep]
 
 

@@ -191,16 +191,19 @@ class TrainConfig:
             )
 
     def stage_lr(self, stage: int) -> float:
-        return self.lr[stage] if len(self.lr) > 1 else self.lr[0]
+        return _of_stage(self.lr, stage)
 
     def stage_epochs(self, stage: int) -> int:
-        return self.epochs[stage] if len(self.epochs) > 1 else self.epochs[0]
+        return _of_stage(self.epochs, stage)
 
     def stage_history(self, stage: int) -> tuple[str, float]:
         """(history mode, history dropout) of stage ``stage``."""
-        mode = self.history[stage] if len(self.history) > 1 else self.history[0]
-        drop = self.history_dropout
-        return mode, drop[stage] if len(drop) > 1 else drop[0]
+        return _of_stage(self.history, stage), _of_stage(self.history_dropout, stage)
+
+
+def _of_stage(values: tuple, stage: int):
+    """A per-stage setting's value at ``stage``: one value serves every stage."""
+    return values[stage] if len(values) > 1 else values[0]
 
 
 @dataclass(frozen=True)

@@ -149,9 +149,9 @@ class FaissIndex(VectorIndex):
         offset = None if item_offset is None else np.asarray(item_offset, np.float32)
         self.offset = offset if offset is not None and np.any(offset) else None  # (D,) or None
         self.exact = exact_vectors  # (N, D) float32 memmap (IVF-PQ) or None
-        # None = auto_exact_below for the current search parameters (recorded as null)
+        # None = auto_exact_below for the current search parameters (recorded as null); the auto
+        # value is set by set_search_params, below
         self._exact_below = None if exact_below is None else float(exact_below)
-        self._auto_exact_below = EXACT_BELOW[kind]
         self.widen_filtered = True  # see _faiss_params; off only to measure what it buys
         self._bytes = bytes_
         self.capabilities = Capabilities("faiss", kind, kind == "flat", True, True)
