@@ -338,13 +338,21 @@ with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
 
 
 def batch(
-    port: int, bundle: Path, size: int, clients: int, duration: float, k: int, tmp: Path
+    port: int,
+    bundle: Path,
+    size: int,
+    clients: int,
+    duration: float,
+    k: int,
+    tmp: Path,
+    pid: int | None = None,
 ) -> dict:
     from csmf.bundle import UserSnapshot
 
     tmp.mkdir(parents=True, exist_ok=True)
     users = tmp / "batch_users.json"
     users.write_text(json.dumps(UserSnapshot.load(bundle / "users.parquet", "user_id").ids[:20000]))
+    cpu0 = sum(_tree_cpu(pid).values()) if pid else 0.0
     procs = [
         subprocess.Popen(
             [
@@ -363,8 +371,11 @@ def batch(
         for _ in range(clients)
     ]
     res = [json.loads(p.communicate()[0]) for p in procs]
+    cpu = sum(_tree_cpu(pid).values()) - cpu0 if pid else float("nan")
+    users = sum(r["users"] for r in res) + size * clients  # and each client's warm-up call
     return {
         "users_per_s": sum(r["users"] / r["seconds"] for r in res),
+        "cpu_us_per_user": cpu / users * 1e6,
         "batch_size": size,
         "clients": clients,
         "k": k,
@@ -394,13 +405,90 @@ def start_bare(port: int, workers: int) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=BENCH, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_handwritten(bundle: Path, port: int, workers: int) -> subprocess.Popen:
-    """bench/serve_handwritten.py: FastAPI + encoder + FAISS, what a team would write instead."""
+def start_handwritten(
+    bundle: Path, port: int, workers: int, script: str = "serve_handwritten.py"
+) -> subprocess.Popen:
+    """bench/serve_handwritten.py: FastAPI + encoder + FAISS, what a team would write instead;
+    with ``script="serve_floor.py"``, the floor endpoint (bare ASGI + the same work)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = [sys.executable, "serve_handwritten.py", str(bundle), str(port), str(workers)]
+    args = [sys.executable, script, str(bundle), str(port), str(workers)]
     return subprocess.Popen(
         args, cwd=BENCH, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
+
+
+def parity(ports: dict[str, int], bodies: list[str]) -> dict:
+    """POST each body to every server; count the bodies whose item ids differ from the first
+    server's, or whose scores differ by more than 1e-4 (float32 sums in a different order)."""
+    import httpx
+
+    first, *others = ports
+    diffs = {name: 0 for name in others}
+    with httpx.Client(timeout=30) as c:
+        for body in bodies:
+            got = {}
+            for name, port in ports.items():
+                r = c.post(f"http://127.0.0.1:{port}/v1/retrieve", content=body)
+                r.raise_for_status()
+                got[name] = [(x["item_id"], x["score"]) for x in r.json()["items"]]
+            for name in others:
+                a, b = got[first], got[name]
+                same = [i for i, _ in a] == [i for i, _ in b] and all(
+                    abs(x - y) <= 1e-4 * max(1.0, abs(x))
+                    for (_, x), (_, y) in zip(a, b, strict=True)
+                )
+                diffs[name] += not same
+    return {"bodies": len(bodies), "reference": first, "differences": diffs}
+
+
+def batch_ceiling(bundle_path: Path, procs: int, size: int, k: int, calls: int = 12) -> dict:
+    """Users/s of the batch endpoint's unavoidable work alone — one batched encode of ``size``
+    known users and one batched FAISS search (k, the service's k + |seen| fetch, one OpenMP
+    thread) — in ``procs`` processes at once, summed: no server can answer faster on this box."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    ps = [
+        ctx.Process(target=_batch_child, args=(bundle_path, size, k, calls, i, barrier, out))
+        for i in range(procs)
+    ]
+    for p in ps:
+        p.start()
+    res = [out.get() for _ in ps]
+    for p in ps:
+        p.join()
+    return {
+        "users_per_s": sum(r["users_per_s"] for r in res),
+        "search_share": float(np.mean([r["search_share"] for r in res])),
+        "procs": procs,
+        "size": size,
+        "k": k,
+    }
+
+
+def _batch_child(bundle_path: Path, size: int, k: int, calls: int, seed: int, barrier, out):
+    import faiss
+
+    from csmf.bundle import load_bundle
+
+    faiss.omp_set_num_threads(1)
+    b = load_bundle(bundle_path, verify=False)
+    ids = b.users.ids
+    rng = random.Random(seed)
+    scale = b.scale([1.0, 1.8, 1.2])
+    barrier.wait()
+    enc = search = 0.0
+    for _ in range(calls):
+        users = [b.users.get(u) for u in rng.sample(ids, size)]
+        t = time.process_time()
+        e = b.encoder.encode([r for r, _ in users], [h for _, h in users])
+        t1 = time.process_time()
+        fetch = k + max(len(h) for _, h in users)  # exclude_seen's fetch, as the service does
+        b.search(e * scale, fetch)
+        t2 = time.process_time()
+        enc, search = enc + t1 - t, search + t2 - t1
+    out.put({"users_per_s": size * calls / (enc + search), "search_share": search / (enc + search)})
 
 
 # -- report ---------------------------------------------------------------------------------------------
@@ -416,6 +504,7 @@ def section(
     options: dict,
     meta: dict,
     hand: dict | None = None,
+    floor: dict | None = None,
 ) -> str:
     rc, idx = manifest.recall_check, manifest.index
     tuned = " (nprobe tuned)" if idx.tuning else ""
@@ -470,10 +559,34 @@ def section(
         "10 % `exclude`; `exclude_seen` at its default), 16 connections, k=50:",
         "",
     ]
+    if floor:
+        lines[-2:-2] = [
+            "The floor endpoint (bench/serve_floor.py) is the least a Python server on this stack "
+            "can do and return the same results: uvicorn calling one bare ASGI function, orjson "
+            "in, the same lookup, encode and search, the service's pre-serialised item JSON out; "
+            "no framework, validation, metrics or request ids. Its ratio to the baseline is how "
+            "far `bare + encode + search` measured in pieces sits below any server that does "
+            "the work; the service's ratio to it is the price of everything the service adds.",
+            "",
+        ]
+    if meta.get("parity"):
+        p_ = meta["parity"]
+        lines[-2:-2] = [
+            f"Same results: {p_['bodies']} of the bodies posted to every server, items and scores "
+            f"compared with {p_['reference']}'s: "
+            + ", ".join(f"{name} {d} differences" for name, d in p_["differences"].items())
+            + ".",
+            "",
+        ]
     separate = bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"]
+    servers = {**runs}
+    if hand:
+        servers["hand-written endpoint"] = hand
+    if floor:
+        servers["floor endpoint"] = floor
     head = ["server", "req/s", "p50 ms", "p90 ms", "p99 ms", "non-2xx", "server CPU µs/req",
             "ratio to baseline", "server cores used", "CPU split across workers %",
-            "ratio, separate-loop baseline", "ratio to hand-written"]  # fmt: skip
+            "ratio, separate-loop baseline", "ratio to hand-written", "ratio to floor"]  # fmt: skip
     lines += table(
         head,
         (
@@ -481,8 +594,9 @@ def section(
              f"{r['p99_ms']:.2f}", r["non_2xx"], f"{r['cpu_us_per_req']:.0f}", f"{r['ratio']:.2f}",
              f"{r['server_cores']:.2f}", r["worker_split"] or "-",
              f"{r['cpu_us_per_req'] / separate:.2f}",
-             f"{r['hand_ratio']:.2f}" if "hand_ratio" in r else "-"]
-            for name, r in ({**runs, "hand-written endpoint": hand} if hand else runs).items()
+             f"{r['hand_ratio']:.2f}" if "hand_ratio" in r else "-",
+             f"{r['floor_ratio']:.2f}" if "floor_ratio" in r else "-"]
+            for name, r in servers.items()
         ),
     )  # fmt: skip
     if options:
@@ -514,9 +628,26 @@ def section(
             "",
             "Batch endpoint (2 client processes, "
             f"{next(iter(batch_res.values()))['batch_size']} users per call, k=10, 10 s): "
-            + "; ".join(f"{name}: {r['users_per_s']:.0f} users/s" for name, r in batch_res.items())
+            + "; ".join(
+                f"{name}: {r['users_per_s']:.0f} users/s"
+                + (
+                    f" ({r['cpu_us_per_user']:.0f} µs server CPU per user)"
+                    if r.get("cpu_us_per_user", float("nan")) == r.get("cpu_us_per_user")
+                    else ""
+                )
+                for name, r in batch_res.items()
+            )
             + ".",
         ]
+        c = meta.get("batch_ceiling")
+        if c:
+            lines[-1] += (
+                f" Ceiling: the work alone — one batched encode of {c['size']} known users and "
+                f"one batched FAISS search (k={c['k']} + |seen|, as the service fetches), in "
+                f"{c['procs']} processes at once, no HTTP, no JSON — runs {c['users_per_s']:.0f} "
+                f"users/s, {c['procs'] * 1e6 / c['users_per_s']:.0f} µs of CPU per user "
+                f"({c['search_share']:.0%} of it in the search)."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -642,15 +773,20 @@ def main() -> None:
         loaded = in_process_parallel(bundle, bodies, w)
         print(f"in process, {w} at once: {loaded}", flush=True)
         base = {**loaded, "alone": base, "parallel": w}
+    ceiling = batch_ceiling(bundle, w, args.batch_size, 10)
+    print(f"batch ceiling: {ceiling}", flush=True)
 
     # Bare and the services side by side (an idle uvicorn costs nothing), measured alternately so
     # a change in the machine's load hits all alike; the ratio is taken per round.
     bare_p = start_bare(bare_port := _free_port(), w)
     hand_p = start_handwritten(bundle, hand_port := _free_port(), w)
+    floor_p = start_handwritten(bundle, floor_port := _free_port(), w, "serve_floor.py")
     procs = {name: (port := _free_port(), start_service(bundle, port, w, tmp, code=code))
              for name, code in codes.items()}  # fmt: skip
     bare_runs: list[dict] = []
     hand_runs: list[dict] = []
+    floor_runs: list[dict] = []
+    floor_ratios: dict[str, list[float]] = {name: [] for name in codes}
     hand_ratios: dict[str, list[float]] = {name: [] for name in codes}
     svc_runs: dict[str, list[dict]] = {name: [] for name in codes}
     ratios: dict[str, list[float]] = {name: [] for name in codes}
@@ -659,8 +795,15 @@ def main() -> None:
     try:
         _wait_ready(bare_port, bare_p)
         _wait_ready(hand_port, hand_p)
+        _wait_ready(floor_port, floor_p)
         for port, proc in procs.values():
             _wait_ready(port, proc)
+        same = parity(
+            {**{name: port for name, (port, _) in procs.items()}, "hand-written": hand_port,
+             "floor": floor_port},
+            bodies[:300],
+        )  # fmt: skip
+        print(f"parity: {same}", flush=True)
 
         # One round: every server under the same load, either at the same time (default: a
         # neighbour's job hits all of them alike) or one after the other (--sequential).
@@ -676,18 +819,23 @@ def main() -> None:
         for i in range(args.rounds):
             targets = {"bare": (bare_port, lua, bare_p.pid)}
             targets["hand"] = (hand_port, lua, hand_p.pid)
+            targets["floor"] = (floor_port, lua, floor_p.pid)
             targets.update({name: (port, lua, proc.pid) for name, (port, proc) in procs.items()})
             got_round = measure(targets, args.duration)
             b = got_round.pop("bare")
             bare_runs.append(b)
             hw = got_round.pop("hand")
             hand_runs.append(hw)
+            fl = got_round.pop("floor")
+            floor_runs.append(fl)
+            print(f"         floor {fl}", flush=True)
             print(f"round {i}: bare {b}", flush=True)
             print(f"         hand-written {hw}", flush=True)
             for name, r in got_round.items():
                 svc_runs[name].append(r)
                 ratios[name].append(r["cpu_us_per_req"] / (b["cpu_us_per_req"] + work_us(base)))
                 hand_ratios[name].append(r["cpu_us_per_req"] / hw["cpu_us_per_req"])
+                floor_ratios[name].append(r["cpu_us_per_req"] / fl["cpu_us_per_req"])
                 print(f"         {name} {r}", flush=True)
         if args.option_duration > 0:  # options interleaved, servers together, medians over rounds
             luas = {
@@ -708,9 +856,17 @@ def main() -> None:
         with ThreadPoolExecutor(1 if args.sequential else len(procs)) as ex:
             futs = {
                 name: ex.submit(
-                    batch, port, bundle, args.batch_size, 2, 10, 10, tmp / f"batch-{port}"
+                    batch,
+                    port,
+                    bundle,
+                    args.batch_size,
+                    2,
+                    10,
+                    10,
+                    tmp / f"batch-{port}",
+                    proc.pid,
                 )
-                for name, (port, _) in procs.items()
+                for name, (port, proc) in procs.items()
             }
             for name, f in futs.items():
                 batch_res[name] = f.result()
@@ -718,16 +874,28 @@ def main() -> None:
     finally:
         _stop(bare_p)
         _stop(hand_p)
+        _stop(floor_p)
         for _, proc in procs.values():
             _stop(proc)
     bare = _median_run(bare_runs)
     hand = _median_run(hand_runs)
     hand["ratio"] = hand["cpu_us_per_req"] / (bare["cpu_us_per_req"] + work_us(base))
+    floor = _median_run(floor_runs)
+    floor["ratio"] = floor["cpu_us_per_req"] / (bare["cpu_us_per_req"] + work_us(base))
+    hand["floor_ratio"] = float(
+        np.median(
+            [
+                h["cpu_us_per_req"] / f["cpu_us_per_req"]
+                for h, f in zip(hand_runs, floor_runs, strict=True)
+            ]
+        )
+    )
     runs = {
         f"{name}, {w} workers": {
             **_median_run(svc_runs[name]),
             "ratio": float(np.median(ratios[name])),
             "hand_ratio": float(np.median(hand_ratios[name])),
+            "floor_ratio": float(np.median(floor_ratios[name])),
         }
         for name in codes
     }
@@ -756,11 +924,13 @@ def main() -> None:
         "sequential": args.sequential,
         "before": before,
         "head": head,
+        "parity": same,
+        "batch_ceiling": ceiling,
     }
     write_report(
         args.out,
         args.items,
-        section(args.items, manifest, base, bare, runs, batch_res, options, meta, hand),
+        section(args.items, manifest, base, bare, runs, batch_res, options, meta, hand, floor),
     )
     print(f"wrote {args.out}")
 
