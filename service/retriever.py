@@ -69,13 +69,23 @@ def _best(
 ) -> tuple[list[int], list[float]]:
     """The first ``k`` valid rows of one search result (FAISS pads with -1) that are not in
     ``seen``, with their scores, as lists: plain Python on the ~k + |seen| candidates, which
-    replaced a (fetch, |seen|) numpy mask and its four small array operations on the hot path."""
+    replaced a (fetch, |seen|) numpy mask and its four small array operations on the hot path.
+    The scan stops at the k-th kept row: a batch's k=10 fetches k + the longest history (~60)."""
     r, s = rows.tolist(), scores.tolist()
-    drop = set(seen.tolist()) if seen is not None else set()
+    drop = set(seen.tolist()) if seen is not None else None
     if not drop and (not r or r[-1] >= 0):  # nothing to drop (-1 pads only the tail)
         return r[:k], s[:k]
-    keep = [i for i, x in enumerate(r) if x >= 0 and x not in drop][:k]
-    return [r[i] for i in keep], [s[i] for i in keep]
+    out_r: list[int] = []
+    out_s: list[float] = []
+    for x, y in zip(r, s, strict=True):
+        if x < 0:  # padding: no valid row after it
+            break
+        if not drop or x not in drop:
+            out_r.append(x)
+            out_s.append(y)
+            if len(out_r) == k:
+                break
+    return out_r, out_s
 
 
 class Retriever:

@@ -228,3 +228,29 @@ def test_seen_items_dropped_after_the_search_equal_a_selector(
         assert got.rows == rows[0][keep].tolist(), user
         np.testing.assert_allclose(got.scores, scores[0][keep], rtol=1e-5)
         assert not set(got.rows) & set(seen.tolist())
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    n=st.integers(0, 40),
+    pad=st.integers(0, 10),
+    seen=st.lists(st.integers(0, 60), max_size=30),
+    k=st.integers(1, 50),
+    none_seen=st.booleans(),
+)
+def test_best_keeps_the_first_k_valid_unseen_rows(n, pad, seen, k, none_seen):
+    """_best (which stops at the k-th kept row) keeps what filtering the whole list keeps."""
+    from service.retriever import _best
+
+    rng = np.random.default_rng(n * 100 + pad)
+    rows = np.concatenate([rng.permutation(60)[:n], np.full(pad, -1)]).astype(np.int64)
+    scores = np.concatenate([np.sort(rng.random(n))[::-1], np.full(pad, -np.inf)])
+    scores = scores.astype(np.float32)
+    drop = None if none_seen else np.asarray(seen, dtype=np.int64)
+    want = [
+        (int(r), float(s))
+        for r, s in zip(rows, scores, strict=True)
+        if r >= 0 and (drop is None or r not in set(drop.tolist()))
+    ][:k]
+    got_r, got_s = _best(rows, scores, drop, k)
+    assert list(zip(got_r, got_s, strict=True)) == want
