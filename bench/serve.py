@@ -10,13 +10,17 @@ checked on weighted queries) it measures, in one run:
    interleaved per request (encode, then its search); the interleaved cost is the baseline,
    because separate loops keep each step's data cache-hot, which no request enjoys;
 2. a bare FastAPI endpoint (bench/serve_bare.py) under the same load: server CPU µs/request;
-   and a hand-written FastAPI + encoder + FAISS endpoint (bench/serve_handwritten.py), what a team
+   a hand-written FastAPI + encoder + FAISS endpoint (bench/serve_handwritten.py), what a team
    would write instead of the service: same bodies, same results, none of the service's extras;
+   and the floor endpoint (bench/serve_floor.py): uvicorn calling one bare ASGI function that
+   does the same lookup, encode, search and item JSON, the least any server on this stack can do
+   for these results (a parity check posts 300 bodies to all three and compares the items);
 3. the service (`csmf serve --workers W`) under wrk: 16 connections, 5,000 varied bodies
    (known/unknown users, inline histories, exclusions, scenario or explicit weights), k=50:
    requests/s, p50/p90/p99, non-2xx, server CPU µs/request, and the ratios
    service CPU / (bare + encode + search) and service CPU / hand-written endpoint CPU;
-4. the batch endpoint from two separate client processes: users/s.
+4. the batch endpoint from two separate client processes: users/s and server CPU per user,
+   beside its ceiling: a batched encode and FAISS search alone, in one process per worker.
 
 Bare and service run side by side and are loaded at the same time in each of ``--rounds`` rounds
 (medians kept), so a neighbour's job starting mid-run hits both alike (``--sequential``: one after
