@@ -168,8 +168,18 @@ class AppState:
         user_id: str | None,
         retriever: Retriever,
         rows: list[int],
+        count: bool = True,
     ) -> str:
-        """Count the impressions, log them, and return the request id for feedback."""
+        """Count the impressions (unless ``count`` is False: a batch counts each arm's once, with
+        :meth:`count_impressions`), log them, and return the request id for feedback."""
+        if count:
+            self.count_impressions(scenario, arm, len(rows))
+        token, rid = self.request_ids.issue(user_id, scenario, arm)
+        if self.event_log is not None and user_id is not None and rows:
+            self.event_log.served(rid, user_id, retriever.item_ids[rows].tolist())
+        return token
+
+    def count_impressions(self, scenario: str | None, arm: str | None, n: int) -> None:
         c = self._served.get((scenario, arm))
         if c is None:
             mode = self.metrics.scenario_labels
@@ -177,11 +187,7 @@ class AppState:
             c = self._served[(scenario, arm)] = HotCounter(
                 self.metrics.impressions_total.labels(scenario_label(scenario, mode), a)
             )
-        c.inc(len(rows))
-        token, rid = self.request_ids.issue(user_id, scenario, arm)
-        if self.event_log is not None and user_id is not None and rows:
-            self.event_log.served(rid, user_id, retriever.item_ids[rows].tolist())
-        return token
+        c.inc(n)
 
     def count(self, scenario: str | None, endpoint: str, cold: int, warm: int) -> None:
         c = self._counters.get((scenario, endpoint))

@@ -192,29 +192,38 @@ async def retrieve_batch(request: Request) -> Response:
                 hits[i] = h
         cold = sum(h.cold_start for h in hits)
         state.count(scenario, "batch", cold, len(hits) - cold)
-        results = b",".join(
-            [
-                b'{"user_id":'
-                + to_json(u.user_id)
-                + b',"items":'
-                + retriever.items_json(h)
-                + (b',"cold_start":true' if h.cold_start else b',"cold_start":false')
-                + (b',"warnings":' + to_json(h.warnings) if h.warnings else b"")
-                + b',"arm":'
-                + to_json(arm)
-                + arm_weights.get(arm, b"")
-                + b',"request_id":'
-                + to_json(state.served(scenario, arm, u.user_id, retriever, h.rows))
-                + b"}"
-                for u, h, arm in zip(req.users, hits, arms, strict=True)
+        # One list of parts, joined once: per user, its id and items, the constant pieces
+        # (cold-start flag, arm, the arm's weights) serialised once per batch, its request id
+        # (v1.<hex>.<hex>.<base64url>.<base64url>.<hex>: nothing to escape).
+        arm_json = {arm: b',"arm":' + to_json(arm) + arm_weights.get(arm, b"") for arm in groups}
+        impressions = dict.fromkeys(groups, 0)
+        parts = [b'{"results":[']
+        for u, h, arm in zip(req.users, hits, arms, strict=True):
+            rid = state.served(scenario, arm, u.user_id, retriever, h.rows, count=False)
+            impressions[arm] += len(h.rows)
+            parts += [
+                b'{"user_id":',
+                to_json(u.user_id),
+                b',"items":',
+                retriever.items_json(h),
+                b',"cold_start":true' if h.cold_start else b',"cold_start":false',
+                b',"warnings":' + to_json(h.warnings) if h.warnings else b"",
+                arm_json[arm],
+                b',"request_id":"',
+                rid.encode(),
+                b'"},',
             ]
-        )
+        if len(parts) > 1:
+            parts[-1] = b'"}'
+        for arm, n in impressions.items():
+            state.count_impressions(scenario, arm, n)
         rest = {
             "weights": dict(zip(retriever.objectives, weights, strict=True)),
             "scenario": scenario,
             "model_version": retriever.model_version,
             "took_ms": round((perf_counter() - t0) * 1000, 3),
         }
-        return b'{"results":[' + results + b"]," + to_json(rest)[1:]
+        parts += [b"],", to_json(rest)[1:]]
+        return b"".join(parts)
 
     return Response(await run_in_threadpool(work), media_type=JSON)

@@ -133,3 +133,33 @@ def test_assignment_is_sticky_and_close_to_the_shares_on_a_real_server(bundles, 
     plain = svc.client.post("/v1/retrieve", json={"user_id": "u1", "k": 1}).json()
     assert plain["arm"] is None and plain["request_id"].startswith("v1.")
     assert httpx.get(f"{svc.url}/readyz").status_code == 200
+
+
+def test_a_batch_counts_each_arms_impressions_and_names_each_users_arm(bundles, make_client):
+    """The batch route counts impressions once per arm: the counter of each arm equals the items
+    returned to that arm's users, and a batch outside experiments counts under arm `_none`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def impressions(text: str) -> dict[tuple[str, str], float]:
+        return {
+            (s.labels["scenario"], s.labels["arm"]): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+            if s.name == "csmf_impressions_total"
+        }
+
+    c = make_client(bundles["flat"])
+    assert c.put("/admin/scenarios/exp", json={"arms": ARMS}, headers=AUTH).status_code == 200
+    users = [{"user_id": f"u{i}"} for i in range(40)] + [{"history": ["i1", "i2"]}]
+    r = c.post("/v1/retrieve/batch", json={"users": users, "scenario": "exp", "k": 3})
+    assert r.status_code == 200, r.text
+    served: dict[str, int] = {}
+    for res in r.json()["results"]:
+        assert res["arm"] in {a["name"] for a in ARMS}
+        served[res["arm"]] = served.get(res["arm"], 0) + len(res["items"])
+    assert len(served) >= 2  # 41 users over shares 0.7 / 0.2 / 0.1
+    r = c.post("/v1/retrieve/batch", json={"users": users[:5], "k": 4})
+    assert r.status_code == 200 and all(res["arm"] is None for res in r.json()["results"])
+    counted = impressions(c.get("/metrics").text)
+    assert {arm: counted[("exp", arm)] for arm in served} == served
+    assert counted[("default", "_none")] == sum(len(x["items"]) for x in r.json()["results"])
