@@ -50,10 +50,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ivf-variants")
     args = ap.parse_args()
-    import sys
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from serve_data import bench_bundle
+    from serve_data import bench_bundle  # bench/, the script's folder, is importable
 
     faiss.omp_set_num_threads(1)
     path = bench_bundle(args.items, args.cache, tune=True)
