@@ -208,22 +208,26 @@ def write_lua(bodies: list[str], path: Path) -> Path:
 # -- measurements -------------------------------------------------------------------------------------
 
 
-def in_process_parallel(bundle_path: Path, bodies: list[str], procs: int) -> dict:
-    """``in_process`` in ``procs`` processes at once (started together after loading): the cost
-    of encode + search when every core is busy, as inside a loaded multi-worker server."""
+def _in_processes(target, args: list[tuple]) -> list[dict]:
+    """``target(*args[i], barrier, out)`` in one spawned process per ``args`` entry; each loads,
+    waits at the shared barrier (so the measured parts overlap) and puts one dict on ``out``."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(procs), ctx.Queue()
-    ps = [
-        ctx.Process(target=_in_process_child, args=(bundle_path, bodies[i::procs], barrier, out))
-        for i in range(procs)
-    ]
+    barrier, out = ctx.Barrier(len(args)), ctx.Queue()
+    ps = [ctx.Process(target=target, args=(*a, barrier, out)) for a in args]
     for p in ps:
         p.start()
     res = [out.get() for _ in ps]
     for p in ps:
         p.join()
+    return res
+
+
+def in_process_parallel(bundle_path: Path, bodies: list[str], procs: int) -> dict:
+    """``in_process`` in ``procs`` processes at once (started together after loading): the cost
+    of encode + search when every core is busy, as inside a loaded multi-worker server."""
+    res = _in_processes(_in_process_child, [(bundle_path, bodies[i::procs]) for i in range(procs)])
     return {k: sum(r[k] for r in res) / procs for k in res[0]}
 
 
@@ -449,19 +453,7 @@ def batch_ceiling(bundle_path: Path, procs: int, size: int, k: int, calls: int =
     """Users/s of the batch endpoint's unavoidable work alone — one batched encode of ``size``
     known users and one batched FAISS search (k, the service's k + |seen| fetch, one OpenMP
     thread) — in ``procs`` processes at once, summed: no server can answer faster on this box."""
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    barrier, out = ctx.Barrier(procs), ctx.Queue()
-    ps = [
-        ctx.Process(target=_batch_child, args=(bundle_path, size, k, calls, i, barrier, out))
-        for i in range(procs)
-    ]
-    for p in ps:
-        p.start()
-    res = [out.get() for _ in ps]
-    for p in ps:
-        p.join()
+    res = _in_processes(_batch_child, [(bundle_path, size, k, calls, i) for i in range(procs)])
     return {
         "users_per_s": sum(r["users_per_s"] for r in res),
         "search_share": float(np.mean([r["search_share"] for r in res])),

@@ -23,9 +23,9 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import faiss  # noqa: E402
 import orjson  # noqa: E402
+from serve_handwritten import top_k  # noqa: E402  (the same lookup, encode and search)
 
 from csmf.bundle import load_bundle  # noqa: E402
-from csmf.weights import DEFAULT_WEIGHTS  # noqa: E402  (the service's `default` scenario)
 from service.item_json import ItemJson  # noqa: E402
 
 S = SimpleNamespace(bundle=None)
@@ -42,30 +42,8 @@ def _load() -> None:
 
 
 def retrieve(body: bytes) -> bytes:
-    req = orjson.loads(body)
-    bundle, rows_of = S.bundle, S.rows_of
-    k = req.get("k", 50)
-    w = req.get("weights")
-    w = [w[o] for o in bundle.objectives] if isinstance(w, dict) else (w or DEFAULT_WEIGHTS)
-    uid = req.get("user_id")
-    got = bundle.users.get(uid) if uid is not None else None
-    row, stored = got if got else ({"user_id": uid}, [])
-    hist = req.get("history")
-    if hist is None:  # the stored history: item codes, with their index rows precomputed
-        hist, seen = stored, set(stored.rows().tolist()) if stored else set()
-    else:
-        hist = [h for h in hist if h in rows_of]
-        seen = {rows_of[h] for h in hist}
-    e = bundle.encoder.encode([row], [hist]) if got or hist else bundle.encoder.cold_start()
-    if not req.get("exclude_seen", True):
-        seen = set()
-    seen.update(rows_of[x] for x in req.get("exclude", ()) if x in rows_of)
-    scores, rows = bundle.search(e.reshape(1, -1) * bundle.scale(w), k + len(seen))
-    keep = [
-        (r, s)
-        for r, s in zip(rows[0].tolist(), scores[0].tolist(), strict=True)
-        if r >= 0 and r not in seen
-    ][:k]
+    bundle = S.bundle
+    w, keep = top_k(orjson.loads(body), bundle, S.rows_of)
     items = S.items.render([r for r, _ in keep], [s for _, s in keep])
     weights = orjson.dumps(dict(zip(bundle.objectives, w, strict=True)))
     return b'{"items":' + items + b',"weights":' + weights + S.tail

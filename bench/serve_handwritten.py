@@ -47,10 +47,9 @@ async def lifespan(app: FastAPI):
 app = FastAPI(lifespan=lifespan)
 
 
-@app.post("/v1/retrieve")
-async def retrieve(request: Request) -> Response:
-    req = orjson.loads(await request.body())
-    bundle, rows_of = S.bundle, S.rows_of
+def top_k(req: dict, bundle, rows_of: dict) -> tuple[list[float], list[tuple[int, float]]]:
+    """The weights and the (index row, score) results of one decoded request body, as the service
+    computes them (the floor endpoint, bench/serve_floor.py, answers with this too)."""
     k = req.get("k", 50)
     w = req.get("weights")
     w = [w[o] for o in bundle.objectives] if isinstance(w, dict) else (w or DEFAULT_WEIGHTS)
@@ -68,11 +67,19 @@ async def retrieve(request: Request) -> Response:
         seen = set()
     seen.update(rows_of[x] for x in req.get("exclude", ()) if x in rows_of)
     scores, rows = bundle.search(e.reshape(1, -1) * bundle.scale(w), k + len(seen))
-    items = [
-        {**S.items_of[r], "score": s}
+    keep = [
+        (r, s)
         for r, s in zip(rows[0].tolist(), scores[0].tolist(), strict=True)
         if r >= 0 and r not in seen
-    ][:k]
+    ]
+    return w, keep[:k]
+
+
+@app.post("/v1/retrieve")
+async def retrieve(request: Request) -> Response:
+    bundle = S.bundle
+    w, keep = top_k(orjson.loads(await request.body()), bundle, S.rows_of)
+    items = [{**S.items_of[r], "score": s} for r, s in keep]
     out = {"items": items, "weights": dict(zip(bundle.objectives, w, strict=True))}
     out["model_version"] = bundle.model_version
     return Response(orjson.dumps(out), media_type="application/json")
