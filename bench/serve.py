@@ -353,14 +353,16 @@ def batch(
     duration: float,
     k: int,
     tmp: Path,
-    pid: int | None = None,
+    pid: int,
 ) -> dict:
+    """Users/s of ``clients`` batch clients over ``duration`` s, and the server's (``pid`` and its
+    workers) CPU per user."""
     from csmf.bundle import UserSnapshot
 
     tmp.mkdir(parents=True, exist_ok=True)
     users = tmp / "batch_users.json"
     users.write_text(json.dumps(UserSnapshot.load(bundle / "users.parquet", "user_id").ids[:20000]))
-    cpu0 = sum(_tree_cpu(pid).values()) if pid else 0.0
+    cpu0 = sum(_tree_cpu(pid).values())
     procs = [
         subprocess.Popen(
             [
@@ -379,7 +381,7 @@ def batch(
         for _ in range(clients)
     ]
     res = [json.loads(p.communicate()[0]) for p in procs]
-    cpu = sum(_tree_cpu(pid).values()) - cpu0 if pid else float("nan")
+    cpu = sum(_tree_cpu(pid).values()) - cpu0
     users = sum(r["users"] for r in res) + size * clients  # and each client's warm-up call
     return {
         "users_per_s": sum(r["users"] / r["seconds"] for r in res),
@@ -413,11 +415,9 @@ def start_bare(port: int, workers: int) -> subprocess.Popen:
     return subprocess.Popen(args, cwd=BENCH, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_handwritten(
-    bundle: Path, port: int, workers: int, script: str = "serve_handwritten.py"
-) -> subprocess.Popen:
-    """bench/serve_handwritten.py: FastAPI + encoder + FAISS, what a team would write instead;
-    with ``script="serve_floor.py"``, the floor endpoint (bare ASGI + the same work)."""
+def start_bench_server(script: str, bundle: Path, port: int, workers: int) -> subprocess.Popen:
+    """A bench/ server on ``bundle``: serve_handwritten.py (FastAPI + encoder + FAISS, what a team
+    would write instead) or serve_floor.py (bare ASGI + the same work)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     args = [sys.executable, script, str(bundle), str(port), str(workers)]
     return subprocess.Popen(
@@ -551,12 +551,9 @@ def section(
         f"{meta['baseline_us']:.0f} µs (with the separate-loop numbers instead: "
         f"{bare['cpu_us_per_req'] + base['encode_us'] + base['search_us']:.0f} µs, the last column).",
         "",
-        "Mixed bodies (5,000: 10 % unknown users, 10 % inline histories, 40 % explicit weights, "
-        "10 % `exclude`; `exclude_seen` at its default), 16 connections, k=50:",
-        "",
     ]
     if floor:
-        lines[-2:-2] = [
+        lines += [
             "The floor endpoint (bench/serve_floor.py) is the least a Python server on this stack "
             "can do and return the same results: uvicorn calling one bare ASGI function, orjson "
             "in, the same lookup, encode and search, the service's pre-serialised item JSON out; "
@@ -567,13 +564,18 @@ def section(
         ]
     if meta.get("parity"):
         p_ = meta["parity"]
-        lines[-2:-2] = [
+        lines += [
             f"Same results: {p_['bodies']} of the bodies posted to every server, items and scores "
             f"compared with {p_['reference']}'s: "
             + ", ".join(f"{name} {d} differences" for name, d in p_["differences"].items())
             + ".",
             "",
         ]
+    lines += [
+        "Mixed bodies (5,000: 10 % unknown users, 10 % inline histories, 40 % explicit weights, "
+        "10 % `exclude`; `exclude_seen` at its default), 16 connections, k=50:",
+        "",
+    ]
     separate = bare["cpu_us_per_req"] + base["encode_us"] + base["search_us"]
     servers = {**runs}
     if hand:
@@ -626,11 +628,7 @@ def section(
             f"{next(iter(batch_res.values()))['batch_size']} users per call, k=10, 10 s): "
             + "; ".join(
                 f"{name}: {r['users_per_s']:.0f} users/s"
-                + (
-                    f" ({r['cpu_us_per_user']:.0f} µs server CPU per user)"
-                    if r.get("cpu_us_per_user", float("nan")) == r.get("cpu_us_per_user")
-                    else ""
-                )
+                + f" ({r['cpu_us_per_user']:.0f} µs server CPU per user)"
                 for name, r in batch_res.items()
             )
             + ".",
@@ -663,6 +661,15 @@ def write_report(out: Path, n: int, text: str) -> None:
                 )
     sections[(n, "(nprobe tuned)" in text.splitlines()[0])] = text
     atomic_write_text(out, head + "\n".join(sections[k] for k in sorted(sections)))
+
+
+def _round_ratio(runs: list[dict], refs: list[dict]) -> float:
+    """Median over rounds of CPU per request of ``runs`` / of ``refs`` in the same round."""
+    return float(
+        np.median(
+            [r["cpu_us_per_req"] / f["cpu_us_per_req"] for r, f in zip(runs, refs, strict=True)]
+        )
+    )
 
 
 def _median_run(runs: list[dict]) -> dict:
@@ -775,15 +782,13 @@ def main() -> None:
     # Bare and the services side by side (an idle uvicorn costs nothing), measured alternately so
     # a change in the machine's load hits all alike; the ratio is taken per round.
     bare_p = start_bare(bare_port := _free_port(), w)
-    hand_p = start_handwritten(bundle, hand_port := _free_port(), w)
-    floor_p = start_handwritten(bundle, floor_port := _free_port(), w, "serve_floor.py")
+    hand_p = start_bench_server("serve_handwritten.py", bundle, hand_port := _free_port(), w)
+    floor_p = start_bench_server("serve_floor.py", bundle, floor_port := _free_port(), w)
     procs = {name: (port := _free_port(), start_service(bundle, port, w, tmp, code=code))
              for name, code in codes.items()}  # fmt: skip
     bare_runs: list[dict] = []
     hand_runs: list[dict] = []
     floor_runs: list[dict] = []
-    floor_ratios: dict[str, list[float]] = {name: [] for name in codes}
-    hand_ratios: dict[str, list[float]] = {name: [] for name in codes}
     svc_runs: dict[str, list[dict]] = {name: [] for name in codes}
     ratios: dict[str, list[float]] = {name: [] for name in codes}
     options: dict[str, dict[str, dict]] = {}
@@ -824,14 +829,12 @@ def main() -> None:
             hand_runs.append(hw)
             fl = got_round.pop("floor")
             floor_runs.append(fl)
-            print(f"         floor {fl}", flush=True)
             print(f"round {i}: bare {b}", flush=True)
             print(f"         hand-written {hw}", flush=True)
+            print(f"         floor {fl}", flush=True)
             for name, r in got_round.items():
                 svc_runs[name].append(r)
                 ratios[name].append(r["cpu_us_per_req"] / (b["cpu_us_per_req"] + work_us(base)))
-                hand_ratios[name].append(r["cpu_us_per_req"] / hw["cpu_us_per_req"])
-                floor_ratios[name].append(r["cpu_us_per_req"] / fl["cpu_us_per_req"])
                 print(f"         {name} {r}", flush=True)
         if args.option_duration > 0:  # options interleaved, servers together, medians over rounds
             luas = {
@@ -878,20 +881,13 @@ def main() -> None:
     hand["ratio"] = hand["cpu_us_per_req"] / (bare["cpu_us_per_req"] + work_us(base))
     floor = _median_run(floor_runs)
     floor["ratio"] = floor["cpu_us_per_req"] / (bare["cpu_us_per_req"] + work_us(base))
-    hand["floor_ratio"] = float(
-        np.median(
-            [
-                h["cpu_us_per_req"] / f["cpu_us_per_req"]
-                for h, f in zip(hand_runs, floor_runs, strict=True)
-            ]
-        )
-    )
+    hand["floor_ratio"] = _round_ratio(hand_runs, floor_runs)
     runs = {
         f"{name}, {w} workers": {
             **_median_run(svc_runs[name]),
             "ratio": float(np.median(ratios[name])),
-            "hand_ratio": float(np.median(hand_ratios[name])),
-            "floor_ratio": float(np.median(floor_ratios[name])),
+            "hand_ratio": _round_ratio(svc_runs[name], hand_runs),
+            "floor_ratio": _round_ratio(svc_runs[name], floor_runs),
         }
         for name in codes
     }
