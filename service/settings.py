@@ -90,6 +90,12 @@ class Settings(BaseSettings):
     event_log_rotate_rows: int = Field(
         100_000, ge=1, description="... or when it holds this many rows"
     )
+    event_log_sync_s: float = Field(
+        0.2,
+        ge=0,
+        description="accepted events are fsynced to the log's spool at least this often: a crash "
+        "(kill -9, power cut) loses at most this window; 0 = fsync every batch of entries",
+    )
     event_log_queue: int = Field(
         100_000, ge=1, description="queued log entries before new ones are dropped (and counted)"
     )

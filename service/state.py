@@ -115,6 +115,7 @@ class AppState:
             self.event_log = EventLog(
                 s.event_log_dir, s.event_log_queue, s.event_log_rotate_rows, s.event_log_rotate_s,
                 on_drop=m.event_log_dropped_total.inc, on_write=m.event_log_rows_total.inc,
+                sync_s=s.event_log_sync_s,
             )  # fmt: skip
             self.event_log.start()
         m.add_state_collector(self._state_metrics)
@@ -169,14 +170,15 @@ class AppState:
         retriever: Retriever,
         rows: list[int],
         count: bool = True,
+        cold: bool = False,
     ) -> str:
         """Count the impressions (unless ``count`` is False: a batch counts each arm's once, with
         :meth:`count_impressions`), log them, and return the request id for feedback."""
         if count:
             self.count_impressions(scenario, arm, len(rows))
         token, rid = self.request_ids.issue(user_id, scenario, arm)
-        if self.event_log is not None and user_id is not None and rows:
-            self.event_log.served(rid, user_id, retriever.item_ids[rows].tolist())
+        if self.event_log is not None and rows:  # cold start and history-only rows are marked
+            self.event_log.served(rid, user_id, retriever.item_ids[rows].tolist(), cold)
         return token
 
     def count_impressions(self, scenario: str | None, arm: str | None, n: int) -> None:

@@ -90,7 +90,9 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
         req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain, req.filter
     )
     state.count(scenario, "single", hits.cold_start, not hits.cold_start)
-    request_id = state.served(scenario, arm, req.user_id, retriever, hits.rows)
+    request_id = state.served(
+        scenario, arm, req.user_id, retriever, hits.rows, cold=hits.cold_start
+    )
     return b"".join(
         [
             b'{"items":',
@@ -199,7 +201,9 @@ async def retrieve_batch(request: Request) -> Response:
         impressions = dict.fromkeys(groups, 0)
         parts = [b'{"results":[']
         for u, h, arm in zip(req.users, hits, arms, strict=True):
-            rid = state.served(scenario, arm, u.user_id, retriever, h.rows, count=False)
+            rid = state.served(
+                scenario, arm, u.user_id, retriever, h.rows, count=False, cold=h.cold_start
+            )
             impressions[arm] += len(h.rows)
             parts += [
                 b'{"user_id":',
