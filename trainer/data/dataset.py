@@ -1,4 +1,5 @@
-"""The dataset folder (DESIGN §3): load + validate, split per user by time, publish atomically.
+"""The dataset folder (docs/design.md#data-formats): load + validate, split per user by time,
+publish atomically.
 
 A dataset is a folder holding ``events.parquet`` or ``events/part-*.parquet``, ``users.parquet``,
 ``items.parquet``, optionally ``candidates.parquet`` and ``truth.npz`` (synthetic data), and
@@ -8,6 +9,14 @@ fresh ``dataset.json``.
 
 Validation errors are ``DataError`` with one line naming the file, the column, how many rows are
 bad and a few example values.
+
+The service's event log (service/event_log.py) is a valid ``events/`` folder, recognised by its
+``cold_start`` column. It records every request, so some of its rows cannot train: cold-start
+and history-only requests (no user row; ``user_id`` null for the latter), and users or items the
+dataset's tables do not have (the catalogue or user table moved on since serving). Those rows are
+skipped and counted in ``Dataset.skipped`` — one ``warning:`` line on stderr says how many and why
+— instead of refusing the whole log. Any other dataset keeps the strict contract: an unknown id is
+an error.
 """
 
 from __future__ import annotations
@@ -15,10 +24,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +45,7 @@ from csmf.split import TEST, TRAIN, VALIDATION, split_labels
 
 OBJECTIVES: tuple[str, ...] = funnel.NAMES
 EVENT_COLUMNS: tuple[str, ...] = ("user_id", "item_id", "timestamp", *funnel.LABEL_COLUMNS)
+LOG_MARKER = "cold_start"  # the column that marks an events table as the service's event log
 # Everything a writer may produce; publishing removes the ones a new dataset does not have.
 DATASET_ENTRIES: tuple[str, ...] = (
     "events.parquet",
@@ -56,6 +67,7 @@ class Dataset:
     items: pa.Table
     candidates: pa.Table | None
     meta: dict  # dataset.json, {} if absent
+    skipped: dict[str, int] = field(default_factory=dict)  # event log: reason -> rows skipped
 
     def counts(self) -> dict[str, int]:
         n = self.events.num_rows
@@ -102,20 +114,77 @@ def load_dataset(
     if candidates is not None:
         rows["candidates.parquet"] = candidates.num_rows
 
+    is_log = LOG_MARKER in events.column_names
+    skipped: dict[str, int] = {}
     try:
+        if is_log:
+            events = _drop_cold_rows(events, events_name, skipped)
         events = _check_events(events, events_name, objectives)
         users = _check_entities(users, "users.parquet", "user_id", events, events_name)
         items = _check_entities(items, "items.parquet", "item_id", events, events_name)
         if spec is not None:
             _check_features(users, "users.parquet", spec.user)
             _check_features(items, "items.parquet", spec.item)
+        if is_log:
+            events = _drop_unknown_rows(events, events_name, users, items, objectives, skipped)
         _check_references(events, events_name, users, "users.parquet", "user_id")
         _check_references(events, events_name, items, "items.parquet", "item_id")
         if candidates is not None:
             candidates = _check_candidates(candidates, events, events_name, items)
     except DataError as exc:
         raise DataError(_located(root, str(exc), rows)) from None
-    return Dataset(root, events, users, items, candidates, _read_meta(root))
+    if skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        print(
+            f"warning: {root / events_name}: event log, skipped {sum(skipped.values())} of "
+            f"{rows[events_name]} rows that cannot train ({reasons})",
+            file=sys.stderr,
+        )
+    return Dataset(root, events, users, items, candidates, _read_meta(root), skipped)
+
+
+def _drop_cold_rows(events: pa.Table, name: str, skipped: dict[str, int]) -> pa.Table:
+    """Event log: drop cold-start and history-only rows (no user row to train on)."""
+    if "user_id" not in events.column_names:
+        return events  # _check_events names the missing column
+    cold = events[LOG_MARKER].fill_null(False)
+    if not pa.types.is_boolean(cold.type):
+        raise DataError(f"{name}: column {LOG_MARKER} must be bool, got {cold.type}")
+    no_user = events["user_id"].is_null()
+    history_only = _count_true(no_user)
+    drop = pc.or_(cold, no_user)
+    n_cold = _count_true(drop) - history_only
+    if n_cold:
+        skipped["cold-start (unknown user)"] = n_cold
+    if history_only:
+        skipped["history-only (no user id)"] = history_only
+    return events.filter(pc.invert(drop)) if n_cold or history_only else events
+
+
+def _drop_unknown_rows(
+    events: pa.Table,
+    name: str,
+    users: pa.Table,
+    items: pa.Table,
+    objectives: Sequence[str],
+    skipped: dict[str, int],
+) -> pa.Table:
+    """Event log: drop rows whose user or item the dataset's tables do not have; the objectives
+    must still have positives afterwards."""
+    keep = None  # a row is counted once, under its first reason
+    for table, col, why in ((users, "user_id", "user"), (items, "item_id", "item")):
+        known = pc.is_in(events[col], value_set=table[col].combine_chunks())
+        now = known if keep is None else pc.and_(keep, known)
+        n = (events.num_rows if keep is None else _count_true(keep)) - _count_true(now)
+        if n:
+            skipped[f"{why} not in {why}s.parquet"] = n
+        keep = now
+    if keep is None or _count_true(keep) == events.num_rows:
+        return events
+    events = events.filter(keep)
+    n = events.num_rows
+    check_positives(name, {o.name: label_count(events, o, n) for o in funnel.FUNNEL}, n, objectives)
+    return events
 
 
 def _located(root: Path, msg: str, rows: dict[str, int]) -> str:
@@ -221,7 +290,11 @@ def check_positives(
     """Every objective the cascade trains needs positives; the error names the column."""
     for o in funnel.FUNNEL:
         if o.name in objectives and positives[o.name] == 0:
-            what = "no rows" if o.column is None else f"column {o.column} is never true ({n_rows} rows)"
+            what = (
+                "no rows"
+                if o.column is None
+                else f"column {o.column} is never true ({n_rows} rows)"
+            )
             raise DataError(f"{name}: {what}, so the {o.name} objective has no positives")
 
 

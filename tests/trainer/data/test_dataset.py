@@ -152,6 +152,46 @@ def test_unknown_ids_reported_from_parts_too(make_dataset):
         load_dataset(make_dataset(events={"item_id": [10, 11, 10, 12, 55]}, parts=2))
 
 
+# The service's event log (a `cold_start` column): rows that cannot train are skipped and counted.
+LOG_EVENTS = {  # the valid base plus cold, history-only and unknown-id rows
+    "user_id": [1, 1, 2, 3, 3, 7, None, 8, 1],
+    "item_id": [10, 11, 10, 12, 13, 10, 11, 12, 99],
+    "timestamp": [100, 200, 150, 300, 310, 320, 330, 340, 350],
+    "clicked": [True, False, True, True, False, True, False, False, True],
+    "converted": [True, False, False, False, False, False, False, False, False],
+    "request_id": [1, 2, 3, 4, 4, 5, 6, 7, 8],
+    "cold_start": [False] * 5 + [True, True, False, False],
+}
+
+
+def test_event_log_rows_that_cannot_train_are_skipped_and_counted(make_dataset, capsys):
+    ds = load_dataset(make_dataset(events=LOG_EVENTS, parts=2))
+    assert ds.events.num_rows == 5
+    assert ds.skipped == {
+        "cold-start (unknown user)": 1,
+        "history-only (no user id)": 1,
+        "user not in users.parquet": 1,
+        "item not in items.parquet": 1,
+    }
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "event log, skipped 4 of 9 rows" in err
+
+
+def test_event_log_of_only_untrainable_rows_is_one_error(make_dataset):
+    events = {k: v[5:] for k, v in LOG_EVENTS.items()}
+    events["converted"][-1] = True  # every label only on rows that cannot train
+    with _raises("events.parquet: no rows, so the exposure objective has no positives"):
+        load_dataset(make_dataset(events=events))
+
+
+def test_without_the_marker_unknown_ids_stay_an_error(make_dataset):
+    events = {k: v for k, v in LOG_EVENTS.items() if k != "cold_start"}
+    events = {k: [x for x, u in zip(v, events["user_id"], strict=True) if u is not None]
+              for k, v in events.items()}  # fmt: skip
+    with _raises("rows have user_id not in users.parquet"):
+        load_dataset(make_dataset(events=events))
+
+
 def test_converted_without_clicked(make_dataset):
     events = {
         "clicked": [True, False, True, False, False],
