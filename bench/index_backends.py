@@ -1,4 +1,4 @@
-"""Index backends side by side (issue 13): FAISS IVF, FAISS IVF-PQ (with and without the exact
+"""Index backends side by side: FAISS IVF, FAISS IVF-PQ (with and without the exact
 re-rank), FAISS HNSW and Milvus Lite, on the same synthetic catalogue and the same weighted
 queries, through the one ``VectorIndex`` interface the service uses.
 

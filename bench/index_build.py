@@ -121,7 +121,8 @@ def main() -> None:
         for q, ex in zip(queries, exact, strict=True):
             _, found = index.search(q, k)
             recalls.append(float(recall_with_ties(items, q, found, ex).mean()))
-        # single-query latency on one thread, as the service searches (DESIGN §8)
+        # single-query latency on one thread, as the service searches
+        # (docs/design.md#performance-facts)
         faiss.omp_set_num_threads(1)
         q = queries[0]
         lat = []

@@ -1,4 +1,4 @@
-"""The validation protocol CSMF's ML-100K configuration was chosen on (issue 12): a pseudo-test
+"""The validation protocol CSMF's ML-100K configuration was chosen on: a pseudo-test
 built from the train and validation splits only — the test split is never read.
 
 Why not the plain validation split: it is the 10 % of each user's events right after train, and

@@ -1,4 +1,4 @@
-"""Load benchmark of the retrieval service (issue 6 targets), loopback only, bounded in time.
+"""Load benchmark of the retrieval service, loopback only, bounded in time.
 
     .venv/bin/python bench/serve.py --items 100000            # then --items 1000000
 

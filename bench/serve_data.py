@@ -1,8 +1,8 @@
 """A synthetic catalogue and a random-weight CSMF model, published as a bundle for bench/serve.py.
 
 The serving cost depends on the model's shapes, not on what it learned, so the bench uses
-DESIGN's default architecture (64 output dims, hidden 256-128, history of 50 items) with random
-weights and owners, and a real FAISS index over N items built and recall-checked (on weighted
+``ModelConfig``'s default architecture (64 output dims, hidden 256-128, history of 50 items) with
+random weights and owners, and a real FAISS index over N items built and recall-checked (on weighted
 queries, floor 0.97) by the real index builder. Cached under ``.cache/bench/serve-<N>``.
 
 ANN recall, unlike cost, does depend on the geometry of the item vectors. An untrained tower

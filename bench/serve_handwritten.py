@@ -6,7 +6,7 @@ users, explicit or default weights, ``exclude``, ``exclude_seen`` by the same k 
 ``orjson`` in, a dict per item out through ``orjson``. What it leaves out is what the service
 adds for operators: scenarios and experiments, request ids for feedback, metrics, validation with
 named errors, warnings, filters, ``explain``, hot reload. So service CPU / this endpoint's CPU, in
-the same rounds, is the price of those — the comparison the issue's "why" describes. Run with
+the same rounds, is the price of those — the comparison this benchmark exists for. Run with
 ``--workers`` like the service: ``python serve_handwritten.py BUNDLE PORT WORKERS``.
 """
 

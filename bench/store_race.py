@@ -1,4 +1,4 @@
-"""Issue 18 A, measured: how often an empty Redis restart racing a write loses scenarios.
+"""Measured: how often an empty Redis restart racing a write loses scenarios.
 
     .venv/bin/python bench/store_race.py --trials 10            # this checkout's weight store
 

@@ -1,4 +1,4 @@
-"""Training at scale (issue 14): throughput, scaling efficiency, peak RSS and wall time of real
+"""Training at scale: throughput, scaling efficiency, peak RSS and wall time of real
 `csmf train` runs (``python -m trainer.cli train``; ``--nproc`` launches torchrun, gloo).
 
 Each section is one command (a heavy job: run them one after another, never two at once) and is

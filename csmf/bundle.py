@@ -1,4 +1,5 @@
-"""The index-builder → service file format: a bundle folder (DESIGN §4).
+"""The index-builder → service file format: a bundle folder
+(docs/design.md#the-bundle-and-its-manifest).
 
 ```
 bundles/NAME/

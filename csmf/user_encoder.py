@@ -1,4 +1,5 @@
-"""The user tower as plain numpy, for serving (DESIGN §8: ~11 µs per user vs ~38 µs torch eager).
+"""The user tower as plain numpy, for serving (~11 µs per user vs ~38 µs torch eager;
+docs/design.md#performance-facts).
 
 Built by the index builder from a trained :class:`csmf.towers.Tower`: disallowed connections are
 zeroed in storage (so no masks at serving) and the final layer's outputs are permuted like the item

@@ -1,4 +1,5 @@
-"""Objective weights → per-dimension query scale (DESIGN §1, the paper's Eq. 8).
+"""Objective weights → per-dimension query scale (the paper's Eq. 8;
+docs/design.md#owned-units-and-why-one-search-is-exact).
 
 With weights k_t per objective and output dims owned by objective owner(j), the fused score
 sum_t k_t s_t(u, i) equals (c ⊙ e) · v with c_j = sum_{t >= owner(j)} k_t. For the cascade

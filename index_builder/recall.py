@@ -1,5 +1,6 @@
 """Weighted-query ANN recall: ANN top-k vs exact top-k on real user vectors under several objective
-weightings (DESIGN §4, §8: slice-scaled queries are harder for HNSW than plain ones).
+weightings: slice-scaled queries are harder for HNSW than plain ones
+(docs/design.md#the-recall-check).
 
 Ties are allowed, as in faiss ``contrib/evaluation.py``: an ANN result counts as correct when its
 exact score reaches the exact k-th score, so equal-scoring items are interchangeable.

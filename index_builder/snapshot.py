@@ -85,7 +85,8 @@ def _histories(
     dataset: Path, spec: TowerSpec, ids: pa.Array, split: Mapping[str, Any] | None
 ) -> tuple[pa.ListArray, int]:
     n = len(ids)
-    # DESIGN §3: events are one file or a folder of part files (the synthetic generator streams)
+    # events are one file or a folder of part files (the synthetic generator streams;
+    # docs/design.md#the-dataset-folder)
     events_path = dataset / "events.parquet"
     if not events_path.exists() and (dataset / "events").is_dir():
         events_path = dataset / "events"

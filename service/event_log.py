@@ -1,4 +1,5 @@
-"""The served-and-feedback event log, in the dataset's own ``events`` schema (DESIGN §3, §10).
+"""The served-and-feedback event log, in the dataset's own ``events`` schema
+(docs/design.md#tune-experiment-feedback).
 
 ``CSMF_EVENT_LOG_DIR/events/part-<UTC time>-<writer>-<seq>.parquet``: a dataset's ``events/``
 folder, so ``csmf train`` reads it next to ``users.parquet`` and ``items.parquet`` (the loader

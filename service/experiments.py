@@ -1,4 +1,5 @@
-"""Experiment arms of a scenario (DESIGN §10): validation and sticky assignment.
+"""Experiment arms of a scenario: validation and sticky assignment
+(docs/design.md#tune-experiment-feedback).
 
 A scenario may hold arms instead of one triplet::
 

@@ -141,7 +141,8 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
         # Single queries search on this (the event loop's) thread with one OpenMP thread:
-        # DESIGN §8 measured 2 threads on one query as 2x slower. The setting is per thread.
+        # 2 threads on one query measured 2x slower (docs/design.md#performance-facts). The
+        # setting is per thread.
         faiss.omp_set_num_threads(1)
         state.start()
         try:

@@ -1,4 +1,4 @@
-"""Encode → scale → search, with no FastAPI in sight (DESIGN §1, §5).
+"""Encode → scale → search, with no FastAPI in sight (docs/design.md#the-request-path).
 
 One forward pass of the numpy user tower gives ``e`` (D,); the query is ``c ⊙ e`` with
 ``c = slice_scale(weights)``, and one inner-product search over the unscaled item vectors returns

@@ -1,6 +1,6 @@
 """Scenario weights: a local cache the request path reads, kept in sync with a shared backend.
 
-Two backends (DESIGN §5):
+Two backends (docs/design.md#the-weight-store-and-its-consistency):
 
 * :class:`RedisWeightStore` (``CSMF_REDIS_URL`` set): a hash of scenario documents (deletes
   leave versioned tombstones), a hash of per-scenario versions, a generation counter bumped by
@@ -11,7 +11,7 @@ Two backends (DESIGN §5):
   takes every newer one. Redis down → the thread marks the store degraded and retries; the local
   copy keeps serving; on reconnect it reconciles, so a Redis that came back *empty* gets every
   scenario any replica knew written back, and a stale re-seed never overwrites a newer write
-  (the invariant is spelled out above ``_SYNC`` below and in the README).
+  (the invariant is spelled out above ``_SYNC`` below and in docs/design.md#redis).
 * :class:`FileWeightStore` (embedded): one JSON file, written atomically (tmp + fsync +
   ``os.replace``) under an ``flock`` so the workers of one server never lose a write; every worker
   polls the file's identity, so a write in one worker is seen by the others within an interval.
@@ -344,7 +344,7 @@ class FileWeightStore(WeightStore):
 # on `scenarios:changed`) and `scenarios:epoch` (a random id set when the store is initialised:
 # an empty Redis has none, so every replica notices that it lost its data).
 #
-# Invariant (README "Redis weight store"): every record carries a version, and Redis and every
+# Invariant (docs/design.md#redis): every record carries a version, and Redis and every
 # replica only ever replace a record by one with a *higher* version (compare-and-set in Lua, merge
 # by version locally). A write's version is max(stored + 1, writer's known + 1, Redis TIME in ms),
 # so a write acknowledged after another one outranks it even if Redis lost the first in between

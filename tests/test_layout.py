@@ -43,7 +43,8 @@ def test_contract_does_not_import_the_stages():
 
 
 def test_index_backends_do_not_need_torch():
-    """csmf/index is imported by the torch-free service install (DESIGN §12)."""
+    """csmf/index is imported by the torch-free service install
+    (docs/design.md#where-things-live)."""
     bad = [
         f"{p.relative_to(ROOT)} imports {m}"
         for p, m in _imports("csmf/index")

@@ -1,4 +1,4 @@
-"""Baselines and CSMF ablations for the comparison table (DESIGN §2 'Baselines', issue 4).
+"""Baselines and CSMF ablations for the comparison table (docs/design.md#baselines-and-evaluation).
 
 Every method trains through the trainer's own code path — :func:`trainer.cascade.run_cascade`
 or :func:`trainer.cascade.run_epochs` / :func:`trainer.cascade.batch_loss` (same features,
@@ -54,7 +54,8 @@ CSMF_VARIANTS = {
     "csmf-wo-ar": {"cascade": {"accuracy_recovery": False}},
     # CPP against random pruning of the same budget (per layer, CPP's count, random units)
     "csmf-random-prune": {"cascade": {"pruning": "random"}},
-    # the investigation's steps (issue 12), each undoing one change of the ML-100K default:
+    # the investigation's steps (bench/results/quality-investigation-ml-100k.md), each undoing
+    # one change of the ML-100K default:
     # in-batch sampled softmax with log-Q instead of the exact catalogue softmax ...
     "csmf-in-batch": {"loss": {"negatives": "in-batch"}},
     # ... and the previous default: [256, 128] MLP towers with the in-batch softmax

@@ -1,4 +1,4 @@
-"""What a cached benchmark run depends on, as one key (issue 12, "honest benchmark mechanics").
+"""What a cached benchmark run depends on, as one key.
 
 A (method, seed) result of ``csmf bench quality`` may be reused only if everything that can change
 its numbers is unchanged:
@@ -6,7 +6,7 @@ its numbers is unchanged:
 - the fully resolved config (``RunConfig.to_dict()`` after ``--set`` and the seed);
 - the dataset: the content fingerprint training records in its checkpoint
   (:func:`csmf.checkpoint.dataset_fingerprint` of the files training reads), plus the synthetic
-  ground truth the oracle method reads (:data:`DATASET_EXTRA`). Until issue 16 the cache hashed
+  ground truth the oracle method reads (:data:`DATASET_EXTRA`). Earlier the cache hashed
   every file itself (``dataset.json`` too, which changes with each conversion's ``created_at``);
   keys made before that are simply never hit again;
 - the method and the seed;

@@ -1,5 +1,5 @@
 """One (method, seed) run of ``csmf bench quality`` → a JSON-able record, optionally in a fresh
-process so its peak memory is its own (issue 12, "cost of quality").
+process so its peak memory is its own.
 
 Memory is the process's resident set (RSS), which is what torch's allocator, numpy, scipy and
 implicit all end up in (``tracemalloc`` sees only Python's allocator and misses torch/BLAS

@@ -1,4 +1,4 @@
-"""Collaborative-filtering baselines (issue 12): the retrieval a team would pick instead of CSMF.
+"""Collaborative-filtering baselines: the retrieval a team would pick instead of CSMF.
 
 - ``als-click`` / ``als-exposure``: implicit-feedback matrix factorisation by alternating least
   squares (``implicit``; confidence 1 + alpha·r), ``model.out_dim`` factors = CSMF's served

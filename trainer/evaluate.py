@@ -5,7 +5,8 @@ top N, and score Recall@N and nDCG@N against the user's held-out positives (test
 conversions). Every ranker is a per-dimension query scale over one pair of full outputs (E, V):
 
 - view t (objective t's own score s_t): scale = 1 on dims owned <= t, 0 elsewhere;
-- fused score under weights k: scale c_j = sum_{t >= owner(j)} k_t (DESIGN §1; exact);
+- fused score under weights k: scale c_j = sum_{t >= owner(j)} k_t (exact;
+  docs/design.md#owned-units-and-why-one-search-is-exact);
 - popularity: the same item order for everyone (count over train exposures / clicks).
 """
 

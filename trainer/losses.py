@@ -1,4 +1,4 @@
-"""Sampled softmax with log-Q correction and the AML margin (DESIGN §2 'Loss' and 'AML').
+"""Sampled softmax with log-Q correction and the AML margin (docs/design.md#loss-and-aml).
 
 Row b of a batch is (user u_b, positive item i_b). Its candidates are the batch's positives
 (column b is its own positive, the others are in-batch negatives), optionally K extra items drawn

@@ -1,4 +1,5 @@
-"""``csmf tune``: choose objective weights from evidence (paper Fig. 5 made a tool; DESIGN §10).
+"""``csmf tune``: choose objective weights from evidence (paper Fig. 5 made a tool;
+docs/design.md#tune-experiment-feedback).
 
 One encode of every user and item of a trained run, then each weight triplet is only a query
 scale (``csmf.weights.dim_scale``) scored with the evaluation protocol of ``csmf eval``

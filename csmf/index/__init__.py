@@ -1,6 +1,6 @@
-"""Vector indexes behind one interface (DESIGN §9): ``base`` (the VectorIndex contract),
-``faiss`` (Flat / IVF / HNSW / IVF-PQ in the bundle), ``milvus`` (a collection reached by URI),
-``filters`` (the typed attribute-filter language). No torch here: the service imports it."""
+"""Vector indexes behind one interface (docs/design.md#the-index-seam): ``base`` (the VectorIndex
+contract), ``faiss`` (Flat / IVF / HNSW / IVF-PQ in the bundle), ``milvus`` (a collection reached by
+URI), ``filters`` (the typed attribute-filter language). No torch here: the service imports it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The one seam between CSMF and a vector engine (DESIGN §9).
+"""The one seam between CSMF and a vector engine (docs/design.md#the-index-seam).
 
 CSMF's objective weighting is a scale of the *query* (``q = c ⊙ e``), so any inner-product engine
 serves every weighting exactly with one search over the unscaled item vectors. A backend therefore

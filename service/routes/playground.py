@@ -1,4 +1,5 @@
-"""GET /playground: the weights playground page (service/static/playground.html, DESIGN §10).
+"""GET /playground: the weights playground page (service/static/playground.html;
+docs/design.md#tune-experiment-feedback).
 
 One self-contained HTML file (no CDN, no build step) that calls the public retrieve API and, to
 save a scenario, the admin API with a token the person types (never stored)."""

@@ -5,9 +5,9 @@ and exact checks, pydantic's parser for anything else), the batch with pydantic'
 parser (``model_validate_json``) — and return pre-serialised bytes, skipping FastAPI's
 ``json.loads`` → validate → ``jsonable_encoder`` round trips (~40 µs of ~90 µs per single request
 measured here; 10 % of a 500-user batch). Their OpenAPI request schemas are declared from the
-same models. Retrieval runs on
-the event loop thread itself (FAISS with one OpenMP thread, see DESIGN §8); batches go to a
-worker thread, where FAISS may use ``batch_threads`` threads, so the loop keeps serving.
+same models. Retrieval runs on the event loop thread itself (FAISS with one OpenMP thread, see
+docs/design.md#performance-facts); batches go to a worker thread, where FAISS may use
+``batch_threads`` threads, so the loop keeps serving.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The serving trick is exact by construction (DESIGN §1): view(t) equals the full network masked
+"""The serving trick is exact by construction
+(docs/design.md#owned-units-and-why-one-search-is-exact): view(t) equals the full network masked
 to dims owned <= t, and (c ⊙ e) · v equals sum_t k_t s_t for any weights."""
 
 import numpy as np

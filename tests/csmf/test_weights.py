@@ -69,6 +69,7 @@ def test_cumulative_slice_scores_match_a_direct_sum_even_with_empty_slices(sizes
     ends = np.cumsum(sizes)
     want = np.stack([(v[:, :end] * e[:end]).sum(1) for end in ends], axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    # and the fused score is the weighted sum of these s_t (DESIGN §1)
+    # and the fused score is the weighted sum of these s_t
+    # (docs/design.md#owned-units-and-why-one-search-is-exact)
     k = np.array([1.0, 1.8, 1.2], np.float32)
     np.testing.assert_allclose(got @ k, v @ (e * slice_scale(k, sizes)), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Issue 18 C: `csmf build-index` refuses an item table or a dataset folder the checkpoint was not
+"""`csmf build-index` refuses an item table or a dataset folder the checkpoint was not
 trained on. The run records its dataset fingerprint and vocabulary hashes with the same function
 the trainer calls (`training_provenance`; tests/trainer/test_cli.py checks the trainer does)."""
 

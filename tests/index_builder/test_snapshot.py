@@ -52,7 +52,8 @@ def test_history_all_and_click_source(tiny_dataset, tmp_path):
 
 
 def test_events_folder_gives_the_same_histories_as_one_file(tiny_dataset, tmp_path):
-    """DESIGN §3: events may be a folder of part files (the synthetic generator writes those)."""
+    """Events may be a folder of part files (the synthetic generator writes those;
+    docs/design.md#the-dataset-folder)."""
     import shutil
 
     folder = tmp_path / "ds"

@@ -1,4 +1,4 @@
-"""The event log is always a valid training input (issue 30): a real server logs requests of every
+"""The event log is always a valid training input: a real server logs requests of every
 kind — known users, unknown users (cold start), history-only requests, unknown users with a
 history, batches mixing them, an experiment's arms, explicit weights, clicks and conversions — and
 `csmf train` (the real CLI, a few steps) trains from the log plus the dataset's users and items.

@@ -46,7 +46,7 @@ def test_two_replicas_sharing_redis_see_a_change_within_a_second(serve, bundles,
 def test_scenarios_survive_an_empty_redis_restart_racing_a_retried_put(
     serve, bundles, redis_server
 ):
-    """Issue 18 A end to end: kill -9 Redis, restart it empty, and immediately PUT another scenario
+    """End to end: kill -9 Redis, restart it empty, and immediately PUT another scenario
     through the other replica, retrying its 503s as a client would. Nothing either replica knew
     is lost, on either replica or in Redis."""
     env = {"CSMF_REDIS_URL": redis_server.url, "CSMF_REDIS_PREFIX": "e2e:"}

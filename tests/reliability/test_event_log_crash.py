@@ -6,7 +6,7 @@ its 200 and request id) against the rows in the log afterwards.
 Asserted: rows are lost only for requests answered within the durability window before the kill
 (``CSMF_EVENT_LOG_SYNC_S`` = its default 0.2 s, plus slack for a loaded machine), no row is logged
 twice, and no spool or ``.tmp`` file is left once the new server has stopped. Parts rotate only
-every hour here, so without the spool everything would have been lost (issue 30: 5,500 of 5,500).
+every hour here, so without the spool everything would have been lost (measured: 5,500 of 5,500).
 """
 
 from __future__ import annotations
@@ -93,6 +93,6 @@ def test_kill_9_loses_at_most_the_sync_window(serve, bundles, tmp_path, report):
             "oldest lost request answered before the kill": f"{oldest_lost:.3f} s",
             "rows logged twice": 0,
         },
-        "Before the spool (issue 30) the same kill lost every row not yet in a part: all of them "
+        "Before the spool the same kill lost every row not yet in a part: all of them "
         "with the default 60 s rotation.",
     )

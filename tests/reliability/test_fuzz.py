@@ -10,7 +10,7 @@ admin token (generated data really creates, replaces, deletes scenarios and relo
 with whatever `authorization` header the fuzzer makes up (or none): then every call must be
 refused and the scenario list and the loaded bundle must be unchanged.
 
-Extreme weights (issue 16): the weights schema carries ``minimum: 0, maximum: 1e6``, so the
+Extreme weights: the weights schema carries ``minimum: 0, maximum: 1e6``, so the
 fuzzer sends values past both bounds to retrieve, batch and scenario writes;
 ``test_fuzzer_sent_extreme_weights`` proves it did, and every one was answered 422.
 """

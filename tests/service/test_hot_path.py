@@ -1,4 +1,4 @@
-"""The retrieve hot path's shortcuts (issue 17) do what the slow paths they replace do: the orjson
+"""The retrieve hot path's shortcuts do what the slow paths they replace do: the orjson
 request parser returns pydantic's values or raises pydantic's error, the direct metric writers
 record what prometheus_client's API records (one process and multiprocess files), request ids
 carry a standard HMAC-SHA256, the response bytes are a valid RetrieveResponse, and excluding seen

@@ -1,4 +1,4 @@
-"""Issue 18 B: a corrupt or partial scenarios file (embedded store) is detected at load and on
+"""A corrupt or partial scenarios file (embedded store) is detected at load and on
 write; the service keeps serving from memory, says so on /readyz and /metrics, and the next admin
 write rewrites a good file atomically, keeping the bad one beside it. Never a 500."""
 
@@ -13,7 +13,7 @@ from fixtures.services import AUTH, wait_until
 from service.weight_store import FileWeightStore
 
 OBJ = ("exposure", "click", "conversion")
-TRUNCATED = '{"format":1, "generation": 3, "scen'  # the issue's file
+TRUNCATED = '{"format":1, "generation": 3, "scen'  # a file cut mid-write
 BROKEN = {
     "truncated": TRUNCATED,
     "not-json": "\x00\x01garbage",

@@ -1,4 +1,4 @@
-"""Issue 18 A: no sequence of Redis restarts (empty: SIGKILL, no persistence), concurrent writes
+"""No sequence of Redis restarts (empty: SIGKILL, no persistence), concurrent writes
 from several replicas and retries drops a scenario any replica knew, or resurrects a deleted one.
 
 Every test runs real replicas (RedisWeightStore instances, each with its own sync thread and
@@ -148,7 +148,7 @@ def _seed(c: Cluster) -> None:
 
 @pytest.mark.parametrize("delay_ms", [0, 50, 100, 250])
 def test_empty_restart_racing_a_write_loses_nothing(cluster, delay_ms):
-    """The issue's race: Redis restarts empty and, within `delay_ms`, a PUT of another scenario
+    """The race: Redis restarts empty and, within `delay_ms`, a PUT of another scenario
     arrives at the *other* replica (a client retrying its 503)."""
     c = cluster()
     _seed(c)

@@ -1,4 +1,4 @@
-"""Baselines and ablations train and evaluate through the trainer's code path (issue 4)."""
+"""Baselines and ablations train and evaluate through the trainer's code path."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Honest benchmark mechanics (issue 12): the per-run cache key covers the resolved config, the
+"""Honest benchmark mechanics: the per-run cache key covers the resolved config, the
 dataset's content, the method, the seed and the code; runs in their own process report their
 own time and peak memory."""
 

@@ -1,4 +1,4 @@
-"""CF baselines (issue 12): same evaluation path as CSMF, hyper-parameters chosen on validation
+"""CF baselines: same evaluation path as CSMF, hyper-parameters chosen on validation
 only, models that are what their names say (EASE's closed form, cosine ItemKNN, implicit's ALS)."""
 
 from __future__ import annotations

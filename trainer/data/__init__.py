@@ -1,1 +1,2 @@
-"""Dataset adapters (MovieLens-100K, synthetic cascade) and the dataset folder format (DESIGN §3)."""
+"""Dataset adapters (MovieLens-100K, synthetic cascade) and the dataset folder format
+(docs/design.md#data-formats)."""

@@ -1,4 +1,5 @@
-"""``csmf data``: build datasets in the csmf format (DESIGN §3). Never imports torch.
+"""``csmf data``: build datasets in the csmf format (docs/design.md#data-formats). Never imports
+torch.
 
 Run standalone as ``python -m trainer.data.cli``; the top-level ``csmf`` command mounts ``app``.
 """
