@@ -22,13 +22,23 @@ def build_index(
         Path, typer.Option(help="Run folder holding checkpoint.pt (from `csmf train`).")
     ],
     out: Annotated[
-        Path, typer.Option(help="Bundle folder to publish (replaced atomically if it exists).")
+        Path,
+        typer.Option(
+            help="Bundle folder to publish (a bundle there is replaced atomically; a folder "
+            "holding anything else only with --force; a file never)."
+        ),
     ],
     items: Annotated[
         Path | None,
         typer.Option(help="Item table (Parquet/CSV) to index instead of the run's dataset items."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bars.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="Replace an --out folder that holds something other than a bundle."
+        ),
+    ] = False,
     *,
     config: BuildConfig,
 ) -> None:
@@ -36,9 +46,11 @@ def build_index(
     publish a verified bundle atomically. First checks that the item table and the dataset are
     the ones the checkpoint was trained on (vocabulary and dataset fingerprint). Every other
     option is a field of index_builder.config.BuildConfig (recorded in the manifest)."""
+    from csmf.out_folder import check_out
     from index_builder.build import build_bundle
 
     try:
+        check_out(out, "bundle", force)
         path, m = build_bundle(run, out, config, items=items, progress=not quiet)
     except CsmfError as exc:
         fail(exc)

@@ -57,7 +57,12 @@ def train(
         ),
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Overwrite a run folder that already holds a run.")
+        bool,
+        typer.Option(
+            "--force",
+            help="Overwrite a run folder that already holds a run, or write into an --out folder "
+            "that holds something else.",
+        ),
     ] = False,
     nproc: Annotated[
         int,
@@ -67,6 +72,13 @@ def train(
     ] = 1,
 ) -> None:
     """Train the CSMF cascade (train → CPP → AR → freeze per objective) into a run folder."""
+    from csmf.out_folder import check_out
+
+    if resume is None:
+        try:
+            check_out(out, "run", force)
+        except CsmfError as exc:
+            fail(exc)
     if nproc > 1:
         _launch_torchrun(nproc, config, data, out, seed, set_, progress, resume, force)
         return

@@ -13,6 +13,7 @@ import typer
 
 from csmf.cli import config_options, fail, new_app
 from csmf.errors import CsmfError
+from csmf.out_folder import check_out
 from csmf.progress import progress_bar
 from trainer.data.synthetic import SyntheticConfig
 
@@ -31,6 +32,14 @@ def _summary(name: str, out: Path, counts: dict[str, int]) -> str:
     return f"wrote {name} to {out}: " + ", ".join(parts)
 
 
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force", help="Write into an --out folder that holds something other than a dataset."
+    ),
+]
+
+
 @app.command("ml-100k")
 def ml_100k(
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (created).")],
@@ -42,11 +51,15 @@ def ml_100k(
             "[default: $CSMF_CACHE_DIR or ~/.cache/csmf].",
         ),
     ] = None,
+    force: Force = False,
 ) -> None:
     """MovieLens-100K from the recbole==1.2.1 wheel (exposure = rated, click = rating >= 4, conversion = rating == 5)."""
     from trainer.data.movielens import convert_ml100k, fetch_ml100k
 
     try:
+        check_out(out, "dataset", force)
+        if cache_dir is not None and cache_dir.exists() and not cache_dir.is_dir():
+            raise CsmfError(f"--cache-dir {cache_dir} is a file, not a folder")
         src = fetch_ml100k(cache_dir, log=lambda msg: typer.echo(msg, err=True))
         counts = convert_ml100k(src, out)
     except CsmfError as exc:
@@ -58,6 +71,7 @@ def ml_100k(
 @config_options(SyntheticConfig)
 def synthetic(
     out: Annotated[Path, typer.Option("--out", help="Dataset folder to write (created).")],
+    force: Force = False,
     *,
     config: SyntheticConfig,
 ) -> None:
@@ -66,6 +80,7 @@ def synthetic(
     from trainer.data.synthetic import generate_synthetic
 
     try:
+        check_out(out, "dataset", force)
         with progress_bar(config.exposures, "synthetic", "ev", unit_scale=True) as bar:
             counts = generate_synthetic(config, out, progress=bar.update)
     except CsmfError as exc:
