@@ -141,3 +141,43 @@ def test_no_issue_numbers():
         for m in ISSUE.finditer(p.read_text(errors="replace"))
     ]
     assert found == [], f"say what the code does, not which issue asked for it: {found}"
+
+
+ABSOLUTE = re.compile(r"(?<![\w.~-])/(?:work|root|home)/[\w.-]")
+MD_LINK = re.compile(r"\]\(([^)\s#]*)#([^)\s]+)\)")
+
+
+def _markdown_files() -> list[Path]:
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_markdown_links_name_headings_that_exist():
+    """``[text](other.md#anchor)`` and ``[text](#anchor)`` in README.md and docs/*.md."""
+    dangling = []
+    for md in _markdown_files():
+        for target, anchor in MD_LINK.findall(md.read_text()):
+            path = md if not target else (md.parent / target).resolve()
+            if path.suffix != ".md":
+                continue
+            if not path.is_file() or anchor not in github_anchors(path.read_text()):
+                dangling.append(f"{_rel(md)}: {target}#{anchor}")
+    assert dangling == []
+
+
+def test_readme_is_a_user_guide_of_at_most_300_lines():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 300, f"README.md has {len(lines)} lines; long text goes to docs/"
+    first = next(i for i, line in enumerate(lines) if line.startswith("## "))
+    assert lines[first] == "## The two commands"
+
+
+def test_no_absolute_machine_paths_in_docs_and_results():
+    files = _markdown_files() + sorted(
+        p for p in (ROOT / "bench" / "results").iterdir() if p.suffix != ".png"
+    )
+    found = [
+        f"{_rel(p)}: {m.group(0)}"
+        for p in files
+        for m in ABSOLUTE.finditer(p.read_text(errors="replace"))
+    ]
+    assert found == [], f"use paths relative to the repository: {found}"

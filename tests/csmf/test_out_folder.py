@@ -1,4 +1,4 @@
-"""``--out`` never replaces what its command did not write (issue 30): a file, a folder of other
+"""``--out`` never replaces what its command did not write: a file, a folder of other
 things (without --force), an unwritable place — one ``error:`` line, exit 2, before any work — for
 `csmf build-index`, `csmf train`, `csmf data ml-100k` and `csmf data synthetic`, run as a user
 runs them (subprocesses). What each command writes itself is still replaced as before."""
