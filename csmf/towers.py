@@ -1,4 +1,5 @@
-"""The owned two-tower model of DESIGN §1 (forward only; training lives in ``trainer/``).
+"""The owned two-tower model (forward only; training lives in ``trainer/``;
+docs/design.md#owned-units-and-why-one-search-is-exact).
 
 Every *unit* — each output neuron of an :class:`OwnedLinear` and each column of an
 :class:`OwnedEmbedding` — carries an ``owner`` (uint8 buffer): the index of the objective in the
@@ -68,6 +69,9 @@ class OwnedEmbedding(nn.Module):
         with torch.no_grad():
             self.weight[0].zero_()  # row 0 is padding
         self.register_buffer("owner", torch.zeros(dim, dtype=torch.uint8))
+        # Row-wise training (trainer.ownership): backward yields a sparse gradient holding only
+        # the rows a batch looked up, so the optimizer's cost does not grow with the table.
+        self.sparse_grad = False
 
     @property
     def out_features(self) -> int:
@@ -76,17 +80,22 @@ class OwnedEmbedding(nn.Module):
     def forward(self, idx: Tensor) -> Tensor:
         """(B,) → (B, D); (B, L) → (B, D) as the mean over non-padding (idx > 0) slots."""
         if idx.dim() == 1:
-            return F.embedding(idx, self.weight)
+            return F.embedding(idx, self.weight, sparse=self.sparse_grad)
         # One fused kernel instead of gathering (B, L, D): 2-5x faster at L = 100-500 on CPU.
         # Padding contributes nothing and receives no gradient; an all-padding row pools to 0.
-        return F.embedding_bag(idx, self.weight, mode="mean", padding_idx=0)  # (B, D)
+        return F.embedding_bag(
+            idx, self.weight, mode="mean", padding_idx=0, sparse=self.sparse_grad
+        )  # (B, D)
 
     def importance(self) -> Tensor:
-        """L1 norm of each column's incoming weights (the table entries), (D,)."""
-        return self.weight.detach().abs().sum(0)
+        """L1 norm of each column's incoming weights (the table entries), (D,); computed without
+        an |weight| copy of the table."""
+        return torch.linalg.vector_norm(self.weight.detach(), ord=1, dim=0)
 
     def trainable_mask(self, stage: int) -> dict[str, Tensor]:
-        return {"weight": (self.owner == stage).unsqueeze(0).expand_as(self.weight)}
+        """(1, D): a column trains iff its owner is ``stage``; broadcasts over the rows, so a
+        10M-row table needs no (rows, D) mask."""
+        return {"weight": (self.owner == stage).unsqueeze(0)}
 
 
 class OwnedLinear(nn.Module):
@@ -273,6 +282,12 @@ class TwoTower(nn.Module):
             raise OwnershipError(
                 f"a unit is owned by objective {top}, cascade has {self.cfg.num_objectives}"
             )
+
+    def use_sparse_gradients(self, on: bool = True) -> None:
+        """Embedding tables produce row-sparse gradients (training at scale) or dense ones."""
+        for m in self.modules():
+            if isinstance(m, OwnedEmbedding):
+                m.sparse_grad = on
 
     def owned_modules(self) -> Iterator[nn.Module]:
         return (m for m in self.modules() if isinstance(m, OwnedEmbedding | OwnedLinear))

@@ -1,4 +1,4 @@
-"""The CSMF cascade (DESIGN §2): for each objective t in order,
+"""The CSMF cascade (docs/design.md#the-cascade): for each objective t in order,
 
     train (units owned by t) → CPP (free units for t + 1) → AR (kept units, fraction rho) → freeze
 
@@ -26,10 +26,11 @@ from csmf.progress import progress_bar
 from csmf.towers import TwoTower
 from trainer.config import RunConfig
 from trainer.distributed import SINGLE, Dist
-from trainer.encoding import Encoded, StageExamples, stage_examples
+from trainer.encoding import Encoded, Examples, StageExamples, stage_examples
 from trainer.evaluate import validation_recall
 from trainer.losses import aml_margin, log_q, sampled_softmax_loss, softmax_logits
 from trainer.ownership import FrozenSnapshot, StageParams, mark_only_stage_trainable, unfreeze_all
+from trainer.prefetch import Prefetcher
 from trainer.pruning import prune_stage
 
 Log = Callable[[str], None]
@@ -94,7 +95,8 @@ class StageMachine:
 
 
 def upstream_scores(e: Tensor, v: Tensor, model: TwoTower, stage: int, cfg: RunConfig) -> Tensor:
-    """up(u_b, j) for every row and candidate column, (B, C), no gradient (DESIGN §2 AML).
+    """up(u_b, j) for every row and candidate column, (B, C), no gradient
+    (docs/design.md#loss-and-aml).
 
     'prob' (the paper): the product of the upstream objectives' sigmoid probabilities
     prod_{s<t} sigmoid(s_s / temperature) — at stage 1 that is sigmoid(s_0 / temperature), a
@@ -102,11 +104,14 @@ def upstream_scores(e: Tensor, v: Tensor, model: TwoTower, stage: int, cfg: RunC
     same thing throughout. 'logit': the previous stage's logit s_{t-1} / temperature (unbounded Δ).
     """
     with torch.no_grad():
-        masks = model.objective_masks()  # (T, D)
-        logits = [(e * masks[t]) @ v.T / cfg.loss.temperature for t in range(stage)]  # (B, C) each
+        masks = model.objective_masks() / cfg.loss.temperature  # (T, D), the scale folded in
         if cfg.loss.aml_upstream == "logit":
-            return logits[-1]
-        return torch.stack([torch.sigmoid(x) for x in logits]).prod(0)
+            return (e * masks[stage - 1]) @ v.T  # (B, C)
+        up = None
+        for t in range(stage):  # in place: one (B, C) buffer however long the cascade
+            p = torch.mm(e * masks[t], v.T).sigmoid_()  # (B, C)
+            up = p if up is None else up.mul_(p)
+        return up
 
 
 def batch_loss(
@@ -118,15 +123,15 @@ def batch_loss(
     objective: str,
     cfg: RunConfig,
     rng: np.random.Generator,
+    inputs: dict[str, Tensor] | None = None,
 ) -> Tensor:
-    """Sampled-softmax loss of view ``stage`` on the examples ``idx`` (DESIGN §2 'Loss')."""
+    """Sampled-softmax loss of view ``stage`` on the examples ``idx`` (docs/design.md#loss-and-aml);
+    ``inputs``: the users' tower inputs if already assembled (:func:`user_inputs`)."""
     lc = cfg.loss
-    user, pos = ex.user[idx], ex.item[idx]
-    mode, dropout = cfg.train.stage_history(stage)
-    if mode == "others":  # the whole train history but the target itself
-        inputs = enc.user_batch(user, drop=pos)
-    else:  # next-item: only events strictly earlier than the example
-        inputs = enc.user_batch(user, ex.hist_end[idx])
+    pos = ex.item[idx]
+    _, dropout = cfg.train.stage_history(stage)
+    if inputs is None:
+        inputs = user_inputs(enc, ex, idx, stage, cfg)
     e = model.user(drop_history(inputs, dropout, rng), stage)  # (B, D)
     if lc.negatives == "catalogue":
         return catalogue_loss(model, enc, e, pos, stage, cfg)
@@ -155,6 +160,18 @@ def batch_loss(
         e, v, pos_t, cols_t, lc.temperature, correction, margin, hard_v, hard_items
     )
     return sampled_softmax_loss(logits)
+
+
+def user_inputs(
+    enc: Encoded, ex: StageExamples, idx: np.ndarray, stage: int, cfg: RunConfig
+) -> dict[str, Tensor]:
+    """The user tower's inputs for examples ``idx``, history as stage ``stage`` sees it; no
+    randomness, so the input pipeline can assemble them ahead of the step."""
+    user, pos = ex.user[idx], ex.item[idx]
+    mode, _ = cfg.train.stage_history(stage)
+    if mode == "others":  # the whole train history but the target itself
+        return enc.user_batch(user, drop=pos)
+    return enc.user_batch(user, ex.hist_end[idx])  # next-item: events strictly earlier
 
 
 def drop_history(inputs: dict[str, Tensor], p: float, rng: np.random.Generator) -> dict:
@@ -192,7 +209,7 @@ EpochHook = Callable[[int, list[float], torch.optim.Optimizer], None]
 def run_epochs(
     model: TwoTower,
     enc: Encoded,
-    ex: StageExamples,
+    ex: Examples,
     stage: int,
     objective: str,
     params: StageParams,
@@ -209,6 +226,7 @@ def run_epochs(
     opt_state: dict | None = None,
     on_epoch: EpochHook | None = None,
     log: Log | None = None,
+    data_wait: list[float] | None = None,
 ) -> list[float]:
     """Train ``params`` for ``epochs`` over ``ex`` with a fresh optimizer; mean loss per epoch.
 
@@ -216,6 +234,8 @@ def run_epochs(
     sampled negatives. Resuming: ``start_epoch`` epochs are done, their ``losses`` and the
     optimizer's ``opt_state`` given. ``on_epoch(epochs_done, losses, optimizer)`` after each epoch.
     ``progress``: a bar on a terminal; with stderr redirected, one ``log`` line per epoch instead.
+    Batches and their user inputs are assembled ``train.prefetch`` steps ahead in a background
+    thread; the seconds the step waited for them are added to ``data_wait[0]``.
     """
     tc = cfg.train
     sample_rng = rng if sample_rng is None else sample_rng
@@ -223,9 +243,7 @@ def run_epochs(
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     model.train()
-    bs = tc.batch_size * dist.world  # one global batch per step; each rank trains on its shard
-    streamed = not isinstance(ex, StageExamples)  # trainer.data.stream
-    steps = ex.steps(tc.batch_size) if streamed else (len(ex) + bs - 1) // bs
+    steps = ex.steps(tc.batch_size, dist.world)
     if tc.max_steps:
         steps = min(steps, tc.max_steps)
     losses = list(losses or [])
@@ -234,23 +252,27 @@ def run_epochs(
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()  # this epoch's time, in its log line
         total, count = 0.0, 0
-        for step, (part, idx, n_global) in enumerate(_batches(ex, rng, tc.batch_size, dist)):
-            if step == steps:  # train.max_steps
-                break
-            bar.update(1)
-            if n_global < 2 * dist.world:  # a softmax over one candidate teaches nothing
-                continue
-            opt.zero_grad(set_to_none=True)
-            if len(idx) >= 2:
-                loss = batch_loss(model, enc, part, idx, stage, objective, cfg, sample_rng)
-                loss.backward()
-                total += loss.item() * len(idx)
-                count += len(idx)
-            dist.average_gradients(params.params)
-            params.mask_gradients(tc.weight_decay)
-            opt.step()
-            if tc.restore_each_step:
-                params.restore_frozen()
+        batches = ex.batches(rng, tc.batch_size, dist.rank, dist.world)  # shared draws: now
+        with Prefetcher(_with_inputs(batches, enc, stage, cfg, steps), tc.prefetch) as feed:
+            for (part, idx, n_global), inputs in feed:
+                bar.update(1)
+                if n_global < 2 * dist.world:  # a softmax over one candidate teaches nothing
+                    continue
+                opt.zero_grad(set_to_none=True)
+                if len(idx) >= 2:
+                    loss = batch_loss(
+                        model, enc, part, idx, stage, objective, cfg, sample_rng, inputs
+                    )
+                    loss.backward()
+                    total += loss.item() * len(idx)
+                    count += len(idx)
+                dist.average_gradients(params.params, params.row_sparse)
+                params.mask_gradients(tc.weight_decay)
+                opt.step()
+                if tc.restore_each_step:
+                    params.restore_frozen()
+        if data_wait is not None:
+            data_wait[0] += feed.wait_seconds
         total, count = dist.sum_floats(total, count)
         losses.append(total / max(count, 1))
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -263,17 +285,14 @@ def run_epochs(
     return losses
 
 
-def _batches(ex, rng: np.random.Generator, batch_size: int, dist: Dist):
-    """Per step: (examples, this rank's rows of them, global batch size). In memory: slices of
-    one permutation every rank draws alike; streamed: the rank's own batches."""
-    if isinstance(ex, StageExamples):
-        bs = batch_size * dist.world
-        perm = rng.permutation(len(ex))
-        for lo in range(0, len(perm), bs):
-            yield ex, dist.shard(perm[lo : lo + bs]), len(perm[lo : lo + bs])
-    else:
-        for part in ex.batches(rng, batch_size):
-            yield part, np.arange(len(part)), batch_size * dist.world
+def _with_inputs(batches, enc: Encoded, stage: int, cfg: RunConfig, steps: int):
+    """The first ``steps`` batches, each with its users' tower inputs (None for a batch this
+    rank skips)."""
+    for step, b in enumerate(batches):
+        if step == steps:  # train.max_steps
+            return
+        inputs = user_inputs(enc, b.part, b.rows, stage, cfg) if len(b.rows) >= 2 else None
+        yield b, inputs
 
 
 # --------------------------------------------------------------------------- the cascade
@@ -386,7 +405,7 @@ def run_cascade(
         ex = stage_examples(enc, objective)
         name = f"stage {t} ({objective})"
         log(f"{name}: {len(ex):,} train positives" + (" (resumed)" if at is not None else ""))
-        params = mark_only_stage_trainable(model, t)
+        params = mark_only_stage_trainable(model, t, keep_values=tc.restore_each_step)
         rec: dict = (
             dict(at.rec)
             if at is not None
@@ -395,9 +414,10 @@ def run_cascade(
         in_train = at is None or at.phase is Phase.TRAIN
         if in_train:
             t_train, w0 = time.perf_counter(), writing[0]
+            wait = [0.0]
             rec["loss"] = run_epochs(
                 model, enc, ex, t, objective, params, cfg, tc.stage_epochs(t), rng, name, progress,
-                sample_rng=sample_rng, dist=dist, log=log,
+                sample_rng=sample_rng, dist=dist, log=log, data_wait=wait,
                 start_epoch=at.epoch if at is not None else 0,
                 losses=rec.get("loss"), opt_state=at.opt_state if at is not None else None,
                 on_epoch=lambda k, losses, opt, t=t, rec=rec, start=start: checkpoint(
@@ -408,6 +428,8 @@ def run_cascade(
             rec["train_seconds"] = (
                 rec.get("train_seconds", 0.0) + time.perf_counter() - t_train - (writing[0] - w0)
             )  # training steps only, without the per-epoch resume.pt writes
+            # of which the step waited for input batches (train.prefetch)
+            rec["data_wait_seconds"] = rec.get("data_wait_seconds", 0.0) + wait[0]
             rec["val_recall"] = {"trained": _val(model, enc, t, objective, cfg, dist)}
         if not sm.last:
             if in_train:
@@ -422,11 +444,11 @@ def run_cascade(
             if cc.accuracy_recovery:
                 if in_train:
                     sm.advance(Phase.RECOVER)
-                    sub_idx = _draw_subset(ex, cc.rho, rng)
+                    sub_idx = ex.draw_subset(cc.rho, rng)
                 else:
                     sub_idx = at.subset
-                params = mark_only_stage_trainable(model, t)
-                sub = _take(ex, sub_idx, cc.rho)
+                params = mark_only_stage_trainable(model, t, keep_values=tc.restore_each_step)
+                sub = ex.take(sub_idx, cc.rho)
                 rec["ar_loss"] = run_epochs(
                     model, enc, sub, t, objective, params, cfg, tc.ar_epochs, rng,
                     f"{name} AR", progress, sample_rng=sample_rng, dist=dist, log=log,
@@ -465,22 +487,6 @@ def run_cascade(
 def output_slices(model: TwoTower) -> list[int]:
     """Output dims owned by each objective — the [d | o | r] slice sizes."""
     return torch.bincount(model.output_owner.long(), minlength=model.cfg.num_objectives).tolist()
-
-
-def _draw_subset(ex, rho: float, rng: np.random.Generator) -> np.ndarray:
-    """Accuracy recovery's rho subset: example indices, or (streamed) ``[hash seed]``."""
-    if isinstance(ex, StageExamples):
-        return np.sort(rng.choice(len(ex), size=max(1, round(len(ex) * rho)), replace=False))
-    return np.array([rng.integers(1 << 62)])
-
-
-def _take(ex, idx: np.ndarray, rho: float):
-    """The examples ``idx`` of :func:`_draw_subset` (same item_prob)."""
-    if not isinstance(ex, StageExamples):
-        return ex.subset(rho, int(idx[0]))
-    return StageExamples(
-        ex.user[idx], ex.item[idx], ex.hist_end[idx], ex.request[idx], ex.item_prob
-    )
 
 
 def _val(

@@ -27,6 +27,7 @@ AML_UPSTREAM = ("prob", "logit")
 NEGATIVES = ("in-batch", "catalogue")
 TRAIN_HISTORY = ("before", "others")
 DEVICES = ("auto", "cpu", "cuda")
+ID_TABLES = ("row-wise", "dense")
 DATA_MODES = ("auto", "memory", "stream")
 
 
@@ -38,7 +39,7 @@ def _help(text: str, default: Any) -> Any:
 
 @dataclass(frozen=True)
 class CascadeConfig:
-    """The CSMF stage loop: train → CPP → AR → freeze → next (DESIGN §2)."""
+    """The CSMF stage loop: train → CPP → AR → freeze → next (docs/design.md#the-cascade)."""
 
     objectives: tuple[str, ...] = _help(
         "cascade order; stage t trains on positives of objectives[t]", DEFAULT_OBJECTIVES
@@ -70,7 +71,7 @@ class CascadeConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """Sampled softmax over in-batch negatives (DESIGN §2 'Loss') and the AML margin."""
+    """Sampled softmax over in-batch negatives (docs/design.md#loss-and-aml) and the AML margin."""
 
     temperature: float = _help("softmax temperature: logits are s_t / temperature", 0.2)
     log_q: bool = _help("subtract log sampling probability of each in-batch item", True)
@@ -140,6 +141,18 @@ class TrainConfig:
         "process uses cuda:LOCAL_RANK",
         "auto",
     )
+    id_tables: str = _help(
+        "'row-wise': id tables get row-sparse gradients and SparseAdam (lazy Adam), so a step "
+        "touches only the rows its batch looked up and costs the same at 10M rows as at 10k; "
+        "'dense': whole-table gradients and Adam (the earlier path, kept for comparison: its step "
+        "cost grows with the table)",
+        "row-wise",
+    )
+    prefetch: int = _help(
+        "batches prepared ahead of the step by a background thread (Parquet decoding, id lookup, "
+        "shuffling); 0 = in the training loop",
+        2,
+    )
     restore_each_step: bool = _help(
         "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
         False,
@@ -168,6 +181,9 @@ class TrainConfig:
         for h in self.history:
             _choice("train.history", h, TRAIN_HISTORY)
         _choice("train.device", self.device, DEVICES)
+        _choice("train.id_tables", self.id_tables, ID_TABLES)
+        if self.prefetch < 0:
+            raise ConfigError(f"train.prefetch must be >= 0, got {self.prefetch}")
         _choice("train.data", self.data, DATA_MODES)
         if self.stream_above < 0 or self.shuffle_buffer < 1 or self.max_steps < 0:
             raise ConfigError(

@@ -1,5 +1,6 @@
-"""Data-parallel training under ``torchrun`` (DESIGN §7, §12): process-group setup, sharding of a
-stage's examples, gradient and CPP-importance averaging, and rank-consistency checks.
+"""Data-parallel training under ``torchrun`` (docs/design.md#training-at-scale): process-group
+setup, sharding of a stage's examples, gradient and CPP-importance averaging, and rank-consistency
+checks.
 
 The stage loop (:func:`trainer.cascade.run_cascade`) stays one loop; it asks a :class:`Dist`:
 
@@ -8,11 +9,17 @@ The stage loop (:func:`trainer.cascade.run_cascade`) stays one loop; it asks a :
   so a rank's batch has ``batch_size`` rows and its in-batch negatives are its own rows (per-rank
   in-batch negatives; ``loss.negatives = "catalogue"`` is an exact softmax over every item, so it
   is rank-local and exact). Log-Q uses the stage's global item frequencies, identical everywhere.
-- ``average_gradients(params)``: one flat all-reduce of the trainable parameters' gradients
-  (mean over ranks) after backward, before the ownership masks — what DDP's reducer does. The
-  cascade calls ``model.user``/``model.item`` rather than ``forward`` and changes the trainable set
-  at every stage and after CPP, so the collective is issued here rather than through a
-  ``DistributedDataParallel`` wrapper that registers one parameter set at construction.
+- ``average_gradients(params, row_sparse)``: the mean over ranks of the trainable parameters'
+  gradients after backward, before the ownership masks. Dense parameters (the towers' layers):
+  one flat all-reduce — what DDP's reducer does. Row-sparse id tables: the rows each rank touched
+  are all-gathered (row indices + values, every table in one pair of collectives) and summed, so
+  the traffic is proportional to the rows a step looked up, never to the table (a 10M × 64
+  table all-reduced in full is 2.5 GB a step; 4,096 looked-up rows are 1 MB). Every rank holds
+  the whole table (replicated, not sharded) and applies the same summed gradient, so a
+  checkpoint is the same on any world size. The cascade calls ``model.user``/``model.item``
+  rather than ``forward`` and changes the trainable set at every stage and after CPP, so the
+  collectives are issued here rather than through a ``DistributedDataParallel`` wrapper that
+  registers one parameter set at construction. ``traffic`` counts each rank's payload bytes.
 - ``mean(tensor)``: CPP importances are averaged before pruning, so every rank frees the same units.
 - ``check_consistent(model, stage, what)``: a SHA-256 of every owner buffer and every entry owned
   by stages <= ``stage``, all-gathered; any difference is a hard :class:`RankMismatchError`.
@@ -24,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -33,6 +40,7 @@ from torch import Tensor
 
 from csmf.errors import CsmfError
 from csmf.towers import TwoTower
+from trainer.ownership import frozen_entries, owned_parameters
 
 
 class RankMismatchError(CsmfError, RuntimeError):
@@ -44,6 +52,8 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")  # where collectives' tensors live (NCCL: CUDA)
+    # payload bytes this rank contributed to gradient collectives: {"dense", "tables", "steps"}
+    traffic: dict = field(default_factory=lambda: {"dense": 0, "tables": 0, "steps": 0})
 
     @property
     def main(self) -> bool:
@@ -57,18 +67,68 @@ class Dist:
         """This rank's rows of a global batch."""
         return idx[self.rank :: self.world] if self.active else idx
 
-    def average_gradients(self, params: list[torch.nn.Parameter]) -> None:
+    def average_gradients(
+        self, params: list[torch.nn.Parameter], row_sparse: list[bool] | None = None
+    ) -> None:
+        """Mean gradient over ranks; ``row_sparse[i]``: ``params[i]`` is an id table whose
+        gradient is row-sparse (the same flags on every rank: they decide the collectives)."""
         if not self.active or not params:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        td.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p in params:
-            n = p.numel()
-            p.grad = flat[offset : offset + n].view_as(p).clone()
-            offset += n
+        row_sparse = row_sparse or [False] * len(params)
+        dense = [p for p, s in zip(params, row_sparse, strict=True) if not s]
+        tables = [p for p, s in zip(params, row_sparse, strict=True) if s]
+        self.traffic["steps"] += 1
+        if dense:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in dense]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            td.all_reduce(flat)
+            flat /= self.world
+            self.traffic["dense"] += flat.numel() * flat.element_size()
+            offset = 0
+            for p in dense:
+                n = p.numel()
+                p.grad = flat[offset : offset + n].view_as(p).clone()
+                offset += n
+        if tables:
+            self._reduce_rows(tables)
+
+    def _reduce_rows(self, tables: list[torch.nn.Parameter]) -> None:
+        """All-gather every table's touched rows (indices, values) and sum them: (nnz_r, D)
+        per rank in, (nnz, D) coalesced out."""
+        rows, values = [], []
+        for p in tables:
+            g = p.grad.coalesce() if p.grad is not None else None
+            if g is None or not g.is_sparse:  # no lookup on this rank (or a dense grad)
+                g = (p.grad if p.grad is not None else torch.zeros_like(p)).to_sparse(1)
+                g = g.coalesce()
+            rows.append(g.indices()[0])
+            values.append(g.values().reshape(-1))
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=self.device)
+        all_counts = [torch.zeros_like(counts) for _ in range(self.world)]
+        td.all_gather(all_counts, counts)
+        widths = [p.shape[1] for p in tables]
+        n_rows = max(int(c.sum()) for c in all_counts)
+        n_vals = max(int((c * torch.tensor(widths)).sum()) for c in all_counts)
+        flat_rows = _pad(torch.cat(rows), n_rows)
+        flat_vals = _pad(torch.cat(values), n_vals)
+        got_rows = [torch.empty_like(flat_rows) for _ in range(self.world)]
+        got_vals = [torch.empty_like(flat_vals) for _ in range(self.world)]
+        td.all_gather(got_rows, flat_rows)
+        td.all_gather(got_vals, flat_vals)
+        self.traffic["tables"] += (
+            flat_rows.numel() * flat_rows.element_size()
+            + flat_vals.numel() * flat_vals.element_size()
+        )
+        parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in tables]
+        for c, r_all, v_all in zip(all_counts, got_rows, got_vals, strict=True):
+            r_off = v_off = 0
+            for i, (n, w) in enumerate(zip(c.tolist(), widths, strict=True)):
+                parts[i].append((r_all[r_off : r_off + n], v_all[v_off : v_off + n * w].view(n, w)))
+                r_off, v_off = r_off + n, v_off + n * w
+        for p, pieces in zip(tables, parts, strict=True):
+            idx = torch.cat([r for r, _ in pieces]).unsqueeze(0)
+            val = torch.cat([v for _, v in pieces]) / self.world
+            p.grad = torch.sparse_coo_tensor(idx, val, p.shape).coalesce()
 
     def mean(self, x: Tensor) -> Tensor:
         if not self.active:
@@ -108,19 +168,23 @@ class Dist:
         return digests
 
 
-def model_digest(model: TwoTower, stage: int) -> str:
-    """SHA-256 over every owner buffer and every parameter entry owned by a stage <= ``stage``."""
-    from trainer.ownership import entry_owner, owned_parameters
+def _pad(x: Tensor, n: int) -> Tensor:
+    """``x`` (m,) zero-padded to (n,): all_gather needs one size on every rank."""
+    return torch.cat([x, x.new_zeros(n - len(x))]) if len(x) < n else x
 
+
+def model_digest(model: TwoTower, stage: int) -> str:
+    """SHA-256 over every owner buffer and every parameter entry owned by a stage <= ``stage``
+    (id tables hashed in row chunks: no copy of a table)."""
     h = hashlib.sha256()
     for name, buf in sorted(model.named_buffers()):
         if name.endswith("owner"):
             h.update(name.encode())
             h.update(buf.detach().cpu().numpy().tobytes())
     for name, module, attr, p in owned_parameters(model):
-        mask = entry_owner(module, attr) <= stage
         h.update(name.encode())
-        h.update(p.detach()[mask].cpu().numpy().tobytes())
+        for chunk in frozen_entries(module, attr, p, stage + 1):
+            h.update(chunk.cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
 

@@ -13,8 +13,9 @@ arrays (CSR); a batch gathers its ``(B, L)`` window from positions, so memory st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -28,7 +29,7 @@ from csmf.features import FeatureSpec, TowerSpec, TowerVocab, encode_rows, fit_t
 from trainer.data.dataset import Dataset, Split
 
 if TYPE_CHECKING:
-    from trainer.data.stream import StreamExamples, StreamSource
+    from trainer.data.stream import StreamSource
 
 OFFSET = 2  # vocab index of row 0
 
@@ -253,9 +254,51 @@ def encode_dataset(
     )
 
 
+class StepBatch(NamedTuple):
+    """One step's examples: ``rows`` of ``part`` are this rank's; ``n_global`` is the global
+    batch size (every rank's rows together)."""
+
+    part: StageExamples
+    rows: np.ndarray
+    n_global: int
+
+
+class Examples(Protocol):
+    """A stage's training positives as the cascade sees them, in memory
+    (:class:`StageExamples`) or streamed from Parquet (:class:`trainer.data.stream.StreamExamples`).
+
+    Every draw from the shared ``rng`` happens when :meth:`batches` is *called*, not while its
+    iterator runs, so the iterator can run ahead in a background thread
+    (:mod:`trainer.prefetch`) without changing the random stream.
+    """
+
+    item_prob: Tensor
+
+    def __len__(self) -> int: ...
+
+    def steps(self, batch_size: int, world: int) -> int:
+        """Steps per epoch at ``batch_size`` per rank (the same on every rank)."""
+        ...
+
+    def batches(
+        self, rng: np.random.Generator, batch_size: int, rank: int, world: int
+    ) -> Iterator[StepBatch]:
+        """One epoch of this rank's batches."""
+        ...
+
+    def draw_subset(self, frac: float, rng: np.random.Generator) -> np.ndarray:
+        """Accuracy recovery's rho subset as a token :meth:`take` accepts (resume stores it)."""
+        ...
+
+    def take(self, token: np.ndarray, frac: float) -> Examples:
+        """The subset :meth:`draw_subset` drew (same item_prob)."""
+        ...
+
+
 @dataclass
 class StageExamples:
-    """Training positives of one stage (train split only), plus their sampling distribution."""
+    """Training positives of one stage (train split only), in memory, plus their sampling
+    distribution. An :class:`Examples`."""
 
     user: np.ndarray  # (E,)
     item: np.ndarray  # (E,)
@@ -266,19 +309,41 @@ class StageExamples:
     def __len__(self) -> int:
         return len(self.user)
 
-    def subset(self, frac: float, rng: np.random.Generator) -> StageExamples:
-        """A random fraction of the examples (accuracy recovery's rho); same item_prob."""
-        keep = np.sort(rng.choice(len(self), size=max(1, round(len(self) * frac)), replace=False))
+    def steps(self, batch_size: int, world: int) -> int:
+        bs = batch_size * world
+        return (len(self) + bs - 1) // bs
+
+    def batches(
+        self, rng: np.random.Generator, batch_size: int, rank: int, world: int
+    ) -> Iterator[StepBatch]:
+        """Slices of one permutation every rank draws alike; rank r takes every world-th row."""
+        perm = rng.permutation(len(self))  # drawn now, not when iterated
+        bs = batch_size * world
+
+        def walk() -> Iterator[StepBatch]:
+            for lo in range(0, len(perm), bs):
+                chunk = perm[lo : lo + bs]
+                yield StepBatch(self, chunk[rank::world], len(chunk))
+
+        return walk()
+
+    def draw_subset(self, frac: float, rng: np.random.Generator) -> np.ndarray:
+        return np.sort(rng.choice(len(self), size=max(1, round(len(self) * frac)), replace=False))
+
+    def take(self, token: np.ndarray, frac: float) -> StageExamples:
+        return self.select(token)
+
+    def select(self, idx: np.ndarray) -> StageExamples:
         return StageExamples(
-            self.user[keep],
-            self.item[keep],
-            self.hist_end[keep],
-            self.request[keep],
-            self.item_prob,
+            self.user[idx], self.item[idx], self.hist_end[idx], self.request[idx], self.item_prob
         )
 
+    def subset(self, frac: float, rng: np.random.Generator) -> StageExamples:
+        """A random fraction of the examples (accuracy recovery's rho); same item_prob."""
+        return self.select(self.draw_subset(frac, rng))
 
-def stage_examples(enc: Encoded, objective: str) -> StageExamples | StreamExamples:
+
+def stage_examples(enc: Encoded, objective: str) -> Examples:
     if enc.stream is not None:
         return enc.stream.examples(objective)
     ev = enc.events

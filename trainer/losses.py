@@ -37,7 +37,8 @@ def aml_margin(up_pos: Tensor, up_cols: Tensor, sigma: float, eta: float) -> Ten
     Δ < 0 (upstream prefers the negative) → g = σ - η·Δ, i.e. the positive must win by η|Δ| more.
     """
     delta = up_pos.unsqueeze(1) - up_cols  # (B, C)
-    return torch.where(delta >= 0, sigma - delta, sigma - eta * delta)
+    # sigma - delta - (eta - 1)·min(delta, 0), in place: a few passes over (B, C), no copies
+    return delta.clamp(max=0).mul_(eta - 1.0).add_(delta).neg_().add_(sigma)
 
 
 def softmax_logits(
@@ -55,19 +56,24 @@ def softmax_logits(
 
     e (B, D) user vectors; v (C, D) candidate item vectors, the first B being the positives;
     pos (B,) positive item ids; cols (C,) candidate item ids; correction (C,) log-Q;
-    margin (B, C) AML gaps; hard_v (B, R, D) / hard_items (B, R) per-row negatives (id < 0 = none).
+    margin (B, C) AML gaps (its positives are zeroed in place); hard_v (B, R, D) / hard_items (B, R) per-row negatives (id < 0 = none).
     Returns (B, C) or (B, C + R).
     """
     b = e.shape[0]
-    logits = e @ v.T / temperature  # (B, C)
+    # every (B, C) pass counts at B = C = 4,096: the temperature scales e (B, D), log-Q enters
+    # as the matmul's bias, and the margin and the mask are applied in place
+    scaled = e / temperature
     if correction is not None:
-        logits = logits - correction.unsqueeze(0)
-    diag = torch.zeros_like(logits, dtype=torch.bool)
-    diag[:, :b] = torch.eye(b, dtype=torch.bool, device=e.device)
+        logits = torch.addmm(correction.neg().unsqueeze(0), scaled, v.T)  # (B, C)
+    else:
+        logits = scaled @ v.T  # (B, C)
     if margin is not None:
-        logits = logits + margin.masked_fill(diag, 0.0)
-    duplicate = (cols.unsqueeze(0) == pos.unsqueeze(1)) & ~diag  # same item as the positive
-    logits = logits.masked_fill(duplicate, NEG_INF)
+        margin = margin.detach().clone() if margin.requires_grad else margin
+        margin[:, :b].diagonal().zero_()  # the positive gets no gap
+        logits = logits.add_(margin)
+    duplicate = cols.unsqueeze(0) == pos.unsqueeze(1)  # same item as the positive
+    duplicate[:, :b].diagonal().zero_()  # ... but not the positive itself
+    logits = logits.masked_fill_(duplicate, NEG_INF)
     if hard_v is not None and hard_items is not None:
         hard = torch.einsum("bd,brd->br", e, hard_v) / temperature  # (B, R)
         bad = (hard_items < 0) | (hard_items == pos.unsqueeze(1))

@@ -1,4 +1,4 @@
-"""What may train at stage t, and proof afterwards that nothing else moved (DESIGN §2, step 1).
+"""What may train at stage t, and proof afterwards that nothing else moved (docs/design.md#train).
 
 Every trainable entry is decided in one place, :func:`mark_only_stage_trainable`, from the
 modules' own ``trainable_mask(stage)``: an entry trains iff its unit is owned by ``stage`` (and,
@@ -7,12 +7,18 @@ for Linear weights, the connection is allowed). The returned :class:`StageParams
 momentum moves "frozen" weights unless their gradients are zero from the optimizer's first step),
 applies weight decay only to trainable entries, and can copy frozen entries back.
 
+Id tables train row-wise when ``TwoTower.use_sparse_gradients()`` is on (training at scale):
+backward yields only the rows a batch looked up, the column mask is applied to those rows'
+values, and SparseAdam updates those rows' parameters and moments only — untouched rows and their
+optimizer state are untouched, so a step's cost does not grow with the table.
+
 :class:`FrozenSnapshot` records every entry owned by an earlier stage (< t) and
 :meth:`FrozenSnapshot.verify` raises :class:`OwnershipError` unless each is bit-identical.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -43,40 +49,112 @@ def entry_owner(module: nn.Module, attr: str) -> Tensor:
 
 @dataclass
 class StageParams:
-    """The trainable slice of the model at one stage: parameters with their entry masks."""
+    """The trainable slice of the model at one stage: parameters with their entry masks.
+
+    ``masks[i]`` broadcasts to ``params[i]``: an id table's is a (1, D) column mask, so masking
+    a row-sparse gradient touches only the rows the batch looked up (training at scale).
+    """
 
     stage: int
     params: list[nn.Parameter]
-    masks: list[Tensor]  # bool, same shape as the parameter; True = may change
-    frozen_values: list[Tensor]  # clones of the parameters at construction
+    masks: list[Tensor]  # bool, broadcastable to the parameter; True = may change
+    row_sparse: list[bool]  # the parameter's gradient is row-sparse (an id table)
+    frozen_values: list[Tensor] | None = None  # clones at construction (``keep_values``)
 
     def mask_gradients(self, weight_decay: float = 0.0) -> None:
-        """grad ← (grad + wd·p) ⊙ mask: frozen entries see exactly zero gradient."""
+        """grad ← (grad + wd·p) ⊙ mask: frozen entries see exactly zero gradient. A row-sparse
+        gradient is coalesced and masked in its values; its weight decay reaches only the rows
+        the batch touched (lazy decay, as the row-wise optimizer's moments)."""
         for p, m in zip(self.params, self.masks, strict=True):
-            if p.grad is None:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                g = g.coalesce()
+                values = g.values()  # (nnz, D), owned by the coalesced copy
+                if weight_decay:
+                    values.add_(p.detach()[g.indices()[0]], alpha=weight_decay)
+                values.mul_(m)
+                p.grad = g
                 continue
             if weight_decay:
-                p.grad.add_(p.detach(), alpha=weight_decay)
-            p.grad.mul_(m)
+                g.add_(p.detach(), alpha=weight_decay)
+            g.mul_(m)
 
     def restore_frozen(self) -> None:
+        if self.frozen_values is None:
+            raise OwnershipError("restore_frozen needs mark_only_stage_trainable(keep_values=True)")
         with torch.no_grad():
             for p, m, v in zip(self.params, self.masks, self.frozen_values, strict=True):
                 p.copy_(torch.where(m, p, v))
 
-    def optimizer(self, lr: float) -> torch.optim.Optimizer:
-        """A fresh Adam over these parameters only. No weight decay inside the optimizer: decay is
-        added to masked gradients instead, so it never reaches frozen entries."""
-        return torch.optim.Adam(self.params, lr=lr, weight_decay=0.0)
+    def optimizer(self, lr: float) -> StageOptimizer:
+        """A fresh optimizer over these parameters only: Adam for dense gradients, SparseAdam
+        (lazy Adam: moments and parameters of the rows a batch touched) for row-sparse ones. No
+        weight decay inside the optimizers: decay is added to masked gradients instead, so it
+        never reaches frozen entries."""
+        sparse = [p for p, s in zip(self.params, self.row_sparse, strict=True) if s]
+        dense = [p for p, s in zip(self.params, self.row_sparse, strict=True) if not s]
+        return StageOptimizer(
+            torch.optim.Adam(dense, lr=lr, weight_decay=0.0) if dense else None,
+            torch.optim.SparseAdam(sparse, lr=lr) if sparse else None,
+        )
 
     def count(self) -> int:
-        return int(sum(int(m.sum()) for m in self.masks))
+        """Trainable entries."""
+        pairs = zip(self.params, self.masks, strict=True)
+        return sum(int(m.sum()) * (p.numel() // m.numel()) for p, m in pairs)
 
 
-def mark_only_stage_trainable(model: TwoTower, stage: int) -> StageParams:
+class StageOptimizer:
+    """Adam over the dense parameters and SparseAdam over the row-sparse id tables, stepped as
+    one optimizer (``zero_grad``, ``step``, ``state_dict``, ``load_state_dict``).
+
+    Frozen columns of a table stay bit-identical under SparseAdam: their gradient values are 0
+    from the optimizer's first step, so both moments stay 0 and every update is -0.0.
+    """
+
+    def __init__(
+        self, dense: torch.optim.Optimizer | None, sparse: torch.optim.Optimizer | None
+    ) -> None:
+        self.dense, self.sparse = dense, sparse
+
+    def _parts(self) -> dict[str, torch.optim.Optimizer]:
+        return {k: o for k, o in (("dense", self.dense), ("sparse", self.sparse)) if o is not None}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self._parts().values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for o in self._parts().values():
+            o.step()
+
+    def state_dict(self) -> dict:
+        return {
+            "layout": sorted(self._parts()),
+            **{k: o.state_dict() for k, o in self._parts().items()},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        layout = state.get("layout") if isinstance(state, dict) else None
+        if layout != sorted(self._parts()):
+            raise OwnershipError(
+                f"optimizer state of another layout: saved {layout or 'a single optimizer'}, "
+                f"this run has {sorted(self._parts())} (id tables row-wise vs dense?)"
+            )
+        for k, o in self._parts().items():
+            o.load_state_dict(state[k])
+
+
+def mark_only_stage_trainable(
+    model: TwoTower, stage: int, keep_values: bool = False
+) -> StageParams:
     """Set ``requires_grad`` so that only parameters with entries owned by ``stage`` train, and
-    return those parameters with their masks. Call again after owners change (CPP)."""
-    params, masks, values = [], [], []
+    return those parameters with their masks. Call again after owners change (CPP).
+    ``keep_values``: clone the parameters for :meth:`StageParams.restore_frozen` (a copy of every
+    trainable table: off by default)."""
+    params, masks, sparse, values = [], [], [], []
     for _, module, attr, p in owned_parameters(model):
         mask = module.trainable_mask(stage)[attr].clone()
         trainable = bool(mask.any())
@@ -85,8 +163,10 @@ def mark_only_stage_trainable(model: TwoTower, stage: int) -> StageParams:
         if trainable:
             params.append(p)
             masks.append(mask)
-            values.append(p.detach().clone())
-    return StageParams(stage, params, masks, values)
+            sparse.append(isinstance(module, OwnedEmbedding) and module.sparse_grad)
+            if keep_values:
+                values.append(p.detach().clone())
+    return StageParams(stage, params, masks, sparse, values if keep_values else None)
 
 
 def unfreeze_all(model: TwoTower) -> None:
@@ -95,32 +175,81 @@ def unfreeze_all(model: TwoTower) -> None:
         p.grad = None
 
 
+DIGEST_ABOVE = 1 << 22  # frozen entries of one parameter kept as values up to this count
+DIGEST_ROWS = 1 << 16  # rows hashed at a time above it
+
+
+def frozen_entries(module: nn.Module, attr: str, p: Tensor, stage: int) -> Iterator[Tensor]:
+    """The entries of ``p`` owned by a stage < ``stage``, in row chunks for an id table (its
+    frozen entries are whole columns: no (rows, D) mask, no copy of the table), else at once."""
+    if isinstance(module, OwnedEmbedding):
+        cols = torch.nonzero(module.owner < stage).squeeze(1)
+        if len(cols) == 0:
+            return
+        w = p.detach()
+        for lo in range(0, w.shape[0], DIGEST_ROWS):
+            yield w[lo : lo + DIGEST_ROWS].index_select(1, cols)
+        return
+    frozen = entry_owner(module, attr) < stage
+    if frozen.any():
+        yield p.detach()[frozen]
+
+
 @dataclass
 class FrozenSnapshot:
-    """Every entry owned by an objective before ``stage``, to prove it never changes."""
+    """Every entry owned by an objective before ``stage``, to prove it never changes.
+
+    Parameters with at most :data:`DIGEST_ABOVE` frozen entries keep their values (verify is a
+    ``torch.equal``); larger ones (id tables of millions of rows) keep a SHA-256 per chunk of
+    :data:`DIGEST_ROWS` rows of their frozen columns, so the snapshot costs no table copy and a
+    changed entry still fails verification, naming its row range.
+    """
 
     stage: int
-    entries: dict[str, tuple[Tensor, Tensor]]  # name → (mask of frozen entries, their values)
+    entries: dict[str, Tensor | list[str]]  # name → frozen values, or per-chunk digests
 
     @classmethod
     def take(cls, model: TwoTower, stage: int) -> FrozenSnapshot:
-        entries = {}
+        entries: dict[str, Tensor | list[str]] = {}
         for name, module, attr, p in owned_parameters(model):
-            frozen = entry_owner(module, attr) < stage
-            if frozen.any():
-                entries[name] = (frozen.clone(), p.detach()[frozen].clone())
+            n_frozen = _count_frozen(module, attr, stage)
+            if n_frozen == 0:
+                continue
+            chunks = frozen_entries(module, attr, p, stage)
+            if n_frozen <= DIGEST_ABOVE:
+                entries[name] = torch.cat([c.reshape(-1) for c in chunks]).clone()
+            else:
+                entries[name] = [_digest(c) for c in chunks]
         return cls(stage, entries)
 
     def verify(self, model: TwoTower) -> None:
         """Raise OwnershipError naming every parameter whose frozen entries moved."""
-        params = {name: p for name, _, _, p in owned_parameters(model)}
+        params = {name: (module, attr, p) for name, module, attr, p in owned_parameters(model)}
         moved = []
-        for name, (mask, values) in self.entries.items():
-            now = params[name].detach()[mask]
-            if not torch.equal(now, values):
-                n = int((now != values).sum())
-                moved.append(f"{name} ({n} of {values.numel()} frozen entries)")
+        for name, before in self.entries.items():
+            module, attr, p = params[name]
+            chunks = frozen_entries(module, attr, p, self.stage)
+            if isinstance(before, Tensor):
+                now = torch.cat([c.reshape(-1) for c in chunks])
+                if not torch.equal(now, before):
+                    n = int((now != before).sum()) if now.shape == before.shape else now.numel()
+                    moved.append(f"{name} ({n} of {before.numel()} frozen entries)")
+                continue
+            bad = [i for i, c in enumerate(chunks) if i >= len(before) or _digest(c) != before[i]]
+            if bad:
+                rows = f"rows {bad[0] * DIGEST_ROWS}-{(bad[0] + 1) * DIGEST_ROWS - 1}"
+                moved.append(f"{name} ({len(bad)} of {len(before)} row chunks, first {rows})")
         if moved:
             raise OwnershipError(
                 f"stage {self.stage} changed parameters owned by earlier stages: {', '.join(moved)}"
             )
+
+
+def _count_frozen(module: nn.Module, attr: str, stage: int) -> int:
+    if isinstance(module, OwnedEmbedding):
+        return int((module.owner < stage).sum()) * module.weight.shape[0]
+    return int((entry_owner(module, attr) < stage).sum())
+
+
+def _digest(x: Tensor) -> str:
+    return hashlib.sha256(x.contiguous().numpy().tobytes()).hexdigest()

@@ -195,6 +195,7 @@ def _train(
         + (f"; {dist.world} processes" if dist.active else "")
     )
     model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab).to(device)
+    model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
     fingerprint = dataset_fingerprint(dataset_files(data))
     resume = None
     if raw is not None:

@@ -1,4 +1,5 @@
-"""Selective mask: free the least important units of stage t for stage t + 1 (DESIGN §2, step 2).
+"""Selective mask: free the least important units of stage t for stage t + 1
+(docs/design.md#prune-cpp).
 
 CPP — cumulative percentile-based pruning (paper §4.2). Per layer (every embedding table is its
 own layer; the final layer spans both towers) and among the units owned by ``t``: importance of a

@@ -90,7 +90,7 @@ def make_flat(root: Path) -> Path:
 
 def _epoch_rows(ex, seed: int, batch_size: int) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [np.stack([b.user, b.item], 1) for b in ex.batches(rng, batch_size)]
+    return [np.stack([b.part.user, b.part.item], 1) for b in ex.batches(rng, batch_size)]
 
 
 def test_every_train_positive_once_per_epoch_and_ranks_disjoint(tiny_cfg, parted):

@@ -1,5 +1,5 @@
-"""Out-of-core training data (DESIGN §3, §7): events stay in their Parquet row groups and are
-read chunk by chunk, so a process's memory does not grow with the number of events.
+"""Out-of-core training data (docs/design.md#training-at-scale): events stay in Parquet row
+groups and are read chunk by chunk, so a process's memory does not grow with the number of events.
 
 Preparation makes a few passes over the ``user_id``/``timestamp`` (and label) columns, keeping
 only per-user and per-item arrays:
@@ -7,7 +7,7 @@ only per-user and per-item arrays:
 1. **scan**: validate every chunk (the in-memory loader's checks, chunk by chunk), map ids to
    vocabulary rows (the vocabularies come from ``users.parquet`` / ``items.parquet``, which are
    per-entity, not per-event) and count events per user.
-2. **cut-offs**: the per-user time split (DESIGN §3, :mod:`csmf.split`) labels the last
+2. **cut-offs**: the per-user time split (:mod:`csmf.split`) labels the last
    ``n_test`` of a user's events in (timestamp, row) order as test and the ``n_val`` before them
    as validation. With per-user counts known, that is one order statistic per user: the
    (timestamp, row) key of the user's first validation and first test event. Users are split
@@ -43,6 +43,16 @@ import csmf.objectives as funnel
 from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerVocab
 from csmf.split import TEST, TRAIN, VALIDATION, split_counts
+from trainer.encoding import (
+    Candidates,
+    Encoded,
+    Events,
+    History,
+    StageExamples,
+    StepBatch,
+    encode_table,
+    fit_vocabs,
+)
 from trainer.data.dataset import (
     check_positives,
     label_count,
@@ -256,7 +266,7 @@ class StreamSource:
     world: int = 1
     shuffle_buffer: int = 262_144
     history_source: str | None = None
-    history: object | None = None  # trainer.encoding.History
+    history: History | None = None
     item_counts: dict[str, np.ndarray] = field(default_factory=dict)  # train positives per item
     rank_counts: dict[str, list[int]] = field(default_factory=dict)  # train positives per rank
     split_sizes: tuple[int, int, int] = (0, 0, 0)
@@ -320,8 +330,7 @@ class StreamSource:
 
 
 class StreamExamples:
-    """A stage's train positives, streamed; stands in for :class:`trainer.encoding.StageExamples`
-    in :func:`trainer.cascade.run_epochs` (``len``, ``steps``, ``batches``, ``item_prob``)."""
+    """A stage's train positives, streamed: the out-of-core :class:`trainer.encoding.Examples`."""
 
     def __init__(
         self,
@@ -337,9 +346,16 @@ class StreamExamples:
     def __len__(self) -> int:
         return int(sum(self.rank_counts))
 
-    def steps(self, batch_size: int) -> int:
-        """Steps per epoch on every rank: the largest shard's."""
+    def steps(self, batch_size: int, world: int = 1) -> int:
+        """Steps per epoch on every rank: the largest shard's (``world`` is in the shards)."""
         return max((c + batch_size - 1) // batch_size for c in self.rank_counts)
+
+    def draw_subset(self, frac: float, rng: np.random.Generator) -> np.ndarray:
+        """Accuracy recovery's subset token: ``[hash seed]`` (see :meth:`subset`)."""
+        return np.array([rng.integers(1 << 62)])
+
+    def take(self, token: np.ndarray, frac: float) -> StreamExamples:
+        return self.subset(frac, int(token[0]))
 
     def subset(self, frac: float, seed: int) -> StreamExamples:
         """Each example kept with probability ``frac`` by a hash of its row and ``seed``
@@ -367,14 +383,23 @@ class StreamExamples:
             if sel.any():
                 yield c.user[sel], c.item[sel], c.ts[sel], c.request[sel]
 
-    def batches(self, rng: np.random.Generator, batch_size: int):
-        """One epoch: (StageExamples of this rank's batch) per step, ``steps`` of them. ``rng`` is
-        the shared batch-order generator (same draws on every rank)."""
-        from trainer.encoding import StageExamples
+    def batches(
+        self, rng: np.random.Generator, batch_size: int, rank: int = 0, world: int = 1
+    ) -> Iterator[StepBatch]:
+        """One epoch: this rank's batch per step, ``steps`` of them. ``rng`` is the shared
+        batch-order generator (same draws on every rank), drawn from now, not while iterating;
+        the source knows its rank."""
+        order = rng.permutation(len(self.src.parts))
+        buf_seed = int(rng.integers(1 << 62))
+        n_global = batch_size * world
+        return (
+            StepBatch(b, np.arange(len(b)), n_global)
+            for b in self._epoch(order, buf_seed, batch_size)
+        )
 
+    def _epoch(self, order: np.ndarray, buf_seed: int, batch_size: int) -> Iterator[StageExamples]:
         src = self.src
-        order = rng.permutation(len(src.parts))
-        buf_rng = np.random.default_rng([int(rng.integers(1 << 62)), src.rank])
+        buf_rng = np.random.default_rng([buf_seed, src.rank])
         cap = max(src.shuffle_buffer, batch_size)
         done = 0
 
@@ -445,8 +470,6 @@ def open_stream(
 ):
     """Validate, split and summarise ``root`` out of core; returns an ``Encoded`` whose
     ``events``/``split`` hold the validation sample and whose ``stream`` is the source."""
-    from trainer.encoding import Encoded, Events, History, encode_table, fit_vocabs
-
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist (or is not a folder)")
@@ -573,8 +596,6 @@ def _check_chunk(table: pa.Table, where: str) -> pa.Table:
 def _stream_candidates(root: Path, items: pa.Table, item_vocab: TowerVocab):
     """``candidates.parquet`` (per request, not per event: read whole). Request codes are
     positions in its sorted unique request ids; events of other requests get none."""
-    from trainer.encoding import Candidates
-
     path = root / "candidates.parquet"
     if not path.exists():
         return None, None
