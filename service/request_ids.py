@@ -1,8 +1,10 @@
 """Request ids that carry what feedback needs, signed, so no replica has to remember them.
 
-``v1.<id>.<ms>.<scenario>.<arm>.<mac>``: a random 63-bit id (the ``request_id`` column of the
-event log), the serve time in Unix ms, the scenario and arm (base64url, empty = none) and an
-HMAC-SHA256 over all of them *and the user id*, truncated to 128 bits. Any replica holding the key
+``v2.<id>.<ms>.<scenario>.<arm>.<items>.<mac>``: a random 63-bit id (the ``request_id`` column of
+the event log), the serve time in Unix ms, the scenario and arm (base64url, empty = none), the
+CRC-32 of every item id the request returned (4 bytes each, base64url: feedback is accepted only
+for those items; another item passes with probability k / 2^32) and an HMAC-SHA256 over all of
+them *and the user id*, truncated to 128 bits. Any replica holding the key
 verifies an id from any other without shared state; a forged, altered or other user's id fails.
 The key is ``CSMF_FEEDBACK_KEY``, else derived from ``CSMF_ADMIN_TOKEN``, else random per process
 (then feedback must reach the process that served — set a key with several workers or replicas).
@@ -18,10 +20,14 @@ import os
 import secrets
 import threading
 import time
+import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
-VERSION = "v1"
+import numpy as np
+
+VERSION = "v2"
 
 
 @dataclass(frozen=True)
@@ -34,6 +40,16 @@ class Served:
 
 class UnknownRequestError(ValueError):
     """The id was not issued by this service (or not for this user), or it expired."""
+
+
+class NotServedError(ValueError):
+    """The request did not return the item the feedback is about."""
+
+
+def item_fingerprints(item_ids: Sequence[str]) -> np.ndarray:
+    """(N,) big-endian uint32 CRC-32 of each item id: a request's slice of it goes into its id
+    (computed once per bundle, so a request only gathers its rows)."""
+    return np.fromiter((zlib.crc32(i.encode()) for i in item_ids), ">u4", len(item_ids))
 
 
 @lru_cache(maxsize=4096)  # scenario and arm names repeat: encode each once
@@ -97,26 +113,38 @@ class RequestIds:
 
     def _mac(self, body: str, user_id: str | None) -> str:
         inner = self._inner.copy()
-        inner.update(f"{body}\x00{user_id or ''}".encode())
+        # a history-only request (no user) signs differently from any user id, "" included
+        inner.update(
+            f"{body}\x00{user_id}".encode() if user_id is not None else f"{body}\x01".encode()
+        )
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.hexdigest()[:32]
 
-    def issue(self, user_id: str | None, scenario: str | None, arm: str | None) -> tuple[str, int]:
+    def issue(
+        self, user_id: str | None, scenario: str | None, arm: str | None, items: bytes = b""
+    ) -> tuple[str, int]:
+        """(token, id) for a request that returned the items whose fingerprints are ``items``
+        (:func:`item_fingerprints` of its rows, as bytes)."""
         rid = self._ids.next()
-        body = f"{VERSION}.{rid:x}.{time.time_ns() // 1_000_000:x}.{_b64(scenario)}.{_b64(arm)}"
+        fps = base64.urlsafe_b64encode(items).rstrip(b"=").decode()
+        body = (
+            f"{VERSION}.{rid:x}.{time.time_ns() // 1_000_000:x}.{_b64(scenario)}.{_b64(arm)}.{fps}"
+        )
         return f"{body}.{self._mac(body, user_id)}", rid
 
-    def verify(self, token: str, user_id: str) -> Served:
+    def verify(self, token: str, user_id: str | None, item_id: str | None = None) -> Served:
+        """The request ``token`` names, if it was issued for ``user_id`` (None: a history-only
+        request) and is not expired; with ``item_id``, also that the request returned it."""
         parts = token.split(".")
         unknown = UnknownRequestError(
             f"unknown request id {token[:120]!r} for user {user_id!r}: send the request_id of a "
             "/v1/retrieve response for this user"
         )
-        if len(parts) != 6 or parts[0] != VERSION:
+        if len(parts) != 7 or parts[0] != VERSION:
             raise unknown
-        body = ".".join(parts[:5])
-        if not hmac.compare_digest(self._mac(body, user_id), parts[5]):
+        body = ".".join(parts[:6])
+        if not hmac.compare_digest(self._mac(body, user_id), parts[6]):
             raise unknown
         try:
             served = Served(
@@ -130,4 +158,12 @@ class RequestIds:
                 f"request id {token[:120]!r} expired: served {age:.0f}s ago, feedback is accepted "
                 f"for {self.ttl_s:.0f}s (CSMF_FEEDBACK_TTL_S)"
             )
+        if item_id is not None:
+            fps = base64.urlsafe_b64decode(parts[5] + "=" * (-len(parts[5]) % 4))
+            mine = zlib.crc32(item_id.encode()).to_bytes(4, "big")
+            if not any(fps[i : i + 4] == mine for i in range(0, len(fps), 4)):
+                raise NotServedError(
+                    f"item_id {item_id[:120]!r} is not one of the {len(fps) // 4} items request "
+                    f"{token[:40]!r}... returned; feedback is accepted only for those"
+                )
         return served

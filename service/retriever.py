@@ -33,6 +33,7 @@ from csmf.weights import cumulative_slice_scores, parse_weights, slice_scale
 from service.errors import FieldError
 from service.feature_store import UserData
 from service.item_json import ItemJson
+from service.request_ids import item_fingerprints
 
 SCALE_CACHE = 4096  # distinct weight vectors whose (D,) scale is kept
 SEEN_AFTER_SEARCH = 1024  # longer histories are excluded inside the search (see above)
@@ -101,6 +102,7 @@ class Retriever:
         self.n_items = len(bundle.index)
         self.item_ids = bundle.item_ids
         self.item_rows = bundle.item_rows  # built now, not on the first request that excludes
+        self.item_fps = item_fingerprints(bundle.item_ids.tolist())  # (N,) for request ids
         self.item_json = ItemJson(bundle.item_ids.tolist(), bundle.item_meta)
         self.id_column = bundle.encoder.spec.id_column
         self.has_history = bundle.encoder.spec.history is not None

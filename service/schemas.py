@@ -185,8 +185,12 @@ class ScenarioList(BaseModel):
 
 
 class FeedbackIn(_Strict):
-    request_id: str = Field(min_length=1, max_length=512, description="from the retrieve response")
-    user_id: Id = Field(description="the user the request was for")
+    request_id: str = Field(
+        min_length=1, max_length=16384, description="from the retrieve response"
+    )
+    user_id: Id | None = Field(
+        None, description="the user the request was for; omitted for a history-only request"
+    )
     item_id: Id = Field(description="the item the event is about")
     event: str = Field(description="click or conversion")
 

@@ -28,6 +28,7 @@ from service.errors import ConflictError, FieldError, ReloadError
 from service.event_log import EventLog
 from service.experiments import assign
 from service.feature_store import BundleFeatureStore, RedisFeatureStore
+from service.feedback_once import FeedbackOnce
 from service.metrics import (
     NO_ARM,
     HotCounter,
@@ -61,6 +62,9 @@ class AppState:
         self.request_ids = RequestIds(
             key_from(secret(settings.feedback_key), secret(settings.admin_token)),
             settings.feedback_ttl_s,
+        )
+        self.feedback_once = FeedbackOnce(
+            settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
         )
         self.event_log: EventLog | None = None
         stage = metrics.stage
@@ -124,6 +128,7 @@ class AppState:
         for part in (self._control, self.weights, self.features, self.event_log):
             if part is not None:
                 part.stop()
+        self.feedback_once.close()
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -176,7 +181,9 @@ class AppState:
         :meth:`count_impressions`), log them, and return the request id for feedback."""
         if count:
             self.count_impressions(scenario, arm, len(rows))
-        token, rid = self.request_ids.issue(user_id, scenario, arm)
+        token, rid = self.request_ids.issue(
+            user_id, scenario, arm, retriever.item_fps[rows].tobytes()
+        )
         if self.event_log is not None and rows:  # cold start and history-only rows are marked
             self.event_log.served(rid, user_id, retriever.item_ids[rows].tolist(), cold)
         return token

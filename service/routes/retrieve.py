@@ -104,7 +104,7 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
             b',"arm":',
             _json_str(arm),
             b',"request_id":"',
-            request_id.encode(),  # v1.<hex>.<hex>.<base64url>.<base64url>.<hex>: nothing to escape
+            request_id.encode(),  # v2.<hex>.<hex>.<base64url>.<base64url>.<base64url>.<hex>: nothing to escape
             b'","model_version":',
             retriever.model_version_json,
             b',"cold_start":true' if hits.cold_start else b',"cold_start":false',
@@ -196,7 +196,7 @@ async def retrieve_batch(request: Request) -> Response:
         state.count(scenario, "batch", cold, len(hits) - cold)
         # One list of parts, joined once: per user, its id and items, the constant pieces
         # (cold-start flag, arm, the arm's weights) serialised once per batch, its request id
-        # (v1.<hex>.<hex>.<base64url>.<base64url>.<hex>: nothing to escape).
+        # (v2.<hex>.<hex>.<base64url>.<base64url>.<base64url>.<hex>: nothing to escape).
         arm_json = {arm: b',"arm":' + to_json(arm) + arm_weights.get(arm, b"") for arm in groups}
         impressions = dict.fromkeys(groups, 0)
         parts = [b'{"results":[']

@@ -44,8 +44,11 @@ def test_feedback_counts_per_arm_logs_everything_and_trains(bundles, service_run
         fb = {"request_id": r["request_id"], "user_id": user, "item_id": item, "event": "click"}
         ok = c.post("/v1/feedback", json=fb)
         assert ok.status_code == 200 and ok.json() == {
-            "recorded": "click", "scenario": "exp", "arm": arm
+            "recorded": "click", "scenario": "exp", "arm": arm, "duplicate": False
         }, ok.text  # fmt: skip
+        for _ in range(3):  # replays: answered, neither counted nor logged
+            again = c.post("/v1/feedback", json=fb)
+            assert again.status_code == 200 and again.json()["duplicate"] is True, again.text
         clicks[arm] = clicks.get(arm, 0) + 1
         if i % 4 == 0:
             assert c.post("/v1/feedback", json={**fb, "event": "conversion"}).status_code == 200
@@ -54,7 +57,11 @@ def test_feedback_counts_per_arm_logs_everything_and_trains(bundles, service_run
 
     # bad feedback: clear 4xx, nothing counted
     good = c.post("/v1/retrieve", json={"user_id": "u1", "k": 3}).json()
-    base = {"request_id": good["request_id"], "user_id": "u1", "item_id": "i1"}
+    base = {
+        "request_id": good["request_id"],
+        "user_id": "u1",
+        "item_id": good["items"][0]["item_id"],
+    }
     r = c.post("/v1/feedback", json={**base, "event": "purchase"})
     assert (
         r.status_code == 422
@@ -71,6 +78,10 @@ def test_feedback_counts_per_arm_logs_everything_and_trains(bundles, service_run
     assert r.status_code == 404
     r = c.post("/v1/feedback", json={**base, "event": "click", "extra": 1})
     assert r.status_code == 422 and "extra" in r.text
+    not_served = next(f"i{j}" for j in range(1500) if f"i{j}" not in
+                      {it["item_id"] for it in good["items"]})  # fmt: skip
+    r = c.post("/v1/feedback", json={**base, "item_id": not_served, "event": "click"})
+    assert r.status_code == 422 and f"item_id '{not_served}' is not one of the 3 items" in r.text
 
     text = c.get("/metrics").text
     for arm in ("control", "conv"):

@@ -131,7 +131,7 @@ def test_assignment_is_sticky_and_close_to_the_shares_on_a_real_server(bundles, 
             assert w == pytest.approx({o: float(want.get(o, 0.0)) for o in OBJ})
     # a plain scenario serves no arm
     plain = svc.client.post("/v1/retrieve", json={"user_id": "u1", "k": 1}).json()
-    assert plain["arm"] is None and plain["request_id"].startswith("v1.")
+    assert plain["arm"] is None and plain["request_id"].startswith("v2.")
     assert httpx.get(f"{svc.url}/readyz").status_code == 200
 
 
