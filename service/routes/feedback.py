@@ -1,4 +1,5 @@
-"""POST /v1/feedback: a click or conversion on an item a retrieve served (DESIGN §10).
+"""POST /v1/feedback: a click or conversion on an item a retrieve served
+(docs/design.md#tune-experiment-feedback).
 
 The request id is verified by its signature (service/request_ids.py), so any replica accepts
 feedback for a request another one served; it also carries fingerprints of the items the request

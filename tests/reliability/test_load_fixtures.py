@@ -1,5 +1,5 @@
 """The reliability fixtures themselves: ``metrics_dir`` of a worker caught between fork and exec
-(issue 30, item 7: test_worker_kill.py read a just-spawned worker's environment before it held
+(test_worker_kill.py once read a just-spawned worker's environment before it held
 PROMETHEUS_MULTIPROC_DIR and failed under load) waits for the exec instead of failing."""
 
 from __future__ import annotations

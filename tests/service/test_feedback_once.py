@@ -1,5 +1,5 @@
-"""Feedback exactly once per (request id, item, event) and only for items the request returned
-(issue 30): replays are 200 ``"duplicate": true`` and not counted — within one process without
+"""Feedback exactly once per (request id, item, event) and only for items the request returned:
+replays are 200 ``"duplicate": true`` and not counted — within one process without
 Redis, across replicas (two apps) sharing a Redis — feedback for another item is a 422, and a
 history-only request (no user) can receive feedback too."""
 
