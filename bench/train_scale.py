@@ -115,6 +115,54 @@ def _rate(stage: dict, cap: int) -> float:
     return min(stage["positives"], cap) * len(stage["loss"]) / stage["train_seconds"]
 
 
+def scale(args: argparse.Namespace) -> dict:
+    """Per ``--data`` folder, side by side in each round: `csmf train` with row-wise id tables,
+    with dense ones (``--dense-steps`` steps a stage: a dense step at 10M rows takes seconds),
+    and the plain reference two-tower (bench/reference_two_tower.py) on the same events."""
+    rows = []
+    for rnd in range(args.rounds):
+        for data in args.data:
+            for mode, steps in (("row-wise", args.max_steps), ("dense", args.dense_steps)):
+                if steps == 0:
+                    continue
+                sets = [f"train.id_tables={mode}", f"train.max_steps={steps}",
+                        f"train.batch_size={args.batch_size}", *args.set]  # fmt: skip
+                out = args.runs / f"scale-{data.name}-{mode}"
+                la = os.getloadavg()[0]
+                m = train(args, data, args.config, out, 1, args.threads, sets)
+                st = m["stages"]
+                rows.append({
+                    "round": rnd, "data": data.name, "users": m.get("n_users"),
+                    "trainer": f"csmf, {mode} id tables", "steps": steps, "load": la,
+                    "stage_examples_per_s": [_rate(x, steps * args.batch_size) for x in st],
+                    "data_wait_share": [x.get("data_wait_seconds", 0) / x["train_seconds"]
+                                        for x in st],
+                    "peak_rss_mb": m["peak_rss_mb"][0], "id_tables": m.get("id_tables"),
+                    "prepare_seconds": m.get("prepare_seconds"),
+                })  # fmt: skip
+                print(json.dumps(rows[-1]), flush=True)
+            la = os.getloadavg()[0]
+            ref = reference(data, args.max_steps, args.batch_size, args.threads)
+            rows.append({
+                "round": rnd, "data": data.name, "trainer": "reference two-tower (sparse)",
+                "steps": args.max_steps, "load": la,
+                "stage_examples_per_s": [ref["examples_per_s"]], "data_wait_share": None,
+                "peak_rss_mb": ref["peak_rss_mb"], "id_tables": None, "prepare_seconds": None,
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return {"rows": rows, "max_steps": args.max_steps, "dense_steps": args.dense_steps,
+            "batch_size": args.batch_size, "threads": args.threads,
+            "datasets": {d.name: _dataset(d) for d in args.data}}  # fmt: skip
+
+
+def reference(data: Path, steps: int, batch_size: int, threads: int) -> dict:
+    cmd = [sys.executable, str(ROOT / "bench" / "reference_two_tower.py"), "--data", str(data),
+           "--steps", str(steps), "--batch-size", str(batch_size), "--threads", str(threads)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def rss(args: argparse.Namespace) -> dict:
     rows = []
     for data in args.data:
@@ -214,6 +262,9 @@ def render(doc: dict) -> list[str]:
             "section); `prepare s` = the streaming passes (counts, split cut-offs, statistics).",
             "",
         ]
+    s = doc.get("scale")
+    if s:
+        lines += _render_scale(s)
     s = doc.get("rss")
     if s:
         lines += [
@@ -278,6 +329,41 @@ def render(doc: dict) -> list[str]:
     return lines
 
 
+def _render_scale(s: dict) -> list[str]:
+    lines = [
+        "## Row-wise id tables at two sizes, beside a plain sparse two-tower", "",
+        f"`{s['command']}`", "",
+        f"1 process × {s['threads']} threads, global batch {s['batch_size']}, streamed; each "
+        f"stage's epoch capped at {s['max_steps']} steps ({s['dense_steps']} for dense id "
+        f"tables); `load` = the 1-minute load average when the run started; {_machine(s)}.", "",
+    ]  # fmt: skip
+    for name, counts in s["datasets"].items():
+        lines.append(f"- `{name}`: {', '.join(f'{v:,} {k}' for k, v in counts.items())}")
+    lines.append("")
+    head = ["round", "data", "trainer", "load", "ex/s exposure", "ex/s click", "ex/s conversion",
+            "waiting for data", "peak RSS MB", "tables + optimizer state MB"]  # fmt: skip
+
+    def row(r: dict) -> list[str]:
+        rates = [f"{x:,.0f}" for x in r["stage_examples_per_s"]] + ["—"] * 3
+        wait = r["data_wait_share"]
+        t = r["id_tables"]
+        state = f"{(t['table_bytes'] + t['optimizer_state_bytes']) / 2**20:,.0f}" if t else "—"
+        return [str(r["round"]), r["data"], r["trainer"], f"{r['load']:.1f}", *rates[:3],
+                " / ".join(f"{w:.0%}" for w in wait) if wait else "—",
+                f"{r['peak_rss_mb']:,.0f}", state]  # fmt: skip
+
+    lines += table(head, (row(r) for r in s["rows"]), "llllrrrrrr")
+    lines += [
+        "",
+        "ex/s = examples of a stage's capped epoch ÷ its training seconds (reading and shuffling "
+        "streamed data included; validation, CPP and checkpoints not). The reference has one "
+        "objective: its rate is in the exposure column. Waiting for data = the share of training "
+        "time the step waited for the prefetch thread (per stage).",
+        "",
+    ]
+    return lines
+
+
 _HEAD = (
     "Real `csmf train` processes on a shared 2-core box (other agents' jobs ran alongside: the "
     "load average is given per section). Throughput rows of one section ran back to back; "
@@ -295,7 +381,7 @@ def _machine(s: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("section", choices=("throughput", "rss", "cascade", "demo"))
+    ap.add_argument("section", choices=("scale", "throughput", "rss", "cascade", "demo"))
     ap.add_argument("--data", type=Path, action="append", required=True)
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "synthetic-large.toml")
     ap.add_argument("--batch-size", type=int, default=4096, help="global batch")
@@ -304,6 +390,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="threads of 1-process runs")
     ap.add_argument("--procs", type=int, default=2, help="cascade: processes")
     ap.add_argument("--with-single", action="store_true", help="throughput: add 1 × 1 thread")
+    ap.add_argument("--dense-steps", type=int, default=5, help="scale: steps of dense runs")
+    ap.add_argument("--rounds", type=int, default=1, help="scale: rounds of every run")
     ap.add_argument("--set", action="append", default=[], help="extra --set for every run")
     ap.add_argument("--runs", type=Path, default=Path("/tmp/csmf-train-scale"))
     ap.add_argument("--name", default="train-scale")
@@ -311,9 +399,8 @@ def main() -> None:
     args = ap.parse_args()
     args.data = [d.resolve() for d in args.data]
     before = os.getloadavg()
-    result = {"throughput": throughput, "rss": rss, "cascade": cascade, "demo": demo}[args.section](
-        args
-    )
+    sections = {"scale": scale, "throughput": throughput, "rss": rss, "cascade": cascade}
+    result = {**sections, "demo": demo}[args.section](args)
     result.update(
         command=script_command(__file__),
         dataset=_dataset(args.data[0]),
@@ -329,7 +416,7 @@ def main() -> None:
     doc = json.loads(json.dumps(doc, default=_nan))
     md, _ = write_results(
         stem, f"Training at scale ({args.name})",
-        "python bench/train_scale.py {throughput|rss|cascade|demo} ... (each section below "
+        "python bench/train_scale.py {scale|throughput|rss|cascade|demo} ... (each section below "
         "names its own command)",
         render(doc), doc,
     )  # fmt: skip

@@ -475,7 +475,7 @@ def load_bundle(path: str | Path, *, verify: bool = True, index_uri: str | None 
         users=users,
         attributes=attrs,
     )
-    users.resolve(encoder.item_vocab._index, bundle.item_rows)
+    users.resolve(encoder.item_vocab.index, bundle.item_rows)
     return bundle
 
 

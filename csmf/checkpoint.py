@@ -174,6 +174,6 @@ def training_provenance(
         "dataset_files": files,
         "item_vocab_hash": vocab_hash(item_vocab),
         "user_vocab_hash": vocab_hash(user_vocab),
-        "items": len(item_vocab.ids.values),
-        "users": len(user_vocab.ids.values),
+        "items": item_vocab.ids.size,
+        "users": user_vocab.ids.size,
     }

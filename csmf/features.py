@@ -120,28 +120,99 @@ def _tower_from_dict(d: Mapping[str, Any], default_id: str, side: str) -> TowerS
     )
 
 
-@dataclass
 class Vocab:
-    """Maps raw values (stored as strings) to indices >= 2; anything else encodes to UNK."""
+    """Maps raw values (stored as strings) to indices >= 2; anything else encodes to UNK.
 
-    values: list[str]
-    _index: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    Vocabularies fitted on arrow columns keep their values as one arrow string array (10M user
+    ids: ~100 MB instead of ~650 MB of Python strings); ``values`` then builds the list on each
+    access — use :attr:`size`, :meth:`arrow_values` or :meth:`encode_arrow` on hot paths. The
+    value → index dict is built on first :meth:`lookup` (the training path never needs it)."""
 
-    def __post_init__(self) -> None:
-        self._index = {v: i + 2 for i, v in enumerate(self.values)}
+    def __init__(self, values: Sequence[str] | Any) -> None:
+        if hasattr(values, "type"):  # an arrow string array
+            self._list, self._value_set = None, values
+        else:
+            self._list, self._value_set = list(values), None
+        self._index: dict[str, int] | None = None
+
+    @property
+    def values(self) -> list[str]:
+        return self._list if self._list is not None else self._value_set.to_pylist()
+
+    @property
+    def size(self) -> int:
+        """Number of values (table rows minus PAD and UNK)."""
+        return len(self._list) if self._list is not None else len(self._value_set)
 
     def __len__(self) -> int:  # rows of the embedding table, PAD and UNK included
-        return len(self.values) + 2
+        return self.size + 2
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocab) and self.values == other.values
+
+    def __repr__(self) -> str:
+        return f"Vocab({self.size} values)"
+
+    @property
+    def index(self) -> dict[str, int]:
+        """value → index (>= 2), built once."""
+        if self._index is None:
+            self._index = {v: i + 2 for i, v in enumerate(self.values)}
+        return self._index
 
     @classmethod
     def fit(cls, values: Iterable[Any]) -> Vocab:
+        if _arrow_encodable(values):
+            return cls.fit_arrow(values)
         return cls(sorted({str(v) for v in values if v is not None}))
 
+    @classmethod
+    def fit_arrow(cls, column: Any) -> Vocab:
+        """:meth:`fit` of a string or integer arrow column, vectorised: the distinct values as
+        strings, sorted by code point (UTF-8 byte order is code point order: Python's order)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        distinct = pc.unique(pc.cast(column, pa.string())).drop_null()
+        if isinstance(distinct, pa.ChunkedArray):
+            distinct = distinct.combine_chunks()
+        return cls(distinct.take(pc.sort_indices(distinct)))
+
     def lookup(self, value: Any) -> int:
-        return UNK if value is None else self._index.get(str(value), UNK)
+        return UNK if value is None else self.index.get(str(value), UNK)
 
     def encode(self, values: Sequence[Any]) -> np.ndarray:
+        if _arrow_encodable(values):
+            return self.encode_arrow(values)
         return np.fromiter((self.lookup(v) for v in values), dtype=np.int64, count=len(values))
+
+    def arrow_values(self) -> Any:
+        """The values as one arrow string array (built once for a list-backed vocabulary)."""
+        if self._value_set is None:
+            import pyarrow as pa
+
+            self._value_set = pa.array(self.values, pa.string())
+        return self._value_set
+
+    def encode_arrow(self, column: Any) -> np.ndarray:
+        """:meth:`encode` of a string or integer arrow column, vectorised (arrow's hash lookup
+        against the values, no Python object per row)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        idx = pc.index_in(pc.cast(column, pa.string()), value_set=self.arrow_values())
+        out = np.asarray(idx.fill_null(UNK - 2).to_numpy(zero_copy_only=False), np.int64)
+        return out + 2
+
+
+def _arrow_encodable(values: Any) -> bool:
+    """An arrow array of strings or integers (whose ``str`` is arrow's cast to string)."""
+    t = getattr(values, "type", None)
+    if t is None or not hasattr(values, "cast"):
+        return False
+    import pyarrow as pa
+
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_integer(t)
 
 
 @dataclass
@@ -194,17 +265,33 @@ class TowerVocab:
 
 
 def fit_tower_vocab(spec: TowerSpec, columns: Mapping[str, Sequence[Any]]) -> TowerVocab:
-    """Fit vocabularies/statistics on the rows of a users or items table."""
+    """Fit vocabularies/statistics on the rows of a users or items table. Columns are Python
+    sequences or arrow arrays (vectorised: no Python object per row for 10M users)."""
     tv = TowerVocab(ids=Vocab.fit(columns[spec.id_column]))
     for f in spec.fields:
         col = columns[f.name]
         if f.kind == "categorical":
             tv.categorical[f.name] = Vocab.fit(col)
         elif f.kind == "multi_hot":
-            tv.multi_hot[f.name] = Vocab.fit(v for row in col if row is not None for v in row)
+            if hasattr(col, "type"):  # arrow list column
+                import pyarrow.compute as pc
+
+                tv.multi_hot[f.name] = Vocab.fit(pc.list_flatten(col))
+            else:
+                tv.multi_hot[f.name] = Vocab.fit(v for row in col if row is not None for v in row)
         else:
-            tv.numeric[f.name] = NumericStats.fit(np.asarray(col, dtype=np.float64))
+            tv.numeric[f.name] = NumericStats.fit(_floats(col))
     return tv
+
+
+def _floats(col: Any) -> np.ndarray:
+    """A numeric column as float64, missing values NaN (arrow arrays without a Python loop)."""
+    if hasattr(col, "type"):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), np.float64)
+    return np.asarray([np.nan if v is None else v for v in col], dtype=np.float64)
 
 
 NUMERIC_CLIP = 1e4  # standardised numeric inputs are clipped to ±this many standard deviations
@@ -234,6 +321,8 @@ def encode_rows(
         )
     for f in spec.of_kind("multi_hot"):
         col = columns.get(f.name)
+        if hasattr(col, "to_pylist"):
+            col = col.to_pylist()
         out[f"multi:{f.name}"] = _pad(
             [[vocab.multi_hot[f.name].lookup(v) for v in (row or ())] for row in col]
             if col is not None
@@ -248,7 +337,7 @@ def encode_rows(
             if col is None:
                 continue
             s = vocab.numeric[f.name]
-            x = np.asarray([np.nan if v is None else v for v in col], dtype=np.float64)
+            x = _floats(col)
             x = np.where(np.isfinite(x), (x - s.mean) / s.std, 0.0)  # missing → the mean
             # An absurd value (1e308 from a live feature store) would overflow float32 and turn
             # the user vector, and every score, into inf/NaN: clip far outside any real tail.

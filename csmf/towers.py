@@ -65,7 +65,7 @@ class OwnedEmbedding(nn.Module):
 
     def __init__(self, num: int, dim: int, init_std: float = 0.05) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(num, dim) * init_std)
+        self.weight = nn.Parameter(torch.randn(num, dim).mul_(init_std))  # in place: 1 table, not 2
         with torch.no_grad():
             self.weight[0].zero_()  # row 0 is padding
         self.register_buffer("owner", torch.zeros(dim, dtype=torch.uint8))

@@ -156,18 +156,16 @@ class UserEncoder:
         for name, table in zip(self.inputs, self.tables, strict=True):
             hi = lo + table.shape[1]
             if name == "id":
-                plan.append(("one", self.spec.id_column, table, self.vocab.ids._index, 0, lo, hi))
+                plan.append(("one", self.spec.id_column, table, self.vocab.ids.index, 0, lo, hi))
             elif name in kinds:
                 f = kinds[name]
-                plan.append(
-                    ("one", f.name, table, self.vocab.categorical[f.name]._index, 0, lo, hi)
-                )
+                plan.append(("one", f.name, table, self.vocab.categorical[f.name].index, 0, lo, hi))
             elif name in multis:
                 f = multis[name]
-                index = self.vocab.multi_hot[f.name]._index
+                index = self.vocab.multi_hot[f.name].index
                 plan.append(("many", f.name, table, index, f.max_len, lo, hi))
             else:  # history
-                plan.append(("history", None, table, self.item_vocab._index, 0, lo, hi))
+                plan.append(("history", None, table, self.item_vocab.index, 0, lo, hi))
             lo = hi
         for f in self.spec.of_kind("numeric"):
             s = self.vocab.numeric[f.name]
@@ -240,7 +238,7 @@ class UserEncoder:
         """The last ``keep`` items as item-vocabulary indexes (unknown ids → UNK)."""
         if isinstance(history, CodedHistory) and history.resolved:
             return history.vocab_index(keep)
-        index = self.item_vocab._index  # one dict lookup per item
+        index = self.item_vocab.index  # one dict lookup per item
         return [index.get(str(h), UNK) for h in list(history)[-keep:]] if keep else []
 
     def cold_start(self) -> np.ndarray:

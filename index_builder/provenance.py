@@ -87,7 +87,7 @@ def _check_items(
             f"item table {items_path} lacks id column {id_col!r}; has {items.column_names}"
         )
     ids = pc.cast(items.column(id_col), pa.string())
-    known = pc.is_in(ids, value_set=pa.array(ckpt.item_vocab.ids.values, pa.string()))
+    known = pc.is_in(ids, value_set=ckpt.item_vocab.ids.arrow_values())
     unknown = int(pc.sum(pc.invert(pc.fill_null(known, False))).as_py() or 0)
     if not unknown:
         return 0
@@ -95,7 +95,7 @@ def _check_items(
     what = (
         f"item table {items_path} has {unknown:,} of {items.num_rows:,} item ids "
         f"({unknown / items.num_rows:.1%}) that the model was not trained on (e.g. {examples}; "
-        f"the checkpoint knows {len(ckpt.item_vocab.ids.values):,} items)"
+        f"the checkpoint knows {ckpt.item_vocab.ids.size:,} items)"
     )
     if allow:
         warnings.append(f"{what}: indexed as cold items (--allow-unknown-items)")

@@ -42,28 +42,31 @@ def fit_vocabs(ds: Dataset, spec: FeatureSpec) -> tuple[TowerVocab, TowerVocab]:
     )
 
 
-def _columns(table: pa.Table, spec: TowerSpec) -> dict[str, list]:
+def _columns(table: pa.Table, spec: TowerSpec) -> dict[str, pa.ChunkedArray]:
+    """The tower's columns as arrow arrays: vocabularies and encodings are vectorised over them
+    (10M users as Python objects would cost GBs)."""
     names = [spec.id_column] + [f.name for f in spec.fields if f.name in table.column_names]
-    return {n: table[n].to_pylist() for n in names}
+    return {n: table[n] for n in names}
 
 
 def rows_of(ids: pa.ChunkedArray | pa.Array, vocab: TowerVocab, what: str) -> np.ndarray:
     """Raw ids → rows (vocab index - 2), vectorised; ids missing from the vocabulary are an error."""
-    ids = pc.cast(ids, pa.string())
-    idx = pc.index_in(ids, value_set=pa.array(vocab.ids.values, pa.string()))
-    if idx.null_count:
-        bad = pc.filter(ids, pc.is_null(idx))[:3].to_pylist()
-        raise DataError(f"{idx.null_count} {what} ids are not in the vocabulary (e.g. {bad})")
-    return idx.to_numpy(zero_copy_only=False).astype(np.int64)
+    rows = vocab.ids.encode_arrow(ids) - OFFSET  # -1: not in the vocabulary
+    missing = rows < 0
+    if missing.any():
+        bad = pc.filter(pc.cast(ids, pa.string()), pa.array(missing))[:3].to_pylist()
+        raise DataError(f"{int(missing.sum())} {what} ids are not in the vocabulary (e.g. {bad})")
+    return rows
 
 
 def encode_table(table: pa.Table, spec: TowerSpec, vocab: TowerVocab) -> dict[str, Tensor]:
     """Encode every vocabulary entry's row of ``table``, in vocabulary order: (n_rows, ...)."""
     rows = rows_of(table[spec.id_column], vocab, spec.id_column)
-    order = np.full(len(vocab.ids.values), -1, np.int64)
+    order = np.full(vocab.ids.size, -1, np.int64)
     order[rows] = np.arange(len(rows))
     if (order < 0).any():
-        missing = [vocab.ids.values[i] for i in np.flatnonzero(order < 0)[:3]]
+        values = vocab.ids.values
+        missing = [values[i] for i in np.flatnonzero(order < 0)[:3]]
         raise DataError(f"{spec.id_column}: vocabulary ids missing from the table (e.g. {missing})")
     cols = _columns(table.take(pa.array(order)), spec)
     enc = encode_rows(spec, vocab, cols)
@@ -181,11 +184,11 @@ class Encoded:
 
     @property
     def n_users(self) -> int:
-        return len(self.user_vocab.ids.values)
+        return self.user_vocab.ids.size
 
     @property
     def n_items(self) -> int:
-        return len(self.item_vocab.ids.values)
+        return self.item_vocab.ids.size
 
     def user_batch(
         self, user: np.ndarray, hist_end: np.ndarray | None = None, drop: np.ndarray | None = None
@@ -240,7 +243,7 @@ def encode_dataset(
     if spec.user.history is not None:
         rows = split.train
         rows = rows[events.positive(spec.user.history.source)[rows]]
-        history = History(events, rows, len(user_vocab.ids.values), spec.user.history.max_len)
+        history = History(events, rows, user_vocab.ids.size, spec.user.history.max_len)
     return Encoded(
         spec=spec,
         user_vocab=user_vocab,

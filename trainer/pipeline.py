@@ -59,7 +59,7 @@ def prepare(
         return open_stream(
             data, cfg.features, cfg.objectives, asdict(cfg.split), vocabs=vocabs,
             rank=dist.rank, world=dist.world, shuffle_buffer=cfg.train.shuffle_buffer,
-            val_users=cfg.eval.val_users, dist=dist,
+            cache_examples=cfg.train.cache_examples, val_users=cfg.eval.val_users, dist=dist,
         )  # fmt: skip
     ds = load_dataset(data, cfg.features, objectives=cfg.objectives)
     split = split_by_time(ds.events, **asdict(cfg.split))
@@ -234,6 +234,12 @@ def _train(
     metrics["prepare_seconds"] = prepare_seconds  # load/validate/split/encode (or the passes)
     metrics["processes"] = dist.world
     metrics["peak_rss_mb"] = dist.gather_objects(_peak_rss_mb())  # per rank
+    metrics["id_tables"] = _table_sizes(model, cfg)
+    if dist.active:  # payload bytes of this rank's gradient collectives, per step
+        steps = max(dist.traffic["steps"], 1)
+        metrics["traffic_bytes_per_step"] = {
+            k: dist.traffic[k] / steps for k in ("dense", "tables")
+        }
     if resume is not None:
         metrics["resumed_from"] = {
             "stage": resume.stage, "phase": resume.phase.value, "epoch": resume.epoch
@@ -257,6 +263,15 @@ def _train(
         (out / RESUME_NAME).unlink(missing_ok=True)  # the run is finished
     dist.barrier()
     return path, metrics
+
+
+def _table_sizes(model, cfg: RunConfig) -> dict:
+    """Bytes of the id tables and of their optimizer state (SparseAdam or Adam: two moments per
+    entry), for the benchmark's 'RSS minus what the model must hold'."""
+    from csmf.towers import OwnedEmbedding
+
+    tables = sum(m.weight.nbytes for m in model.modules() if isinstance(m, OwnedEmbedding))
+    return {"mode": cfg.train.id_tables, "table_bytes": tables, "optimizer_state_bytes": 2 * tables}
 
 
 def _peak_rss_mb() -> float:

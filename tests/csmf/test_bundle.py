@@ -282,7 +282,7 @@ def test_stored_history_encodes_exactly_like_its_ids(flat_bundle):
         assert c.rows().tolist() == [b.item_rows[i] for i in p if i in b.item_rows]
     # ids outside the encoder vocabulary and the index: UNK to the encoder, no row
     table = HistoryTable([plain[0][0], "never-seen", plain[0][-1]])
-    table.resolve(b.encoder.item_vocab._index, b.item_rows)
+    table.resolve(b.encoder.item_vocab.index, b.item_rows)
     h = CodedHistory(np.array([0, 1, 2, 1], np.int32), table)
     ids = [plain[0][0], "never-seen", plain[0][-1], "never-seen"]
     assert h == ids and h[1:3] == ids[1:3] and len(h) == 4

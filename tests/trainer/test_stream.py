@@ -93,15 +93,19 @@ def _epoch_rows(ex, seed: int, batch_size: int) -> list[np.ndarray]:
     return [np.stack([b.part.user, b.part.item], 1) for b in ex.batches(rng, batch_size)]
 
 
-def test_every_train_positive_once_per_epoch_and_ranks_disjoint(tiny_cfg, parted):
+@pytest.mark.parametrize("held", [0, 10_000], ids=["streamed", "held-in-memory"])
+def test_every_train_positive_once_per_epoch_and_ranks_disjoint(tiny_cfg, parted, held):
+    """Streamed through a shuffle buffer, or (``train.cache_examples``) read once and shuffled
+    in memory: the same examples, every one once per epoch, disjoint across ranks."""
     mem = prepare(tiny_cfg, parted)
     from trainer.encoding import stage_examples
 
+    kw = {"shuffle_buffer": 50, "cache_examples": held}
     for objective in ("exposure", "click"):
         want = stage_examples(mem, objective)
         expected = sorted(map(tuple, np.stack([want.user, want.item], 1).tolist()))
         # one process, a buffer smaller than the data: the batches cover every example once
-        one = _open(tiny_cfg, parted, shuffle_buffer=50).stream.examples(objective)
+        one = _open(tiny_cfg, parted, **kw).stream.examples(objective)
         batches = _epoch_rows(one, 0, 32)
         got = sorted(map(tuple, np.concatenate(batches).tolist()))
         assert got == expected
@@ -114,9 +118,10 @@ def test_every_train_positive_once_per_epoch_and_ranks_disjoint(tiny_cfg, parted
         np.testing.assert_array_equal(flat, np.concatenate(_epoch_rows(one, 0, 32)))
         # two ranks: disjoint shards covering everything, the same number of steps each
         shards = [
-            _open(tiny_cfg, parted, rank=r, world=2, shuffle_buffer=50).stream.examples(objective)
+            _open(tiny_cfg, parted, rank=r, world=2, **kw).stream.examples(objective)
             for r in range(2)
         ]
+        assert all((s.held() is not None) == bool(held) for s in [one, *shards])
         per_rank = [_epoch_rows(s, 0, 16) for s in shards]
         assert len(per_rank[0]) == len(per_rank[1]) == shards[0].steps(16)
         rows = [sorted(map(tuple, np.concatenate(p).tolist())) for p in per_rank]
@@ -124,9 +129,13 @@ def test_every_train_positive_once_per_epoch_and_ranks_disjoint(tiny_cfg, parted
         assert sorted(rows[0] + rows[1]) == expected
 
 
-def test_subset_is_a_fraction_and_counted_per_rank(tiny_cfg, parted):
-    ex = _open(tiny_cfg, parted, shuffle_buffer=40).stream.examples("exposure")
+@pytest.mark.parametrize("held", [0, 10_000], ids=["streamed", "held-in-memory"])
+def test_subset_is_a_fraction_and_counted_per_rank(tiny_cfg, parted, held):
+    ex = _open(tiny_cfg, parted, shuffle_buffer=40, cache_examples=held).stream.examples("exposure")
+    ex.held()
     sub = ex.subset(0.5, 123)
+    streamed = _open(tiny_cfg, parted, shuffle_buffer=40).stream.examples("exposure")
+    assert len(sub) == len(streamed.subset(0.5, 123))  # the same hash subset either way
     rows = np.concatenate(_epoch_rows(sub, 0, 16))
     assert len(rows) == len(sub) and 0.35 * len(ex) < len(sub) < 0.65 * len(ex)
     again = np.concatenate(_epoch_rows(ex.subset(0.5, 123), 5, 16))

@@ -125,17 +125,18 @@ class IdLookup:
     set per call). Integer ids use a sorted array; string ids arrow's ``index_in``."""
 
     def __init__(self, vocab: TowerVocab, entity: str, table: str) -> None:
-        self.values = list(vocab.ids.values)
+        self.vocab = vocab.ids
         self.entity, self.table = entity, table
         self.keys = None
-        try:
-            keys = np.array([int(v) for v in self.values], dtype=np.int64)
-            if all(str(k) == v for k, v in zip(keys.tolist(), self.values, strict=True)):
+        values = vocab.ids.arrow_values()
+        try:  # integer ids whose decimal string is the vocabulary's: a sorted int64 array
+            keys = pc.cast(values, pa.int64())
+            if pc.all(pc.equal(pc.cast(keys, pa.string()), values)).as_py() is not False:
+                keys = np.asarray(keys.to_numpy(zero_copy_only=False), np.int64)
                 self.order = np.argsort(keys, kind="stable")
                 self.keys = keys[self.order]
-        except (ValueError, OverflowError):
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
-        self.value_set = pa.array(self.values, pa.string())
 
     def __call__(self, ids: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
         if pa.types.is_integer(ids.type) and self.keys is not None and len(self.keys):
@@ -144,10 +145,9 @@ class IdLookup:
             ok = self.keys[pos] == raw
             rows = self.order[pos]
         else:
-            idx = pc.index_in(pc.cast(ids, pa.string()), value_set=self.value_set)
-            ok = ~np.asarray(idx.is_null().to_numpy(zero_copy_only=False), bool)
-            rows = np.asarray(idx.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
-            raw = None
+            rows = self.vocab.encode_arrow(ids) - 2  # -1: unknown
+            ok = rows >= 0
+            rows = np.maximum(rows, 0)
         if not ok.all():
             bad = pc.unique(pc.filter(ids, pa.array(~ok)))
             raise DataError(
@@ -265,6 +265,7 @@ class StreamSource:
     rank: int = 0
     world: int = 1
     shuffle_buffer: int = 262_144
+    cache_examples: int = 0  # a stage with at most this many examples per rank is held in memory
     history_source: str | None = None
     history: History | None = None
     item_counts: dict[str, np.ndarray] = field(default_factory=dict)  # train positives per item
@@ -339,9 +340,11 @@ class StreamExamples:
         item_prob: torch.Tensor,
         rank_counts: list[int],
         keep: tuple[float, int] | None = None,
+        cache: list[np.ndarray] | None = None,
     ) -> None:
         self.src, self.objective, self.item_prob = src, objective, item_prob
         self.rank_counts, self.keep = rank_counts, keep
+        self._cache = cache  # this rank's examples (user, item, ts, request, row), if held
 
     def __len__(self) -> int:
         return int(sum(self.rank_counts))
@@ -361,7 +364,12 @@ class StreamExamples:
         """Each example kept with probability ``frac`` by a hash of its row and ``seed``
         (accuracy recovery's rho subset); counts every rank's share in one pass."""
         sub = StreamExamples(self.src, self.objective, self.item_prob, [], (frac, seed))
-        mine = sum(len(x[0]) for x in sub._own_examples(range(len(self.src.parts))))
+        if self._cache is not None:  # filter the held examples: no pass over the Parquet
+            keep = _hash_unit(self._cache[4], seed) < frac
+            sub._cache = [a[keep] for a in self._cache]
+            mine = int(keep.sum())
+        else:
+            mine = sum(len(x[0]) for x in sub._own_examples(range(len(self.src.parts))))
         dist = self.src.dist
         sub.rank_counts = (
             [int(c) for c in dist.gather_objects(mine)] if dist is not None else [mine]
@@ -381,7 +389,18 @@ class StreamExamples:
             if self.keep is not None:
                 sel &= _hash_unit(c.row, self.keep[1]) < self.keep[0]
             if sel.any():
-                yield c.user[sel], c.item[sel], c.ts[sel], c.request[sel]
+                yield c.user[sel], c.item[sel], c.ts[sel], c.request[sel], c.row[sel]
+
+    def held(self) -> list[np.ndarray] | None:
+        """This rank's examples in memory when every rank has at most ``src.cache_examples``
+        of them (~40 B each), read in one pass on first use; else None (streamed each epoch).
+        A click or conversion stage is a tenth or a hundredth of the events: streaming it
+        re-reads every event per epoch to find them."""
+        if self._cache is None and max(self.rank_counts) <= self.src.cache_examples:
+            parts = list(self._own_examples(range(len(self.src.parts))))
+            empty = [np.zeros(0, np.int64)] * 5
+            self._cache = [np.concatenate(x) for x in zip(*parts, strict=True)] or empty
+        return self._cache
 
     def batches(
         self, rng: np.random.Generator, batch_size: int, rank: int = 0, world: int = 1
@@ -392,24 +411,41 @@ class StreamExamples:
         order = rng.permutation(len(self.src.parts))
         buf_seed = int(rng.integers(1 << 62))
         n_global = batch_size * world
-        return (
-            StepBatch(b, np.arange(len(b)), n_global)
-            for b in self._epoch(order, buf_seed, batch_size)
+        held = self.held()
+        epoch = (
+            self._epoch(order, buf_seed, batch_size)
+            if held is None
+            else self._held_epoch(held, buf_seed, batch_size)
         )
+        return (StepBatch(b, np.arange(len(b)), n_global) for b in epoch)
+
+    def _emit(self, arrays: list[np.ndarray], n: int) -> StageExamples:
+        user, item, ts, request = (a[:n] for a in arrays[:4])
+        history = self.src.history
+        hist_end = history.before(user, ts) if history is not None else np.zeros_like(user)
+        return StageExamples(user, item, hist_end, request, self.item_prob)
+
+    def _held_epoch(
+        self, held: list[np.ndarray], buf_seed: int, batch_size: int
+    ) -> Iterator[StageExamples]:
+        perm = np.random.default_rng([buf_seed, self.src.rank]).permutation(len(held[0]))
+        done = 0
+        for lo in range(0, len(perm), batch_size):
+            yield self._emit([a[perm[lo : lo + batch_size]] for a in held[:4]], batch_size)
+            done += 1
+        yield from self._pad(done, batch_size)
+
+    def _pad(self, done: int, batch_size: int) -> Iterator[StageExamples]:
+        empty = np.zeros(0, np.int64)
+        for _ in range(done, self.steps(batch_size)):  # other ranks still have batches
+            yield StageExamples(empty, empty, empty, empty, self.item_prob)
 
     def _epoch(self, order: np.ndarray, buf_seed: int, batch_size: int) -> Iterator[StageExamples]:
         src = self.src
         buf_rng = np.random.default_rng([buf_seed, src.rank])
         cap = max(src.shuffle_buffer, batch_size)
         done = 0
-
-        def emit(arrays, n: int):
-            user, item, ts, request = (a[:n] for a in arrays)
-            hist_end = (
-                src.history.before(user, ts) if src.history is not None else np.zeros_like(user)
-            )
-            return StageExamples(user, item, hist_end, request, self.item_prob)
-
+        emit = self._emit
         buf: list[np.ndarray] | None = None
         for arrays in self._own_examples(order):
             buf = list(arrays) if buf is None else [np.concatenate(x) for x in zip(buf, arrays)]
@@ -427,9 +463,7 @@ class StreamExamples:
             for lo in range(0, len(buf[0]), batch_size):
                 yield emit([a[lo:] for a in buf], min(batch_size, len(buf[0]) - lo))
                 done += 1
-        empty = np.zeros(0, np.int64)
-        for _ in range(done, self.steps(batch_size)):  # other ranks still have batches
-            yield StageExamples(empty, empty, empty, empty, self.item_prob)
+        yield from self._pad(done, batch_size)
 
 
 def _read_part(p: Part, columns: tuple[str, ...]) -> Iterator[tuple[int, pa.Table]]:
@@ -464,6 +498,7 @@ def open_stream(
     rank: int = 0,
     world: int = 1,
     shuffle_buffer: int = 262_144,
+    cache_examples: int = 0,
     val_users: int = 0,
     dist=None,
     budget: int = CUTOFF_BUDGET,
@@ -491,8 +526,9 @@ def open_stream(
         root, events_name, parts,
         IdLookup(user_vocab, "user_id", "users.parquet"),
         IdLookup(item_vocab, "item_id", "items.parquet"),
-        len(user_vocab.ids.values), len(item_vocab.ids.values), request_ids,
-        rank=rank, world=world, shuffle_buffer=shuffle_buffer, dist=dist,
+        user_vocab.ids.size, item_vocab.ids.size, request_ids,
+        rank=rank, world=world, shuffle_buffer=shuffle_buffer, cache_examples=cache_examples,
+        dist=dist,
     )  # fmt: skip
     all_parts = range(len(parts))
 
@@ -502,7 +538,9 @@ def open_stream(
     positives = dict.fromkeys(funnel.NAMES, 0)
     for i in all_parts:
         for offset, table in _read_part(parts[i], ()):
-            where = f"{events_name} ({parts[i].path.name}, rows {offset}-{offset + table.num_rows - 1})"
+            where = (
+                f"{events_name} ({parts[i].path.name}, rows {offset}-{offset + table.num_rows - 1})"
+            )
             table = _check_chunk(table, where)
             user = src.users(table["user_id"], events_name)
             src.items(table["item_id"], events_name)
@@ -574,7 +612,7 @@ def open_stream(
         val=np.flatnonzero(label == VALIDATION),
         test=np.flatnonzero(label == TEST),
     )
-    return Encoded(
+    enc = Encoded(
         spec=spec,
         user_vocab=user_vocab,
         item_vocab=item_vocab,
@@ -586,6 +624,9 @@ def open_stream(
         candidates=candidates,
         stream=src,
     )
+    # arrow's allocator keeps what the passes freed (1.5 GB at 10M users) unless told to return it
+    pa.default_memory_pool().release_unused()
+    return enc
 
 
 def _check_chunk(table: pa.Table, where: str) -> pa.Table:
