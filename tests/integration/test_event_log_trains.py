@@ -116,3 +116,15 @@ def test_a_log_of_every_kind_of_request_trains(bundles, service_runs, serve, tmp
     assert p.returncode == 0, p.stderr[-3000:]
     assert "warning:" in p.stderr and "event log, skipped" in p.stderr
     assert (out / "checkpoint.pt").exists()
+
+    # out of core (train.data = "stream"): the same rows skipped, the same log trains
+    streamed = subprocess.run(
+        [*cmd, "--out", str(tmp_path / "run-streamed"), "--no-progress",
+         "--set", 'train.data="stream"'],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert streamed.returncode == 0, streamed.stderr[-3000:]
+    assert "streamed from Parquet" in streamed.stdout + streamed.stderr
+    skipped_line = next(ln for ln in p.stderr.splitlines() if "event log, skipped" in ln)
+    assert skipped_line in streamed.stderr
+    assert (tmp_path / "run-streamed" / "checkpoint.pt").exists()

@@ -29,6 +29,7 @@ rank reads each group and keeps every world-th chunk); every rank runs the same 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,7 @@ from trainer.encoding import (
     fit_vocabs,
 )
 from trainer.data.dataset import (
+    LOG_MARKER,
     check_positives,
     label_count,
     Dataset,
@@ -72,6 +74,7 @@ from trainer.data.dataset import (
 )
 
 CHUNK_ROWS = 65_536  # rows decoded at a time
+SKIPPED = 3  # split label of an event-log row that cannot train (no user, unknown user or item)
 CUTOFF_BUDGET = 4_000_000  # (user, timestamp, row) triples sorted at once while finding cut-offs
 DEFAULT_VAL_USERS = 2_000
 _INF = np.iinfo(np.int64).max
@@ -138,6 +141,18 @@ class IdLookup:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
 
+    def known(self, ids: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, known): unknown or null ids get row 0 and ``known`` False (event logs)."""
+        valid = ~np.asarray(ids.is_null().to_numpy(zero_copy_only=False), bool)
+        if pa.types.is_integer(ids.type) and self.keys is not None and len(self.keys):
+            raw = np.asarray(ids.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
+            pos = np.minimum(np.searchsorted(self.keys, raw), len(self.keys) - 1)
+            ok = (self.keys[pos] == raw) & valid
+            return np.where(ok, self.order[pos], 0), ok
+        rows = self.vocab.encode_arrow(ids) - 2
+        ok = (rows >= 0) & valid
+        return np.where(ok, rows, 0), ok
+
     def __call__(self, ids: pa.ChunkedArray | pa.Array, where: str) -> np.ndarray:
         if pa.types.is_integer(ids.type) and self.keys is not None and len(self.keys):
             raw = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64)
@@ -179,7 +194,7 @@ class Cutoffs:
 
 
 def split_cutoffs(
-    chunks,  # () -> iterator of (global row offset, user rows, timestamps)
+    chunks,  # () -> iterator of (global row offset, user rows, timestamps, rows kept or None)
     per_user: np.ndarray,
     val_frac: float,
     test_frac: float,
@@ -193,8 +208,10 @@ def split_cutoffs(
     buckets = max(1, math.ceil(int(per_user.sum()) / max(budget, 1)))
     for b in range(buckets):
         us, tss, rows = [], [], []
-        for offset, user, ts in chunks():
-            keep = user % buckets == b if buckets > 1 else slice(None)
+        for offset, user, ts, kept in chunks():
+            keep = user % buckets == b if buckets > 1 else np.ones(len(user), bool)
+            if kept is not None:
+                keep &= kept
             us.append(user[keep])
             tss.append(ts[keep])
             rows.append((offset + np.arange(len(user), dtype=np.int64))[keep])
@@ -238,7 +255,8 @@ class Chunk:
     clicked: np.ndarray
     converted: np.ndarray
     request: np.ndarray  # candidate-request code, -1 when none
-    label: np.ndarray | None = None
+    label: np.ndarray | None = None  # TRAIN / VALIDATION / TEST, or SKIPPED
+    keep: np.ndarray | None = None  # event log: the rows that can train (None: every row)
 
     @property
     def row(self) -> np.ndarray:
@@ -266,6 +284,7 @@ class StreamSource:
     world: int = 1
     shuffle_buffer: int = 262_144
     cache_examples: int = 0  # a stage with at most this many examples per rank is held in memory
+    is_log: bool = False  # the service's event log: rows that cannot train are skipped
     history_source: str | None = None
     history: History | None = None
     item_counts: dict[str, np.ndarray] = field(default_factory=dict)  # train positives per item
@@ -285,6 +304,8 @@ class StreamSource:
 
     def read(self, part_ids, columns: tuple[str, ...] = (), rank: int | None = None):
         """Chunks of the given parts (in that order); only ``rank``'s chunks if given."""
+        if self.is_log and columns:  # which rows can train needs the item and the marker
+            columns = tuple(dict.fromkeys((*columns, "item_id", LOG_MARKER)))
         for i in part_ids:
             p = self.parts[i]
             if rank is not None and not self.striped and i % self.world != rank:
@@ -296,12 +317,19 @@ class StreamSource:
 
     def _decode(self, offset: int, table: pa.Table, columns: tuple[str, ...]) -> Chunk:
         n = table.num_rows
-        user = self.users(table["user_id"], self.events_name)
-        item = (
-            self.items(table["item_id"], self.events_name)
-            if "item_id" in columns
-            else np.zeros(n, np.int64)
-        )
+        keep = None
+        if self.is_log:  # rows that cannot train keep their row number, labelled SKIPPED
+            user, keep = self.users.known(table["user_id"])
+            keep &= ~_cold(table)
+            item, known = self.items.known(table["item_id"])
+            keep &= known
+        else:
+            user = self.users(table["user_id"], self.events_name)
+            item = (
+                self.items(table["item_id"], self.events_name)
+                if "item_id" in columns
+                else np.zeros(n, np.int64)
+            )
         ts = table["timestamp"].to_numpy().astype(np.int64, copy=False)
         labels = {c: _bools(table, c, n) for c in funnel.LABEL_COLUMNS}
         request = np.full(n, -1, np.int64)
@@ -313,6 +341,9 @@ class StreamSource:
         chunk = Chunk(offset, user, item, ts, request=request, **labels)
         if self.cutoffs is not None:
             chunk.label = self.cutoffs.labels(user, ts, chunk.row)
+            if keep is not None:
+                chunk.label[~keep] = SKIPPED
+        chunk.keep = keep
         return chunk
 
     def labels(self) -> np.ndarray:
@@ -522,13 +553,14 @@ def open_stream(
     ds = Dataset(root, proto, users, items, None, _read_meta(root))
     user_vocab, item_vocab = vocabs if vocabs is not None else fit_vocabs(ds, spec)
     candidates, request_ids = _stream_candidates(root, items, item_vocab)
+    is_log = LOG_MARKER in proto.column_names
     src = StreamSource(
         root, events_name, parts,
         IdLookup(user_vocab, "user_id", "users.parquet"),
         IdLookup(item_vocab, "item_id", "items.parquet"),
         user_vocab.ids.size, item_vocab.ids.size, request_ids,
         rank=rank, world=world, shuffle_buffer=shuffle_buffer, cache_examples=cache_examples,
-        dist=dist,
+        is_log=is_log, dist=dist,
     )  # fmt: skip
     all_parts = range(len(parts))
 
@@ -536,11 +568,14 @@ def open_stream(
     per_user = np.zeros(src.n_users, np.int64)
     n_events = 0
     positives = dict.fromkeys(funnel.NAMES, 0)
+    skipped: dict[str, int] = {}
     for i in all_parts:
         for offset, table in _read_part(parts[i], ()):
             where = (
                 f"{events_name} ({parts[i].path.name}, rows {offset}-{offset + table.num_rows - 1})"
             )
+            if is_log:
+                table = _trainable_rows(table, src, where, skipped)
             table = _check_chunk(table, where)
             user = src.users(table["user_id"], events_name)
             src.items(table["item_id"], events_name)
@@ -549,11 +584,18 @@ def open_stream(
             for o in funnel.FUNNEL:
                 positives[o.name] += label_count(table, o, table.num_rows)
     check_positives(events_name, positives, n_events, objectives)
+    if skipped:
+        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
+        print(
+            f"warning: {root / events_name}: event log, skipped {sum(skipped.values())} of "
+            f"{n_events + sum(skipped.values())} rows that cannot train ({reasons})",
+            file=sys.stderr,
+        )
 
     # pass 2: the split's per-user cut-offs (one pass per bucket of users)
     def user_ts():
         for _, _, c in src.read(all_parts, ("user_id", "timestamp")):
-            yield c.offset, c.user, c.ts
+            yield c.offset, c.user, c.ts, c.keep
 
     src.cutoffs = split_cutoffs(user_ts, per_user, budget=budget, **split)
 
@@ -571,7 +613,7 @@ def open_stream(
     cols = ("user_id", "item_id", "timestamp", *funnel.LABEL_COLUMNS)
     for i, c_idx, c in src.read(all_parts, cols):
         train = c.label == TRAIN
-        sizes += np.bincount(c.label, minlength=3)
+        sizes += np.bincount(c.label, minlength=SKIPPED + 1)[:3]
         r = src.owner(i, c_idx)
         for o in objectives:
             sel = train & c.positive(o)
@@ -580,7 +622,7 @@ def open_stream(
         if hist_src is not None:
             sel = train & c.positive(hist_src)
             hist.append((c.user[sel], c.item[sel], c.ts[sel]))
-        keep = sample[c.user]
+        keep = sample[c.user] & (c.label != SKIPPED)
         if keep.any():
             keys = ("user", "item", "ts", "request", *funnel.LABEL_COLUMNS)
             samp.append(Chunk(0, **{k: getattr(c, k)[keep] for k in keys}, label=c.label[keep]))
@@ -627,6 +669,33 @@ def open_stream(
     # arrow's allocator keeps what the passes freed (1.5 GB at 10M users) unless told to return it
     pa.default_memory_pool().release_unused()
     return enc
+
+
+def _cold(table: pa.Table) -> np.ndarray:
+    if LOG_MARKER not in table.column_names:
+        return np.zeros(table.num_rows, bool)
+    return np.asarray(table[LOG_MARKER].fill_null(False).to_numpy(zero_copy_only=False), bool)
+
+
+def _trainable_rows(table: pa.Table, src: StreamSource, where: str, skipped: dict) -> pa.Table:
+    """Event log, first pass: the rows that can train (the in-memory loader's rules, counted
+    into ``skipped`` by reason); later passes mark the same rows SKIPPED by :meth:`_decode`."""
+    no_user = np.asarray(table["user_id"].is_null().to_numpy(zero_copy_only=False), bool)
+    cold = _cold(table) & ~no_user
+    _, user_ok = src.users.known(table["user_id"])
+    _, item_ok = src.items.known(table["item_id"])
+    unknown_user = ~user_ok & ~no_user & ~cold
+    unknown_item = ~item_ok & user_ok & ~cold
+    for why, mask in (
+        ("cold-start (unknown user)", cold),
+        ("history-only (no user id)", no_user),
+        ("user not in users.parquet", unknown_user),
+        ("item not in items.parquet", unknown_item),
+    ):
+        if mask.any():
+            skipped[why] = skipped.get(why, 0) + int(mask.sum())
+    keep = ~(cold | no_user | unknown_user | unknown_item)
+    return table if keep.all() else table.filter(pa.array(keep))
 
 
 def _check_chunk(table: pa.Table, where: str) -> pa.Table:

@@ -177,6 +177,44 @@ def test_event_log_rows_that_cannot_train_are_skipped_and_counted(make_dataset, 
     assert err.startswith("warning: ") and "event log, skipped 4 of 9 rows" in err
 
 
+def test_streamed_event_log_skips_the_same_rows_as_the_in_memory_loader(make_dataset, capsys):
+    """Out of core, rows that cannot train keep their row number but are labelled skipped: the
+    split, the counts and the training positives equal the in-memory loader's."""
+    from dataclasses import asdict
+
+    from trainer.config import SplitConfig
+    from trainer.data.stream import SKIPPED, open_stream
+
+    root = make_dataset(events=LOG_EVENTS, parts=2)
+    mem = load_dataset(root)
+    split = split_by_time(mem.events, **asdict(SplitConfig()))
+    spec = FeatureSpec.from_dict({"user": {}, "item": {}})
+    enc = open_stream(root, spec, ("exposure", "click"), asdict(SplitConfig()))
+    err = capsys.readouterr().err
+    assert err.count("event log, skipped 4 of 9 rows") == 2  # both loaders, the same words
+    assert enc.split_sizes() == (len(split.train), len(split.val), len(split.test))
+    labels = enc.stream.labels()
+    assert (labels == SKIPPED).sum() == 4 and labels[5:].tolist().count(SKIPPED) == 4
+    for objective in ("exposure", "click"):
+        ex = enc.stream.examples(objective)
+        got = sorted(
+            (int(u), int(i))
+            for b in ex.batches(np.random.default_rng(0), 4)
+            for u, i in zip(b.part.user, b.part.item, strict=True)
+        )
+        ev = mem.events.take(pa.array(split.train))
+        positive = ev["clicked"].to_pylist() if objective == "click" else [True] * ev.num_rows
+        users, items = enc.user_vocab.ids.index, enc.item_vocab.ids.index
+        want = sorted(
+            (users[str(u)] - 2, items[str(i)] - 2)
+            for u, i, p in zip(
+                ev["user_id"].to_pylist(), ev["item_id"].to_pylist(), positive, strict=True
+            )
+            if p
+        )
+        assert got == want
+
+
 def test_event_log_of_only_untrainable_rows_is_one_error(make_dataset):
     events = {k: v[5:] for k, v in LOG_EVENTS.items()}
     events["converted"][-1] = True  # every label only on rows that cannot train
