@@ -104,14 +104,16 @@ def upstream_scores(e: Tensor, v: Tensor, model: TwoTower, stage: int, cfg: RunC
     same thing throughout. 'logit': the previous stage's logit s_{t-1} / temperature (unbounded Δ).
     """
     with torch.no_grad():
-        masks = model.objective_masks() / cfg.loss.temperature  # (T, D), the scale folded in
-        if cfg.loss.aml_upstream == "logit":
-            return (e * masks[stage - 1]) @ v.T  # (B, C)
-        up = None
-        for t in range(stage):  # in place: one (B, C) buffer however long the cascade
-            p = torch.mm(e * masks[t], v.T).sigmoid_()  # (B, C)
-            up = p if up is None else up.mul_(p)
-        return up
+        owner = model.output_owner
+        s = up = None
+        for t in range(stage):  # s_t = s_{t-1} + the dims objective t owns: sliced, not masked
+            dims = torch.nonzero(owner == t).squeeze(1)
+            et, vt = e[:, dims] / cfg.loss.temperature, v[:, dims]  # (B, d_t), (C, d_t)
+            s = torch.mm(et, vt.T) if s is None else s.addmm_(et, vt.T)  # (B, C)
+            if cfg.loss.aml_upstream == "prob":
+                p = torch.sigmoid(s)
+                up = p if up is None else up.mul_(p)  # one (B, C) buffer however long the cascade
+        return s if cfg.loss.aml_upstream == "logit" else up
 
 
 def batch_loss(

@@ -196,6 +196,8 @@ def _train(
     )
     model = new_model(cfg.model, cfg.features, enc.user_vocab, enc.item_vocab).to(device)
     model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
+    # torch's first optimizer imports torch._dynamo (~1 s): pay it here, not in stage 0's steps
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     fingerprint = dataset_fingerprint(dataset_files(data))
     resume = None
     if raw is not None:

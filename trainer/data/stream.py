@@ -285,6 +285,7 @@ class StreamSource:
     shuffle_buffer: int = 262_144
     cache_examples: int = 0  # a stage with at most this many examples per rank is held in memory
     is_log: bool = False  # the service's event log: rows that cannot train are skipped
+    held: dict[str, list[np.ndarray]] = field(default_factory=dict)  # objective → examples
     history_source: str | None = None
     history: History | None = None
     item_counts: dict[str, np.ndarray] = field(default_factory=dict)  # train positives per item
@@ -358,7 +359,8 @@ class StreamSource:
         if counts.sum() == 0:
             raise DataError(f"no {objective} positives in the train split")
         prob = torch.as_tensor(counts / counts.sum(), dtype=torch.float32)
-        return StreamExamples(self, objective, prob, list(self.rank_counts[objective]))
+        cache = self.held.get(objective)
+        return StreamExamples(self, objective, prob, list(self.rank_counts[objective]), cache=cache)
 
 
 class StreamExamples:
@@ -610,7 +612,11 @@ def open_stream(
     sizes = np.zeros(3, np.int64)
     hist: list[tuple[np.ndarray, ...]] = []
     samp: list[Chunk] = []
+    # this rank's train positives of every objective, while they fit train.cache_examples: a
+    # stage that fits is then trained from memory without another pass (StreamExamples.held)
+    held: dict[str, list | None] = {o: [] if cache_examples else None for o in objectives}
     cols = ("user_id", "item_id", "timestamp", *funnel.LABEL_COLUMNS)
+    cols += ("request_id",) if request_ids is not None else ()
     for i, c_idx, c in src.read(all_parts, cols):
         train = c.label == TRAIN
         sizes += np.bincount(c.label, minlength=SKIPPED + 1)[:3]
@@ -619,6 +625,10 @@ def open_stream(
             sel = train & c.positive(o)
             counts[o] += np.bincount(c.item[sel], minlength=src.n_items)
             ranks[o][r] += int(sel.sum())
+            if r == rank and held[o] is not None and sel.any():
+                held[o].append((c.user[sel], c.item[sel], c.ts[sel], c.request[sel], c.row[sel]))
+                if ranks[o][r] > cache_examples:
+                    held[o] = None
         if hist_src is not None:
             sel = train & c.positive(hist_src)
             hist.append((c.user[sel], c.item[sel], c.ts[sel]))
@@ -627,6 +637,11 @@ def open_stream(
             keys = ("user", "item", "ts", "request", *funnel.LABEL_COLUMNS)
             samp.append(Chunk(0, **{k: getattr(c, k)[keep] for k in keys}, label=c.label[keep]))
     src.item_counts, src.rank_counts = counts, ranks
+    src.held = {
+        o: [np.concatenate(a) for a in zip(*parts, strict=True)] if parts else None
+        for o, parts in held.items()
+        if parts is not None and max(ranks[o]) <= cache_examples
+    }
     src.split_sizes = tuple(int(x) for x in sizes)
     history = None
     if spec.user.history is not None:
