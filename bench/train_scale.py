@@ -353,6 +353,7 @@ def _render_scale(s: dict) -> list[str]:
                 f"{r['peak_rss_mb']:,.0f}", state]  # fmt: skip
 
     lines += table(head, (row(r) for r in s["rows"]), "llllrrrrrr")
+    lines += ["", *_scale_targets(s)]
     lines += [
         "",
         "ex/s = examples of a stage's capped epoch ÷ its training seconds (reading and shuffling "
@@ -362,6 +363,51 @@ def _render_scale(s: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _scale_targets(s: dict) -> list[str]:
+    """The targets of the row-wise trainer, checked against this section's rows (mean over
+    rounds): examples/s per stage at the smaller size, the larger size within 1.2x of it, peak
+    RSS within 1.5 GB of the id tables and their optimizer state, and the reference's rate."""
+    rows = [r for r in s["rows"] if r["trainer"].startswith("csmf, row-wise")]
+    names = list(s["datasets"])
+    if not rows or not names:
+        return []
+
+    def mean_rates(data: str, trainer: str) -> list[float]:
+        rs = [
+            r["stage_examples_per_s"]
+            for r in s["rows"]
+            if r["data"] == data and r["trainer"] == trainer
+        ]
+        return [sum(x) / len(x) for x in zip(*rs, strict=True)] if rs else []
+
+    small, large = names[0], names[-1]
+    ours = "csmf, row-wise id tables"
+    a, b = mean_rates(small, ours), mean_rates(large, ours)
+    ref = mean_rates(small, "reference two-tower (sparse)")
+    out = ["**Against the targets** (row-wise id tables; mean over rounds):", ""]
+    goals = (15_000, 12_000, 12_000)
+    for name, x, goal in zip(("exposure", "click", "conversion"), a, goals, strict=False):
+        out.append(f"- `{small}` {name}: {x:,.0f} examples/s (target ≥ {goal:,}: "
+                   f"{'met' if x >= goal else 'not met'})")  # fmt: skip
+    if ref:
+        out.append(f"- `{small}` exposure against the plain sparse two-tower: {a[0] / ref[0]:.2f}× "
+                   f"its {ref[0]:,.0f} examples/s")  # fmt: skip
+    if len(names) > 1 and b:
+        ratios = ", ".join(f"{x / y:.2f}×" for x, y in zip(a, b, strict=True))
+        worst = max(max(x / y, y / x) for x, y in zip(a, b, strict=True))
+        out.append(f"- `{large}` against `{small}`, exposure / click / conversion: the smaller "
+                   f"size is {ratios} as fast (target: within 1.2×; worst {worst:.2f}×)")  # fmt: skip
+    for r in rows:
+        if r["round"] != 0 or not r["id_tables"]:
+            continue
+        t = r["id_tables"]
+        budget = (t["table_bytes"] + t["optimizer_state_bytes"]) / 2**20 + 1536
+        out.append(f"- `{r['data']}` peak RSS {r['peak_rss_mb']:,.0f} MB against the budget "
+                   f"{budget:,.0f} MB (id tables + optimizer state + 1.5 GB): "
+                   f"{'met' if r['peak_rss_mb'] <= budget else 'not met'}")  # fmt: skip
+    return [*out, ""]
 
 
 _HEAD = (
@@ -396,7 +442,13 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=Path("/tmp/csmf-train-scale"))
     ap.add_argument("--name", default="train-scale")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="rebuild the Markdown from JSON")
     args = ap.parse_args()
+    if args.render_only:
+        stem = RESULTS / args.name
+        doc = json.loads(stem.with_name(stem.name + ".json").read_text())
+        _write(stem, doc, args.name)
+        return
     args.data = [d.resolve() for d in args.data]
     before = os.getloadavg()
     sections = {"scale": scale, "throughput": throughput, "rss": rss, "cascade": cascade}
@@ -413,9 +465,12 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.pop("command", None)
     doc[args.section] = result
-    doc = json.loads(json.dumps(doc, default=_nan))
+    _write(stem, json.loads(json.dumps(doc, default=_nan)), args.name)
+
+
+def _write(stem: Path, doc: dict, name: str) -> None:
     md, _ = write_results(
-        stem, f"Training at scale ({args.name})",
+        stem, f"Training at scale ({name})",
         "python bench/train_scale.py {scale|throughput|rss|cascade|demo} ... (each section below "
         "names its own command)",
         render(doc), doc,

@@ -60,7 +60,8 @@ def rows_of(ids: pa.ChunkedArray | pa.Array, vocab: TowerVocab, what: str) -> np
 
 
 def encode_table(table: pa.Table, spec: TowerSpec, vocab: TowerVocab) -> dict[str, Tensor]:
-    """Encode every vocabulary entry's row of ``table``, in vocabulary order: (n_rows, ...)."""
+    """Encode every vocabulary entry's row of ``table``, in vocabulary order: (n_rows, ...) per
+    input but the id, which is the row + OFFSET (added per batch)."""
     rows = rows_of(table[spec.id_column], vocab, spec.id_column)
     order = np.full(vocab.ids.size, -1, np.int64)
     order[rows] = np.arange(len(rows))
@@ -71,6 +72,7 @@ def encode_table(table: pa.Table, spec: TowerSpec, vocab: TowerVocab) -> dict[st
     cols = _columns(table.take(pa.array(order)), spec)
     enc = encode_rows(spec, vocab, cols)
     enc.pop("history", None)  # filled per batch
+    enc.pop("id")  # row r's id input is r + OFFSET: added per batch, not held (80 MB at 10M users)
     return {k: torch.as_tensor(v) for k, v in enc.items()}
 
 
@@ -196,7 +198,7 @@ class Encoded:
         """Inputs of users ``user`` (B,); history up to ``hist_end`` (default: all train events),
         without the items ``drop`` (B,) if given."""
         idx = torch.as_tensor(user, device=self.device)
-        batch = {k: v[idx] for k, v in self.users.items()}
+        batch = {"id": idx + OFFSET, **{k: v[idx] for k, v in self.users.items()}}
         if self.history is not None:
             end = self.history.all_of(user) if hist_end is None else hist_end
             batch["history"] = self.history.gather(user, end, drop).to(self.device)
@@ -204,7 +206,7 @@ class Encoded:
 
     def item_batch(self, item: np.ndarray | Tensor) -> dict[str, Tensor]:
         idx = torch.as_tensor(item, device=self.device)
-        return {k: v[idx] for k, v in self.items.items()}
+        return {"id": idx + OFFSET, **{k: v[idx] for k, v in self.items.items()}}
 
 
 def encode_dataset(

@@ -186,6 +186,10 @@ def _train(
     streamed = use_stream(cfg, data)
     t_prepare = time.perf_counter()
     enc = prepare(cfg, data, stream=streamed, dist=dist).to(device)
+    if streamed:  # again: arrow frees other threads' blocks lazily
+        from trainer.data.stream import return_freed_memory
+
+        return_freed_memory()
     prepare_seconds = time.perf_counter() - t_prepare
     n_train, n_val, n_test = enc.split_sizes()
     log(

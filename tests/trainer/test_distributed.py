@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from csmf.checkpoint import load_checkpoint
+from tests.trainer.test_stream import _as_parts
 from trainer.config import load_config
 from trainer.distributed import SINGLE, Dist, model_digest
 from trainer.pipeline import eval_run, train_run
@@ -51,16 +53,22 @@ def _descendants(pid: int) -> list[int]:
 SETS = ["train.threads=1", "train.epochs=[2,30,1]"]  # stage 1 long enough to be killed in
 
 
-@pytest.fixture(scope="module")
-def two_procs(tmp_path_factory, tiny_config_path, tiny_data):
+@pytest.fixture(scope="module", params=["memory", "stream"])
+def two_procs(request, tmp_path_factory, tiny_config_path, tiny_data):
     """`csmf train --nproc 2` (launches torchrun) with the global batch of the 1-process run,
     SIGKILLed (launcher, torchrun and both workers) after stage 0's checkpoint, then
-    `--nproc 2 --resume`."""
-    out = tmp_path_factory.mktemp("ddp") / "run"
+    `--nproc 2 --resume`; a copy of the killed folder is kept for resuming elsewhere. In memory
+    on the tiny dataset, and streamed from it in Parquet files of 70-row groups (each rank reads its
+    own; row-wise id tables reduced sparsely either way)."""
+    mode = request.param
+    root = tmp_path_factory.mktemp(f"ddp-{mode}")
+    data = tiny_data if mode == "memory" else _as_parts(tiny_data, root / "data", 300, 70)
+    out = root / "run"
     cmd = [sys.executable, "-m", "trainer.cli", "train", "--nproc", "2", "--no-progress"]
-    sets = [x for s in [*SETS, "train.batch_size=32"] for x in ("--set", s)]
+    sets = [f'train.data="{mode}"', *SETS, "train.batch_size=32"]
+    sets = [x for s in sets for x in ("--set", s)]
     proc = subprocess.Popen(
-        [*cmd, "--config", str(tiny_config_path), "--data", str(tiny_data), "--out", str(out),
+        [*cmd, "--config", str(tiny_config_path), "--data", str(data), "--out", str(out),
          *sets],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
@@ -76,6 +84,7 @@ def two_procs(tmp_path_factory, tiny_config_path, tiny_data):
         time.sleep(0.01)
     proc.wait(timeout=60)
     assert killed and not (out / "checkpoint.pt").exists(), proc.stderr.read().decode()[-3000:]
+    shutil.copytree(out, root / "killed")
     res = subprocess.run(
         [*cmd, "--resume", str(out)], env=ENV, capture_output=True, text=True, timeout=600
     )
@@ -100,6 +109,27 @@ def test_two_processes_agree_on_every_stage_boundary(two_procs):
     # every layer gave units to the next stage and validation ran (on rank 0)
     assert all(int(g.owner.max()) >= 1 for g in model.unit_groups())
     assert all(np.isfinite(v) for s in stages for v in s["val_recall"].values())
+
+
+def test_a_two_process_run_resumes_in_one_process(two_procs, tmp_path):
+    """Id tables are replicated, not sharded: the checkpoint of a killed 2-process run resumes
+    on another world size, and the stages frozen before the kill stay bit-identical."""
+    run = tmp_path / "run"
+    shutil.copytree(two_procs.parent / "killed", run)
+    res = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", "train", "--resume", str(run), "--no-progress"],
+        env=ENV, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "started with 2 process(es), resumed with 1" in res.stdout + res.stderr
+    one, two = load_checkpoint(run), load_checkpoint(two_procs)
+    resumed = one.metrics["resumed_from"]["stage"]
+    for t in range(resumed):  # frozen before the kill: the same bits after either resume
+        assert one.metrics["stages"][t]["digests"] == two.metrics["stages"][t]["digests"]
+    if resumed:
+        frozen = resumed - 1
+        assert model_digest(one.build_model(), frozen) == model_digest(two.build_model(), frozen)
+    assert one.metrics["processes"] == 1 and len(one.metrics["stages"]) == 3
 
 
 def test_two_processes_match_one_process_quality(two_procs, tmp_path, tiny_config_path, tiny_data):
@@ -152,3 +182,55 @@ def test_rank_mismatch_is_a_hard_error(tmp_path, tiny_config_path, tiny_data):
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert text.startswith("after the perturbation: ranks disagree"), text
         assert "rank 0: " in text and "rank 1: " in text
+
+
+def test_sparse_reduction_equals_a_dense_all_reduce_with_traffic_of_touched_rows(tmp_path):
+    """Two real gloo ranks touch different, overlapping rows of a 100k-row table: the all-gather
+    of touched rows gives every rank the dense all-reduce's mean gradient (and the same bits on
+    both ranks), and each rank sends bytes for its own rows, not for the table."""
+    script = tmp_path / "reduce.py"
+    script.write_text(
+        textwrap.dedent(f"""
+        import torch
+        import torch.distributed as td
+        from trainer.distributed import init_from_env, shutdown
+
+        dist = init_from_env(torch.device("cpu"))
+        g = torch.Generator().manual_seed(dist.rank)
+        table = torch.nn.Parameter(torch.zeros(100_000, 8))
+        dense = torch.nn.Parameter(torch.zeros(5, 3))
+        rows = torch.randint(0, 100_000, (300,), generator=g)
+        rows[:50] = torch.arange(50)  # rows both ranks touch
+        emb = torch.nn.functional.embedding(rows, table, sparse=True)
+        loss = (emb * torch.randn(300, 8, generator=g)).sum() + (dense * (dist.rank + 1)).sum()
+        loss.backward()
+        want = table.grad.to_dense()
+        td.all_reduce(want)
+        want /= dist.world
+        dist.average_gradients([table, dense], [True, False])
+        got = table.grad.to_dense()
+        both = [torch.zeros_like(got) for _ in range(2)]
+        td.all_gather(both, got)
+        torch.save(
+            {{"close": torch.allclose(got, want, atol=1e-7), "max": float((got - want).abs().max()),
+              "same_on_ranks": torch.equal(both[0], both[1]), "sparse": table.grad.is_sparse,
+              "dense": dense.grad.tolist(), "traffic": dict(dist.traffic),
+              "table_bytes": table.numel() * 4}},
+            f"{str(tmp_path)}/rank{{dist.rank}}.pt",
+        )
+        shutdown(dist)
+        """)
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert r["close"] and r["same_on_ranks"] and r["sparse"], r["max"]
+        assert r["dense"] == [[1.5] * 3] * 5  # dense parameters: the mean of 1 and 2
+        # at most 300 rows × (8 values + 1 index) per rank, padded to the larger rank
+        assert 0 < r["traffic"]["tables"] <= 300 * (8 * 4 + 8)
+        assert r["traffic"]["tables"] < r["table_bytes"] / 100

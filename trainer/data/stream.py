@@ -136,7 +136,8 @@ class IdLookup:
             keys = pc.cast(values, pa.int64())
             if pc.all(pc.equal(pc.cast(keys, pa.string()), values)).as_py() is not False:
                 keys = np.asarray(keys.to_numpy(zero_copy_only=False), np.int64)
-                self.order = np.argsort(keys, kind="stable")
+                order = np.argsort(keys, kind="stable")
+                self.order = order.astype(np.int32) if len(order) < 2**31 else order
                 self.keys = keys[self.order]
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             pass
@@ -148,7 +149,7 @@ class IdLookup:
             raw = np.asarray(ids.fill_null(0).to_numpy(zero_copy_only=False), dtype=np.int64)
             pos = np.minimum(np.searchsorted(self.keys, raw), len(self.keys) - 1)
             ok = (self.keys[pos] == raw) & valid
-            return np.where(ok, self.order[pos], 0), ok
+            return np.where(ok, self.order[pos], 0).astype(np.int64), ok
         rows = self.vocab.encode_arrow(ids) - 2
         ok = (rows >= 0) & valid
         return np.where(ok, rows, 0), ok
@@ -158,7 +159,7 @@ class IdLookup:
             raw = np.asarray(ids.to_numpy(zero_copy_only=False), dtype=np.int64)
             pos = np.minimum(np.searchsorted(self.keys, raw), len(self.keys) - 1)
             ok = self.keys[pos] == raw
-            rows = self.order[pos]
+            rows = self.order[pos].astype(np.int64)
         else:
             rows = self.vocab.encode_arrow(ids) - 2  # -1: unknown
             ok = rows >= 0
@@ -204,7 +205,12 @@ def split_cutoffs(
     """The per-user split as cut-off keys, in ``ceil(events / budget)`` passes over ``chunks()``."""
     n_val, n_test = split_counts(per_user, val_frac, test_frac, min_events)
     n_users = len(per_user)
-    cut = Cutoffs(*(np.full(n_users, _INF, np.int64) for _ in range(4)))
+    # row numbers fit int32 below 2^31 events: half the memory of two per-user arrays
+    n_rows = int(per_user.sum())
+    row_type = np.int32 if n_rows < np.iinfo(np.int32).max else np.int64
+    ts_cut = [np.full(n_users, _INF, np.int64) for _ in range(2)]
+    row_cut = [np.full(n_users, np.iinfo(row_type).max, row_type) for _ in range(2)]
+    cut = Cutoffs(ts_cut[0], row_cut[0], ts_cut[1], row_cut[1])
     buckets = max(1, math.ceil(int(per_user.sum()) / max(budget, 1)))
     for b in range(buckets):
         us, tss, rows = [], [], []
@@ -681,9 +687,23 @@ def open_stream(
         candidates=candidates,
         stream=src,
     )
-    # arrow's allocator keeps what the passes freed (1.5 GB at 10M users) unless told to return it
-    pa.default_memory_pool().release_unused()
+    return_freed_memory()
     return enc
+
+
+def return_freed_memory() -> None:
+    """Hand back to the OS what the passes freed: arrow's allocator (mimalloc, per-thread heaps)
+    keeps it until asked, glibc's malloc until trimmed — 1.5-2 GB of RSS at 10M users that the
+    training steps would otherwise carry on top of the model."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    pa.default_memory_pool().release_unused()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _cold(table: pa.Table) -> np.ndarray:
