@@ -99,7 +99,8 @@ def throughput(args: argparse.Namespace) -> dict:
             "positives": [s["positives"] for s in stages],
             "peak_rss_mb": m["peak_rss_mb"], "prepare_seconds": m.get("prepare_seconds"),
             "cascade_seconds": m["seconds"], "process_wall_seconds": m["process_wall_seconds"],
-            "data": m.get("data"),
+            "data": m.get("data"), "traffic_bytes_per_step": m.get("traffic_bytes_per_step"),
+            "id_tables": m.get("id_tables"),
         })  # fmt: skip
         print(json.dumps(rows[-1]), flush=True)
     base = rows[0]  # 1 process with every core
@@ -239,7 +240,7 @@ def render(doc: dict) -> list[str]:
         lines += [
             "## Throughput: 1 process × 2 threads vs 2 processes × 1 thread (gloo)", "",
             f"`{s['command']}`", "",
-            f"Dataset {s['dataset']}; streamed; every epoch capped at {s['max_steps']} steps of "
+            f"Dataset {_counts(s['dataset'])}; streamed; every epoch capped at {s['max_steps']} steps of "
             f"the global batch {s['batch_size']}; {_machine(s)}.", "",
         ]  # fmt: skip
         lines += table(
@@ -258,10 +259,14 @@ def render(doc: dict) -> list[str]:
         lines += [
             "",
             "Efficiency = examples/s ÷ the 1-process row's (same cores). `cascade s` = every "
-            "stage with its capped epoch, CPP, validation and checkpoints (no AR in this "
-            "section); `prepare s` = the streaming passes (counts, split cut-offs, statistics).",
+            "stage with its capped epoch, CPP, AR, validation and checkpoints; `prepare s` = the "
+            "streaming passes (counts, split cut-offs, statistics). Each rank's in-batch "
+            "negatives are its own rows (batch_size / P per rank), so P processes compute P× "
+            "fewer softmax logits per example than one process with the whole batch: part of "
+            "an efficiency above 1 is that, not parallelism.",
             "",
         ]
+        lines += _traffic(s["rows"])
     s = doc.get("scale")
     if s:
         lines += _render_scale(s)
@@ -338,7 +343,7 @@ def _render_scale(s: dict) -> list[str]:
         f"tables); `load` = the 1-minute load average when the run started; {_machine(s)}.", "",
     ]  # fmt: skip
     for name, counts in s["datasets"].items():
-        lines.append(f"- `{name}`: {', '.join(f'{v:,} {k}' for k, v in counts.items())}")
+        lines.append(f"- `{name}`: {_counts(counts)}")
     lines.append("")
     head = ["round", "data", "trainer", "load", "ex/s exposure", "ex/s click", "ex/s conversion",
             "waiting for data", "peak RSS MB", "tables + optimizer state MB"]  # fmt: skip
@@ -363,6 +368,28 @@ def _render_scale(s: dict) -> list[str]:
         "",
     ]
     return lines
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{v:,} {k}" for k, v in counts.items()) if counts else "(no dataset.json)"
+
+
+def _traffic(rows: list[dict]) -> list[str]:
+    """Bytes each rank sent per step in gradient collectives, against what a dense all-reduce of
+    the id tables would send."""
+    out = []
+    for r in rows:
+        t, ids = r.get("traffic_bytes_per_step"), r.get("id_tables")
+        if not t or not ids:
+            continue
+        out.append(
+            f"Communicated per step and rank ({r['name']}): id tables {t['tables'] / 1e3:,.0f} kB "
+            f"(the touched rows' indices and values, all-gathered), dense layers "
+            f"{t['dense'] / 1e3:,.0f} kB (one flat all-reduce); a dense all-reduce of the id "
+            f"tables would send {ids['table_bytes'] / 1e6:,.1f} MB "
+            f"({ids['table_bytes'] / max(t['tables'], 1):,.0f}× more)."
+        )
+    return [*out, ""] if out else []
 
 
 def _scale_targets(s: dict) -> list[str]:
