@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from csmf.errors import ConfigError, OwnershipError
+from csmf.errors import ConfigError, FeatureError, OwnershipError
 from csmf.features import TowerSpec
 
 ACTIVATIONS = {"relu": F.relu, "silu": F.silu}  # both satisfy act(0) = 0
@@ -79,6 +79,13 @@ class OwnedEmbedding(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """(B,) → (B, D); (B, L) → (B, D) as the mean over non-padding (idx > 0) slots."""
+        if idx.numel():  # torch's own message ("index out of range in self") names no table
+            lo, hi, rows = int(idx.min()), int(idx.max()), self.weight.shape[0]
+            if lo < 0 or hi >= rows:
+                raise FeatureError(
+                    f"embedding row {hi if hi >= rows else lo} is outside the table of {rows:,} "
+                    "rows (an id encoded with another vocabulary?)"
+                )
         if idx.dim() == 1:
             return F.embedding(idx, self.weight, sparse=self.sparse_grad)
         # One fused kernel instead of gathering (B, L, D): 2-5x faster at L = 100-500 on CPU.

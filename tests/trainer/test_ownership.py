@@ -145,3 +145,17 @@ def test_resuming_with_an_optimizer_state_of_another_layout_is_a_clear_error():
     sparse = mark_only_stage_trainable(_pruned_model(row_sparse=True), 1)
     with pytest.raises(OwnershipError, match="optimizer state of another layout"):
         sparse.optimizer(0.1).load_state_dict(dense.optimizer(0.1).state_dict())
+
+
+def test_a_row_outside_an_id_table_is_a_clear_error():
+    from csmf.errors import FeatureError
+
+    model = _pruned_model(row_sparse=True)
+    user, item = _batches()
+    rows = model.user.table("id").weight.shape[0]
+    with pytest.raises(
+        FeatureError, match=f"embedding row {rows + 3} is outside the table of {rows}"
+    ):
+        model({**user, "id": torch.tensor([2, rows + 3, 4, 5])}, item)
+    with pytest.raises(FeatureError, match="embedding row -1 is outside"):
+        model({**user, "id": torch.tensor([2, -1, 4, 5])}, item)
