@@ -1,5 +1,6 @@
 """User-encoder latency: numpy UserEncoder (serving) vs the torch user tower, ML-100K-shaped model
-(configs/ml-100k.toml: 4 categorical user features, 50-item history, MLP 256-128-64).
+(configs/ml-100k.toml's features and model as shipped: 4 categorical user features, a 50-item
+history, linear towers to 64 dims).
 
     .venv/bin/python bench/user_encoder.py
 
@@ -53,7 +54,10 @@ def main() -> None:
         "year_bucket": ["1990"] * n_items,
     }
     uv, iv = fit_tower_vocab(spec.user, users), fit_tower_vocab(spec.item, items)
-    model = new_model(ModelConfig(), spec, uv, iv).eval()
+    model_cfg = {
+        k: v for k, v in cfg.get("model", {}).items() if k in ("out_dim", "hidden", "activation")
+    }
+    model = new_model(ModelConfig(**model_cfg), spec, uv, iv).eval()
     perm, _ = output_permutation(model.output_owner.numpy(), 3)
     enc = user_encoder_from_model(model.user, spec.user, uv, iv.ids, perm)
 

@@ -36,7 +36,13 @@ class ModelConfig:
     """Architecture of both towers; stored in every checkpoint and bundle."""
 
     out_dim: int = field(default=64, metadata={"help": "output dims m shared by all objectives"})
-    hidden: tuple[int, ...] = field(default=(256, 128), metadata={"help": "hidden layer widths"})
+    hidden: tuple[int, ...] = field(
+        default=(),
+        metadata={
+            "help": "hidden layer widths; () = linear towers, what configs/ml-100k.toml ships "
+            "(chosen on validation); the synthetic configs use (256, 128)"
+        },
+    )
     activation: str = field(default="relu", metadata={"help": "relu or silu (act(0) must be 0)"})
     num_objectives: int = field(default=3, metadata={"help": "length of the cascade"})
     init_std: float = field(default=0.05, metadata={"help": "std of embedding initialisation"})
