@@ -150,6 +150,16 @@ def test_two_processes_match_one_process_quality(two_procs, tmp_path, tiny_confi
         assert b > pop + 0.2, (target, b, pop)  # the 2-process model learned something real
 
 
+def _torchrun(script: Path) -> None:
+    """Run ``script`` in 2 torchrun processes (gloo); it must exit 0."""
+    res = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         str(script)],
+        env=ENV, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
 def test_rank_mismatch_is_a_hard_error(tmp_path, tiny_config_path, tiny_data):
     """Rank 1 perturbs one frozen entry: the checksum all-gather fails on every rank."""
     script = tmp_path / "mismatch.py"
@@ -177,12 +187,7 @@ def test_rank_mismatch_is_a_hard_error(tmp_path, tiny_config_path, tiny_data):
         shutdown(dist)
         """)
     )
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script)],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun(script)
     for rank in (0, 1):  # every rank raised, naming both ranks' digests
         text = (tmp_path / f"rank{rank}.txt").read_text()
         assert text.startswith("after the perturbation: ranks disagree"), text
@@ -226,12 +231,7 @@ def test_sparse_reduction_equals_a_dense_all_reduce_with_traffic_of_touched_rows
         shutdown(dist)
         """)
     )
-    res = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-         str(script)],
-        env=ENV, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert res.returncode == 0, res.stderr[-3000:]
+    _torchrun(script)
     for rank in (0, 1):
         r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert r["close"] and r["same_on_ranks"] and r["sparse"], r["max"]

@@ -133,14 +133,19 @@ def load_dataset(
             candidates = _check_candidates(candidates, events, events_name, items)
     except DataError as exc:
         raise DataError(_located(root, str(exc), rows)) from None
+    warn_skipped(root / events_name, skipped, rows[events_name])
+    return Dataset(root, events, users, items, candidates, _read_meta(root), skipped)
+
+
+def warn_skipped(where: Path, skipped: dict[str, int], total: int) -> None:
+    """The one ``warning:`` line for the event-log rows that cannot train (both loaders)."""
     if skipped:
         reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
         print(
-            f"warning: {root / events_name}: event log, skipped {sum(skipped.values())} of "
-            f"{rows[events_name]} rows that cannot train ({reasons})",
+            f"warning: {where}: event log, skipped {sum(skipped.values())} of {total} rows that "
+            f"cannot train ({reasons})",
             file=sys.stderr,
         )
-    return Dataset(root, events, users, items, candidates, _read_meta(root), skipped)
 
 
 def _drop_cold_rows(events: pa.Table, name: str, skipped: dict[str, int]) -> pa.Table:

@@ -58,6 +58,7 @@ from trainer.data.dataset import (
     LOG_MARKER,
     check_positives,
     label_count,
+    warn_skipped,
     Dataset,
     Split,
     _cast_integer,
@@ -592,13 +593,7 @@ def open_stream(
             for o in funnel.FUNNEL:
                 positives[o.name] += label_count(table, o, table.num_rows)
     check_positives(events_name, positives, n_events, objectives)
-    if skipped:
-        reasons = ", ".join(f"{n} {why}" for why, n in skipped.items())
-        print(
-            f"warning: {root / events_name}: event log, skipped {sum(skipped.values())} of "
-            f"{n_events + sum(skipped.values())} rows that cannot train ({reasons})",
-            file=sys.stderr,
-        )
+    warn_skipped(root / events_name, skipped, n_events + sum(skipped.values()))
 
     # pass 2: the split's per-user cut-offs (one pass per bucket of users)
     def user_ts():
