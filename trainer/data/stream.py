@@ -29,7 +29,6 @@ rank reads each group and keeps every world-th chunk); every rank runs the same 
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,24 @@ import csmf.objectives as funnel
 from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerVocab
 from csmf.split import TEST, TRAIN, VALIDATION, split_counts
+from trainer.data.dataset import (
+    LOG_MARKER,
+    Dataset,
+    Split,
+    _cast_integer,
+    _check_entities,
+    _check_events,
+    _check_features,
+    _fmt,
+    _no_nulls,
+    _normalise_id,
+    _one_line,
+    _read_meta,
+    _read_parquet,
+    check_positives,
+    label_count,
+    warn_skipped,
+)
 from trainer.encoding import (
     Candidates,
     Encoded,
@@ -53,25 +70,6 @@ from trainer.encoding import (
     StepBatch,
     encode_table,
     fit_vocabs,
-)
-from trainer.data.dataset import (
-    LOG_MARKER,
-    check_positives,
-    label_count,
-    warn_skipped,
-    Dataset,
-    Split,
-    _cast_integer,
-    _check_entities,
-    _check_events,
-    _check_features,
-    _count_true,
-    _fmt,
-    _no_nulls,
-    _normalise_id,
-    _one_line,
-    _read_meta,
-    _read_parquet,
 )
 
 CHUNK_ROWS = 65_536  # rows decoded at a time
@@ -230,9 +228,9 @@ def split_cutoffs(
         u, t, r = u[order], t[order], r[order]
         users = np.flatnonzero((per_user > 0) & (np.arange(n_users) % buckets == b))
         start = np.searchsorted(u, users)
-        for first_label, n_after, ts_out, row_out in (
-            ("val", n_val + n_test, cut.val_ts, cut.val_row),
-            ("test", n_test, cut.test_ts, cut.test_row),
+        for n_after, ts_out, row_out in (
+            (n_val + n_test, cut.val_ts, cut.val_row),  # the first validation event
+            (n_test, cut.test_ts, cut.test_row),  # the first test event
         ):
             has = n_after[users] > 0
             pos = start[has] + per_user[users[has]] - n_after[users[has]]
@@ -488,7 +486,11 @@ class StreamExamples:
         emit = self._emit
         buf: list[np.ndarray] | None = None
         for arrays in self._own_examples(order):
-            buf = list(arrays) if buf is None else [np.concatenate(x) for x in zip(buf, arrays)]
+            buf = (
+                list(arrays)
+                if buf is None
+                else [np.concatenate(x) for x in zip(buf, arrays, strict=True)]
+            )
             if len(buf[0]) >= cap + CHUNK_ROWS // 2:
                 perm = buf_rng.permutation(len(buf[0]))
                 buf = [a[perm] for a in buf]
@@ -646,9 +648,7 @@ def open_stream(
     src.split_sizes = tuple(int(x) for x in sizes)
     history = None
     if spec.user.history is not None:
-        h = [np.concatenate(x) if hist else np.zeros(0, np.int64) for x in zip(*hist)] or [
-            np.zeros(0, np.int64)
-        ] * 3
+        h = [np.concatenate(x) for x in zip(*hist, strict=True)] or [np.zeros(0, np.int64)] * 3
         hist.clear()
         none = np.zeros(len(h[0]), bool)
         labels = dict.fromkeys(funnel.LABEL_COLUMNS, none)
@@ -690,15 +690,14 @@ def return_freed_memory() -> None:
     """Hand back to the OS what the passes freed: arrow's allocator (mimalloc, per-thread heaps)
     keeps it until asked, glibc's malloc until trimmed — 1.5-2 GB of RSS at 10M users that the
     training steps would otherwise carry on top of the model."""
+    import contextlib
     import ctypes
     import gc
 
     gc.collect()
     pa.default_memory_pool().release_unused()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _cold(table: pa.Table) -> np.ndarray:
