@@ -10,11 +10,8 @@ a deleted scenario or a replaced bundle never leaves a stale series behind.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import os
-import struct
 import time
-from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -81,92 +78,21 @@ def scenario_label(name: str | None, mode: str) -> str:
     return name
 
 
-# -- hot-path writers -------------------------------------------------------------------------------
-# A request records ~10 values (4 histograms, 3 counters). Through prometheus_client's API each
-# one costs several Python layers and, with several workers, a getpid() system call (its fork
-# check) before the mmap write: ~30 % of a 100k-item request's own overhead, measured. The writers
-# below update the very same value objects (same lock, same in-memory value, same mmap slot,
-# same bytes) without those layers; anything they do not recognise uses the public API.
-
-_PACK = struct.Struct(b"dd").pack
-_forked = False  # after a fork the child's values must be re-opened: back to the public API
+# -- hot path ---------------------------------------------------------------------------------------
+# A request records 7 values (4 histograms, 3 counters) through prometheus_client's public API on
+# pre-bound label children. Writing its value objects directly saved 6.7 µs of a request's ~690 µs
+# of CPU with several workers, 3 µs in one process (bench/results/metric-writes.md): not worth
+# depending on the library's private internals.
 
 
-def _after_fork() -> None:
-    global _forked
-    _forked = True
+def HotCounter(child: Counter) -> Counter:  # a name service/state.py still imports
+    """A pre-bound counter child, used as is (``child.inc``)."""
+    return child
 
 
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def _direct_add(value) -> Callable[[float], None] | None:
-    """``value.inc`` (a prometheus_client value object) without its layers, or None."""
-    try:
-        if getattr(value, "_multiprocess", None) is False:  # MutexValue: a float and its lock
-            lock = value._lock
-
-            def add(amount: float) -> None:
-                with lock:
-                    value._value += amount
-
-            return add
-        lock = inspect.getclosurevars(type(value).inc).nonlocals["lock"]
-        file, key = value._file, value._key
-        pos = file._positions[key]  # a slot never moves; the mmap object may (growth): read it
-        if value._timestamp != 0.0:
-            return None
-
-        def add_mmap(amount: float) -> None:
-            with lock:
-                v = value._value + amount
-                value._value = v
-                file._m[pos : pos + 16] = _PACK(v, 0.0)  # what MmapedDict.write_value writes
-
-        return add_mmap
-    except (AttributeError, KeyError, TypeError):
-        return None
-
-
-class HotCounter:
-    """``inc`` of one pre-bound counter child, as ``child.inc`` records it."""
-
-    __slots__ = ("_add", "_child")
-
-    def __init__(self, child: Counter) -> None:
-        self._child = child
-        self._add = _direct_add(getattr(child, "_value", None))
-
-    def inc(self, amount: float = 1.0) -> None:
-        if self._add is None or _forked:
-            self._child.inc(amount)
-        else:
-            self._add(amount)
-
-
-class HotHistogram:
-    """``observe`` of one pre-bound histogram child, as ``child.observe`` records it: the sum,
-    then the first bucket whose upper bound is >= the value (found by bisection)."""
-
-    __slots__ = ("_child", "_bounds", "_sum", "_buckets")
-
-    def __init__(self, child: Histogram) -> None:
-        self._child = child
-        try:
-            self._bounds = list(child._upper_bounds)
-            self._sum = _direct_add(child._sum)
-            self._buckets = [_direct_add(b) for b in child._buckets]
-        except AttributeError:
-            self._sum, self._buckets = None, []
-        if self._sum is None or None in self._buckets or self._bounds[-1] != float("inf"):
-            self._sum = None
-
-    def observe(self, amount: float) -> None:
-        if self._sum is None or _forked:
-            self._child.observe(amount)
-            return
-        self._sum(amount)
-        self._buckets[bisect_left(self._bounds, amount)](1.0)
+def HotHistogram(child: Histogram) -> Histogram:  # a name service/state.py still imports
+    """A pre-bound histogram child, used as is (``child.observe``)."""
+    return child
 
 
 class ServiceMetrics:
@@ -255,14 +181,14 @@ class ServiceMetrics:
         self.impressions_total.labels(default, NO_ARM)
         for event in FEEDBACK_EVENTS:
             self.feedback_total.labels(default, NO_ARM, event)
-        self.stage = {s: HotHistogram(self.stage_seconds.labels(s)) for s in STAGES}
-        self._route_status: dict[tuple[str, int], HotHistogram] = {}
+        self.stage = {s: self.stage_seconds.labels(s) for s in STAGES}
+        self._route_status: dict[tuple[str, int], Histogram] = {}
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         child = self._route_status.get((route, status))
         if child is None:
-            child = self._route_status[(route, status)] = HotHistogram(
-                self.request_seconds.labels(route, str(status))
+            child = self._route_status[(route, status)] = self.request_seconds.labels(
+                route, str(status)
             )
         child.observe(seconds)
 

@@ -1,8 +1,7 @@
 """The retrieve hot path's shortcuts do what the slow paths they replace do: the orjson
-request parser returns pydantic's values or raises pydantic's error, the direct metric writers
-record what prometheus_client's API records (one process and multiprocess files), request ids
-carry a standard HMAC-SHA256, the response bytes are a valid RetrieveResponse, and excluding seen
-items after the search returns what a search-time selector returns."""
+request parser returns pydantic's values or raises pydantic's error, request ids carry a standard
+HMAC-SHA256, the response bytes are a valid RetrieveResponse, and excluding seen items after the
+search returns what a search-time selector returns."""
 
 from __future__ import annotations
 
@@ -123,53 +122,6 @@ _body = st.dictionaries(
 @given(_body)
 def test_fast_parser_agrees_with_pydantic_on_random_bodies(body):
     _same(json.dumps(body).encode())
-
-
-# -- metrics ---------------------------------------------------------------------------------------
-
-
-def _exposition(multiprocess_dir=None, hot: bool = True) -> str:
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-
-    from service.metrics import LATENCY_BUCKETS, HotCounter, HotHistogram
-
-    r = CollectorRegistry()
-    h = Histogram("h_seconds", "h", ["route"], buckets=LATENCY_BUCKETS, registry=r).labels("a")
-    c = Counter("c_total", "c", ["x"], registry=r).labels("y")
-    if hot:
-        h, c = HotHistogram(h), HotCounter(c)
-    for v in (0.0, 0.0005, 0.0007, 0.004, 0.0041, 0.01, 0.5, 9.9, 10.0, 11.0, 1e9):
-        h.observe(v)
-        c.inc(v)
-    c.inc()
-    if multiprocess_dir is None:  # without the *_created lines: creation times differ
-        return "\n".join(x for x in generate_latest(r).decode().splitlines() if "_created" not in x)
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    agg = CollectorRegistry()
-    MultiProcessCollector(agg, path=multiprocess_dir)
-    return generate_latest(agg).decode()
-
-
-def test_hot_metric_writers_record_what_the_api_records():
-    text = _exposition()
-    assert text == _exposition(hot=False)
-    assert 'h_seconds_bucket{le="0.0005",route="a"} 2.0' in text
-    assert 'h_seconds_bucket{le="+Inf",route="a"} 11.0' in text
-
-
-def test_hot_metric_writers_write_the_multiprocess_files(tmp_path, monkeypatch):
-    from prometheus_client import values
-
-    got = {}
-    for hot in (True, False):
-        d = tmp_path / str(hot)
-        d.mkdir()
-        monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(d))
-        monkeypatch.setattr(values, "ValueClass", values.MultiProcessValue())
-        got[hot] = _exposition(str(d), hot=hot)
-    assert got[True] == got[False]
-    assert 'h_seconds_bucket{le="+Inf",route="a"} 11.0' in got[True]
 
 
 # -- request ids -----------------------------------------------------------------------------------
