@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
-from fixtures.services import AUTH, REDIS_URL, wait_until
+from fixtures.services import AUTH, REDIS_URL
+from fixtures.waiting import PATIENCE, wait_until
 
 pytestmark = pytest.mark.slow
 PROMO = {"exposure": 0.2, "click": 1.0, "conversion": 4.0}
@@ -18,7 +18,9 @@ def _weights_seen(svc, scenario: str):
     return r.json()["weights"] if r.status_code == 200 else None
 
 
-def test_two_replicas_sharing_redis_see_a_change_within_a_second(serve, bundles, redis_prefix):
+def test_two_replicas_sharing_redis_see_every_change(serve, bundles, redis_prefix):
+    """A change through one replica's admin API is served by the other (Redis pub/sub wakes its
+    sync at once; how long it takes under load is in bench/results/reliability.md)."""
     env = {
         "CSMF_REDIS_URL": REDIS_URL,
         "CSMF_REDIS_PREFIX": redis_prefix,
@@ -29,16 +31,14 @@ def test_two_replicas_sharing_redis_see_a_change_within_a_second(serve, bundles,
     last = 0
     for i in range(3):
         weights = {**PROMO, "exposure": float(i)}
-        t0 = time.monotonic()
         r = a.client.put("/admin/scenarios/promo", json={"weights": weights}, headers=AUTH)
         assert r.status_code == 200 and r.json()["version"] > last, r.text
         last = r.json()["version"]
         wait_until(
             lambda w=weights: _weights_seen(b, "promo") == w,
-            1.0,
-            "replica b to use the new weights",
+            PATIENCE,
+            f"replica b to use the weights of version {last}",
         )
-        assert time.monotonic() - t0 < 1.0
     ready = b.client.get("/readyz").json()
     assert ready["status"] == "ok" and ready["weight_store"]["backend"] == "redis"
 
@@ -56,20 +56,21 @@ def test_scenarios_survive_an_empty_redis_restart_racing_a_retried_put(
     for name, weights in kept.items():
         r = a.client.put(f"/admin/scenarios/{name}", json={"weights": weights}, headers=AUTH)
         assert r.status_code == 200, r.text
-    wait_until(lambda: _weights_seen(b, "keepme2") == kept["keepme2"], 1.0, "b to see keepme2")
+    wait_until(lambda: _weights_seen(b, "keepme2") == kept["keepme2"], PATIENCE, "b to see keepme2")
     redis_server.kill()
     redis_server.start()
     new = {"exposure": 1.0, "click": 0.0, "conversion": 0.0}
-    end = time.monotonic() + 5
-    while (r := b.client.put("/admin/scenarios/new", json={"weights": new}, headers=AUTH)) and (
-        r.status_code == 503 and time.monotonic() < end
-    ):
-        time.sleep(0.02)
+
+    def put_new():  # retried while Redis is unavailable (503), as a client would
+        r = b.client.put("/admin/scenarios/new", json={"weights": new}, headers=AUTH)
+        return None if r.status_code == 503 else r
+
+    r = wait_until(put_new, PATIENCE, "a PUT through b that is not a 503")
     assert r.status_code == 200, r.text
     want = {**kept, "new": new}
     for svc in (a, b):
         for name, weights in want.items():
-            wait_until(lambda s=svc, n=name, w=weights: _weights_seen(s, n) == w, 3.0, name)
+            wait_until(lambda s=svc, n=name, w=weights: _weights_seen(s, n) == w, PATIENCE, name)
         names = [
             s["name"] for s in svc.client.get("/admin/scenarios", headers=AUTH).json()["scenarios"]
         ]
@@ -103,11 +104,13 @@ def test_workers_share_metrics_and_reloads(serve, bundles):
     t = threading.Thread(target=traffic)
     t.start()
     try:
+        wait_until(lambda: len(codes) >= 20, PATIENCE, "20 requests before the reload")
         r = fresh.post("/admin/reload", json={"bundle": str(bundles["other"])}, headers=AUTH)
         assert r.status_code == 200, r.text
         after = r.json()["bundle"]["model_version"]
         assert after != before
-        time.sleep(0.5)
+        n_reloaded = len(codes)
+        wait_until(lambda: len(codes) >= n_reloaded + 50, PATIENCE, "50 requests after it")
     finally:
         stop.set()
         t.join()
@@ -120,5 +123,5 @@ def test_workers_share_metrics_and_reloads(serve, bundles):
         }
         return versions == {after}
 
-    wait_until(all_new, 5.0, "every worker to serve the reloaded bundle")
+    wait_until(all_new, PATIENCE, "every worker to serve the reloaded bundle")
     fresh.close()

@@ -12,8 +12,9 @@ What "atomic" means here, and is asserted:
    (each load client keeps one connection; a reconnect starts a new sequence).
 3. Across the server: the two workers switch independently (the one that took the reload at once,
    the other when it sees the announcement), so for a short window both versions are served; that
-   window is measured and bounded (every worker new within 5 s), and the reload's own 200 comes
-   back only after the reloading worker swapped.
+   window is measured and reported (not asserted: a loaded machine stretches it), every worker
+   ends up on the new version, and the reload's own 200 comes back only after the reloading
+   worker swapped.
 
 Corrupt bundles (a flipped byte, a truncated index, an unknown manifest format) are refused with a
 422 naming the problem, no request fails or sees anything but the good version, and
@@ -28,8 +29,9 @@ import time
 
 import httpx
 import pytest
-from fixtures.load import Load, failures, summary, varied_bodies
-from fixtures.services import AUTH, wait_until
+from fixtures.load import Load, failures, metrics_dir, summary, varied_bodies, worker_pids
+from fixtures.services import AUTH
+from fixtures.waiting import PATIENCE, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +76,11 @@ def _corrupt(src, tmp_path) -> dict:
     return out
 
 
+def _control_dir(svc):
+    """Where `csmf serve --workers N` announces reloads to its workers (beside the metrics)."""
+    return metrics_dir(worker_pids(svc.proc.pid)[0]).parent / "control"
+
+
 def _failures_metric(c: httpx.Client) -> float:
     key = 'csmf_bundle_reloads_total{result="failure"}'
     text = c.get("/metrics").text
@@ -103,7 +110,7 @@ def test_bundle_swap_under_load(serve, bundles, tmp_path, report):
             return got == {new}
 
         for _ in range(8):  # fresh connections land on either worker
-            wait_until(all_new, 5.0, "every worker to serve the new bundle")
+            wait_until(all_new, PATIENCE, "every worker to serve the new bundle")
         t_converged = time.monotonic()
         # corrupt bundles: refused, counted, the good one keeps serving
         failed_before = _failures_metric(fresh)
@@ -113,7 +120,11 @@ def test_bundle_swap_under_load(serve, bundles, tmp_path, report):
             assert says in r.json()["detail"] and r.json()["serving"] == new, (what, r.json())
             assert "still serving" in r.json()["detail"]
             refused[what] = r.json()["detail"].replace(str(folder), "<bundle>")
-        time.sleep(0.5)  # followers must not pick anything up either
+        # followers must not pick anything up either: nothing was announced to them, and the
+        # load (checked below) ran on past the refusals
+        announced = json.loads((_control_dir(svc) / "bundle.json").read_text())
+        assert announced["model_version"] == new, announced
+        load.wait_more(60)
         assert _failures_metric(fresh) == failed_before + 3
         t_corrupt_done = time.monotonic()
     finally:

@@ -5,7 +5,9 @@ Asserted: no retrieve fails; both replicas report the outage (/readyz "degraded"
 ``csmf_store_up{store="weights"} 0``, ``csmf_store_errors_total`` counting); a scenario write
 during the outage is a 503 that says so and leaves no trace anywhere (neither replica, nor Redis
 once it is back); after Redis returns, both replicas are in sync again and a scenario changed
-through one replica's admin API is served by the other within 1 s.
+through one replica's admin API is served by the other. How long each step took is measured and
+reported, not asserted: the test waits on conditions, so a loaded machine slows it without
+failing it.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import time
 import pytest
 import redis
 from fixtures.load import Load, failures, summary, varied_bodies
-from fixtures.services import AUTH, wait_until
+from fixtures.services import AUTH
+from fixtures.waiting import PATIENCE, wait_until
 
 pytestmark = pytest.mark.slow
 PROMO = {"exposure": 0.2, "click": 1.0, "conversion": 4.0}
@@ -42,7 +45,7 @@ def test_redis_killed_under_load(serve, bundles, redis_server, report):
     a, b = serve(bundles["flat"], **env), serve(bundles["flat"], **env)
     r = a.client.put("/admin/scenarios/promo", json={"weights": PROMO}, headers=AUTH)
     assert r.status_code == 200, r.text
-    wait_until(lambda: _weights(b, "promo") == PROMO, 1.0, "b to see promo")
+    wait_until(lambda: _weights(b, "promo") == PROMO, PATIENCE, "b to see promo")
     before = {s: s.client.get("/admin/scenarios", headers=AUTH).json() for s in (a, b)}
 
     bodies = varied_bodies(("default", "promo"))
@@ -55,8 +58,8 @@ def test_redis_killed_under_load(serve, bundles, redis_server, report):
         for svc in (a, b):
             wait_until(
                 lambda s=svc: s.client.get("/readyz").json()["status"] == "degraded",
-                5.0,
-                "degraded",
+                PATIENCE,
+                f"{svc.url} to report the outage (/readyz degraded)",
             )
         detected = time.monotonic() - t_kill
         for svc in (a, b):
@@ -75,12 +78,15 @@ def test_redis_killed_under_load(serve, bundles, redis_server, report):
         r = b.client.delete("/admin/scenarios/promo", headers=AUTH)
         assert r.status_code == 503, r.text
         assert _weights(a, "promo") == PROMO and _weights(b, "promo") == PROMO
-        time.sleep(1.0)  # load keeps running on the last known scenarios
+        for load in loads:  # load keeps running on the last known scenarios
+            load.wait_more(50)
         t_restart = time.monotonic()
         redis_server.start()
         for svc in (a, b):
             wait_until(
-                lambda s=svc: s.client.get("/readyz").json()["status"] == "ok", 10.0, "recovered"
+                lambda s=svc: s.client.get("/readyz").json()["status"] == "ok",
+                PATIENCE,
+                f"{svc.url} to recover (/readyz ok)",
             )
         recovered = time.monotonic() - t_restart
         for svc in (a, b):
@@ -91,18 +97,19 @@ def test_redis_killed_under_load(serve, bundles, redis_server, report):
             assert svc.client.get("/admin/scenarios", headers=AUTH).json() == before[svc]
             assert svc.client.get("/admin/scenarios/ghost", headers=AUTH).status_code == 404
         raw = redis.Redis.from_url(redis_server.url, decode_responses=True)
-        wait_until(lambda: raw.hexists(f"{PREFIX}scenarios", "promo"), 2.0, "Redis re-seeded")
+        wait_until(lambda: raw.hexists(f"{PREFIX}scenarios", "promo"), PATIENCE, "Redis re-seeded")
         assert json.loads(raw.hget(f"{PREFIX}scenarios", "promo"))["weights"] == PROMO
         assert not raw.hexists(f"{PREFIX}scenarios", "ghost")
         raw.close()
-        # a change after the outage reaches the other replica within 1 s
+        # a change after the outage reaches the other replica
         new = {**PROMO, "click": 7.0}
         t_put = time.monotonic()
         r = b.client.put("/admin/scenarios/promo", json={"weights": new}, headers=AUTH)
         assert r.status_code == 200, r.text
-        wait_until(lambda: _weights(a, "promo") == new, 1.0, "a to see the new promo")
+        wait_until(lambda: _weights(a, "promo") == new, PATIENCE, "a to see the new promo")
         propagated = time.monotonic() - t_put
-        time.sleep(0.3)  # some load after the change too
+        for load in loads:  # some load after the change too
+            load.wait_more(20)
     finally:
         samples = [s for load in loads for s in load.stop()]
     counts = summary(samples)

@@ -29,7 +29,8 @@ from fixtures.load import (
     worker_pids,
     worker_sample,
 )
-from fixtures.services import AUTH, wait_until
+from fixtures.services import AUTH
+from fixtures.waiting import PATIENCE, wait_until
 
 pytestmark = pytest.mark.slow
 PROMO = {"exposure": 0.2, "click": 1.0, "conversion": 4.0}
@@ -47,13 +48,15 @@ def test_worker_killed_under_load(serve, bundles, report):
     r = fresh.post("/admin/reload", json={"bundle": str(bundles["other"])})
     assert r.status_code == 200, r.text
     version = r.json()["bundle"]["model_version"]
-    workers = wait_until(lambda: (w := worker_pids(svc.proc.pid)) and len(w) == 2 and w, 10, "2")
+    workers = wait_until(
+        lambda: (w := worker_pids(svc.proc.pid)) and len(w) == 2 and w, PATIENCE, "2 workers"
+    )
 
     def served_versions(n: int = 10) -> set:
         return {fresh.post("/v1/retrieve", json={"user_id": "u1"}).json()["model_version"]
                 for _ in range(n)}  # fmt: skip
 
-    wait_until(lambda: served_versions() == {version}, 5.0, "both workers on the new bundle")
+    wait_until(lambda: served_versions() == {version}, PATIENCE, "both workers on the new bundle")
 
     scenarios = svc.log.parent / "scenarios.json"
     good = scenarios.read_bytes()
@@ -61,7 +64,7 @@ def test_worker_killed_under_load(serve, bundles, report):
     try:
         load.wait_for(60)
         scenarios.write_text("{ not json")  # every worker: degraded, serving from memory
-        wait_until(lambda: all(_store_up_of(p) == 0 for p in workers), 5.0, "workers degraded")
+        wait_until(lambda: all(_store_up_of(p) == 0 for p in workers), PATIENCE, "workers degraded")
         victim = workers[0]
         inflight = load.inflight
         t_kill = time.monotonic()
@@ -70,13 +73,13 @@ def test_worker_killed_under_load(serve, bundles, report):
         (replacement,) = set(
             wait_until(
                 lambda: (w := worker_pids(svc.proc.pid)) and len(w) == 2 and victim not in w and w,
-                15.0,
+                PATIENCE,
                 "the supervisor to start a replacement",
             )
         ) - set(workers)
         t_replaced = time.monotonic()
         t_serving = _wait_serving(fresh, replacement) - t_kill
-        time.sleep(0.5)  # load keeps running with the replacement in
+        load.wait_more(60)  # load keeps running with the replacement in
     finally:
         samples = load.stop()
     # after: scenarios intact and the reloaded bundle everywhere, the replacement included
@@ -88,7 +91,7 @@ def test_worker_killed_under_load(serve, bundles, report):
         assert r.json()["model_version"] == version
     assert served_versions(20) == {version}
     now = worker_pids(svc.proc.pid)
-    wait_until(lambda: all(_store_up_of(p) == 1 for p in now), 5.0, "live workers up")
+    wait_until(lambda: all(_store_up_of(p) == 1 for p in now), PATIENCE, "live workers up")
     assert all(_store_up(fresh) == 1 for _ in range(6))  # whichever worker answers the scrape
     fresh.close()
 
@@ -140,7 +143,7 @@ def _wait_serving(fresh: httpx.Client, pid: int) -> float:
                           route="/v1/retrieve", status="200")  # fmt: skip
         return bool(n)
 
-    wait_until(served, 60.0, f"worker {pid} to answer requests", interval=0.01)
+    wait_until(served, PATIENCE, f"worker {pid} to answer requests", interval=0.01)
     return time.monotonic()
 
 
