@@ -393,47 +393,54 @@ def _traffic(rows: list[dict]) -> list[str]:
 
 
 def _scale_targets(s: dict) -> list[str]:
-    """The targets of the row-wise trainer, checked against this section's rows (mean over
-    rounds): examples/s per stage at the smaller size, the larger size within 1.2x of it, peak
-    RSS within 1.5 GB of the id tables and their optimizer state, and the reference's rate."""
-    rows = [r for r in s["rows"] if r["trainer"].startswith("csmf, row-wise")]
+    """The targets of the row-wise trainer, checked against each round's rows (rounds differ by
+    the machine's load, shown beside them): examples/s per stage at the smaller size, the larger
+    size within 1.2x of it, peak RSS within 1.5 GB of the id tables and their optimizer state,
+    and the plain reference's rate."""
     names = list(s["datasets"])
-    if not rows or not names:
+    if not names:
         return []
-
-    def mean_rates(data: str, trainer: str) -> list[float]:
-        rs = [
-            r["stage_examples_per_s"]
-            for r in s["rows"]
-            if r["data"] == data and r["trainer"] == trainer
-        ]
-        return [sum(x) / len(x) for x in zip(*rs, strict=True)] if rs else []
-
     small, large = names[0], names[-1]
-    ours = "csmf, row-wise id tables"
-    a, b = mean_rates(small, ours), mean_rates(large, ours)
-    ref = mean_rates(small, "reference two-tower (sparse)")
-    out = ["**Against the targets** (row-wise id tables; mean over rounds):", ""]
-    goals = (15_000, 12_000, 12_000)
-    for name, x, goal in zip(("exposure", "click", "conversion"), a, goals, strict=False):
-        out.append(f"- `{small}` {name}: {x:,.0f} examples/s (target ≥ {goal:,}: "
-                   f"{'met' if x >= goal else 'not met'})")  # fmt: skip
-    if ref:
-        out.append(f"- `{small}` exposure against the plain sparse two-tower: {a[0] / ref[0]:.2f}× "
-                   f"its {ref[0]:,.0f} examples/s")  # fmt: skip
-    if len(names) > 1 and b:
-        ratios = ", ".join(f"{x / y:.2f}×" for x, y in zip(a, b, strict=True))
-        worst = max(max(x / y, y / x) for x, y in zip(a, b, strict=True))
-        out.append(f"- `{large}` against `{small}`, exposure / click / conversion: the smaller "
-                   f"size is {ratios} as fast (target: within 1.2×; worst {worst:.2f}×)")  # fmt: skip
-    for r in rows:
-        if r["round"] != 0 or not r["id_tables"]:
+    ours, theirs = "csmf, row-wise id tables", "reference two-tower (sparse)"
+
+    def row(rnd: int, data: str, trainer: str) -> dict | None:
+        found = [
+            r for r in s["rows"] if (r["round"], r["data"], r["trainer"]) == (rnd, data, trainer)
+        ]
+        return found[0] if found else None
+
+    out = ["**Against the targets** (row-wise id tables), round by round:", ""]
+    for rnd in sorted({r["round"] for r in s["rows"]}):
+        a, b, ref = row(rnd, small, ours), row(rnd, large, ours), row(rnd, small, theirs)
+        if a is None:
             continue
+        rates = a["stage_examples_per_s"]
+        met = [x >= goal for x, goal in zip(rates, (15_000, 12_000, 12_000), strict=False)]
+        parts = [
+            f"`{small}` {' / '.join(f'{x:,.0f}' for x in rates)} examples/s (targets 15,000 / "
+            f"12,000 / 12,000: {' / '.join('met' if m else 'not met' for m in met)}; load "
+            f"{a['load']:.1f})"
+        ]
+        if ref:
+            parts.append(f"{rates[0] / ref['stage_examples_per_s'][0]:.2f}× the plain two-tower")
+        if b is not None and len(names) > 1:
+            ratios = [x / y for x, y in zip(rates, b["stage_examples_per_s"], strict=True)]
+            worst = max(max(r, 1 / r) for r in ratios)
+            parts.append(
+                f"`{small}` ÷ `{large}` {' / '.join(f'{r:.2f}×' for r in ratios)} (within 1.2×: "
+                f"{'met' if worst <= 1.2 else 'not met'}; load {b['load']:.1f})"
+            )
+        out.append(f"- round {rnd}: " + "; ".join(parts))
+    for r in s["rows"]:
         t = r["id_tables"]
+        if r["round"] != 0 or not t or not r["trainer"].startswith(ours):
+            continue
         budget = (t["table_bytes"] + t["optimizer_state_bytes"]) / 2**20 + 1536
-        out.append(f"- `{r['data']}` peak RSS {r['peak_rss_mb']:,.0f} MB against the budget "
-                   f"{budget:,.0f} MB (id tables + optimizer state + 1.5 GB): "
-                   f"{'met' if r['peak_rss_mb'] <= budget else 'not met'}")  # fmt: skip
+        out.append(
+            f"- `{r['data']}` peak RSS {r['peak_rss_mb']:,.0f} MB against the budget {budget:,.0f} "
+            f"MB (id tables + optimizer state + 1.5 GB): "
+            f"{'met' if r['peak_rss_mb'] <= budget else 'not met'}"
+        )
     return [*out, ""]
 
 
