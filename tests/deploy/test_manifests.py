@@ -1,7 +1,8 @@
 """The deploy files parse and reference only things that exist: Dockerfile stages, build-context
 paths, `csmf serve` options (parsed by the real CLI), HTTP routes (of the real app), CSMF_*
 settings (fields of service.settings.Settings, values validated by it), ports, services, config
-and dashboard files, Kubernetes object names and labels. No Docker engine or cluster needed."""
+and dashboard files, Kubernetes object names and labels; and every Kubernetes object against its
+kind's schema (kubernetes-validate ships them). No Docker engine, cluster, kubectl or network."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
+import kubernetes_validate
 import pytest
 import typer
 import yaml
@@ -389,26 +391,109 @@ def _container(k8s) -> dict:
     return c
 
 
+# The Kubernetes releases the manifests must be valid for: the oldest with every API they use
+# (autoscaling/v2 HPA, policy/v1 PDB) among the schemas kubernetes-validate ships, and its newest.
+KUBERNETES_VERSIONS = ("1.27", kubernetes_validate.latest_version())
+
+
+def kustomize(folder: Path) -> list[dict]:
+    """What `kubectl kustomize` renders for this kustomization: its resources with the common
+    labels on each object's metadata (``includeSelectors: false``, no templates) and the image
+    tags replaced. Refuses any kustomize feature it does not implement."""
+    kust = yaml.safe_load((folder / "kustomization.yaml").read_text())
+    known = {"apiVersion", "kind", "labels", "resources", "images"}
+    assert set(kust) <= known, f"kustomize features not rendered here: {set(kust) - known}"
+    labels = {}
+    for entry in kust.get("labels", []):
+        assert not entry.get("includeSelectors") and not entry.get("includeTemplates"), entry
+        labels |= entry["pairs"]
+    tags = {i["name"]: i["newTag"] for i in kust.get("images", [])}
+    out = []
+    for name in kust["resources"]:
+        for doc in yaml.safe_load_all((folder / name).read_text()):
+            doc["metadata"]["labels"] = {**doc["metadata"].get("labels", {}), **labels}
+            pod = doc.get("spec", {}).get("template", {}).get("spec", {})
+            for c in pod.get("containers", []) + pod.get("initContainers", []):
+                repo = c["image"].rsplit(":", 1)[0]
+                if repo in tags:
+                    c["image"] = f"{repo}:{tags[repo]}"
+            out.append(doc)
+    return out
+
+
+def validate_manifests(docs: list[dict]) -> None:
+    """Each object against the OpenAPI schema of its kind, strictly (an unknown or misspelt field
+    fails), for every release in KUBERNETES_VERSIONS: the schemas ship with kubernetes-validate,
+    so no cluster, kubectl or network is needed. An unknown kind or apiVersion fails too."""
+    errors = []
+    for doc in docs:
+        what = f"{doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
+        for version in KUBERNETES_VERSIONS:
+            try:
+                kubernetes_validate.validate(doc, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = ".".join(str(p) for p in exc.path)
+                errors.append(f"{what} (Kubernetes {version}): {path}: {exc.message}")
+            except kubernetes_validate.SchemaNotFoundError as exc:
+                errors.append(f"{what}: {exc.message}")
+    assert not errors, "\n".join(errors)
+
+
 def test_kustomization_lists_every_manifest_and_renders():
     kust = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     files = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
     examples = {f for f in files if f.endswith(".example.yaml")}
     assert set(kust["resources"]) == files - examples
     assert [i["name"] for i in kust["images"]] == [IMAGE_REPO]
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed: rendering with kustomize not checked")
-    out = subprocess.run(
-        [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
-    )
-    assert out.returncode == 0, out.stderr
-    rendered = list(yaml.safe_load_all(out.stdout))
+    rendered = kustomize(K8S)
     assert len(rendered) == sum(
         len(list(yaml.safe_load_all((K8S / f).read_text()))) for f in kust["resources"]
     )
     [deploy] = [d for d in rendered if d["kind"] == "Deployment"]
     image = deploy["spec"]["template"]["spec"]["containers"][0]["image"]
     assert image == f"{IMAGE_REPO}:{kust['images'][0]['newTag']}"
+    kubectl = shutil.which("kubectl")
+    if kubectl is not None:  # where kubectl exists, the rendering above must equal its own
+        out = subprocess.run(
+            [kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        key = lambda d: (d["kind"], d["metadata"]["name"])  # noqa: E731
+        assert sorted(yaml.safe_load_all(out.stdout), key=key) == sorted(rendered, key=key)
+
+
+def test_manifests_are_valid_kubernetes_objects():
+    examples = [
+        doc for p in sorted(K8S.glob("*.example.yaml")) for doc in yaml.safe_load_all(p.read_text())
+    ]
+    validate_manifests(kustomize(K8S) + examples)
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        ("a misspelt field", lambda c: c.update(imagePullPolicyy="Always")),
+        ("a port that is not a number", lambda c: c["ports"][0].update(containerPort="http")),
+        ("an env var without a name", lambda c: c.update(env=[{"value": "1"}])),
+    ],
+    ids=lambda b: b[0],
+)
+def test_manifest_validation_fails_on_a_broken_manifest(breakage, tmp_path):
+    """A deliberately broken copy of deploy/k8s is refused, naming the object and the field."""
+    broken = tmp_path / "k8s"
+    shutil.copytree(K8S, broken)
+    path = broken / "deployment.yaml"
+    doc = yaml.safe_load(path.read_text())
+    breakage[1](doc["spec"]["template"]["spec"]["containers"][0])
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(AssertionError, match="Deployment/csmf"):
+        validate_manifests(kustomize(broken))
+
+
+def test_manifest_validation_fails_on_an_unknown_api_version():
+    [hpa] = [d for d in kustomize(K8S) if d["kind"] == "HorizontalPodAutoscaler"]
+    with pytest.raises(AssertionError, match="HorizontalPodAutoscaler/csmf"):
+        validate_manifests([{**hpa, "apiVersion": "autoscaling/v9"}])
 
 
 def test_k8s_deployment_probes_ports_and_security(k8s):
