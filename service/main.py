@@ -11,9 +11,9 @@ from time import perf_counter
 
 import faiss
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
 
 import csmf
+from service.body_limit import Disconnected, read_body, replay
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.metrics import ROUTES, ServiceMetrics
 from service.openapi import install_openapi
@@ -26,66 +26,47 @@ FAST_PATH = "/v1/retrieve"
 
 
 class CsmfApp(FastAPI):
-    """FastAPI, except that POST /v1/retrieve is answered before the framework's layers.
+    """FastAPI, with one edge in front of every HTTP request and POST /v1/retrieve answered there.
 
-    Starlette/FastAPI wrap every request in several ASGI layers (error and exception middleware,
-    OpenTelemetry hooks, body limits, the router, route and request wrappers); for the one hot
-    route they cost about as much as the retrieval's own Python. The fast path does what those
-    layers would do for it: the body limit (413), errors through ``service.errors.error_response``
-    (the one mapping to HTTP), and the latency metric. Every other request, and the OpenAPI
-    description of /v1/retrieve, goes through the normal stack.
+    The edge reads the body under the one limit of every route (``service/body_limit.py``: 413
+    before routing, authentication or parsing), records the latency metric by route and status,
+    and renders its own errors through ``service.errors.error_response`` (the one mapping to
+    HTTP). Starlette/FastAPI wrap every request in several ASGI layers (error and exception
+    middleware, the router, route and request wrappers); for the one hot route they cost about as
+    much as the retrieval's own Python, so the edge answers POST /v1/retrieve itself with the body
+    it has read. Every other request, and the OpenAPI description of /v1/retrieve, goes through
+    the normal stack, which receives the body already read.
     """
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["path"] == FAST_PATH and scope["method"] == "POST":
-            state: AppState = self.state.csmf
-            start = perf_counter()
-            status = await _fast_retrieve(state, scope, receive, send, start)
-            state.metrics.observe_request(FAST_PATH, status, perf_counter() - start)
+        if scope["type"] != "http":  # lifespan
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
-
-
-async def _fast_retrieve(state: AppState, scope, receive, send, start: float) -> int:
-    limit = state.settings.max_body_bytes
-    try:
-        too_large = _declared_too_large(scope, limit)
-        if too_large:
-            raise PayloadTooLargeError(too_large)
-        payload = retrieve.retrieve_json(state, await _read_body(receive, limit), start)
-    except _Disconnected:
-        return 499  # the client went away; nothing to answer
-    except Exception as exc:
-        response = error_response(exc)
-        await response(scope, receive, send)
-        return response.status_code
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
-    await send({"type": "http.response.body", "body": payload})
-    return 200
-
-
-class EdgeMiddleware:
-    """Pure ASGI (no BaseHTTPMiddleware task overhead), the outermost layer of ours for every
-    route but the fast path (see :class:`CsmfApp`): rejects bodies whose content-length is over
-    the limit with 413 before any parsing, and records latency by route template and status."""
-
-    def __init__(self, app, state: AppState, max_body: int) -> None:
-        self.app = app
-        self.metrics = state.metrics
-        self.max_body = max_body
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+        state: AppState = self.state.csmf
         start = perf_counter()
         status = 500
-        too_large = _declared_too_large(scope, self.max_body)
-        if too_large:
-            await JSONResponse({"detail": too_large}, status_code=413)(scope, receive, send)
-            self.metrics.observe_request(_route(scope), 413, perf_counter() - start)
-            return
+        fast = scope["path"] == FAST_PATH and scope["method"] == "POST"
+        try:
+            try:
+                body = await read_body(scope, receive, state.settings.max_body_bytes)
+            except PayloadTooLargeError as exc:
+                # The rest of the body is never read: close the connection rather than drain it.
+                status = await _send_error(exc, scope, receive, send, close=True)
+                return
+            if fast:
+                status = await _fast_retrieve(state, body, scope, receive, send, start)
+            else:
+                status = await self._framework(scope, replay(body, receive), send)
+        except Disconnected:
+            status = 499  # the client went away before its body was complete; nothing to answer
+        finally:
+            state.metrics.observe_request(
+                FAST_PATH if fast else _route(scope), status, perf_counter() - start
+            )
+
+    async def _framework(self, scope, receive, send) -> int:
+        """FastAPI's stack; the status it answered (500 if it raised before answering)."""
+        status = 500
 
         async def send_status(message) -> None:
             nonlocal status
@@ -93,38 +74,29 @@ class EdgeMiddleware:
                 status = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, send_status)
-        finally:
-            self.metrics.observe_request(_route(scope), status, perf_counter() - start)
+        # An unhandled error is answered 500 by FastAPI's error middleware, which then re-raises
+        # it (for the server's log): the caller's status stays 500.
+        await super().__call__(scope, receive, send_status)
+        return status
 
 
-def _declared_too_large(scope, limit: int) -> str | None:
-    """The 413 message if the request's content-length is over ``limit``, else None."""
-    for name, value in scope["headers"]:
-        if name == b"content-length" and value.isdigit() and int(value) > limit:
-            return f"request body is {int(value)} bytes, the limit is {limit}"
-    return None
+async def _fast_retrieve(state: AppState, body: bytes, scope, receive, send, start: float) -> int:
+    try:
+        payload = retrieve.retrieve_json(state, body, start)
+    except Exception as exc:
+        return await _send_error(exc, scope, receive, send)
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(payload))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
+    return 200
 
 
-class _Disconnected(Exception):
-    pass
-
-
-async def _read_body(receive, limit: int) -> bytes:
-    """The request body from ASGI messages, refusing more than ``limit`` bytes (413)."""
-    chunks, size = [], 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _Disconnected
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+async def _send_error(exc: Exception, scope, receive, send, close: bool = False) -> int:
+    response = error_response(exc)
+    if close:
+        response.headers["connection"] = "close"
+    await response(scope, receive, send)
+    return response.status_code
 
 
 def _route(scope) -> str:
@@ -166,7 +138,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(playground.router)
-    app.add_middleware(EdgeMiddleware, state=state, max_body=settings.max_body_bytes)
     return app
 
 
