@@ -1,6 +1,7 @@
 """Fixtures shared across the test folders, registered once so each session-scoped artifact
-(a tiny dataset, a random-weight checkpoint, bundles built by the real builder, Redis and service
-processes) is built once per run. Folder-specific fixtures live in that folder's conftest.py."""
+(a tiny dataset, a random-weight checkpoint, a small trained one, bundles built by the real
+builder, Redis and service processes) is built once per run. Folder-specific fixtures live in that
+folder's conftest.py."""
 
 import sys
 from pathlib import Path
@@ -18,3 +19,4 @@ from fixtures.services import (  # noqa: E402, F401
     serve,
     service_runs,
 )
+from fixtures.trained import trained_bundle, trained_run  # noqa: E402, F401

@@ -30,6 +30,15 @@ from csmf.weights import slice_scale
 WEIGHTS = [(1.0, 1.8, 1.2), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0), (0.3, 2.0, 0.7)]
 
 
+@pytest.fixture(params=["random", "trained"])
+def run_and_bundle(request) -> tuple[Path, Path]:
+    """(run, flat bundle) of the random-weight run (random owners, interleaved) and of a small
+    trained one (tests/fixtures/trained.py): served and evaluated scores must agree on both."""
+    if request.param == "random":
+        return request.getfixturevalue("tiny_run"), request.getfixturevalue("flat_bundle")
+    return request.getfixturevalue("trained_run"), request.getfixturevalue("trained_bundle")
+
+
 @pytest.fixture()
 def bundle_copy(flat_bundle, tmp_path) -> Path:
     dst = tmp_path / "b"
@@ -100,14 +109,15 @@ def _torch_scores(run, bundle, user_ids, weights):
 
 
 @pytest.mark.parametrize("weights", WEIGHTS)
-def test_bundle_scores_equal_torch_weighted_sum(flat_bundle, tiny_run, weights):
-    b = load_bundle(flat_bundle)
+def test_bundle_scores_equal_torch_weighted_sum(run_and_bundle, weights):
+    run, bundle = run_and_bundle
+    b = load_bundle(bundle)
     user_ids = b.users.ids[:20]
     rows, hists = zip(*(b.users.get(u) for u in user_ids), strict=True)
     e = b.encoder.encode(list(rows), list(hists))  # (U, D) permuted
     vectors = b.item_vectors(np.arange(len(b.index)))  # (N, D) permuted
     ours = (e * b.scale(weights)).astype(np.float64) @ vectors.T.astype(np.float64)
-    ref = _torch_scores(tiny_run, b, user_ids, weights)
+    ref = _torch_scores(run, b, user_ids, weights)
     rel = np.abs(ours - ref).max() / np.abs(ref).max()
     assert rel <= 1e-5, rel
     # and the index's own search returns the exact top-k with exact scores
@@ -117,9 +127,10 @@ def test_bundle_scores_equal_torch_weighted_sum(flat_bundle, tiny_run, weights):
     np.testing.assert_allclose(scores, best, rtol=1e-5, atol=1e-6)
 
 
-def test_user_encoder_matches_torch_tower_and_round_trips(flat_bundle, tiny_run, tmp_path):
-    b = load_bundle(flat_bundle)
-    ckpt = load_checkpoint(tiny_run)
+def test_user_encoder_matches_torch_tower_and_round_trips(run_and_bundle, tmp_path):
+    run, bundle = run_and_bundle
+    b = load_bundle(bundle)
+    ckpt = load_checkpoint(run)
     model = ckpt.build_model()
     perm = np.asarray(b.manifest.output_permutation)
     rows = [b.users.get(u)[0] for u in b.users.ids[:10]] + [{}, {"user_id": "u1"}]
