@@ -56,9 +56,13 @@ def serve(
     except ValidationError as exc:
         typer.echo(f"error: invalid CSMF_* setting: {exc}", err=True)
         raise typer.Exit(2) from None
+    from service.event_log import EventLogError, prepare_folder
+
     try:  # a clear error now rather than a traceback from inside a worker's startup
         manifest = _preflight(bundle, settings.verify_bundle)
-    except CsmfError as exc:
+        if settings.event_log_dir is not None:
+            prepare_folder(settings.event_log_dir)
+    except (CsmfError, EventLogError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
     typer.echo(

@@ -30,11 +30,13 @@ class FieldError(CsmfError, ValueError):
 
 
 class UnknownScenarioError(CsmfError, KeyError):
-    """No scenario of that name (→ 404)."""
+    """No scenario of that name (→ 404). The message names no other scenario: retrieve is
+    public, and scenario names can be business information (admins list them with
+    GET /admin/scenarios)."""
 
-    def __init__(self, name: str, known: Sequence[str]) -> None:
+    def __init__(self, name: str) -> None:
         super().__init__(name)
-        self.msg = f"unknown scenario {name!r}; known scenarios: {sorted(known)}"
+        self.msg = f"unknown scenario {name!r} (an admin lists them with GET /admin/scenarios)"
 
     def __str__(self) -> str:
         return self.msg

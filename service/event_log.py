@@ -108,6 +108,24 @@ class _Spool:
         self.fh.close()
 
 
+def prepare_folder(root: Path) -> None:
+    """Create the log's folders under ``root`` (``events/``, ``spool/``), or raise
+    :class:`EventLogError` naming the path that is a file, cannot be created or is not writable
+    (``csmf serve`` calls it before starting, so that is one ``error:`` line, not a traceback)."""
+    root = Path(root)
+    for d in (root, root / "events", root / "spool"):
+        if d.exists() and not d.is_dir():
+            raise EventLogError(f"event log: {d} exists and is not a folder (CSMF_EVENT_LOG_DIR)")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise EventLogError(
+                f"event log: cannot create {d}: {exc.strerror} (CSMF_EVENT_LOG_DIR)"
+            ) from None
+        if not os.access(d, os.W_OK | os.X_OK):
+            raise EventLogError(f"event log: {d} is not writable (CSMF_EVENT_LOG_DIR)")
+
+
 class EventLog:
     def __init__(
         self,
@@ -163,13 +181,7 @@ class EventLog:
 
     def start(self) -> None:
         """Check the folder, recover what dead writers left (spools, ``*.tmp``), start writing."""
-        for d in (self.root, self.folder, self.spool_dir):
-            if d.exists() and not d.is_dir():
-                raise EventLogError(f"event log: {d} exists and is not a folder")
-            try:
-                d.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise EventLogError(f"event log: cannot create {d}: {exc.strerror}") from None
+        prepare_folder(self.root)
         self._recover()
         self._spool = _Spool(self.spool_dir, self.writer, self._seq + 1)
         self._thread = threading.Thread(target=self._run, name="csmf-event-log", daemon=True)

@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from csmf.names import NAME_RULE, is_name
+
 SHARE_TOLERANCE = 1e-9
 MAX_ARMS = 16
-ARM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -49,10 +49,8 @@ def check_arms(arms: Sequence[Arm]) -> tuple[Arm, ...]:
         raise ArmsError(f"an experiment needs 1..{MAX_ARMS} arms, got {len(arms)}")
     seen = set()
     for a in arms:
-        if not ARM_NAME.match(a.name):
-            raise ArmsError(
-                f"arm name {a.name!r} must be 1-64 characters of letters, digits, '_', '.', '-'"
-            )
+        if not is_name(a.name):
+            raise ArmsError(f"arm name {a.name!r} must be {NAME_RULE}")
         if a.name in seen:
             raise ArmsError(f"arm names must be unique, {a.name!r} appears twice")
         seen.add(a.name)

@@ -6,8 +6,8 @@ CRC-32 of every item id the request returned (4 bytes each, base64url: feedback 
 for those items; another item passes with probability k / 2^32) and an HMAC-SHA256 over all of
 them *and the user id*, truncated to 128 bits. Any replica holding the key
 verifies an id from any other without shared state; a forged, altered or other user's id fails.
-The key is ``CSMF_FEEDBACK_KEY``, else derived from ``CSMF_ADMIN_TOKEN``, else random per process
-(then feedback must reach the process that served — set a key with several workers or replicas).
+Where the key comes from (never from the admin token, so rotating that voids no id):
+service/feedback_key.py.
 """
 
 from __future__ import annotations
@@ -61,14 +61,6 @@ def _unb64(s: str) -> str | None:
     if not s:
         return None
     return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4)).decode()
-
-
-def key_from(feedback_key: str | None, admin_token: str | None) -> bytes:
-    if feedback_key:
-        return feedback_key.encode()
-    if admin_token:
-        return hmac.new(admin_token.encode(), b"csmf feedback request ids", "sha256").digest()
-    return secrets.token_bytes(32)
 
 
 _BLOCK = 64  # SHA-256's block size

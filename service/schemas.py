@@ -164,6 +164,13 @@ class ScenarioIn(_Strict):
         "(scenario, user id); shares sum to 1",
     )
     description: str = Field("", max_length=1000)
+    expected_version: int | None = Field(
+        None,
+        ge=0,
+        description="compare-and-set: the scenario's `version` this write replaces (from GET), 0 "
+        "if it must not exist yet; if it has changed since, the answer is 409 and nothing is "
+        "written. Omitted: the write is unconditional",
+    )
 
 
 class Scenario(BaseModel):

@@ -73,8 +73,8 @@ class Settings(BaseSettings):
     feedback_key: SecretStr | None = Field(
         None,
         description="key that signs request ids (POST /v1/feedback verifies them on any replica); "
-        "unset = derived from admin_token, or random per process without one (then feedback "
-        "must reach the process that served: set it with several workers or replicas)",
+        "unset = a random key created once in Redis (with redis_url) or in feedback.key beside "
+        "the scenarios file, never derived from admin_token (see service/feedback_key.py)",
     )
     feedback_ttl_s: float = Field(
         7 * 86400.0, gt=0, description="feedback is accepted this long after the retrieve"

@@ -28,6 +28,7 @@ from service.errors import ConflictError, FieldError, ReloadError
 from service.event_log import EventLog
 from service.experiments import assign
 from service.feature_store import BundleFeatureStore, RedisFeatureStore
+from service.feedback_key import signing_key
 from service.feedback_once import FeedbackOnce
 from service.metrics import (
     NO_ARM,
@@ -36,11 +37,17 @@ from service.metrics import (
     scenario_label,
     state_metrics,
 )
-from service.request_ids import RequestIds, key_from
+from service.request_ids import RequestIds
 from service.retriever import Retriever
 from service.settings import Settings
 from service.sync import BackgroundSync
-from service.weight_store import DEFAULT_SCENARIO, FileWeightStore, RedisWeightStore, WeightStore
+from service.weight_store import (
+    DEFAULT_SCENARIO,
+    FileWeightStore,
+    RedisWeightStore,
+    Scenario,
+    WeightStore,
+)
 
 log = logging.getLogger("csmf.service")
 CONTROL_FILE = "bundle.json"
@@ -58,11 +65,7 @@ class AppState:
         self._control_sig: tuple | None = None
         self._counters: dict[tuple, Any] = {}
         self._served: dict[tuple, Any] = {}
-        secret = lambda s: s.get_secret_value() if s is not None else None  # noqa: E731
-        self.request_ids = RequestIds(
-            key_from(secret(settings.feedback_key), secret(settings.admin_token)),
-            settings.feedback_ttl_s,
-        )
+        self.request_ids: RequestIds | None = None  # its key may live in Redis: set in start()
         self.feedback_once = FeedbackOnce(
             settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
         )
@@ -74,6 +77,7 @@ class AppState:
 
     def start(self) -> None:
         s, m = self.settings, self.metrics
+        self.request_ids = RequestIds(signing_key(s), s.feedback_ttl_s)
         path = self._announced_path() or s.bundle
         if s.feature_store == "redis":
             self.features = RedisFeatureStore(
@@ -139,18 +143,30 @@ class AppState:
             raise FieldError(("k",), f"k must be in [1, {self.settings.max_k}], got {k}")
         return k
 
+    def scenario(self, name: str | None) -> Scenario:
+        """The scenario ``name`` (default: the default one) as the weight store holds it now."""
+        return self.weights.get(DEFAULT_SCENARIO if name is None else name)
+
     def resolve_weights(
-        self, retriever: Retriever, scenario: str | None, weights: Any, user_id: str | None = None
+        self,
+        retriever: Retriever,
+        scenario: str | None,
+        weights: Any,
+        user_id: str | None = None,
+        sc: Scenario | None = None,
     ) -> tuple[tuple[float, ...], np.ndarray, str | None, str | None]:
         """(weights in cascade order, (D,) query scale, scenario name or None if explicit,
-        experiment arm or None). A scenario with arms serves ``user_id`` its assigned arm's."""
+        experiment arm or None). A scenario with arms serves ``user_id`` its assigned arm's.
+        ``sc``: the scenario already read (a batch reads it once, so a concurrent admin write
+        cannot change it between users), else it is read now."""
         if weights is not None:
             if scenario is not None:
                 raise FieldError(("scenario",), "give either `scenario` or `weights`, not both")
             w, scale = retriever.explicit(weights)
             return w, scale, None, None
         name = DEFAULT_SCENARIO if scenario is None else scenario
-        sc = self.weights.get(name)
+        if sc is None:
+            sc = self.weights.get(name)
         arm = assign(name, user_id, sc.arms) if sc.arms else None
         key = (name, sc.version, sc.updated_at, arm and arm.name)
         cache = retriever.scenario_cache  # per bundle: a reload starts afresh

@@ -133,7 +133,7 @@ class WeightStore:
     def get(self, name: str) -> Scenario:
         s = self.scenarios.get(name)
         if s is None:
-            raise UnknownScenarioError(name, list(self.scenarios))
+            raise UnknownScenarioError(name)
         return s
 
     def start(self) -> None:
@@ -166,7 +166,11 @@ class WeightStore:
         weights: Mapping[str, float],
         description: str,
         arms: Sequence[Arm] = (),
+        expected_version: int | None = None,
     ) -> Scenario:
+        """Create or replace ``name``. With ``expected_version`` a compare-and-set: the write
+        happens only if the scenario is at that version now (0: does not exist), else
+        :class:`ConflictError` and nothing is written."""
         raise NotImplementedError
 
     def delete(self, name: str) -> None:
@@ -176,11 +180,20 @@ class WeightStore:
         raise NotImplementedError
 
 
+def _conflict(name: str, current: int, expected: int) -> ConflictError:
+    now = f"is at version {current}" if current else "does not exist"
+    was = f"version {expected}" if expected else "absent"
+    return ConflictError(
+        f"scenario {name!r} {now}, not {was} as the write expected (changed since it was read); "
+        "nothing was written: read it again and retry"
+    )
+
+
 def _check_delete(name: str, scenarios: Mapping[str, Scenario]) -> None:
     if name == DEFAULT_SCENARIO:
         raise ConflictError("the 'default' scenario cannot be deleted; PUT new weights instead")
     if name not in scenarios:
-        raise UnknownScenarioError(name, list(scenarios))
+        raise UnknownScenarioError(name)
 
 
 # -- embedded: one JSON file -----------------------------------------------------------------------
@@ -316,12 +329,16 @@ class FileWeightStore(WeightStore):
         weights: Mapping[str, float],
         description: str,
         arms: Sequence[Arm] = (),
+        expected_version: int | None = None,
     ) -> Scenario:
         out: list[Scenario] = []
 
         def fn(scenarios: dict[str, Scenario]) -> None:
             old = scenarios.get(name)
-            version = (old.version if old else 0) + 1
+            current = old.version if old else 0
+            if expected_version is not None and current != expected_version:
+                raise _conflict(name, current, expected_version)  # under the lock: nothing written
+            version = current + 1
             s = Scenario(name, dict(weights), description, version, now_iso(), arms=tuple(arms))
             scenarios[name] = s
             out.append(s)
@@ -372,12 +389,25 @@ return {redis.call('GET', KEYS[4]), redis.call('GET', KEYS[3]) or '0',
 """
 
 # One put or delete. ARGV: channel, epoch id to use if there is none, name, doc, the writer's known
-# version of the name, op ('put' | 'delete'), '1' if the writer sees the name live. A delete of a
-# name live neither in Redis nor (at a newer version) at the writer returns 'unknown'.
+# version of the name, op ('put' | 'delete'), '1' if the writer sees the name live, the version a
+# compare-and-set put expects ('' = unconditional; 0 = absent or deleted). A delete of a name live
+# neither in Redis nor (at a newer version) at the writer returns 'unknown'; a put whose expected
+# version is not the live one in Redis returns 'conflict' with the live one.
 _WRITE = """
 local fresh = redis.call('SET', KEYS[4], ARGV[2], 'NX')
 local cur = tonumber(redis.call('HGET', KEYS[2], ARGV[3]) or '0')
 local known = tonumber(ARGV[5])
+if ARGV[8] ~= '' then
+  local doc = redis.call('HGET', KEYS[1], ARGV[3])
+  local ok, d = pcall(cjson.decode, doc or 'null')
+  local live = doc and not (ok and type(d) == 'table' and d.deleted)
+  local have = 0
+  if live then have = cur end
+  if have ~= tonumber(ARGV[8]) then
+    if fresh then redis.call('PUBLISH', ARGV[1], redis.call('INCR', KEYS[3])) end
+    return {'conflict', string.format('%.0f', have), redis.call('GET', KEYS[4])}
+  end
+end
 if ARGV[6] == 'delete' then
   local doc = redis.call('HGET', KEYS[1], ARGV[3])
   local ok, d = pcall(cjson.decode, doc or 'null')
@@ -538,13 +568,16 @@ class RedisWeightStore(WeightStore):
         with contextlib.suppress(Exception):
             self.client.close()
 
-    def _write(self, name: str, record: Scenario, what: str) -> Scenario:
+    def _write(
+        self, name: str, record: Scenario, what: str, expected_version: int | None = None
+    ) -> Scenario:
         import redis
 
         op = "delete" if record.deleted else "put"
         cur = self.known.get(name)
         args = [self.channel, uuid.uuid4().hex, name, json.dumps(record.doc())]
         args += [cur.version if cur else 0, op, int(name in self.scenarios)]
+        args += ["" if expected_version is None else expected_version]
         try:
             status, version, epoch = self._write_script(keys=self._keys, args=args)
         except redis.RedisError as exc:
@@ -553,7 +586,9 @@ class RedisWeightStore(WeightStore):
                 "requests keep using the last known scenarios"
             ) from None
         if status == "unknown":
-            raise UnknownScenarioError(name, list(self.scenarios))
+            raise UnknownScenarioError(name)
+        if status == "conflict":
+            raise _conflict(name, int(version), expected_version)
         out = dataclasses.replace(record, version=int(version))
         with self._lock:  # read-your-writes in this replica, whatever Redis does next
             self._merge({name: out})
@@ -571,9 +606,10 @@ class RedisWeightStore(WeightStore):
         weights: Mapping[str, float],
         description: str,
         arms: Sequence[Arm] = (),
+        expected_version: int | None = None,
     ) -> Scenario:
         s = Scenario(name, dict(weights), description, 0, now_iso(), arms=tuple(arms))
-        return self._write(name, s, f"write scenario {name!r}")
+        return self._write(name, s, f"write scenario {name!r}", expected_version)
 
     def delete(self, name: str) -> None:
         if name == DEFAULT_SCENARIO:

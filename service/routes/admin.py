@@ -7,15 +7,15 @@ from typing import Annotated
 from fastapi import APIRouter, Path
 
 from csmf.errors import WeightsError
+from csmf.names import NAME_PATTERN, NAME_RULE
 from service.deps import Admin, State
 from service.errors import FieldError
 from service.experiments import Arm, ArmsError, check_arms
 from service.schemas import ArmOut, BundleInfo, ReloadRequest, Scenario, ScenarioIn, ScenarioList
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Admin])
-Name = Annotated[
-    str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$", description="scenario name")
-]
+# pydantic-core's regex engine: `$` is the end of the text (no newline before it is accepted).
+Name = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$", description=f"scenario name: {NAME_RULE}")]
 AUTH = {
     401: {"description": "no bearer token"},
     403: {"description": "wrong token or admin disabled"},
@@ -48,18 +48,24 @@ def get_scenario(name: Name, state: State) -> Scenario:
     return _out(state.weights.get(name))
 
 
-@router.put("/scenarios/{name}", response_model=Scenario, responses={**AUTH, 422: {}, 503: {}})
+@router.put(
+    "/scenarios/{name}",
+    response_model=Scenario,
+    responses={**AUTH, 409: {"description": "expected_version is not the current one"}, 422: {},
+               503: {}},
+)  # fmt: skip
 def put_scenario(name: Name, body: ScenarioIn, state: State) -> Scenario:
     """Create or replace. Weights must be finite, >= 0, not all zero, for known objectives.
     With ``arms`` (an experiment): 1..16 arms, unique names, shares summing to 1 (within 1e-9),
-    valid weights in each; the scenario's ``weights`` are then the first arm's."""
+    valid weights in each; the scenario's ``weights`` are then the first arm's. With
+    ``expected_version``: only if the scenario is still at that version (0: absent), else 409."""
     r = state.retriever
     if (body.weights is None) == (body.arms is None):
         raise FieldError(("weights",), "give exactly one of `weights` or `arms`")
     if body.arms is None:
         weights = r.weights(body.weights)  # WeightsError → 422 naming `weights`
         named = dict(zip(r.objectives, weights, strict=True))
-        return _out(state.weights.put(name, named, body.description))
+        return _out(state.weights.put(name, named, body.description, (), body.expected_version))
     arms = []
     for i, a in enumerate(body.arms):
         try:
@@ -71,7 +77,8 @@ def put_scenario(name: Name, body: ScenarioIn, state: State) -> Scenario:
         check_arms(arms)
     except ArmsError as exc:
         raise FieldError(("arms",), str(exc)) from None
-    return _out(state.weights.put(name, arms[0].weights, body.description, arms))
+    cas = body.expected_version
+    return _out(state.weights.put(name, arms[0].weights, body.description, arms, cas))
 
 
 @router.delete("/scenarios/{name}", responses={**AUTH, 404: {}, 409: {}, 503: {}})

@@ -142,20 +142,25 @@ async def retrieve_batch(request: Request) -> Response:
             raise FieldError(("users", i, "user_id"), "give `user_id` and/or `history`")
     retriever = state.retriever
     k = state.check_k(req.k)
-    weights, scale, scenario, some_arm = state.resolve_weights(retriever, req.scenario, req.weights)
+    # One read of the scenario for the whole batch: an admin write (say, arms removed) while the
+    # users are assigned cannot make the batch inconsistent or fail half-way.
+    sc = None if req.weights is not None else state.scenario(req.scenario)
+    weights, scale, scenario, some_arm = state.resolve_weights(
+        retriever, req.scenario, req.weights, None, sc
+    )
     arms: list[str | None] = [None] * len(req.users)
     groups: dict[str | None, tuple[np.ndarray, list[int]]] = {None: (scale, list(range(len(arms))))}
     arm_weights: dict[str | None, bytes] = {}  # per result, only for scenarios with arms
     if some_arm is not None:  # experiment arms: one batched search per arm, users by assignment
         groups = {}
         for i, u in enumerate(req.users):
-            w, s, _, arms[i] = state.resolve_weights(retriever, req.scenario, None, u.user_id)
+            w, s, _, arms[i] = state.resolve_weights(retriever, req.scenario, None, u.user_id, sc)
             if arms[i] not in groups:
                 groups[arms[i]] = (s, [])
                 named = dict(zip(retriever.objectives, w, strict=True))
                 arm_weights[arms[i]] = b',"weights":' + to_json(named)
             groups[arms[i]][1].append(i)
-        first = state.weights.get(scenario).arms[0]  # top level: the first arm's (as the scenario)
+        first = sc.arms[0]  # top level: the first arm's (as the scenario)
         weights = tuple(first.weights.get(o, 0.0) for o in retriever.objectives)
     threads = state.settings.batch_threads
     if req.filter is not None:

@@ -82,10 +82,19 @@ def test_invalid_json_and_empty_body_are_422(client):
         assert r.json()["detail"][0]["loc"][0] == "body"
 
 
-def test_unknown_scenario_is_404(client):
-    r = client.post("/v1/retrieve", json={"user_id": "u1", "scenario": "nope"})
-    assert r.status_code == 404
-    assert r.json()["detail"] == "unknown scenario 'nope'; known scenarios: ['default']"
+def test_unknown_scenario_is_404_naming_no_other_scenario(client):
+    secret = "q3-promo-partner-x"
+    r = client.put(f"/admin/scenarios/{secret}", json={"weights": [1, 1, 1]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    for path, body in [
+        ("/v1/retrieve", {"user_id": "u1", "scenario": "nope"}),
+        ("/v1/retrieve/batch", {"users": [{"user_id": "u1"}], "scenario": "nope"}),
+    ]:
+        r = client.post(path, json=body)
+        assert r.status_code == 404
+        detail = r.json()["detail"]
+        assert detail.startswith("unknown scenario 'nope'"), detail
+        assert secret not in detail and "default" not in detail, detail
 
 
 def test_batch_errors(client):

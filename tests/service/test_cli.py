@@ -98,3 +98,16 @@ def test_training_commands_without_torch_say_what_to_install():
         assert r.returncode == 2, (argv, r.stderr)
         assert "needs PyTorch" in r.stderr and "csmf-retrieval[train]" in r.stderr
         assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file"])
+def test_an_event_log_path_that_is_a_file_is_one_error_line(bundles, tmp_path, where):
+    f = tmp_path / "notes.txt"
+    f.write_text("not a folder")
+    path = f if where == "file" else f / "log"
+    r = _serve("--bundle", str(bundles["flat"]), CSMF_EVENT_LOG_DIR=str(path))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: event log: "), r.stderr
+    assert str(f) in lines[0] and "CSMF_EVENT_LOG_DIR" in lines[0] and "Traceback" not in r.stderr
+    assert f.read_text() == "not a folder"

@@ -28,6 +28,7 @@ ARMS = [
         ([{**ARMS[0], "share": 1.0}, {**ARMS[1], "share": 0.0}], ["body", "arms"],
          "share of arm 'more-conv' must be in (0, 1], got 0.0"),
         ([{**ARMS[0], "share": 1.0, "name": "bad name"}], ["body", "arms"], "arm name 'bad name'"),
+        ([{**ARMS[0], "share": 1.0, "name": "ctl\n"}], ["body", "arms"], "arm name 'ctl\\n'"),
         ([{**ARMS[0], "share": 1.0, "weights": [0, 0, 0]}], ["body", "arms", 0, "weights"],
          "weights must not all be zero"),
         ([{**ARMS[0], "share": 1.0, "weights": {"buy": 1}}], ["body", "arms", 0, "weights"],
@@ -52,6 +53,13 @@ def test_shares_within_1e9_are_accepted_and_weights_xor_arms(bundles, make_clien
     assert r.status_code == 422 and "exactly one of `weights` or `arms`" in r.text
     r = c.put("/admin/scenarios/e", json={"description": "x"}, headers=AUTH)
     assert r.status_code == 422 and "exactly one of `weights` or `arms`" in r.text
+
+
+def test_a_scenario_name_with_a_trailing_newline_is_refused(bundles, make_client):
+    c = make_client(bundles["flat"])
+    r = c.put("/admin/scenarios/ctl%0A", json={"weights": [1, 1, 1]}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "name"], r.text
+    assert "ctl" not in c.get("/admin/scenarios", headers=AUTH).text
 
 
 def _arms(*shares) -> tuple[Arm, ...]:
@@ -163,3 +171,30 @@ def test_a_batch_counts_each_arms_impressions_and_names_each_users_arm(bundles, 
     counted = impressions(c.get("/metrics").text)
     assert {arm: counted[("exp", arm)] for arm in served} == served
     assert counted[("default", "_none")] == sum(len(x["items"]) for x in r.json()["results"])
+
+
+def test_a_batch_reads_its_scenario_once_while_arms_are_removed(bundles, make_client):
+    """An admin write that removes the arms right after the batch read its scenario (here: on
+    that very read) neither fails the batch nor mixes the two versions: every user gets an arm of
+    the version read."""
+    c = make_client(bundles["flat"])
+    assert c.put("/admin/scenarios/exp", json={"arms": ARMS}, headers=AUTH).status_code == 200
+    store = c.app.state.csmf.weights
+    read = store.get
+
+    def get_then_remove_arms(name):
+        s = read(name)
+        if name == "exp" and s.arms:
+            store.put("exp", {"exposure": 1.0, "click": 1.0, "conversion": 1.0}, "no more arms")
+        return s
+
+    store.get = get_then_remove_arms
+    try:
+        users = [{"user_id": f"u{i}"} for i in range(20)]
+        r = c.post("/v1/retrieve/batch", json={"users": users, "scenario": "exp", "k": 3})
+    finally:
+        store.get = read
+    assert r.status_code == 200, r.text
+    assert {res["arm"] for res in r.json()["results"]} <= {a["name"] for a in ARMS}
+    assert r.json()["weights"] == {"exposure": 1.0, "click": 1.8, "conversion": 1.2}  # arm 0
+    assert c.get("/admin/scenarios/exp", headers=AUTH).json()["arms"] is None  # the write held

@@ -212,3 +212,34 @@ def test_redis_store_skips_an_unreadable_document_and_can_delete_it(redis_prefix
     finally:
         s.stop()
         r.close()
+
+
+@pytest.mark.parametrize("backend", ["file", "redis"])
+def test_a_compare_and_set_put_refuses_a_write_made_since_it_read(backend, tmp_path, request):
+    """``expected_version``: the version read (0 = absent); a write in between is a conflict and
+    nothing is written; a tombstone (Redis) counts as absent."""
+    from service.errors import ConflictError
+
+    if backend == "file":
+        a, b = (FileWeightStore(tmp_path / "s.json", OBJ, 0.05) for _ in range(2))
+    else:
+        prefix = request.getfixturevalue("redis_prefix")
+        a, b = (RedisWeightStore(REDIS_URL, prefix, OBJ, 0.05, 0.5) for _ in range(2))
+    a.start(), b.start()
+    try:
+        assert a.wait_synced(2) and b.wait_synced(2)
+        w = {"exposure": 1.0, "click": 1.0, "conversion": 1.0}
+        read = a.put("x", w, "first", expected_version=0).version  # absent, as expected
+        with pytest.raises(ConflictError, match="'x' is at version"):
+            a.put("x", w, "again as new", expected_version=0)
+        b.put("x", {**w, "click": 5.0}, "a concurrent admin write")
+        with pytest.raises(ConflictError, match="changed since it was read"):
+            a.put("x", {**w, "click": 9.0}, "tune", expected_version=read)
+        seen = wait_until(lambda: a.get("x").weights["click"] == 5.0, 2, "a to sync b's write")
+        assert seen and b.get("x").description == "a concurrent admin write"  # not overwritten
+        now = b.get("x").version
+        assert a.put("x", w, "tune", expected_version=now).description == "tune"
+        a.delete("x")
+        assert a.put("x", w, "back", expected_version=0).description == "back"
+    finally:
+        _stop_all(a, b)
