@@ -345,6 +345,8 @@ def _render_scale(s: dict) -> list[str]:
     for name, counts in s["datasets"].items():
         lines.append(f"- `{name}`: {_counts(counts)}")
     lines.append("")
+    if s.get("note"):
+        lines += [f"Note: {s['note']}.", ""]
     head = ["round", "data", "trainer", "load", "ex/s exposure", "ex/s click", "ex/s conversion",
             "waiting for data", "peak RSS MB", "tables + optimizer state MB"]  # fmt: skip
 
