@@ -32,14 +32,14 @@ from csmf.results import script_command, table, write_results  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [  # (module, attribute path, label); nested ones are inside Retriever.retrieve
     ("service.routes.retrieve", "parse_retrieve", "parse the body"),
-    ("service.state", "AppState.resolve_weights", "resolve weights"),
+    ("service.scenarios", "Scenarios.resolve", "resolve weights"),
     ("service.retriever", "Retriever.retrieve", "Retriever.retrieve (all of it)"),
     ("service.retriever", "Retriever.user", "  user lookup"),
     ("csmf.user_encoder", "UserEncoder.encode", "  encode"),
     ("csmf.index.faiss", "FaissIndex.search", "  FAISS search (with its wrapper)"),
     ("service.retriever", "Retriever.items_json", "render the items' JSON"),
-    ("service.state", "AppState.served", "request id + impressions"),
-    ("service.state", "AppState.count", "request counters"),
+    ("service.outcomes", "Outcomes.served", "request id + impressions"),
+    ("service.outcomes", "Outcomes.count", "request counters"),
 ]
 
 

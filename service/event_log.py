@@ -52,8 +52,13 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from csmf.atomic import atomic_write, fsync_path
+
+if TYPE_CHECKING:  # the log itself needs neither: only open_event_log reads them
+    from service.metrics import ServiceMetrics
+    from service.settings import Settings
 
 log = logging.getLogger("csmf.service")
 EVENTS = ("click", "conversion")
@@ -106,6 +111,21 @@ class _Spool:
         if remove:  # unlink while still locked: a sweeper never sees it unlocked and present
             self.path.unlink(missing_ok=True)
         self.fh.close()
+
+
+def open_event_log(settings: Settings, metrics: ServiceMetrics) -> EventLog | None:
+    """The log ``settings`` ask for (``CSMF_EVENT_LOG_*``), started, with its drops and writes
+    counted on /metrics; None without ``CSMF_EVENT_LOG_DIR``."""
+    s = settings
+    if s.event_log_dir is None:
+        return None
+    event_log = EventLog(
+        s.event_log_dir, s.event_log_queue, s.event_log_rotate_rows, s.event_log_rotate_s,
+        on_drop=metrics.event_log_dropped_total.inc, on_write=metrics.event_log_rows_total.inc,
+        sync_s=s.event_log_sync_s,
+    )  # fmt: skip
+    event_log.start()
+    return event_log
 
 
 def prepare_folder(root: Path) -> None:

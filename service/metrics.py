@@ -85,12 +85,12 @@ def scenario_label(name: str | None, mode: str) -> str:
 # depending on the library's private internals.
 
 
-def HotCounter(child: Counter) -> Counter:  # a name service/state.py still imports
+def HotCounter(child: Counter) -> Counter:  # a name service/outcomes.py still imports
     """A pre-bound counter child, used as is (``child.inc``)."""
     return child
 
 
-def HotHistogram(child: Histogram) -> Histogram:  # a name service/state.py still imports
+def HotHistogram(child: Histogram) -> Histogram:  # a name service/outcomes.py still imports
     """A pre-bound histogram child, used as is (``child.observe``)."""
     return child
 

@@ -39,7 +39,7 @@ def install_openapi(app: FastAPI) -> None:
     cache: dict[tuple[str, ...] | None, dict] = {}
 
     def openapi() -> dict:
-        retriever = getattr(app.state.csmf, "retriever", None)
+        retriever = app.state.csmf.bundle.retriever  # None until the lifespan loaded it
         key = None if retriever is None else tuple(retriever.objectives)
         if key not in cache:
             doc = copy.deepcopy(base())

@@ -35,7 +35,7 @@ def _out(s) -> Scenario:
 
 @router.get("/scenarios", response_model=ScenarioList, responses=AUTH)
 def list_scenarios(state: State) -> ScenarioList:
-    w = state.weights
+    w = state.scenarios.store
     return ScenarioList(
         scenarios=[_out(s) for _, s in sorted(w.scenarios.items())],
         store=w.backend,
@@ -45,7 +45,7 @@ def list_scenarios(state: State) -> ScenarioList:
 
 @router.get("/scenarios/{name}", response_model=Scenario, responses={**AUTH, 404: {}})
 def get_scenario(name: Name, state: State) -> Scenario:
-    return _out(state.weights.get(name))
+    return _out(state.scenarios.store.get(name))
 
 
 @router.put(
@@ -59,13 +59,13 @@ def put_scenario(name: Name, body: ScenarioIn, state: State) -> Scenario:
     With ``arms`` (an experiment): 1..16 arms, unique names, shares summing to 1 (within 1e-9),
     valid weights in each; the scenario's ``weights`` are then the first arm's. With
     ``expected_version``: only if the scenario is still at that version (0: absent), else 409."""
-    r = state.retriever
+    r, store = state.bundle.retriever, state.scenarios.store
     if (body.weights is None) == (body.arms is None):
         raise FieldError(("weights",), "give exactly one of `weights` or `arms`")
     if body.arms is None:
         weights = r.weights(body.weights)  # WeightsError → 422 naming `weights`
         named = dict(zip(r.objectives, weights, strict=True))
-        return _out(state.weights.put(name, named, body.description, (), body.expected_version))
+        return _out(store.put(name, named, body.description, (), body.expected_version))
     arms = []
     for i, a in enumerate(body.arms):
         try:
@@ -78,18 +78,18 @@ def put_scenario(name: Name, body: ScenarioIn, state: State) -> Scenario:
     except ArmsError as exc:
         raise FieldError(("arms",), str(exc)) from None
     cas = body.expected_version
-    return _out(state.weights.put(name, arms[0].weights, body.description, arms, cas))
+    return _out(store.put(name, arms[0].weights, body.description, arms, cas))
 
 
 @router.delete("/scenarios/{name}", responses={**AUTH, 404: {}, 409: {}, 503: {}})
 def delete_scenario(name: Name, state: State) -> dict:
-    state.weights.delete(name)
+    state.scenarios.store.delete(name)
     return {"deleted": name}
 
 
 @router.get("/bundle", response_model=BundleInfo, responses=AUTH)
 def bundle_info(state: State) -> dict:
-    return state.retriever.info()
+    return state.bundle.retriever.info()
 
 
 @router.post(
@@ -98,5 +98,5 @@ def bundle_info(state: State) -> dict:
 def reload(state: State, body: ReloadRequest | None = None) -> dict:
     """Load and verify a bundle fully, then swap it in atomically. On any failure the old bundle
     keeps serving and the error is returned (422)."""
-    old, new = state.reload(body.bundle if body else None)
+    old, new = state.bundle.reload(body.bundle if body else None)
     return {"status": "reloaded", "previous": old.model_version, "bundle": new.info()}

@@ -20,7 +20,6 @@ from fastapi import APIRouter
 from service.deps import State
 from service.errors import FieldError, UnknownRequestIdError
 from service.event_log import EVENTS
-from service.metrics import NO_ARM, scenario_label
 from service.request_ids import NotServedError, UnknownRequestError
 from service.schemas import FeedbackIn
 
@@ -38,7 +37,7 @@ router = APIRouter(tags=["feedback"])
 def feedback(body: FeedbackIn, state: State) -> dict:
     if body.event not in EVENTS:
         raise FieldError(("event",), f"event must be one of {list(EVENTS)}, got {body.event!r}")
-    ids = state.request_ids
+    ids = state.outcomes.request_ids
     try:
         served = ids.verify(body.request_id, body.user_id, body.item_id)
     except UnknownRequestError as exc:
@@ -47,15 +46,5 @@ def feedback(body: FeedbackIn, state: State) -> dict:
         raise FieldError(("item_id",), str(exc)) from None
     out = {"recorded": body.event, "scenario": served.scenario, "arm": served.arm}
     lifetime = ids.ttl_s - (time.time() - served.ms / 1000)  # the id's remaining validity
-    if not state.feedback_once.first(served.id, body.item_id, body.event, lifetime):
-        return {**out, "duplicate": True}
-    mode = state.metrics.scenario_labels
-    arm = NO_ARM if served.arm is None else scenario_label(served.arm, mode)
-    state.metrics.feedback_total.labels(
-        scenario_label(served.scenario, mode), arm, body.event
-    ).inc()
-    if state.event_log is not None:
-        state.event_log.feedback(
-            served.id, body.user_id, body.item_id, body.event, cold=body.user_id is None
-        )
-    return {**out, "duplicate": False}
+    first = state.outcomes.feedback(served, body.user_id, body.item_id, body.event, lifetime)
+    return {**out, "duplicate": not first}

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from service.errors import FieldError, PayloadTooLargeError, validation_response
 from service.fast_parse import parse_retrieve
 from service.schemas import BatchRequest, BatchResponse, RetrieveRequest, RetrieveResponse
+from service.settings import Settings
 from service.state import AppState
 
 router = APIRouter(tags=["retrieve"])
@@ -65,16 +66,17 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
     req = parse_retrieve(body)
     if req.user_id is None and req.history is None:
         raise FieldError(("user_id",), "give `user_id` and/or `history`")
-    retriever = state.retriever  # one read: the whole request uses one bundle
-    k = state.check_k(req.k)
-    weights, scale, scenario, arm = state.resolve_weights(
+    retriever = state.bundle.retriever  # one read: the whole request uses one bundle
+    k = check_k(state.settings, req.k)
+    weights, scale, scenario, arm = state.scenarios.resolve(
         retriever, req.scenario, req.weights, req.user_id
     )
     hits = retriever.retrieve(
         req.user_id, req.history, scale, k, req.exclude, req.exclude_seen, req.explain, req.filter
     )
-    state.count(scenario, "single", hits.cold_start, not hits.cold_start)
-    request_id = state.served(
+    outcomes = state.outcomes
+    outcomes.count(scenario, "single", hits.cold_start, not hits.cold_start)
+    request_id = outcomes.served(
         scenario, arm, req.user_id, retriever, hits.rows, cold=hits.cold_start
     )
     return b"".join(
@@ -98,6 +100,14 @@ def retrieve_json(state: AppState, body: bytes, t0: float) -> bytes:
             b"}",
         ]
     )
+
+
+def check_k(settings: Settings, k: int | None) -> int:
+    if k is None:
+        return settings.default_k
+    if not 1 <= k <= settings.max_k:
+        raise FieldError(("k",), f"k must be in [1, {settings.max_k}], got {k}")
+    return k
 
 
 @lru_cache(maxsize=4096)  # scenario and arm names repeat
@@ -140,12 +150,12 @@ async def retrieve_batch(request: Request) -> Response:
     for i, u in enumerate(req.users):
         if u.user_id is None and u.history is None:
             raise FieldError(("users", i, "user_id"), "give `user_id` and/or `history`")
-    retriever = state.retriever
-    k = state.check_k(req.k)
+    retriever = state.bundle.retriever
+    k = check_k(state.settings, req.k)
     # One read of the scenario for the whole batch: an admin write (say, arms removed) while the
     # users are assigned cannot make the batch inconsistent or fail half-way.
-    sc = None if req.weights is not None else state.scenario(req.scenario)
-    weights, scale, scenario, some_arm = state.resolve_weights(
+    sc = None if req.weights is not None else state.scenarios.get(req.scenario)
+    weights, scale, scenario, some_arm = state.scenarios.resolve(
         retriever, req.scenario, req.weights, None, sc
     )
     arms: list[str | None] = [None] * len(req.users)
@@ -154,7 +164,7 @@ async def retrieve_batch(request: Request) -> Response:
     if some_arm is not None:  # experiment arms: one batched search per arm, users by assignment
         groups = {}
         for i, u in enumerate(req.users):
-            w, s, _, arms[i] = state.resolve_weights(retriever, req.scenario, None, u.user_id, sc)
+            w, s, _, arms[i] = state.scenarios.resolve(retriever, req.scenario, None, u.user_id, sc)
             if arms[i] not in groups:
                 groups[arms[i]] = (s, [])
                 named = dict(zip(retriever.objectives, w, strict=True))
@@ -182,7 +192,8 @@ async def retrieve_batch(request: Request) -> Response:
             for i, h in zip(idx, part, strict=True):
                 hits[i] = h
         cold = sum(h.cold_start for h in hits)
-        state.count(scenario, "batch", cold, len(hits) - cold)
+        outcomes = state.outcomes
+        outcomes.count(scenario, "batch", cold, len(hits) - cold)
         # One list of parts, joined once: per user, its id and items, the constant pieces
         # (cold-start flag, arm, the arm's weights) serialised once per batch, its request id
         # (v2.<hex>.<hex>.<base64url>.<base64url>.<base64url>.<hex>: nothing to escape).
@@ -190,7 +201,7 @@ async def retrieve_batch(request: Request) -> Response:
         impressions = dict.fromkeys(groups, 0)
         parts = [b'{"results":[']
         for u, h, arm in zip(req.users, hits, arms, strict=True):
-            rid = state.served(
+            rid = outcomes.served(
                 scenario, arm, u.user_id, retriever, h.rows, count=False, cold=h.cold_start
             )
             impressions[arm] += len(h.rows)
@@ -209,7 +220,7 @@ async def retrieve_batch(request: Request) -> Response:
         if len(parts) > 1:
             parts[-1] = b'"}'
         for arm, n in impressions.items():
-            state.count_impressions(scenario, arm, n)
+            outcomes.count_impressions(scenario, arm, n)
         rest = {
             "weights": dict(zip(retriever.objectives, weights, strict=True)),
             "scenario": scenario,

@@ -179,7 +179,7 @@ def test_a_batch_reads_its_scenario_once_while_arms_are_removed(bundles, make_cl
     the version read."""
     c = make_client(bundles["flat"])
     assert c.put("/admin/scenarios/exp", json={"arms": ARMS}, headers=AUTH).status_code == 200
-    store = c.app.state.csmf.weights
+    store = c.app.state.csmf.scenarios.store
     read = store.get
 
     def get_then_remove_arms(name):

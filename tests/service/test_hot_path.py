@@ -167,7 +167,7 @@ def test_seen_items_dropped_after_the_search_equal_a_selector(
     if not after_search:  # every history goes into the search's selector
         monkeypatch.setattr(retriever_module, "SEEN_AFTER_SEARCH", 0)
     client = make_client(bundles[kind])
-    rt = client.app.state.csmf.retriever
+    rt = client.app.state.csmf.bundle.retriever
     bundle = load_bundle(bundles[kind], verify=False)
     scale = rt.scale((1.0, 1.8, 1.2))
     for user in bundle.users.ids[:25]:

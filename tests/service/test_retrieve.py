@@ -97,7 +97,7 @@ def test_hnsw_exclusions_hold_with_an_unbounded_queue(bundles, make_client):
     """faiss #5504: with search_bounded_queue=False HNSW ignores ID selectors; the service always
     searches with a bounded queue when it passes a selector."""
     client = make_client(bundles["hnsw"])
-    index = client.app.state.csmf.retriever.bundle.index.index
+    index = client.app.state.csmf.bundle.retriever.bundle.index.index
     faiss.downcast_index(index).hnsw.search_bounded_queue = False
     first = client.post("/v1/retrieve", json={"user_id": "u1", "k": 10}).json()["items"]
     exclude = [it["item_id"] for it in first]

@@ -159,7 +159,7 @@ def test_app_reads_live_features_from_redis(bundles, make_client, redis_prefix):
     wait_until(
         lambda: client.post("/v1/retrieve", json=body).json()["cold_start"] is False, 1.0, "mirror"
     )
-    bundle = client.app.state.csmf.retriever.bundle
+    bundle = client.app.state.csmf.bundle.retriever.bundle
     e = bundle.encoder.encode([{"user_id": "live-1", "gender": "F"}], [["i1", "i2", "i3"]])
     _, rows = bundle.search(e * bundle.scale([1, 1, 1]), 5)
     live = client.post("/v1/retrieve", json=body).json()
