@@ -240,15 +240,17 @@ def tune(
     ] = None,
 ) -> None:
     """Pareto front of weight triplets on the VALIDATION split; optionally apply one as a scenario."""
+    from csmf.admin_client import scenario_version
     from trainer.tune import TUNE_NAME, TuneError, apply_scenario, parse_values, summary, tune_run
 
     try:
         if apply and not (url and token):
             raise TuneError("--apply needs --url of a running service and --token (admin)")
+        version = scenario_version(url, token, apply) if apply else 0  # before any work
         doc = tune_run(run, objectives.split(","), metric, n, parse_values(values), prefer, out)
         typer.echo(summary(doc))
         if apply:
-            s = apply_scenario(doc, apply, url, token)
+            s = apply_scenario(doc, apply, url, token, version)
             typer.echo(f"applied scenario {apply!r} version {s['version']} at {url}")
     except CsmfError as exc:
         fail(exc)

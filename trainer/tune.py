@@ -199,9 +199,13 @@ def plot(doc: dict, path: Path) -> Path:
     return path
 
 
-def apply_scenario(doc: dict, name: str, url: str, token: str, timeout: float = 10.0) -> dict:
-    """PUT the chosen weights as scenario ``name`` through a running service's admin API."""
-    import httpx
+def apply_scenario(
+    doc: dict, name: str, url: str, token: str, expected_version: int, timeout: float = 10.0
+) -> dict:
+    """PUT the chosen weights as scenario ``name`` through a running service's admin API, only if
+    the scenario is still at ``expected_version`` (read before tuning started: an admin write in
+    between is a conflict, never silently overwritten). The name is validated and escaped."""
+    from csmf.admin_client import put_scenario
 
     c = doc["chosen"]
     body = {
@@ -210,20 +214,7 @@ def apply_scenario(doc: dict, name: str, url: str, token: str, timeout: float = 
         f"{c[doc['objectives'][0]]:.4f} / {doc['objectives'][1]} "
         f"{c[doc['objectives'][1]]:.4f} (validation, {doc['run']})",
     }
-    try:
-        r = httpx.put(
-            f"{url.rstrip('/')}/admin/scenarios/{name}",
-            json=body,
-            headers={"authorization": f"Bearer {token}"},
-            timeout=timeout,
-        )
-    except httpx.HTTPError as exc:
-        raise TuneError(f"cannot reach the service at {url}: {type(exc).__name__}: {exc}") from None
-    if r.status_code != 200:
-        raise TuneError(
-            f"service at {url} refused scenario {name!r}: HTTP {r.status_code} {r.text[:300]}"
-        )
-    return r.json()
+    return put_scenario(url, token, name, body, expected_version, timeout=timeout)
 
 
 def summary(doc: dict) -> str:

@@ -152,3 +152,30 @@ def test_apply_puts_the_chosen_point_into_a_running_service(tune_run_dir, tmp_pa
     assert got["weights"] == pytest.approx(chosen)
     r = httpx.post(f"{svc.url}/v1/retrieve", json={"user_id": "u1", "scenario": "tuned", "k": 3})
     assert r.status_code == 200 and r.json()["weights"] == pytest.approx(chosen)
+
+
+def test_apply_refuses_a_bad_name_and_never_overwrites_a_concurrent_write(
+    tune_run_dir, tmp_path, bundles, serve
+):
+    from fixtures.services import AUTH, TOKEN
+
+    from csmf.admin_client import AdminClientError
+    from trainer.tune import apply_scenario
+
+    svc = serve(bundles["flat"])
+    base = ["--run", str(tune_run_dir), "--values", "0,1,2", "--n", "10", "--out", str(tmp_path)]
+    bad = runner.invoke(
+        _app(cli.tune), [*base, "--apply", "x?y=1", "--url", svc.url, "--token", TOKEN]
+    )
+    assert bad.exit_code == 2 and "scenario name 'x?y=1' must be" in bad.output
+    assert httpx.get(f"{svc.url}/admin/scenarios/x", headers=AUTH).status_code == 404
+    assert not (tmp_path / "tune.json").exists()  # refused before any work
+    ok = runner.invoke(
+        _app(cli.tune), [*base, "--apply", "fresh", "--url", svc.url, "--token", TOKEN]
+    )
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads((tmp_path / "tune.json").read_text())
+    # an admin wrote "fresh" again after the tune read version 0: the tune's write is a conflict
+    with pytest.raises(AdminClientError):
+        apply_scenario(doc, "fresh", svc.url, TOKEN, expected_version=0)
+    assert httpx.get(f"{svc.url}/admin/scenarios/fresh", headers=AUTH).json()["version"] >= 1
