@@ -85,16 +85,6 @@ def scenario_label(name: str | None, mode: str) -> str:
 # depending on the library's private internals.
 
 
-def HotCounter(child: Counter) -> Counter:  # a name service/outcomes.py still imports
-    """A pre-bound counter child, used as is (``child.inc``)."""
-    return child
-
-
-def HotHistogram(child: Histogram) -> Histogram:  # a name service/outcomes.py still imports
-    """A pre-bound histogram child, used as is (``child.observe``)."""
-    return child
-
-
 class ServiceMetrics:
     def __init__(self, scenario_labels: str = "name") -> None:
         if scenario_labels not in SCENARIO_LABEL_MODES:

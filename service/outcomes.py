@@ -11,7 +11,7 @@ from typing import Any
 from service.event_log import EventLog
 from service.feedback_key import signing_key
 from service.feedback_once import FeedbackOnce
-from service.metrics import NO_ARM, HotCounter, ServiceMetrics, scenario_label
+from service.metrics import NO_ARM, ServiceMetrics, scenario_label
 from service.request_ids import RequestIds, Served
 from service.retriever import Retriever
 from service.settings import Settings
@@ -64,9 +64,8 @@ class Outcomes:
         if c is None:
             mode = self.metrics.scenario_labels
             a = NO_ARM if arm is None else scenario_label(arm, mode)
-            c = self._served[(scenario, arm)] = HotCounter(
-                self.metrics.impressions_total.labels(scenario_label(scenario, mode), a)
-            )
+            label = scenario_label(scenario, mode)
+            c = self._served[(scenario, arm)] = self.metrics.impressions_total.labels(label, a)
         c.inc(n)
 
     def count(self, scenario: str | None, endpoint: str, cold: int, warm: int) -> None:
@@ -75,9 +74,9 @@ class Outcomes:
             m = self.metrics
             label = scenario_label(scenario, m.scenario_labels)  # once per (scenario, endpoint)
             c = self._counters[(scenario, endpoint)] = (
-                HotCounter(m.requests_total.labels(label, endpoint)),
-                HotCounter(m.users_total.labels(endpoint, "true")),
-                HotCounter(m.users_total.labels(endpoint, "false")),
+                m.requests_total.labels(label, endpoint),
+                m.users_total.labels(endpoint, "true"),
+                m.users_total.labels(endpoint, "false"),
             )
         c[0].inc()
         if cold:
