@@ -107,7 +107,13 @@ def test_bundle_swap_under_load(serve, bundles, tmp_path, report):
 
         def all_new() -> bool:
             got = {fresh.post("/v1/retrieve", json={"user_id": "u1"}).json()["model_version"]}
-            return got == {new}
+            # each load connection is pinned to one worker: its latest answer tells whether that
+            # worker switched (fresh connections alone may all land on the same worker)
+            latest: dict[int, object] = {}
+            for s in list(load.samples):
+                if s.conn >= 0:
+                    latest[s.conn] = s
+            return got == {new} and all(s.model_version == new for s in latest.values())
 
         for _ in range(8):  # fresh connections land on either worker
             wait_until(all_new, PATIENCE, "every worker to serve the new bundle")
