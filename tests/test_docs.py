@@ -1,7 +1,7 @@
 """References in code and docs point at headings that exist: the design of record is
 docs/design.md, and every link into it (``docs/design.md#anchor``, or ``design.md#anchor`` from
-docs/) names one of its headings under GitHub's anchor rules. References to the old out-of-repo
-design ("DESIGN" + " §N") and to issue numbers are gone."""
+docs/) names one of its headings under GitHub's anchor rules. Section-number references to a
+design outside the repository ("DESIGN" + " §N") and issue numbers are refused."""
 
 from __future__ import annotations
 
@@ -31,23 +31,6 @@ SKIP_PARTS = {"__pycache__", ".pytest_cache", "node_modules"}
 OLD_DESIGN = re.compile("DESIGN" + r"(?:'s)? " + "§" + r"\s*\d+")
 ISSUE = re.compile(r"\bissues?[- ]#?\d+", re.IGNORECASE)
 LINK = re.compile(r"(?<![\w/.-])(?:docs/)?design\.md#([A-Za-z0-9_-]+)")
-
-# Files allowed to keep an old "DESIGN §N" while someone rewrites them (each number must still map
-# to a heading through OLD_TO_ANCHOR). Keep it empty on main.
-PENDING: set[str] = set()
-# The old section numbers and the heading each became (most specific first).
-OLD_TO_ANCHOR = {
-    "1": "owned-units-and-why-one-search-is-exact",
-    "2": "the-cascade",
-    "3": "data-formats",
-    "4": "the-bundle-and-its-manifest",
-    "5": "the-request-path",
-    "7": "training-at-scale",
-    "8": "performance-facts",
-    "9": "the-index-seam",
-    "10": "tune-experiment-feedback",
-    "12": "where-things-live",
-}
 
 
 def github_anchors(markdown: str) -> set[str]:
@@ -97,21 +80,12 @@ def test_anchor_rules_follow_github():
     assert github_anchors(md) == {"a-b-c", "owned-units-and-why", "owned-units-and-why-1"}
 
 
-def test_the_mapping_and_the_pending_list_point_at_headings(anchors):
-    assert set(OLD_TO_ANCHOR.values()) <= anchors
-    for name in PENDING:
-        assert (ROOT / name).is_file(), f"PENDING lists {name}, which does not exist"
-
-
 def test_no_reference_to_the_old_design_sections():
-    found = []
-    for p in text_files():
-        for m in OLD_DESIGN.finditer(p.read_text(errors="replace")):
-            if _rel(p) in PENDING:
-                numbers = re.findall(r"§\s*(\d+)", m.group(0))
-                assert all(n in OLD_TO_ANCHOR for n in numbers), f"{_rel(p)}: {m.group(0)}"
-            else:
-                found.append(f"{_rel(p)}: {m.group(0)}")
+    found = [
+        f"{_rel(p)}: {m.group(0)}"
+        for p in text_files()
+        for m in OLD_DESIGN.finditer(p.read_text(errors="replace"))
+    ]
     assert found == [], "link docs/design.md#<heading> instead: " + "; ".join(found)
 
 

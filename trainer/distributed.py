@@ -97,10 +97,11 @@ class Dist:
         per rank in, (nnz, D) coalesced out."""
         rows, values = [], []
         for p in tables:
-            g = p.grad.coalesce() if p.grad is not None else None
-            if g is None or not g.is_sparse:  # no lookup on this rank (or a dense grad)
-                g = (p.grad if p.grad is not None else torch.zeros_like(p)).to_sparse(1)
-                g = g.coalesce()
+            if p.grad is None:  # no lookup on this rank this step: it sends no rows
+                rows.append(torch.zeros(0, dtype=torch.int64, device=p.device))
+                values.append(torch.zeros(0, dtype=p.dtype, device=p.device))
+                continue
+            g = p.grad.coalesce()
             rows.append(g.indices()[0])
             values.append(g.values().reshape(-1))
         counts = torch.tensor([len(r) for r in rows], dtype=torch.int64, device=self.device)

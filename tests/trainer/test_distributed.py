@@ -20,6 +20,7 @@ from csmf.checkpoint import load_checkpoint
 from tests.trainer.test_stream import _as_parts
 from trainer.config import load_config
 from trainer.distributed import SINGLE, Dist, model_digest
+from trainer.ownership import frozen_entries, owned_parameters
 from trainer.pipeline import eval_run, train_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -116,6 +117,9 @@ def test_a_two_process_run_resumes_in_one_process(two_procs, tmp_path):
     on another world size, and the stages frozen before the kill stay bit-identical."""
     run = tmp_path / "run"
     shutil.copytree(two_procs.parent / "killed", run)
+    killed = torch.load(run / "resume.pt", weights_only=True)["progress"]
+    frozen = len(json.loads(killed["stages"]))  # stages finished before the kill
+    assert frozen >= 1  # the fixture kills after stage 0 froze
     res = subprocess.run(
         [sys.executable, "-m", "trainer.cli", "train", "--resume", str(run), "--no-progress"],
         env=ENV, capture_output=True, text=True, timeout=600,
@@ -123,12 +127,19 @@ def test_a_two_process_run_resumes_in_one_process(two_procs, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "started with 2 process(es), resumed with 1" in res.stdout + res.stderr
     one, two = load_checkpoint(run), load_checkpoint(two_procs)
-    resumed = one.metrics["resumed_from"]["stage"]
-    for t in range(resumed):  # frozen before the kill: the same bits after either resume
+    for t in range(frozen):  # frozen before the kill: the same bits after either resume
         assert one.metrics["stages"][t]["digests"] == two.metrics["stages"][t]["digests"]
-    if resumed:
-        frozen = resumed - 1
-        assert model_digest(one.build_model(), frozen) == model_digest(two.build_model(), frozen)
+    # and in the final models: every entry owned by those stages, bit for bit
+    a, b = (owned_parameters(ckpt.build_model()) for ckpt in (one, two))
+    for (name, mod_a, attr, p_a), (_, mod_b, _, p_b) in zip(a, b, strict=True):
+        assert torch.equal(mod_a.owner < frozen, mod_b.owner < frozen), name
+        got = torch.cat(
+            [c.reshape(-1) for c in frozen_entries(mod_a, attr, p_a, frozen)] or [p_a[:0]]
+        )
+        want = torch.cat(
+            [c.reshape(-1) for c in frozen_entries(mod_b, attr, p_b, frozen)] or [p_b[:0]]
+        )
+        assert torch.equal(got, want), name
     assert one.metrics["processes"] == 1 and len(one.metrics["stages"]) == 3
 
 

@@ -430,14 +430,10 @@ class StreamExamples:
                 yield c.user[sel], c.item[sel], c.ts[sel], c.request[sel], c.row[sel]
 
     def held(self) -> list[np.ndarray] | None:
-        """This rank's examples in memory when every rank has at most ``src.cache_examples``
-        of them (~40 B each), read in one pass on first use; else None (streamed each epoch).
+        """This rank's examples (user, item, ts, request, row) if the preparation pass collected
+        them (every rank has at most ``train.cache_examples``), else None: streamed each epoch.
         A click or conversion stage is a tenth or a hundredth of the events: streaming it
         re-reads every event per epoch to find them."""
-        if self._cache is None and max(self.rank_counts) <= self.src.cache_examples:
-            parts = list(self._own_examples(range(len(self.src.parts))))
-            empty = [np.zeros(0, np.int64)] * 5
-            self._cache = [np.concatenate(x) for x in zip(*parts, strict=True)] or empty
         return self._cache
 
     def batches(
