@@ -28,3 +28,8 @@ class BundleError(CsmfError, ValueError):
 
 class WeightsError(CsmfError, ValueError):
     """An objective weight vector is invalid (NaN, negative, all zero, unknown objective)."""
+
+
+class ItemWriteError(CsmfError, ValueError):
+    """An item write (upsert / delete) or an item-log record is invalid: names the item or
+    record and what was expected."""

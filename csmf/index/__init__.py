@@ -7,9 +7,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from csmf.errors import BundleError
-from csmf.index.base import Capabilities, IndexSpec, RowSet, VectorIndex, Where
+from csmf.index.base import Capabilities, IndexSpec, RowSet, VectorIndex, Where, check_write
 
-__all__ = ["Capabilities", "IndexSpec", "RowSet", "VectorIndex", "Where", "open_index"]
+__all__ = [
+    "Capabilities",
+    "IndexSpec",
+    "RowSet",
+    "VectorIndex",
+    "Where",
+    "check_write",
+    "open_index",
+]
 
 
 def open_index(spec: IndexSpec, folder: Path, uri: str | None = None) -> VectorIndex:

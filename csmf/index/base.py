@@ -7,6 +7,13 @@ products among allowed rows, read stored vectors back (explain), report its size
 what it can do. Rows are the item's position in the bundle's item table (0..N-1); external ids
 stay in the bundle.
 
+Item writes (docs/design.md#item-writes): ``upsert`` replaces the vector of existing rows and
+appends new rows at the end (rows are dense and never reused: the caller's item table assigns
+the next free row); ``delete`` removes rows from search results. ``Capabilities.writes`` says how
+a backend takes them: ``"native"`` (the engine removes and re-adds by id: FAISS flat / IVF /
+IVF-PQ, Milvus), ``"tombstone"`` (FAISS HNSW: deleted rows stay in the graph and are filtered at
+search time until a rebuild), ``"none"`` (read-only).
+
 Which rows a search may return is a :class:`Where`: an attribute filter (typed, see
 ``csmf.index.filters``; engines that evaluate expressions translate it, the others read its
 bitmap over the item table) and a set of excluded rows. The bitmap and the row list are
@@ -16,13 +23,15 @@ computed once per request by the caller, never by the backend.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
+
+from csmf.errors import ItemWriteError
 
 if TYPE_CHECKING:
     from csmf.index.filters import Filter
@@ -37,6 +46,7 @@ class Capabilities:
     exact: bool  # search returns the exact top-k inner products (no recall check needed)
     filters: bool  # attribute filters and exclusions are applied inside the search
     in_bundle: bool  # the index lives in the bundle folder (else it is reached by a URI)
+    writes: str = "none"  # item writes: "native" | "tombstone" | "none" (see the module doc)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -45,6 +55,7 @@ class Capabilities:
             "exact": self.exact,
             "filters": self.filters,
             "in_bundle": self.in_bundle,
+            "writes": self.writes,
         }
 
 
@@ -94,7 +105,45 @@ class VectorIndex(ABC):
     dim: int
 
     @abstractmethod
-    def __len__(self) -> int: ...
+    def __len__(self) -> int:
+        """The number of row slots N: the largest row ever written + 1. Deleted rows keep their
+        slot (rows are never reused or renumbered until a compaction builds a new bundle), so
+        N is also the next free row and the length of the caller's item table."""
+
+    # -- item writes ------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        rows: np.ndarray,
+        vectors: np.ndarray,
+        attributes: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Write item vectors. ``rows`` (n,) int64, distinct: a row < len(self) replaces that
+        row's vector (and undeletes it if it was deleted); rows >= len(self) must be exactly
+        len(self) .. len(self)+m-1 (in any order: new rows are dense) and append. ``vectors``
+        (n, D) float32, finite, unscaled and permuted like the built ones. ``attributes``: the
+        item-table columns of those rows, each (n,), for engines that filter by expression
+        (Milvus stores them); engines that read the caller's bitmap (FAISS) ignore them.
+        All-or-nothing: a batch that fails validation changes nothing (ItemWriteError).
+        Not thread-safe against concurrent searches unless the backend says so: the service
+        applies writes under its own lock."""
+        raise ItemWriteError(
+            f"the {self.capabilities.backend} {self.capabilities.kind} index does not take "
+            "item writes; rebuild the bundle instead"
+        )
+
+    def delete(self, rows: np.ndarray) -> None:
+        """Remove ``rows`` (n,) int64 from search results: a deleted row is never returned by
+        ``search`` (whatever the filter / exclusion) until an upsert writes it again.
+        Idempotent: deleting a deleted row is a no-op; a row >= len(self) is an ItemWriteError."""
+        raise ItemWriteError(
+            f"the {self.capabilities.backend} {self.capabilities.kind} index does not take "
+            "item writes; rebuild the bundle instead"
+        )
+
+    def deleted_rows(self) -> np.ndarray:
+        """(X,) int64 rows deleted since the bundle was built (sorted); empty by default."""
+        return np.zeros(0, np.int64)
 
     @abstractmethod
     def search(
@@ -161,6 +210,10 @@ class IndexSpec(BaseModel):
         None, ge=0, le=1, description="filters allowing a smaller share of items search exactly "
         "over the allowed rows; None = the backend's measured default"
     )  # fmt: skip
+    tombstone_limit: float | None = Field(
+        None, ge=0, le=1, description="tombstone backends (FAISS HNSW): share of deleted rows "
+        "above which the service asks for a compaction (`csmf index compact`); None = 0.2"
+    )  # fmt: skip
     files: list[str] = Field(default_factory=list, description="the index's files in the bundle")
     uri: str | None = Field(None, description="engine URI (Milvus: file or http://host:port)")
     collection: str | None = Field(None, description="Milvus alias the service searches")
@@ -172,3 +225,42 @@ class IndexSpec(BaseModel):
     train_seconds: float | None = None
     build_seconds: float | None = None
     tuning: dict[str, Any] | None = None
+
+
+def check_write(
+    n: int, dim: int, rows: Any, vectors: Any | None = None
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validate an item write against an index of ``n`` row slots and dimension ``dim`` (the
+    contract of :meth:`VectorIndex.upsert` / ``delete``); returns (rows int64, vectors float32
+    C-contiguous or None). Raises ItemWriteError naming the first bad row."""
+    r = np.asarray(rows)
+    if r.ndim != 1 or not (r.dtype.kind in "iu" or r.size == 0):
+        raise ItemWriteError(f"rows must be a 1-d integer array, got {r.dtype}{r.shape}")
+    r = r.astype(np.int64, copy=False)
+    if r.size and r.min() < 0:
+        raise ItemWriteError(f"row {int(r.min())} is negative")
+    uniq, counts = np.unique(r, return_counts=True)
+    if np.any(counts > 1):
+        raise ItemWriteError(f"row {int(uniq[counts > 1][0])} appears twice in one write")
+    if vectors is None:
+        if r.size and r.max() >= n:
+            raise ItemWriteError(f"row {int(r.max())} does not exist (the index has {n} rows)")
+        return r, None
+    new = uniq[uniq >= n]
+    if new.size and not np.array_equal(new, np.arange(n, n + new.size)):
+        gap = int(np.setdiff1d(np.arange(n, n + new.size), new)[0])
+        raise ItemWriteError(
+            f"new rows must be dense from {n}: row {gap} is missing before row {int(new.max())}"
+        )
+    v = np.asarray(vectors)
+    if v.ndim != 2 or v.shape[0] != r.size or v.shape[1] != dim:
+        raise ItemWriteError(
+            f"vectors must be ({r.size}, {dim}) for {r.size} rows of dimension {dim}, got {v.shape}"
+        )
+    if v.dtype.kind not in "fiu":
+        raise ItemWriteError(f"vectors must be numbers, got {v.dtype}")
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    bad = ~np.isfinite(v).all(axis=1)
+    if bad.any():
+        raise ItemWriteError(f"row {int(r[np.argmax(bad)])} has a NaN or infinite vector value")
+    return r, v
