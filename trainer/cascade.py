@@ -152,16 +152,40 @@ def batch_loss(
         up = upstream_scores(e.detach(), v.detach(), model, stage, cfg)  # (B, C)
         margin = aml_margin(up.diagonal(), up, lc.sigma, lc.eta)
     hard_v = hard_items = None
-    if funnel.get(objective).column is None and lc.request_negatives and enc.candidates is not None:
-        hard = enc.candidates.sample(ex.request[idx], lc.request_negatives, rng)  # (B, R)
-        if (hard >= 0).any():
-            hard_items = torch.as_tensor(hard, device=e.device)
-            hv = model.item(enc.item_batch(np.maximum(hard, 0).reshape(-1)), stage)
-            hard_v = hv.view(len(idx), lc.request_negatives, -1)  # (B, R, D)
+    hard = exposure_negatives(enc, ex, idx, objective, cfg, rng)  # (B, R + P) or None
+    if hard is not None and (hard >= 0).any():
+        hard_items = torch.as_tensor(hard, device=e.device)
+        hv = model.item(enc.item_batch(np.maximum(hard, 0).reshape(-1)), stage)
+        hard_v = hv.view(len(idx), hard.shape[1], -1)  # (B, R + P, D)
     logits = softmax_logits(
         e, v, pos_t, cols_t, lc.temperature, correction, margin, hard_v, hard_items
     )
     return sampled_softmax_loss(logits)
+
+
+def exposure_negatives(
+    enc: Encoded,
+    ex: StageExamples,
+    idx: np.ndarray,
+    objective: str,
+    cfg: RunConfig,
+    rng: np.random.Generator,
+) -> np.ndarray | None:
+    """Per-row negatives of the exposure stage besides the in-batch ones, (B, R + P) item rows
+    (-1 = none), or None at other stages or when both are off: R = ``loss.request_negatives``
+    unexposed candidates of the request (candidates.parquet), P = ``loss.page_negatives`` items
+    shown but not clicked in the same page view. Neither is drawn from a known distribution, so
+    neither gets a log-Q correction (losses.softmax_logits masks -1 and the row's positive)."""
+    lc = cfg.loss
+    if funnel.get(objective).column is not None:
+        return None
+    parts = []
+    if lc.request_negatives and enc.candidates is not None:
+        parts.append(enc.candidates.sample(ex.request[idx], lc.request_negatives, rng))  # (B, R)
+    if lc.page_negatives:
+        pages = enc.page_views()
+        parts.append(pages.sample(ex.request[idx], ex.item[idx], lc.page_negatives, rng))  # (B, P)
+    return np.concatenate(parts, axis=1) if parts else None
 
 
 def user_inputs(
@@ -363,6 +387,8 @@ def run_cascade(
     # rank samples its own negatives, the batch order stays shared
     sample_rng = np.random.default_rng([tc.seed, 7919, dist.rank]) if dist.active else rng
     sm = StageMachine(len(objectives), recover=cc.accuracy_recovery)
+    if cfg.loss.page_negatives and any(funnel.get(o).column is None for o in objectives):
+        enc.page_views()  # no page views (or streamed): fail before the first step, not at it
     if resume is None:
         n_probe = min(256, enc.n_users)
         probe = (rng.integers(0, enc.n_users, n_probe), rng.integers(0, enc.n_items, n_probe))

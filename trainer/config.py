@@ -80,6 +80,14 @@ class LossConfig:
         "exposure stage: unexposed candidates of the same request per example (if data has them)",
         4,
     )
+    page_negatives: int = _help(
+        "exposure stage: up to this many items shown but not clicked in the example's own page "
+        "view (train events sharing its request_id; never its positive) as extra negatives, "
+        "besides the in-batch ones: the CSMF paper's exposure-stage negatives. Needs events "
+        "with a request_id (synthetic data has them, MovieLens-100K does not) held in memory "
+        "(not train.data = 'stream') and loss.negatives = 'in-batch'; 0 = off",
+        0,
+    )
     negatives: str = _help(
         "'in-batch': sampled softmax over the batch's positives (+ extra/request negatives), "
         "log-Q corrected; 'catalogue': exact softmax over every item (no sampling, no log-Q) — "
@@ -99,10 +107,16 @@ class LossConfig:
         _in_range("loss.temperature", self.temperature, 0.0, None, open_low=True)
         _choice("loss.aml_upstream", self.aml_upstream, AML_UPSTREAM)
         _choice("loss.negatives", self.negatives, NEGATIVES)
-        if self.extra_negatives < 0 or self.request_negatives < 0:
+        counts = (self.extra_negatives, self.request_negatives, self.page_negatives)
+        if min(counts) < 0:
             raise ConfigError(
-                "loss.extra_negatives and loss.request_negatives must be >= 0, "
-                f"got {self.extra_negatives}, {self.request_negatives}"
+                "loss.extra_negatives, loss.request_negatives and loss.page_negatives must be "
+                f">= 0, got {', '.join(map(str, counts))}"
+            )
+        if self.page_negatives and self.negatives == "catalogue":
+            raise ConfigError(
+                f"loss.page_negatives = {self.page_negatives} needs loss.negatives = 'in-batch': "
+                "the 'catalogue' softmax already has every item as a negative"
             )
         if self.eta < 1.0:
             raise ConfigError(f"loss.eta must be >= 1 (disagreement costs more), got {self.eta}")
@@ -298,6 +312,11 @@ class RunConfig:
                 raise ConfigError(
                     f"{name} needs 1 or {t} values (one per stage), got {list(values)}"
                 )
+        if self.loss.page_negatives and self.train.data == "stream":
+            raise ConfigError(
+                f"loss.page_negatives = {self.loss.page_negatives} needs the events in memory "
+                "(train.data = 'memory' or 'auto'): the streamed path does not index page views"
+            )
         if len(self.eval.weights) != t:
             raise ConfigError(
                 f"eval.weights needs one weight per objective {list(self.cascade.objectives)}, "

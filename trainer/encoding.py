@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 import csmf.objectives as funnel
-from csmf.errors import DataError
+from csmf.errors import ConfigError, DataError
 from csmf.features import FeatureSpec, TowerSpec, TowerVocab, encode_rows, fit_tower_vocab
 from trainer.data.dataset import Dataset, Split
 
@@ -154,6 +154,43 @@ class Candidates:
         return out
 
 
+class PageViews:
+    """Per page view (request code), the items shown in it but not clicked, CSR; built from the
+    train split's events only, so no validation or test event becomes a negative."""
+
+    def __init__(self, ev: Events, rows: np.ndarray, n_requests: int) -> None:
+        self.source = rows  # the train rows it was built from (Encoded rebuilds on a new split)
+        rows = rows[(ev.request[rows] >= 0) & ~ev.clicked[rows]]
+        order = np.argsort(ev.request[rows], kind="stable")
+        self.items = ev.item[rows][order]
+        self.ptr = np.zeros(n_requests + 1, np.int64)
+        np.cumsum(np.bincount(ev.request[rows], minlength=n_requests), out=self.ptr[1:])
+
+    def sample(
+        self, request: np.ndarray, pos: np.ndarray, k: int, rng: np.random.Generator
+    ) -> np.ndarray:
+        """(B, k) item rows: up to ``k`` distinct entries of each row's page view, drawn
+        without replacement, never the row's positive item ``pos``; -1 pads rows with fewer."""
+        out = np.full((len(request), k), -1, np.int64)
+        has = request >= 0
+        start = np.where(has, self.ptr[np.maximum(request, 0)], 0)
+        count = np.where(has, self.ptr[np.maximum(request, 0) + 1] - start, 0)
+        width = int(count.max(initial=0))  # the largest page view in the batch
+        if width == 0:
+            return out
+        slot = np.arange(width)[None, :]  # (1, W)
+        valid = slot < count[:, None]  # (B, W)
+        items = np.where(
+            valid, self.items[np.minimum(start[:, None] + slot, len(self.items) - 1)], -1
+        )
+        valid &= items != pos[:, None]  # the positive itself is never its own negative
+        keys = np.where(valid, rng.random(valid.shape), 2.0)  # random order, invalid last
+        pick = np.argsort(keys, axis=1, kind="stable")[:, :k]  # (B, min(k, W))
+        chosen = np.take_along_axis(items, pick, 1)
+        out[:, : pick.shape[1]] = np.where(np.take_along_axis(valid, pick, 1), chosen, -1)
+        return out
+
+
 @dataclass
 class Encoded:
     """Everything training and evaluation need, as arrays/tensors."""
@@ -170,6 +207,27 @@ class Encoded:
     device: torch.device = torch.device("cpu")
     # out of core (trainer.data.stream): events/split then hold only the validation sample
     stream: StreamSource | None = None
+    pages: PageViews | None = None  # built by page_views() on first use
+
+    def page_views(self) -> PageViews:
+        """Shown-but-not-clicked items per page view of the train split (loss.page_negatives);
+        a clear error when the data has no page views."""
+        if self.stream is not None:
+            raise ConfigError(
+                "loss.page_negatives needs the events in memory: the streamed path "
+                "(train.data = 'stream') does not index page views; use train.data = 'memory' "
+                "or loss.page_negatives = 0"
+            )
+        if not (self.events.request >= 0).any():
+            raise DataError(
+                "loss.page_negatives > 0 needs page views, but the events have no request_id "
+                "(e.g. MovieLens-100K: one rating is not shown beside others); "
+                "set loss.page_negatives = 0"
+            )
+        if self.pages is None or self.pages.source is not self.split.train:
+            n_requests = int(self.events.request.max()) + 1
+            self.pages = PageViews(self.events, self.split.train, n_requests)
+        return self.pages
 
     def split_sizes(self) -> tuple[int, int, int]:
         """(train, validation, test) events of the whole dataset."""

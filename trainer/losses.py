@@ -2,7 +2,8 @@
 
 Row b of a batch is (user u_b, positive item i_b). Its candidates are the batch's positives
 (column b is its own positive, the others are in-batch negatives), optionally K extra items drawn
-uniformly from the catalogue, and at the exposure stage R unexposed items of the same request:
+uniformly from the catalogue, and at the exposure stage R unexposed items of the same request and
+P items shown but not clicked in the same page view (``loss.page_negatives``):
 
     logit(b, j) = s_t(u_b, j) / temperature - log E[count of j in the candidate set]  (log-Q)
                   + g(b, j)                                                       (AML, j != b)
@@ -10,8 +11,8 @@ uniformly from the catalogue, and at the exposure stage R unexposed items of the
 In-batch candidates are drawn by popularity, so without the correction the softmax learns
 popularity-*debiased* scores (Yi et al., RecSys 2019). With B in-batch draws from q and K uniform
 draws, item j is expected ``B·q_j + K/N`` times; its log is subtracted from every candidate
-column, the positive's included. Request negatives are not sampled from a known distribution and
-get no correction. A candidate equal to the row's positive item is not a negative: it is masked
+column, the positive's included. Request and page-view negatives are not sampled from a known
+distribution and get no correction. A candidate equal to the row's positive item is not a negative: it is masked
 out (no false negatives from duplicates in a batch).
 """
 
