@@ -18,6 +18,15 @@ below it the search is brute force over the allowed rows instead (exact, and che
 items is 5k dot products). Flat takes the same path (same result, less work than testing the
 selector on every row).
 
+Item writes (docs/design.md#item-writes): flat and IVF take them natively, by id — flat is
+wrapped in an ``IndexIDMap2`` on the first write (``remove_ids`` / ``add_with_ids``), IVF switches
+its direct map to a hash table and removes / adds row ids in its inverted lists (new vectors go to
+their nearest trained centroid: no retraining). HNSW cannot remove a node: a write appends a new
+node, deleted and replaced nodes become tombstones excluded by an ID selector over the graph's
+node ids (``_label`` maps node → row), and ``csmf index compact`` rebuilds the graph once their
+share passes the manifest's ``tombstone_limit``. IVF-PQ is read-only (its exact re-rank vectors
+are a memory-mapped file). Searches and writes share a readers-writer lock.
+
 IVF-PQ keeps ``m`` bytes per item (plus ids) in memory; the float32 vectors stay on disk in
 ``vectors.npy``, memory-mapped, for the exact re-rank of ``rerank × k`` candidates, explain and
 the exact fallback — only the rows touched are paged in.
@@ -27,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +44,10 @@ from typing import Any
 import faiss
 import numpy as np
 
-from csmf.errors import BundleError, ConfigError
-from csmf.index.base import Capabilities, RowSet, VectorIndex, Where
+from csmf.errors import BundleError, ConfigError, ItemWriteError
+from csmf.index.base import Capabilities, RowSet, VectorIndex, Where, check_write
 from csmf.progress import progress_bar
+from csmf.rwlock import RWLock
 
 FAISS_TYPES = ("flat", "hnsw", "ivf", "ivfpq")
 INDEX_FILE = "index.faiss"
@@ -70,6 +80,8 @@ def auto_exact_below(kind: str, nprobe: int = 0, nlist: int = 0) -> float:
 
 
 EF_CAP = 4096
+WRITES = {"flat": "native", "ivf": "native", "hnsw": "tombstone", "ivfpq": "none"}
+TOMBSTONE_LIMIT = 0.2  # HNSW: share of dead nodes above which a compaction is due (default)
 
 
 @dataclass(frozen=True)
@@ -154,7 +166,15 @@ class FaissIndex(VectorIndex):
         self._exact_below = None if exact_below is None else float(exact_below)
         self.widen_filtered = True  # see _faiss_params; off only to measure what it buys
         self._bytes = bytes_
-        self.capabilities = Capabilities("faiss", kind, kind == "flat", True, True)
+        self.capabilities = Capabilities("faiss", kind, kind == "flat", True, True, WRITES[kind])
+        self._rw = RWLock()  # searches read, item writes write
+        self._dead: np.ndarray | None = None  # (N,) bool by row, once anything was deleted
+        self._written = False
+        # HNSW after a write: node → row (M,) and row → node (N,, -1 = deleted), alive nodes (M,)
+        self._label: np.ndarray | None = None
+        self._node: np.ndarray | None = None
+        self._alive: np.ndarray | None = None
+        self._alive_bits: np.ndarray | None = None
         self._params: dict[str, Any] = {}
         self.build_info: dict[str, Any] = {}
         self._nlist = 0
@@ -314,8 +334,16 @@ class FaissIndex(VectorIndex):
             allowed, exclude = where.allowed, where.exclude
             if exclude is not None and len(exclude) == 0:
                 exclude = None
-        if allowed is not None and allowed.count <= self.exact_below * self.n:
-            return self._exact_search(q, k, allowed.rows, exclude)
+        with self._rw.read():
+            if allowed is not None and allowed.count <= self.exact_below * self.n:
+                return self._exact_search(q, k, allowed.rows, exclude)
+            if self._label is not None:  # HNSW after writes: a selector over graph nodes
+                return self._search_nodes(q, k, allowed, exclude)
+            return self._search(q, k, allowed, exclude)
+
+    def _search(
+        self, q: np.ndarray, k: int, allowed: RowSet | None, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
         sel = _selector(allowed, exclude)
         fetch = k * self._rerank if self._rerank else k
         share = 1.0 if allowed is None else allowed.count / max(self.n, 1)
@@ -327,15 +355,48 @@ class FaissIndex(VectorIndex):
             scores += (q @ self.offset)[:, None]
         return scores, rows
 
+    def _search_nodes(
+        self, q: np.ndarray, k: int, allowed: RowSet | None, exclude: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW with tombstones: search the graph with a bitmap of the nodes that are alive,
+        allowed and not excluded, then map nodes back to rows."""
+        label = self._label
+        if allowed is None and exclude is None:
+            bits = self._alive_bits
+            share = 1.0
+        else:
+            ok = self._alive.copy()
+            if allowed is not None:
+                mask = allowed.mask
+                if len(mask) < self.n:
+                    mask = np.concatenate([mask, np.zeros(self.n - len(mask), bool)])
+                ok &= mask[label]
+            if exclude is not None:
+                nodes = self._node[exclude[(exclude >= 0) & (exclude < self.n)]]
+                ok[nodes[nodes >= 0]] = False
+            bits = np.packbits(ok, bitorder="little")
+            share = 1.0 if allowed is None else allowed.count / max(self.n, 1)
+        share *= self._live() / max(len(label), 1)  # tombstones thin the graph's candidates
+        sel = faiss.IDSelectorBitmap(bits)
+        params = self._faiss_params(sel, share)
+        scores, nodes = self.index.search(q, k, params=params)
+        rows = np.where(nodes >= 0, label[np.maximum(nodes, 0)], -1)
+        if self.offset is not None:
+            scores += (q @ self.offset)[:, None]
+        return scores, rows
+
     def _exact_search(
         self, q: np.ndarray, k: int, rows: np.ndarray, exclude: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Brute force over ``rows`` (the allowed set): exact whatever the index type."""
+        rows = rows[rows < self.n]  # the caller's item table may be ahead of the index
+        if self._dead is not None:
+            rows = rows[~self._dead[rows]]
         if exclude is not None:
             rows = rows[~np.isin(rows, exclude)]
         if len(rows) == 0:
             return _pad(np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64), k)
-        scores = q @ self.vectors(rows).T  # (b, |rows|)
+        scores = q @ self._vectors(rows).T  # (b, |rows|)
         return _top_k(scores, rows, k)
 
     def _rerank_rows(
@@ -354,15 +415,140 @@ class FaissIndex(VectorIndex):
         return s.astype(np.float32), r
 
     def vectors(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Stored vectors of ``rows``; a deleted row (e.g. deleted between a search and its
+        explain) reads as zeros."""
         rows = np.asarray(rows, dtype=np.int64)
+        with self._rw.read():
+            if self._dead is None or not self._dead[rows].any():
+                return self._vectors(rows)
+            out = np.zeros((len(rows), self.dim), np.float32)
+            live = ~self._dead[rows]
+            if live.any():
+                out[live] = self._vectors(rows[live])
+            return out
+
+    def _vectors(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows), D) vectors of live rows (the caller holds the lock)."""
         if self.exact is not None:
             return np.asarray(self.exact[rows], dtype=np.float32)
-        v = self.index.reconstruct_batch(rows)
+        keys = rows if self._node is None else self._node[rows]
+        v = self.index.reconstruct_batch(keys)
         return v + self.offset if self.offset is not None else v
+
+    # -- item writes ------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        rows: np.ndarray,
+        vectors: np.ndarray,
+        attributes: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        if self.capabilities.writes == "none":
+            super().upsert(rows, vectors, attributes)
+        with self._rw.write():
+            r, v = check_write(self.n, self.dim, rows, vectors)
+            if r.size == 0:
+                return
+            if self.offset is not None:
+                v = v - self.offset
+            self._prepare_writes()
+            old = r[r < self.n]
+            live_old = old if self._dead is None else old[~self._dead[old]]
+            new_n = max(self.n, int(r.max()) + 1)
+            if self.kind == "hnsw":
+                self._hnsw_upsert(r, v, new_n)
+            else:
+                if len(live_old):
+                    self._remove(live_old)
+                self.index.add_with_ids(v, r)
+            if self._dead is not None:
+                if new_n > len(self._dead):
+                    self._dead = np.concatenate([self._dead, np.zeros(new_n - self.n, bool)])
+                self._dead[r] = False
+            self.n = new_n
+
+    def delete(self, rows: np.ndarray) -> None:
+        if self.capabilities.writes == "none":
+            super().delete(rows)
+        with self._rw.write():
+            r, _ = check_write(self.n, self.dim, rows)
+            if self._dead is None:
+                self._dead = np.zeros(self.n, bool)
+            r = r[~self._dead[r]]  # idempotent: deleted rows stay deleted
+            if r.size == 0:
+                return
+            self._prepare_writes()
+            if self.kind == "hnsw":
+                nodes = self._node[r]
+                self._alive[nodes] = False
+                self._node[r] = -1
+                self._alive_bits = np.packbits(self._alive, bitorder="little")
+            else:
+                self._remove(r)
+            self._dead[r] = True
+
+    def deleted_rows(self) -> np.ndarray:
+        return np.zeros(0, np.int64) if self._dead is None else np.flatnonzero(self._dead)
+
+    def tombstone_share(self) -> float:
+        """HNSW: dead nodes / all nodes (0 for the types that remove natively)."""
+        if self._alive is None:
+            return 0.0
+        return 1.0 - float(np.count_nonzero(self._alive)) / max(len(self._alive), 1)
+
+    def _live(self) -> int:
+        return self.n - (0 if self._dead is None else int(np.count_nonzero(self._dead)))
+
+    def _prepare_writes(self) -> None:
+        """On the first write: give the index what removal / re-adding by id needs."""
+        if self._written:
+            return
+        if self.kind == "flat":
+            flat = faiss.downcast_index(self.index)
+            x = flat.reconstruct_n(0, flat.ntotal) if flat.ntotal else np.zeros((0, self.dim))
+            inner = faiss.IndexFlatIP(self.dim)
+            idmap = faiss.IndexIDMap2(inner)
+            idmap.add_with_ids(np.ascontiguousarray(x, np.float32), np.arange(len(x)))
+            self._keep = inner  # the wrapper holds a raw pointer to it
+            self.index = idmap
+        elif self.kind == "ivf":
+            ivf = faiss.extract_index_ivf(self.index)
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)  # Array cannot remove or add by id
+        elif self.kind == "hnsw":
+            m = int(self.index.ntotal)
+            self._label = np.arange(m, dtype=np.int64)
+            self._node = np.arange(m, dtype=np.int64)
+            self._alive = np.ones(m, bool)
+            self._alive_bits = np.packbits(self._alive, bitorder="little")
+        self._written = True
+
+    def _remove(self, rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, np.int64)
+        sel = faiss.IDSelectorArray(len(rows), faiss.swig_ptr(rows))  # hash-table direct map
+        removed = self.index.remove_ids(sel)
+        if removed != len(rows):
+            raise ItemWriteError(f"FAISS removed {removed} of {len(rows)} rows {rows[:5]}...")
+
+    def _hnsw_upsert(self, r: np.ndarray, v: np.ndarray, new_n: int) -> None:
+        m = int(self.index.ntotal)
+        nodes = np.arange(m, m + len(r), dtype=np.int64)
+        if new_n > len(self._node):
+            self._node = np.concatenate([self._node, np.full(new_n - len(self._node), -1)])
+        old = self._node[r]
+        self._alive[old[old >= 0]] = False
+        self.index.add(v)
+        self._label = np.concatenate([self._label, r])
+        self._alive = np.concatenate([self._alive, np.ones(len(r), bool)])
+        self._node[r] = nodes
+        self._alive_bits = np.packbits(self._alive, bitorder="little")
 
     # -- persistence ------------------------------------------------------------------------------
 
     def save(self, folder: Path) -> dict[str, Any]:
+        if self._written:
+            raise BundleError(
+                "this index took item writes: save its compacted() copy (csmf index compact)"
+            )
         folder = Path(folder)
         faiss.write_index(self.index, str(folder / INDEX_FILE))
         files = [INDEX_FILE]
@@ -424,8 +610,52 @@ class FaissIndex(VectorIndex):
             bytes_=path.stat().st_size,
         )
 
+    def compacted(self, rows: np.ndarray, progress: bool = False) -> FaissIndex:
+        """A new index over the live ``rows`` (in that order: new row i = old row rows[i]) with
+        this one's build and search parameters: flat and IVF re-add the vectors (IVF keeps its
+        trained centroids), HNSW builds a fresh graph."""
+        rows = np.asarray(rows, np.int64)
+        with self._rw.read():
+            if self._dead is not None and self._dead[rows].any():
+                raise ItemWriteError("compaction was given deleted rows")
+            x = self._vectors(rows) if len(rows) else np.zeros((0, self.dim), np.float32)
+        stored = x - self.offset if self.offset is not None else x
+        stored = np.ascontiguousarray(stored, np.float32)
+        if self.kind == "flat":
+            index = faiss.IndexFlatIP(self.dim)
+        elif self.kind == "hnsw":
+            m = int(self.build_params.get("m", 32))
+            index = faiss.IndexHNSWFlat(self.dim, m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = int(self.build_params.get("ef_construction", 200))
+        elif self.kind == "ivf":
+            index = faiss.clone_index(self.index)
+            ivf = faiss.extract_index_ivf(index)
+            ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+            index.reset()
+        else:
+            raise ItemWriteError("IVF-PQ bundles take no item writes; rebuild them instead")
+        with progress_bar(len(rows), f"compact {self.kind}", "item", progress) as bar:
+            for start in range(0, len(rows), ADD_CHUNK):
+                index.add(stored[start : start + ADD_CHUNK])
+                bar.update(min(ADD_CHUNK, len(rows) - start))
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(index).make_direct_map()
+        return FaissIndex(
+            index,
+            self.kind,
+            self.search_params,
+            build_params=self.build_params,
+            item_offset=self.offset,
+            exact_below=self._exact_below,
+        )
+
     def stats(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"items": self.n}
+        out: dict[str, Any] = {"items": self._live()}
+        if self._written:
+            out["row_slots"] = self.n
+            out["deleted"] = self.n - self._live()
+        if self._alive is not None:
+            out["tombstone_share"] = round(self.tombstone_share(), 4)
         if self._bytes is not None:
             out["bytes"] = int(self._bytes)
             out["bytes_per_item"] = round(self._bytes / max(self.n, 1), 1)
