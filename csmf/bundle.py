@@ -12,6 +12,8 @@ bundles/NAME/
   items.parquet      row-aligned with the index: item_id + display columns (e.g. title) +
                      filterable attribute columns (manifest.attributes)
   users.parquet      embedded feature-store snapshot: the user id column, raw features, history
+  user_tower.onnx    optional (build-index --onnx): the same user tower as ONNX, for
+                     CSMF_ENCODER=onnx (csmf.onnx_encoder)
 ```
 
 The builder writes every file into a staging folder, the manifest last, then renames the folder
@@ -41,6 +43,7 @@ from csmf.atomic import atomic_write_text
 from csmf.errors import BundleError
 from csmf.index import IndexSpec, VectorIndex, Where, open_index
 from csmf.index.filters import ItemAttributes
+from csmf.onnx_encoder import ENCODERS, ONNX_FILE, OnnxUserEncoder
 from csmf.user_encoder import CodedHistory, HistoryTable, UserEncoder
 from csmf.weights import parse_weights, slice_scale
 
@@ -382,7 +385,7 @@ class UserSnapshot:
 class Bundle:
     path: Path
     manifest: Manifest
-    encoder: UserEncoder
+    encoder: UserEncoder | OnnxUserEncoder
     index: VectorIndex  # inner product over permuted, unscaled item vectors; id = row
     item_ids: np.ndarray  # (N,) object array of str
     item_meta: dict[str, list]  # display column → value per row
@@ -440,20 +443,40 @@ class Bundle:
         return list(zip([0, *ends[:-1]], ends, strict=True))
 
 
-def load_bundle(path: str | Path, *, verify: bool = True, index_uri: str | None = None) -> Bundle:
+def check_encoder(path: Path, manifest: Manifest, encoder: str) -> None:
+    """The bundle can encode users with ``encoder`` (numpy: always; onnx: it holds a
+    user_tower.onnx listed in its manifest)."""
+    if encoder not in ENCODERS:
+        raise BundleError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+    if encoder == "onnx" and ONNX_FILE not in manifest.files:
+        raise BundleError(
+            f"bundle {path} has no {ONNX_FILE} in its manifest, so it cannot encode with "
+            "onnx: rebuild it with `csmf build-index --onnx`, or set CSMF_ENCODER=numpy"
+        )
+
+
+def load_bundle(
+    path: str | Path, *, verify: bool = True, index_uri: str | None = None, encoder: str = "numpy"
+) -> Bundle:
     """Load a bundle; with ``verify`` (default) check every file's size and SHA-256 first.
     Always validates the manifest and that all dimensions agree. ``index_uri`` overrides the
-    URI of an engine-hosted index (Milvus; CSMF_INDEX_URI). Raises BundleError."""
+    URI of an engine-hosted index (Milvus; CSMF_INDEX_URI). ``encoder`` = what runs the user
+    tower: ``numpy`` (user_encoder.npz) or ``onnx`` (the bundle's user_tower.onnx in
+    onnxruntime; CSMF_ENCODER). Raises BundleError."""
     path = Path(path)
     manifest = read_manifest(path)
     if verify:
         verify_files(path, manifest)
     dim = manifest.dim
-    encoder = UserEncoder.load(path / ENCODER_FILE)
-    if encoder.dim != dim:
+    numpy_encoder = UserEncoder.load(path / ENCODER_FILE)
+    if numpy_encoder.dim != dim:
         raise BundleError(
-            f"dimension mismatch: user encoder outputs {encoder.dim} dims, manifest says {dim}"
+            f"dimension mismatch: user encoder outputs {numpy_encoder.dim} dims, manifest says {dim}"
         )
+    check_encoder(path, manifest, encoder)
+    user_encoder = numpy_encoder
+    if encoder == "onnx":
+        user_encoder = OnnxUserEncoder(numpy_encoder, path / ONNX_FILE)
     index = open_index(manifest.index, path, index_uri)
     if index.dim != dim:
         raise BundleError(
@@ -464,18 +487,20 @@ def load_bundle(path: str | Path, *, verify: bool = True, index_uri: str | None 
             f"index holds {len(index)} vectors, manifest says {manifest.item_count} items"
         )
     item_ids, item_meta, attrs = _read_items(path / ITEMS_FILE, len(index), manifest)
-    users = UserSnapshot.load(path / USERS_FILE, manifest.user_id_column or encoder.spec.id_column)
+    users = UserSnapshot.load(
+        path / USERS_FILE, manifest.user_id_column or numpy_encoder.spec.id_column
+    )
     bundle = Bundle(
         path=path,
         manifest=manifest,
-        encoder=encoder,
+        encoder=user_encoder,
         index=index,
         item_ids=item_ids,
         item_meta=item_meta,
         users=users,
         attributes=attrs,
     )
-    users.resolve(encoder.item_vocab.index, bundle.item_rows)
+    users.resolve(numpy_encoder.item_vocab.index, bundle.item_rows)
     return bundle
 
 

@@ -153,6 +153,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "bench": ("trainer.bench_cli", "app", "group"),
     "build-index": ("index_builder.cli", "build_index", "command"),
     "inspect": ("index_builder.cli", "inspect", "command"),
+    "export": ("index_builder.cli", "export_app", "group"),
     "serve": ("service.cli", "serve", "command"),
 }
 HELP = {
@@ -163,11 +164,12 @@ HELP = {
     "bench": "Benchmarks: `csmf bench quality` (baselines table), `csmf bench sensitivity` (sweeps).",
     "build-index": "Encode the catalogue, build FAISS, verify recall, publish a bundle.",
     "inspect": "Print a bundle's manifest and verify its checksums.",
+    "export": "Export a bundle's user tower: `csmf export onnx BUNDLE OUT`.",
     "serve": "Serve a bundle over HTTP (FastAPI + uvicorn).",
 }
 
 
-NEEDS_TORCH = {"train", "eval", "tune", "bench", "build-index"}
+NEEDS_TORCH = {"train", "eval", "tune", "bench", "build-index", "export"}
 
 
 def _load(name: str):

@@ -34,6 +34,7 @@ from csmf.features import TowerSpec
 from csmf.index import IndexSpec, VectorIndex
 from csmf.index.faiss import FaissIndex
 from csmf.index.filters import column_type
+from csmf.onnx_encoder import ONNX_FILE
 from csmf.user_encoder import UserEncoder
 from index_builder.config import BuildConfig
 from index_builder.encode import (
@@ -42,6 +43,7 @@ from index_builder.encode import (
     read_table,
     user_encoder_from_model,
 )
+from index_builder.onnx_export import export_user_tower
 from index_builder.provenance import check_provenance
 from index_builder.publish import publish, staging_dir
 from index_builder.recall import check_recall, tune_search_params, weight_grid
@@ -111,6 +113,8 @@ def build_bundle(
             model.user, feats.user, ckpt.user_vocab, ckpt.item_vocab.ids, perm
         )
         encoder.save(stage / ENCODER_FILE)
+        if cfg.onnx:  # checked against the numpy encoder before it is written
+            export_user_tower(encoder, stage / ONNX_FILE)
         vectors = encode_items(
             model, feats.item, ckpt.item_vocab, item_table, perm, cfg.batch_size, progress
         )

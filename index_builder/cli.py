@@ -112,6 +112,55 @@ def summarize(m: Manifest) -> str:
     return "\n".join(lines)
 
 
+def export_onnx(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder whose user tower to export.")],
+    out: Annotated[
+        Path,
+        typer.Argument(help="ONNX file to write (a folder: OUT/user_tower.onnx); replaced."),
+    ],
+) -> None:
+    """Write the bundle's user tower (ids, features, history → user vector, the final layer
+    permuted like the index) as ONNX: dynamic batch and history length, inputs as
+    csmf/onnx_encoder.py describes. The bundle is verified first; the graph is run in
+    onnxruntime against the bundle's numpy encoder before the file is written. To serve it, build
+    the bundle with `csmf build-index --onnx` (the file then lives in the bundle, checksummed)
+    and set CSMF_ENCODER=onnx."""
+    from csmf.bundle import ENCODER_FILE, MANIFEST_NAME, read_manifest, verify_files
+    from csmf.onnx_encoder import ONNX_FILE
+    from csmf.user_encoder import UserEncoder
+    from index_builder.onnx_export import export_user_tower
+
+    target = out / ONNX_FILE if out.is_dir() else out
+    try:
+        m = read_manifest(bundle)
+        verify_files(bundle, m)
+        if (target.parent / MANIFEST_NAME).exists():
+            fail(
+                f"{target} is inside the bundle {target.parent}, whose files are checksummed in "
+                "its manifest: write elsewhere, or rebuild it with `csmf build-index --onnx`"
+            )
+        if not target.parent.is_dir():
+            fail(f"no folder {target.parent} to write {target.name} into")
+        worst = export_user_tower(UserEncoder.load(bundle / ENCODER_FILE), target)
+    except CsmfError as exc:
+        fail(exc)
+    typer.echo(
+        f"wrote {target}: the user tower of bundle {bundle} (model {m.model_version}, {m.dim} "
+        f"dims), {target.stat().st_size:,} bytes; onnxruntime vs the numpy encoder on the probe: "
+        f"max |difference| {worst:.2g}"
+    )
+
+
+export_app = new_app(no_args_is_help=True)
+
+
+@export_app.callback()
+def export() -> None:
+    """Export a bundle's user tower for other runtimes (one subcommand per format)."""
+
+
+export_app.command("onnx")(export_onnx)
+
 app = new_app(help="Index builder: build and inspect bundles.")
 app.command("build-index")(build_index)
 app.command("inspect")(inspect)

@@ -113,6 +113,13 @@ class BuildConfig:
         default=False,
         metadata={"help": "build although the dataset's fingerprint differs from training's"},
     )
+    onnx: bool = field(
+        default=False,
+        metadata={
+            "help": "also write the user tower as ONNX (user_tower.onnx, checksummed like every "
+            "bundle file) for CSMF_ENCODER=onnx; needs the onnx extra"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

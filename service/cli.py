@@ -59,7 +59,7 @@ def serve(
     from service.event_log import EventLogError, prepare_folder
 
     try:  # a clear error now rather than a traceback from inside a worker's startup
-        manifest = _preflight(bundle, settings.verify_bundle)
+        manifest = _preflight(bundle, settings.verify_bundle, settings.encoder)
         if settings.event_log_dir is not None:
             prepare_folder(settings.event_log_dir)
     except (CsmfError, EventLogError) as exc:
@@ -116,14 +116,16 @@ def _check_bindable(host: str, port: int) -> None:
             raise typer.BadParameter(f"port {port} {why}", param_hint="'--port'") from None
 
 
-def _preflight(bundle: Path, verify: bool):
+def _preflight(bundle: Path, verify: bool, encoder: str = "numpy"):
     """The manifest, and every file present at its recorded size (free: a stat each) and, with
     CSMF_VERIFY_BUNDLE, its recorded SHA-256 (what each worker checks again when it loads):
-    a truncated or corrupted bundle is one ``error:`` line and exit 2, not a worker's traceback."""
-    from csmf.bundle import read_manifest, verify_files
+    a truncated or corrupted bundle, or one without the file CSMF_ENCODER needs, is one
+    ``error:`` line and exit 2, not a worker's traceback."""
+    from csmf.bundle import check_encoder, read_manifest, verify_files
     from csmf.errors import BundleError
 
     manifest = read_manifest(bundle)
+    check_encoder(bundle, manifest, encoder)
     if verify:
         verify_files(bundle, manifest)
         return manifest

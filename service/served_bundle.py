@@ -80,7 +80,8 @@ class ServedBundle:
     # -- reload -----------------------------------------------------------------------------------
 
     def _load(self, path: str | Path, verify: bool) -> Bundle:
-        return load_bundle(path, verify=verify, index_uri=self.settings.index_uri)
+        s = self.settings
+        return load_bundle(path, verify=verify, index_uri=s.index_uri, encoder=s.encoder)
 
     def _build(self, bundle: Bundle) -> Retriever:
         """A Retriever for ``bundle`` after a smoke search: finite scores, valid rows."""

@@ -12,6 +12,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from csmf.onnx_encoder import import_onnxruntime
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CSMF_", extra="ignore", frozen=True)
@@ -21,6 +23,12 @@ class Settings(BaseSettings):
         None,
         description="vector engine URI for a Milvus-backed bundle (e.g. http://milvus:19530); "
         "unset = the URI the bundle was built with. FAISS bundles ignore it",
+    )
+    encoder: Literal["numpy", "onnx"] = Field(
+        "numpy",
+        description="what runs the user tower: numpy (user_encoder.npz), or onnx (the bundle's "
+        "user_tower.onnx in onnxruntime, from `csmf build-index --onnx`; needs onnxruntime). "
+        "numpy by measurement (bench/results/serve.md)",
     )
     verify_bundle: bool = Field(
         True, description="check every bundle file's SHA-256 at startup and on reload"
@@ -106,4 +114,6 @@ class Settings(BaseSettings):
             raise ValueError(f"default_k ({self.default_k}) must be <= max_k ({self.max_k})")
         if self.feature_store == "redis" and not self.redis_url:
             raise ValueError("feature_store=redis needs CSMF_REDIS_URL")
+        if self.encoder == "onnx":  # at startup, not on the first request
+            import_onnxruntime()
         return self

@@ -19,4 +19,4 @@ from fixtures.services import (  # noqa: E402, F401
     serve,
     service_runs,
 )
-from fixtures.trained import trained_bundle, trained_run  # noqa: E402, F401
+from fixtures.trained import trained_bundle, trained_onnx_bundle, trained_run  # noqa: E402, F401
