@@ -33,3 +33,8 @@ class WeightsError(CsmfError, ValueError):
 class ItemWriteError(CsmfError, ValueError):
     """An item write (upsert / delete) or an item-log record is invalid: names the item or
     record and what was expected."""
+
+
+class IndexUnavailableError(CsmfError, ConnectionError):
+    """The vector engine (a Milvus server) cannot answer right now (→ 503): names the engine
+    and what failed. The bundle is fine; the request may be retried."""

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from csmf.errors import BundleError, CsmfError, FeatureError, WeightsError
+from csmf.errors import BundleError, CsmfError, FeatureError, IndexUnavailableError, WeightsError
 
 log = logging.getLogger("csmf.service")
 
@@ -114,7 +114,7 @@ def error_response(exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=exc.status, headers=headers)
     if isinstance(exc, ConflictError):
         return JSONResponse({"detail": str(exc)}, status_code=409)
-    if isinstance(exc, StoreUnavailableError):
+    if isinstance(exc, StoreUnavailableError | IndexUnavailableError):
         return JSONResponse({"detail": str(exc)}, status_code=503)
     if isinstance(exc, ReloadError):
         return JSONResponse({"detail": str(exc), "serving": exc.serving}, status_code=422)

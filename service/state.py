@@ -70,12 +70,18 @@ class AppState:
         if weights.corrupt:
             ws["corrupt"] = weights.corrupt
         fs = {"backend": features.backend, **features.health.as_dict()}
-        degraded = ws["state"] != "ok" or fs["state"] != "ok"
+        index = r.bundle.index
+        error = index.health()  # an engine over the network (Milvus) may be away
+        ix = {"backend": index.capabilities.backend, "state": "ok" if error is None else "down"}
+        if error is not None:
+            ix["error"] = error
+        degraded = ws["state"] != "ok" or fs["state"] != "ok" or error is not None
         return True, {
             "status": "degraded" if degraded else "ok",
             "model_version": r.model_version,
             "weight_store": ws,
             "feature_store": fs,
+            "index": ix,
         }
 
     def _state_metrics(self):

@@ -10,6 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # makes `fixtures` imp
 
 from fixtures.bundles import flat_bundle, tiny_dataset, tiny_run  # noqa: E402, F401
 from fixtures.datasets import make_dataset  # noqa: E402, F401
+from fixtures.milvus import milvus_server  # noqa: E402, F401
 from fixtures.services import (  # noqa: E402, F401
     bundles,
     corrupt_bundle,

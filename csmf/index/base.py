@@ -182,6 +182,11 @@ class VectorIndex(ABC):
     def stats(self) -> dict[str, Any]:
         """items, bytes (the index's own size) and bytes_per_item, plus backend details."""
 
+    def health(self) -> str | None:
+        """None while the index can answer searches, else what is wrong (an engine reached over
+        the network may be away: /readyz reports it). In-process indexes are always healthy."""
+        return None
+
     def close(self) -> None:
         """Release connections (no-op for in-process indexes)."""
         return None

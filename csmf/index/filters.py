@@ -269,13 +269,42 @@ class ItemAttributes:
 _CMP = {"gt": np.greater, "gte": np.greater_equal, "lt": np.less, "lte": np.less_equal}
 
 
-def to_expr(f: Filter) -> str:
-    """The filter as a Milvus boolean expression over fields of the same names."""
+NULL_FLAG = "__null"  # suffix of the flag field that marks a null where fields cannot be null
+
+
+def to_expr(f: Filter, null_flags: frozenset[str] | set[str] = frozenset()) -> str:
+    """The filter as a Milvus boolean expression over fields of the same names.
+
+    ``null_flags``: fields stored with a placeholder for null and a ``<field>__null`` bool flag
+    (Milvus before 2.5 has no nullable fields). Their comparisons are guarded by the flag, with
+    every ``not`` pushed down to the comparisons first (De Morgan), so a null never matches,
+    under ``not`` neither — the same three-valued answer as a nullable field."""
+    if null_flags:
+        return _guarded(f, False, null_flags)
     if isinstance(f, And | Or):
         op = " and " if isinstance(f, And) else " or "
         return op.join(f"({to_expr(p)})" for p in f.parts)
     if isinstance(f, Not):
         return f"not ({to_expr(f.part)})"
+    return _condition_expr(f)
+
+
+def _guarded(f: Filter, negate: bool, null_flags: frozenset[str] | set[str]) -> str:
+    if isinstance(f, Not):
+        return _guarded(f.part, not negate, null_flags)
+    if isinstance(f, And | Or):
+        conj = isinstance(f, And) != negate  # not (a and b) = (not a) or (not b)
+        op = " and " if conj else " or "
+        return op.join(f"({_guarded(p, negate, null_flags)})" for p in f.parts)
+    expr = _condition_expr(f)
+    if negate:
+        expr = f"not ({expr})"
+    if f.field in null_flags:
+        expr = f"{f.field}{NULL_FLAG} == false and ({expr})"
+    return expr
+
+
+def _condition_expr(f: Eq | In | Range) -> str:
     if isinstance(f, Range):
         sym = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}
         conds = [
@@ -309,6 +338,6 @@ def column_type(t: pa.DataType) -> str | None:
 
 
 __all__ = [
-    "And", "Eq", "Filter", "FilterError", "In", "ItemAttributes", "Not", "Or", "Range",
+    "NULL_FLAG", "And", "Eq", "Filter", "FilterError", "In", "ItemAttributes", "Not", "Or", "Range",
     "column_type", "filter_key", "parse_filter", "to_expr",
 ]  # fmt: skip

@@ -15,6 +15,16 @@ CSMF's weighting is a scale of the query, so a weighted search is ONE Milvus sea
 ``c ⊙ e`` — exact on FLAT — not a WeightedRanker merge of per-objective searches. Filters and
 exclusions become one boolean expression (``csmf.index.filters.to_expr`` and ``row not in``);
 Milvus plans selective filters itself.
+
+Item writes are native: ``upsert`` / ``delete`` by primary key (``row``), attributes included so
+expression filters keep working for written items. Searches run at Session consistency: a
+client reads its own writes (after a write, the next search waits until the engine has applied
+it; otherwise it costs nothing), other clients see them once the engine has applied them.
+Milvus 2.3 answers a delete without the timestamp Session waits on, so after a delete to a
+server the searches run Strong (~200 ms more) until one has completed. Milvus 2.3
+(the embedded server of csmf/index/milvus_server.py) has no nullable fields: a collection built
+there stores a placeholder and a ``<field>__null`` flag per attribute, and filters are guarded
+by the flags (``to_expr(null_flags=...)``) so a null still never matches.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,9 +43,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from csmf.errors import BundleError, ConfigError
-from csmf.index.base import Capabilities, IndexSpec, VectorIndex, Where
-from csmf.index.filters import to_expr
+from csmf.errors import BundleError, ConfigError, IndexUnavailableError, ItemWriteError
+from csmf.index.base import Capabilities, IndexSpec, VectorIndex, Where, check_write
+from csmf.index.filters import NULL_FLAG, to_expr
 from csmf.progress import progress_bar
 
 try:
@@ -51,6 +61,10 @@ MILVUS_TYPES = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 KNOBS = {"IVF_FLAT": "nprobe", "HNSW": "ef"}
 INSERT_BATCH = 5000
 MAX_VARCHAR = 65535
+SEARCH_TIMEOUT_S = 3.0  # a search the engine cannot answer in time is a 503, not a hung request
+CONSISTENCY = "Session"  # read your own writes; see the module doc
+HEALTH_TTL_S = 1.0  # /readyz probes the engine at most once a second
+PLACEHOLDER = {"VARCHAR": "", "DOUBLE": 0.0, "BOOL": False}  # stored for null with null flags
 
 
 @dataclass(frozen=True)
@@ -131,6 +145,8 @@ class MilvusIndex(VectorIndex):
         n: int,
         build_params: dict[str, Any],
         search_params: dict[str, Any],
+        fields: dict[str, str] | None = None,
+        null_flags: bool = False,
     ) -> None:
         self.client = client
         self.uri = uri
@@ -140,8 +156,19 @@ class MilvusIndex(VectorIndex):
         self.dim = dim
         self.n = n
         self.build_params = dict(build_params)
-        self.capabilities = Capabilities("milvus", MILVUS_TYPES[kind], kind == "flat", True, False)
+        self.capabilities = Capabilities(
+            "milvus", MILVUS_TYPES[kind], kind == "flat", True, False, writes="native"
+        )
         self.build_info: dict[str, Any] = {}
+        self.fields = dict(fields or {})  # attribute → Milvus type (VARCHAR / DOUBLE / BOOL)
+        self.null_flags = null_flags  # nulls as placeholder + <field>__null (Milvus < 2.5)
+        self._flagged = frozenset(self.fields) if null_flags else frozenset()
+        self._deleted: set[int] = set()
+        # Milvus 2.3 acknowledges a delete without the timestamp Session consistency waits on:
+        # after a delete, searches run Strong until one of them has (a "fence")
+        self._fence = self._fenced = 0
+        self._write_lock = threading.Lock()
+        self._health: tuple[float, str | None] = (-1.0, None)
         self.set_search_params(search_params)
 
     def __len__(self) -> int:
@@ -161,23 +188,26 @@ class MilvusIndex(VectorIndex):
         client = connect(spec.uri, spec.token)
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
         name = f"{spec.alias}__{stamp}_{secrets.token_hex(3)}"
+        null_flags = not _has_nullable_fields(client, spec.uri)
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field("row", DataType.INT64, is_primary=True)
         schema.add_field("vector", DataType.FLOAT_VECTOR, dim=d)
-        columns = {}
+        columns, fields = {}, {}
         for f in attributes.schema:
             col = attributes.column(f.name)
             if pa.types.is_string(f.type):
-                longest = max(
-                    (len(v.encode()) for v in col.to_pylist() if v is not None), default=1
-                )
-                schema.add_field(
-                    f.name, DataType.VARCHAR, max_length=min(MAX_VARCHAR, longest), nullable=True
-                )
+                fields[f.name] = "VARCHAR"
             elif pa.types.is_boolean(f.type):
-                schema.add_field(f.name, DataType.BOOL, nullable=True)
+                fields[f.name] = "BOOL"
             else:
-                schema.add_field(f.name, DataType.DOUBLE, nullable=True)
+                fields[f.name] = "DOUBLE"
+            kind = getattr(DataType, fields[f.name])
+            extra = {"max_length": MAX_VARCHAR} if fields[f.name] == "VARCHAR" else {}
+            if null_flags:
+                schema.add_field(f.name, kind, **extra)
+                schema.add_field(f.name + NULL_FLAG, DataType.BOOL)
+            else:
+                schema.add_field(f.name, kind, nullable=True, **extra)
             columns[f.name] = col.to_pylist()
         build = _index_params(spec.kind, n, spec.build_params)
         ip = client.prepare_index_params()
@@ -189,11 +219,8 @@ class MilvusIndex(VectorIndex):
             with progress_bar(n, "insert into milvus", "item", progress) as bar:
                 for s in range(0, n, INSERT_BATCH):
                     e = min(n, s + INSERT_BATCH)
-                    rows = [
-                        {"row": i, "vector": x[i], **{c: v[i] for c, v in columns.items()}}
-                        for i in range(s, e)
-                    ]
-                    client.insert(name, rows)
+                    batch = {c: v[s:e] for c, v in columns.items()}
+                    client.insert(name, _entities(range(s, e), x[s:e], batch, fields, null_flags))
                     bar.update(e - s)
             client.flush(name)
             client.load_collection(name)
@@ -202,7 +229,9 @@ class MilvusIndex(VectorIndex):
             disconnect(client, spec.uri)
             raise BundleError(f"Milvus build of {name} at {spec.uri} failed: {exc}") from None
         params = {**_default_search(spec.kind, build), **spec.search_params}
-        out = cls(client, spec.uri, spec.alias, name, spec.kind, d, n, build, params)
+        out = cls(
+            client, spec.uri, spec.alias, name, spec.kind, d, n, build, params, fields, null_flags
+        )
         out.build_info = {"build_seconds": round(time.perf_counter() - t0, 3)}
         return out
 
@@ -228,7 +257,9 @@ class MilvusIndex(VectorIndex):
                 )
             client.load_collection(name)
             info = client.describe_collection(name)
-            n = int(client.get_collection_stats(name)["row_count"])
+            # the bundle's row count (the caller replays later writes); deletes are not
+            # subtracted from the engine's row_count until a compaction
+            n = spec.items or int(client.get_collection_stats(name)["row_count"])
         except MilvusException as exc:
             disconnect(client, uri)
             raise BundleError(f"cannot open Milvus collection {name!r} at {uri}: {exc}") from None
@@ -236,8 +267,18 @@ class MilvusIndex(VectorIndex):
             disconnect(client, uri)
             raise
         dim = next(int(f["params"]["dim"]) for f in info["fields"] if f["name"] == "vector")
+        names = {f["name"] for f in info["fields"]}
+        fields = {
+            f["name"]: _TYPE_NAMES.get(f["type"], "DOUBLE")
+            for f in info["fields"]
+            if f["name"] not in ("row", "vector") and not f["name"].endswith(NULL_FLAG)
+        }
+        null_flags = any(f + NULL_FLAG in names for f in fields)
         alias = spec.collection or name
-        return cls(client, uri, alias, name, kind, dim, n, spec.build_params, spec.search_params)
+        return cls(
+            client, uri, alias, name, kind, dim, n, spec.build_params, spec.search_params,
+            fields, null_flags,
+        )  # fmt: skip
 
     # -- search -----------------------------------------------------------------------------------
 
@@ -259,11 +300,13 @@ class MilvusIndex(VectorIndex):
         self, queries: np.ndarray, k: int, where: Where | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         q = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)  # (b, D)
-        expr = _expression(where)
+        expr = _expression(where, self._flagged)
         scores = np.full((len(q), k), -np.inf, np.float32)
         rows = np.full((len(q), k), -1, np.int64)
         if k == 0 or (where is not None and where.allowed is not None and where.allowed.count == 0):
             return scores, rows
+        fence = self._fence
+        level = CONSISTENCY if fence == self._fenced else "Strong"
         try:
             res = self.client.search(
                 self.collection,
@@ -272,9 +315,17 @@ class MilvusIndex(VectorIndex):
                 filter=expr,
                 output_fields=["row"],
                 search_params=self._search,
+                consistency_level=level,
+                timeout=SEARCH_TIMEOUT_S,
             )
-        except MilvusException as exc:
-            raise BundleError(f"Milvus search on {self.collection} failed: {exc}") from None
+        except Exception as exc:  # MilvusException, or gRPC's own errors when it is away
+            self._health = (time.monotonic(), _first_line(exc))
+            raise IndexUnavailableError(
+                f"Milvus at {self.uri} cannot answer a search on {self.collection}: "
+                f"{_first_line(exc)}"
+            ) from None
+        if fence != self._fenced:
+            self._fenced = max(self._fenced, fence)
         for i, hits in enumerate(res):
             ids = hits.ids
             m = len(ids)
@@ -286,11 +337,134 @@ class MilvusIndex(VectorIndex):
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.zeros((0, self.dim), np.float32)
-        got = self.client.query(
-            self.collection, ids=np.unique(rows).tolist(), output_fields=["vector"]
-        )
+        try:
+            got = self.client.query(
+                self.collection,
+                ids=np.unique(rows).tolist(),
+                output_fields=["vector"],
+                consistency_level=CONSISTENCY,
+                timeout=SEARCH_TIMEOUT_S,
+            )
+        except Exception as exc:
+            raise IndexUnavailableError(
+                f"Milvus at {self.uri} cannot read vectors of {self.collection}: {_first_line(exc)}"
+            ) from None
         by_row = {int(g["row"]): g["vector"] for g in got}
+        missing = [int(r) for r in rows if int(r) not in by_row]
+        if missing:
+            raise BundleError(f"row {missing[0]} is not in Milvus collection {self.collection}")
         return np.asarray([by_row[int(r)] for r in rows], dtype=np.float32)
+
+    # -- item writes ------------------------------------------------------------------------------
+
+    def upsert(
+        self,
+        rows: np.ndarray,
+        vectors: np.ndarray,
+        attributes: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Native upsert by primary key, attributes included (see VectorIndex.upsert). A
+        column the collection lacks is an error; a column not given keeps an existing row's
+        stored value (read back first) and is null for a new row."""
+        with self._write_lock:
+            r, v = check_write(self.n, self.dim, rows, vectors)
+            if r.size == 0:
+                return
+            attributes = dict(attributes or {})
+            unknown = sorted(set(attributes) - set(self.fields))
+            if unknown:
+                raise ItemWriteError(
+                    f"unknown attribute column {unknown[0]!r}: the collection has "
+                    f"{sorted(self.fields)}"
+                )
+            columns = {}
+            for name, kind in self.fields.items():
+                if name in attributes:
+                    col = np.asarray(attributes[name], dtype=object)
+                    if col.shape != (r.size,):
+                        raise ItemWriteError(
+                            f"attribute {name!r} must have one value per row ({r.size}), "
+                            f"got shape {col.shape}"
+                        )
+                    columns[name] = [
+                        _value(x, kind, name, int(row)) for x, row in zip(col, r, strict=True)
+                    ]
+            missing = [f for f in self.fields if f not in columns]
+            if missing:
+                stored = self._stored(r[r < self.n], missing)
+                for name in missing:
+                    columns[name] = [stored.get(int(row), {}).get(name) for row in r]
+            entities = _entities(r.tolist(), v, columns, self.fields, self.null_flags)
+            try:
+                for s in range(0, len(entities), INSERT_BATCH):
+                    self.client.upsert(
+                        self.collection, entities[s : s + INSERT_BATCH], timeout=SEARCH_TIMEOUT_S
+                    )
+            except Exception as exc:
+                raise IndexUnavailableError(
+                    f"Milvus at {self.uri} did not take the upsert of {r.size} rows into "
+                    f"{self.collection}: {_first_line(exc)}"
+                ) from None
+            self.n = max(self.n, int(r.max()) + 1)
+            self._deleted.difference_update(r.tolist())
+
+    def delete(self, rows: np.ndarray) -> None:
+        with self._write_lock:
+            r, _ = check_write(self.n, self.dim, rows)
+            if r.size == 0:
+                return
+            try:
+                self.client.delete(self.collection, ids=r.tolist(), timeout=SEARCH_TIMEOUT_S)
+            except Exception as exc:
+                raise IndexUnavailableError(
+                    f"Milvus at {self.uri} did not take the delete of {r.size} rows from "
+                    f"{self.collection}: {_first_line(exc)}"
+                ) from None
+            self._deleted.update(r.tolist())
+            if "://" in self.uri:
+                self._fence += 1
+
+    def deleted_rows(self) -> np.ndarray:
+        """Rows deleted through this client since it connected (the engine keeps the rest)."""
+        return np.asarray(sorted(self._deleted), np.int64)
+
+    def _stored(self, rows: np.ndarray, names: list[str]) -> dict[int, dict[str, Any]]:
+        if rows.size == 0:
+            return {}
+        out = [*names, *(f + NULL_FLAG for f in names if self.null_flags)]
+        got = self.client.query(
+            self.collection, ids=rows.tolist(), output_fields=out, consistency_level=CONSISTENCY
+        )
+        result = {}
+        for g in got:
+            vals = {}
+            for f in names:
+                null = g.get(f + NULL_FLAG, False) if self.null_flags else g.get(f) is None
+                vals[f] = None if null else g.get(f)
+            result[int(g["row"])] = vals
+        return result
+
+    # -- health -----------------------------------------------------------------------------------
+
+    def health(self) -> str | None:
+        """None while the engine answers a search (probed at most once a second), else why not."""
+        now = time.monotonic()
+        at, error = self._health
+        if now - at < HEALTH_TTL_S:
+            return error
+        try:
+            self.client.search(
+                self.collection,
+                data=[np.zeros(self.dim, np.float32)],
+                limit=1,
+                search_params=self._search,
+                timeout=SEARCH_TIMEOUT_S,
+            )
+            error = None
+        except Exception as exc:
+            error = f"Milvus at {self.uri}: {_first_line(exc)}"
+        self._health = (time.monotonic(), error)
+        return error
 
     # -- persistence ------------------------------------------------------------------------------
 
@@ -359,15 +533,74 @@ def _alias_target(client: MilvusClient, alias: str) -> str | None:
         return None
 
 
-def _expression(where: Where | None) -> str:
+def _expression(where: Where | None, null_flags: frozenset[str] = frozenset()) -> str:
     if where is None:
         return ""
     parts = []
     if where.filter is not None:
-        parts.append(f"({to_expr(where.filter)})")
+        parts.append(f"({to_expr(where.filter, null_flags)})")
     if where.exclude is not None and len(where.exclude):
         parts.append(f"row not in [{', '.join(map(str, where.exclude.tolist()))}]")
     return " and ".join(parts)
+
+
+def _has_nullable_fields(client: MilvusClient, uri: str) -> bool:
+    """Milvus Lite and Milvus >= 2.5 store nulls; 2.3 (the embedded server) does not."""
+    if "://" not in uri:
+        return True
+    try:
+        version = client.get_server_version()
+    except MilvusException:
+        return False
+    digits = [int(p) for p in version.lstrip("v").split("-")[0].split(".")[:2] if p.isdigit()]
+    return tuple(digits) >= (2, 5)
+
+
+_TYPE_NAMES = {DataType.VARCHAR: "VARCHAR", DataType.BOOL: "BOOL", DataType.DOUBLE: "DOUBLE"}
+
+
+def _value(x: Any, kind: str, name: str, row: int) -> Any:
+    """One attribute value of an upsert as Milvus stores it (None = null)."""
+    if x is None or (isinstance(x, float | np.floating) and np.isnan(x)):
+        return None
+    if isinstance(x, np.generic):
+        x = x.item()
+    if kind == "VARCHAR":
+        if not isinstance(x, str):
+            raise ItemWriteError(f"row {row}: attribute {name!r} must be a string, got {x!r}")
+        if len(x.encode()) > MAX_VARCHAR:
+            raise ItemWriteError(f"row {row}: attribute {name!r} is over {MAX_VARCHAR} bytes")
+        return x
+    if kind == "BOOL":
+        if not isinstance(x, bool):
+            raise ItemWriteError(f"row {row}: attribute {name!r} must be a bool, got {x!r}")
+        return x
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        raise ItemWriteError(f"row {row}: attribute {name!r} must be a number, got {x!r}")
+    return float(x)
+
+
+def _entities(
+    rows: Sequence[int],
+    vectors: np.ndarray,
+    columns: Mapping[str, Sequence[Any]],
+    fields: Mapping[str, str],
+    null_flags: bool,
+) -> list[dict[str, Any]]:
+    """Row dicts for insert / upsert; with null flags a null is the type's placeholder and
+    ``<field>__null`` true."""
+    out = []
+    for i, row in enumerate(rows):
+        e: dict[str, Any] = {"row": int(row), "vector": vectors[i]}
+        for name, vals in columns.items():
+            v = vals[i]
+            if null_flags:
+                e[name] = PLACEHOLDER[fields[name]] if v is None else v
+                e[name + NULL_FLAG] = v is None
+            else:
+                e[name] = v
+        out.append(e)
+    return out
 
 
 def _index_params(kind: str, n: int, given: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import logging
 import os
 import signal
 import socket
@@ -61,7 +62,11 @@ class MilvusServer:
     ``milvus`` package), data, config and logs under ``data_dir`` (kept across restarts)."""
 
     def __init__(
-        self, data_dir: Path, port: int = 19530, metrics_port: int = 9091, bin_dir: Path | None = None
+        self,
+        data_dir: Path,
+        port: int = 19530,
+        metrics_port: int = 9091,
+        bin_dir: Path | None = None,
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else self.data_dir / "bin"
@@ -134,26 +139,30 @@ class MilvusServer:
     def wait_ready(self, timeout: float = 180.0) -> float:
         """Block until a search succeeds (creating the probe collection on a fresh server);
         returns the seconds waited. Raises with the log's tail if the process dies."""
-        from pymilvus import MilvusClient
-
         t0 = time.monotonic()
         last: object = None
-        while time.monotonic() - t0 < timeout:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"Milvus server exited with {self.proc.returncode}:\n{self.tail()}"
-                )
-            try:
-                client = MilvusClient(uri=self.uri, timeout=3)
-                try:
-                    _probe(client)
+        with _quiet("pymilvus"):  # it logs a traceback for every refused attempt
+            while time.monotonic() - t0 < timeout:
+                last = self._try_ready()
+                if last is None:
                     return time.monotonic() - t0
-                finally:
-                    client.close()
-            except Exception as exc:  # refused, not loaded yet, coordinator not up yet
-                last = exc
-            time.sleep(0.5)
+                time.sleep(0.5)
         raise TimeoutError(f"Milvus at {self.uri} not ready after {timeout:g} s: {last}")
+
+    def _try_ready(self) -> Exception | None:
+        from pymilvus import MilvusClient
+
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"Milvus server exited with {self.proc.returncode}:\n{self.tail()}")
+        try:
+            client = MilvusClient(uri=self.uri, timeout=3)
+            try:
+                _probe(client)
+            finally:
+                client.close()
+        except Exception as exc:  # refused, not loaded yet, coordinator not up yet
+            return exc
+        return None
 
     def stop(self, timeout: float = GRACEFUL_STOP_S + 10) -> None:
         """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
@@ -218,6 +227,17 @@ def _in_use(port: int) -> bool:
 
 
 @contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -257,7 +277,9 @@ def main(argv: list[str] | None = None) -> None:
         server.start()
         try:
             waited = server.wait_ready()
-            print(f"Milvus 2.3 ready at {server.uri} after {waited:.1f} s (logs: {server.log_path})")
+            print(
+                f"Milvus 2.3 ready at {server.uri} after {waited:.1f} s (logs: {server.log_path})"
+            )
             server.proc.wait()
         except KeyboardInterrupt:
             pass

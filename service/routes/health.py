@@ -3,7 +3,10 @@
 ``/readyz`` answers 503 only while no bundle is loaded. A degraded store (Redis away) is reported
 in the body (``"status": "degraded"``) and in ``csmf_store_up``, but stays 200: the service is
 still correct with the last known scenarios, and pulling every replica out of the load balancer
-on a Redis blip would turn a control-plane outage into a full outage.
+on a Redis blip would turn a control-plane outage into a full outage. An index engine that
+cannot answer (a Milvus server away) is reported the same way (``"index": {"state": "down"}``):
+retrieve answers 503 meanwhile, and every replica shares that engine, so taking them out of the
+balancer would not help.
 """
 
 from __future__ import annotations

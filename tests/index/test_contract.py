@@ -1,5 +1,5 @@
-"""The retrieval contract every VectorIndex backend keeps, run against each FAISS index type and
-Milvus Lite (real engines, no mocks): weighted search exact on the exact types and within the
+"""The retrieval contract every VectorIndex backend keeps, run against each FAISS index type,
+Milvus Lite and a real Milvus 2.3 server (real engines, no mocks): weighted search exact on the exact types and within the
 recall floor on the others, filters and exclusions equal to brute force over the allowed rows,
 the selective-filter fallback, stored vectors read back."""
 
@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from csmf.errors import ItemWriteError
 from csmf.index import IndexSpec, RowSet, VectorIndex, Where, open_index
 from csmf.index.faiss import FaissIndex, FaissSpec
 from csmf.index.filters import ItemAttributes, parse_filter
@@ -30,8 +31,10 @@ MILVUS_KINDS = {
     "milvus-flat": {"kind": "flat"},
     "milvus-ivf": {"kind": "ivf", "build_params": {"nlist": 32}, "search_params": {"nprobe": 16}},
 }
+# the same on a real Milvus 2.3 server (tests/fixtures/milvus.py), besides Milvus Lite
+MILVUS_KINDS |= {f"milvus-server-{k.split('-')[1]}": v for k, v in MILVUS_KINDS.items()}
 BACKENDS = [*FAISS_KINDS, *MILVUS_KINDS]
-EXACT = {"flat", "milvus-flat"}
+EXACT = {"flat", "milvus-flat", "milvus-server-flat"}
 FILTERS = [
     {"field": "genre", "eq": "drama"},
     {"field": "genre", "in": ["comedy", "horror", "nope"]},
@@ -64,12 +67,13 @@ X, USERS, TABLE = _data()
 ATTRS = ItemAttributes.from_table(TABLE, SCHEMA)
 
 
-def _build(name: str, folder: Path, milvus_uri: str) -> VectorIndex:
+def _build(name: str, folder: Path, milvus_uri: str, alias: str = "") -> VectorIndex:
     if name.startswith("milvus"):
         pytest.importorskip("pymilvus")
         from csmf.index.milvus import MilvusIndex, MilvusSpec, promote
 
-        spec = MilvusSpec(milvus_uri, name.replace("-", "_"), **MILVUS_KINDS[name])
+        alias = name.replace("-", "_") + alias
+        spec = MilvusSpec(milvus_uri, alias, **MILVUS_KINDS[name])
         built = MilvusIndex.build(X, TABLE, spec, progress=False)
         spec = IndexSpec.model_validate(built.save(folder))
         built.close()
@@ -81,16 +85,23 @@ def _build(name: str, folder: Path, milvus_uri: str) -> VectorIndex:
 
 
 @pytest.fixture(scope="module")
-def indexes(tmp_path_factory):
+def indexes(tmp_path_factory, request):
+    """indexes(name) → the built index of that backend, opened from its manifest section (built
+    once per module); indexes(name, fresh=True) → another one, for tests that write to it."""
     root = tmp_path_factory.mktemp("contract")
     cache: dict[str, VectorIndex] = {}
 
-    def get(name: str) -> VectorIndex:
-        if name not in cache:
-            folder = root / name
+    def get(name: str, fresh: bool = False) -> VectorIndex:
+        key = f"{name}-written" if fresh else name
+        if key not in cache:
+            folder = root / key
             folder.mkdir()
-            cache[name] = _build(name, folder, str(root / "milvus.db"))
-        return cache[name]
+            if name.startswith("milvus-server"):  # started on first use only
+                uri = request.getfixturevalue("milvus_server").uri
+            else:
+                uri = str(root / "milvus.db")
+            cache[key] = _build(name, folder, uri, "_written" if fresh else "")
+        return cache[key]
 
     yield get
     for index in cache.values():
@@ -280,3 +291,192 @@ def test_ivf_exact_below_follows_the_catalogue_and_is_recorded(tmp_path, monkeyp
     (tmp_path / "fixed").mkdir()
     spec = IndexSpec.model_validate(fixed.save(tmp_path / "fixed"))
     assert spec.exact_below == 0.03 and open_index(spec, tmp_path / "fixed").exact_below == 0.03
+
+
+# -- item writes (the VectorIndex.upsert / delete seam), the same checks on every backend ----------
+
+WRITE_BACKENDS = ["flat", "ivf", "milvus-flat", "milvus-server-flat", "milvus-server-ivf"]
+APPEND = 300
+
+
+def _attributes(rng, n: int) -> dict[str, np.ndarray]:
+    """Item-table columns of n written rows: the build's types, nulls included."""
+    genre = np.array(["action", "drama", "comedy", "horror", "docu"])[rng.integers(0, 5, n)]
+    price = rng.gamma(2.0, 15.0, n)
+    return {
+        "genre": np.array([None if i % 11 == 0 else str(g) for i, g in enumerate(genre)], object),
+        "price": np.where(np.arange(n) % 7 == 0, np.nan, price),
+        "in_stock": np.array([None if i % 5 == 0 else bool(b) for i, b in enumerate(rng.random(n) < 0.5)], object),
+    }  # fmt: skip
+
+
+class Catalogue:
+    """What a written index should hold: every row's vector, attributes and deleted flag (the
+    caller's item table; filters are evaluated over it and AND-ed with "not deleted")."""
+
+    def __init__(self) -> None:
+        self.x = X.copy()
+        self.cols = {c: TABLE.column(c).to_pylist() for c in SCHEMA}
+        self.dead = np.zeros(N, bool)
+
+    def upsert(self, rows, v, attrs=None):
+        grow = int(rows.max()) + 1 - len(self.x)
+        if grow > 0:
+            self.x = np.concatenate([self.x, np.zeros((grow, D), np.float32)])
+            self.dead = np.concatenate([self.dead, np.zeros(grow, bool)])
+            for c in self.cols.values():
+                c.extend([None] * grow)
+        self.x[rows] = v
+        self.dead[rows] = False
+        for c, vals in (attrs or {}).items():
+            for r, val in zip(rows.tolist(), vals.tolist(), strict=True):
+                self.cols[c][r] = None if isinstance(val, float) and np.isnan(val) else val
+
+    def attributes(self) -> ItemAttributes:
+        types = {"genre": pa.string(), "price": pa.float64(), "in_stock": pa.bool_()}
+        return ItemAttributes.from_table(
+            pa.table({c: pa.array(v, types[c]) for c, v in self.cols.items()}), SCHEMA
+        )
+
+    def truth(self, q, allowed):
+        s = q.astype(np.float64) @ self.x.T.astype(np.float64)
+        s[:, ~allowed] = -np.inf
+        rows = np.argsort(-s, axis=1, kind="stable")[:, :K]
+        return np.take_along_axis(s, rows, 1), rows
+
+
+@pytest.fixture(scope="module")
+def written(indexes):
+    """written(name) → (index, catalogue) after appends (in any order), replacements with new
+    attributes, a replacement without attributes, deletes (twice: idempotent) and undeletes."""
+    done: dict[str, tuple] = {}
+
+    def get(name: str):
+        if name in done:
+            return done[name]
+        index = indexes(name, fresh=True)
+        if index.capabilities.writes == "none":
+            pytest.skip(f"{name}: this index takes no item writes")
+        rng = np.random.default_rng(5)
+        ref = Catalogue()
+        rows = rng.permutation(np.arange(N, N + APPEND))
+        v = (rng.standard_normal((APPEND, D)) * 2 + 0.5).astype(np.float32)
+        attrs = _attributes(rng, APPEND)
+        index.upsert(rows, v, attrs)
+        ref.upsert(rows, v, attrs)
+        replace = rng.choice(N + APPEND, 200, replace=False)
+        v, attrs = (rng.standard_normal((200, D)) * 2).astype(np.float32), _attributes(rng, 200)
+        index.upsert(replace, v, attrs)
+        ref.upsert(replace, v, attrs)
+        keep = np.setdiff1d(np.arange(N + APPEND), replace)[:30]  # vectors only: attributes stay
+        v = (rng.standard_normal((30, D)) * 2).astype(np.float32)
+        index.upsert(keep, v)
+        ref.upsert(keep, v)
+        gone = rng.choice(N + APPEND, 250, replace=False)
+        index.delete(gone)
+        index.delete(gone[:40])  # idempotent
+        ref.dead[gone] = True
+        back = gone[:15]
+        v = (rng.standard_normal((15, D)) * 2).astype(np.float32)
+        attrs = _attributes(rng, 15)
+        index.upsert(back, v, attrs)  # an upsert brings a deleted row back
+        ref.upsert(back, v, attrs)
+        done[name] = (index, ref)
+        return done[name]
+
+    return get
+
+
+def _check_written(name, ref, q, scores, rows, allowed):
+    want_s, _ = ref.truth(q, allowed)
+    valid = rows >= 0
+    assert allowed[rows[valid]].all(), f"{name}: a deleted, filtered-out or excluded row"
+    exact = np.einsum("qd,qkd->qk", q, ref.x[np.where(valid, rows, 0)])
+    np.testing.assert_allclose(scores[valid], exact[valid], rtol=1e-5, atol=1e-4)
+    n_ok = min(K, int(allowed.sum()))
+    recall = recall_with_ties(ref.x, q, rows, want_s.astype(np.float32)) * K / n_ok
+    if name in EXACT | {"milvus-server-flat"}:
+        assert (valid.sum(1) == n_ok).all()
+        assert recall.min() >= 1 - 1e-9, f"{name}: not the exact top-k after writes"
+    else:
+        assert recall.mean() >= 0.85, (name, recall.mean())
+
+
+@pytest.mark.parametrize("name", WRITE_BACKENDS)
+def test_writes_keep_weighted_search_exact_over_the_live_rows(name, written):
+    index, ref = written(name)
+    assert len(index) == N + APPEND
+    np.testing.assert_array_equal(index.deleted_rows(), np.flatnonzero(ref.dead))
+    for w in weight_grid(3):
+        q = np.ascontiguousarray(USERS * slice_scale(w, SIZES), dtype=np.float32)
+        scores, rows = index.search(q, K)
+        _check_written(name, ref, q, scores, rows, ~ref.dead)
+    live = np.flatnonzero(~ref.dead)
+    some = np.concatenate([live[:2], live[-3:]])  # built and appended rows
+    np.testing.assert_allclose(index.vectors(some), ref.x[some], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", WRITE_BACKENDS)
+def test_writes_keep_filters_and_exclusions(name, written):
+    """Filters see written attributes (engines that filter by expression store them); a
+    deleted row is never returned, whatever the filter; exclusions hold for written rows."""
+    index, ref = written(name)
+    attrs = ref.attributes()
+    live = ~ref.dead
+    q = np.ascontiguousarray(USERS[:10] * slice_scale((1, 1.8, 1.2), SIZES), dtype=np.float32)
+    _, top = ref.truth(q[:1], live)
+    exclude = np.asarray([*top[0, ::2].tolist(), N + 1, N + 3], np.int64)
+    for obj in FILTERS:
+        f = parse_filter(obj, SCHEMA)
+        mask = attrs.mask(f) & live
+        for ex in (np.zeros(0, np.int64), exclude):
+            allowed = mask.copy()
+            allowed[ex] = False
+            where = Where(filter=f, allowed=RowSet(mask), exclude=ex)
+            scores, rows = index.search(q, K, where)
+            _check_written(name, ref, q, scores, rows, allowed)
+
+
+@pytest.mark.parametrize("name", WRITE_BACKENDS)
+def test_a_write_is_read_by_the_next_search_and_bad_writes_change_nothing(name, written):
+    index, ref = written(name)
+    n = len(index)
+    q = np.ascontiguousarray(USERS[:1], dtype=np.float32)
+    # the next search after an acknowledged write sees it (same client: Session consistency)
+    hot = (q[0] / np.linalg.norm(q[0]) * 1e3).astype(np.float32)[None]
+    row = np.array([n], np.int64)
+    index.upsert(
+        row, hot, {"genre": np.array(["drama"], object)} if name.startswith("milvus") else None
+    )
+    ref.upsert(
+        row,
+        hot,
+        {
+            "genre": np.array(["drama"], object),
+            "price": np.array([np.nan]),
+            "in_stock": np.array([None], object),
+        },
+    )
+    assert index.search(q, 1)[1][0, 0] == n
+    index.delete(row)
+    ref.dead[n] = True
+    assert n not in index.search(q, K)[1][0]
+    bad = [
+        (np.array([n + 5]), hot, "dense"),  # a gap before the new row
+        (np.array([1, 1]), np.repeat(hot, 2, 0), "twice"),
+        (np.array([2]), hot[:, :-1], "vectors must be"),
+        (np.array([2]), np.full_like(hot, np.nan), "NaN"),
+    ]  # fmt: skip
+    for rows, v, match in bad:
+        with pytest.raises(ItemWriteError, match=match):
+            index.upsert(rows, v)
+    with pytest.raises(ItemWriteError, match=f"row {n + 9} does not exist"):
+        index.delete(np.array([n + 9]))
+    if name.startswith("milvus"):
+        with pytest.raises(ItemWriteError, match="unknown attribute column 'colour'"):
+            index.upsert(np.array([2]), hot, {"colour": np.array(["red"], object)})
+        with pytest.raises(ItemWriteError, match="row 2: attribute 'price' must be a number"):
+            index.upsert(np.array([2]), hot, {"price": np.array(["cheap"], object)})
+    assert len(index) == n + 1  # nothing above changed the index
+    scores, rows = index.search(q, K)
+    _check_written(name, ref, q, scores, rows, ~ref.dead)
