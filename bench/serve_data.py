@@ -136,14 +136,16 @@ def bench_bundle(
     nprobe: int = 32,
     n_users: int = 20_000,
     tune: bool = False,
+    onnx: bool = False,
 ) -> Path:
     """The bundle for ``n_items`` (built once, then reused). ``tune``: the builder lowers nprobe
-    to the smallest value reaching recall 0.975 (floor 0.97 + margin 0.005) on held-out users."""
+    to the smallest value reaching recall 0.975 (floor 0.97 + margin 0.005) on held-out users;
+    ``onnx``: the bundle also holds the user tower as ONNX (build-index --onnx)."""
     from index_builder.build import build_bundle
     from index_builder.config import BuildConfig
 
     root = cache / f"serve-{n_items}"
-    out = root / f"bundle-{index}-{nprobe}{'-tuned' if tune else ''}"
+    out = root / f"bundle-{index}-{nprobe}{'-tuned' if tune else ''}{'-onnx' if onnx else ''}"
     if (out / "manifest.json").exists():
         return out
     ds = root / "data"
@@ -154,7 +156,28 @@ def bench_bundle(
         make_run(run, ds)
     cfg = BuildConfig(
         index=index, nprobe=nprobe, recall_floor=0.97, recall_queries=500, tune=tune,
-        tune_margin=0.005,
+        tune_margin=0.005, onnx=onnx,
     )  # fmt: skip
     build_bundle(run, out, cfg, progress=False)
     return out
+
+
+def bench_bundle_in(tree: Path, n_items: int, cache: Path, nprobe: int, tune: bool) -> Path:
+    """:func:`bench_bundle` built by the source tree ``tree`` (its own bench/serve_data.py and
+    builder, in a subprocess): an older commit may not read what this tree's builder writes, so
+    a before/after run serves a bundle the older code built (same data, seeds and model)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path\nfrom serve_data import bench_bundle\n"
+        f"print(bench_bundle({n_items}, Path({str(cache)!r}), nprobe={nprobe}, tune={tune}))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tree / "bench", env=env, capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"building the bundle in {tree} failed:\n{out.stderr[-2000:]}")
+    return Path(out.stdout.strip().splitlines()[-1])

@@ -94,8 +94,9 @@ def main() -> None:
     args = ap.parse_args()
     faiss.omp_set_num_threads(1)
     from fastapi.testclient import TestClient
-    from serve import in_process, make_bodies
+    from serve_bodies import make_bodies
     from serve_data import bench_bundle
+    from serve_work import in_process
 
     from service.main import create_app
     from service.settings import Settings

@@ -20,16 +20,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from serve import (
-    BATCH_CLIENT,
-    _free_port,
-    _stop,
-    _tree_cpu,
-    _wait_ready,
-    make_bodies,
-    start_service,
-    write_lua,
-)
+from serve_bodies import make_bodies, write_lua
+from serve_load import BATCH_CLIENT
+from serve_servers import free_port, start_service, stop, tree_cpu, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -37,7 +30,7 @@ BENCH = ROOT / "bench"
 
 def _busiest_worker(pid: int, since: dict[int, float]) -> int:
     """The child of ``pid`` that used the most CPU since ``since`` (a worker, not a helper)."""
-    now = _tree_cpu(pid)
+    now = tree_cpu(pid)
     return max((p for p in now if p != pid), key=lambda p: now[p] - since.get(p, 0.0))
 
 
@@ -161,11 +154,11 @@ def main() -> None:
     tmp = args.cache / "run"
     tmp.mkdir(parents=True, exist_ok=True)
     lua = write_lua(make_bodies(bundle, args.items), tmp / "bodies.lua")
-    port = _free_port()
+    port = free_port()
     proc = start_service(bundle, port, 2, tmp, code=args.code)
     try:
-        _wait_ready(port, proc)
-        cpu0 = _tree_cpu(proc.pid)
+        wait_ready(port, proc)
+        cpu0 = tree_cpu(proc.pid)
         url = f"http://127.0.0.1:{port}"
         load = subprocess.Popen(
             ["wrk", "-t2", "-c16", f"-d{args.seconds + 4}s", "-s", str(lua), url],
@@ -186,14 +179,14 @@ def main() -> None:
             subprocess.Popen([*client, str(args.seconds + 5), "10"], stdout=subprocess.DEVNULL)
             for _ in range(2)
         ]
-        cpu0 = _tree_cpu(proc.pid)
+        cpu0 = tree_cpu(proc.pid)
         time.sleep(3)  # the clients' connections may both land on one worker: profile that one
         worker = _busiest_worker(proc.pid, cpu0)
         _record(worker, args.seconds, args.out / f"profile-{args.tag}-batch.svg")
         for c in clients:
             c.wait()
     finally:
-        _stop(proc)
+        stop(proc)
     print(f"wrote {args.out}/profile-{args.tag}-{{retrieve,batch}}.svg")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,32 @@ def test_one_renderer_and_no_sys_path_edits():
     ]
     assert offenders == []
     assert [p.name for p in _sources("bench") if "sys.path" in p.read_text()] == []
+
+
+def test_run_header_names_commit_date_and_load(tmp_path):
+    from csmf.results import finish_run, run_info, run_line, source_commit
+
+    sha = subprocess.run(
+        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    info = finish_run(run_info(ROOT))
+    assert info["commit"].split()[0] == sha
+    line = run_line(info)
+    assert re.fullmatch(
+        r"Run \d{4}-\d\d-\d\d \d\d:\d\d UTC at [0-9a-f]+( \+ uncommitted changes)?; load average "
+        r"[\d.]+ before, [\d.]+ after, \d+ cores\.",
+        line,
+    ), line
+    assert source_commit(tmp_path) == "unknown"  # not a git checkout
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (repo / "csmf").mkdir()
+    (repo / "csmf" / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    assert "uncommitted" not in source_commit(repo)
+    (repo / "csmf" / "a.py").write_text("x = 2\n")
+    assert source_commit(repo).endswith(" + uncommitted changes")
+    assert "uncommitted" not in source_commit(repo, watched=("service",))
