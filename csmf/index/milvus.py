@@ -61,7 +61,10 @@ MILVUS_TYPES = {"flat": "FLAT", "ivf": "IVF_FLAT", "hnsw": "HNSW"}
 KNOBS = {"IVF_FLAT": "nprobe", "HNSW": "ef"}
 INSERT_BATCH = 5000
 MAX_VARCHAR = 65535
-SEARCH_TIMEOUT_S = 3.0  # a search the engine cannot answer in time is a 503, not a hung request
+# A search the engine cannot answer in time is a 503, not a hung request: 5 s, plus 20 ms per
+# query of a batch (the builder's recall check sends hundreds at once)
+SEARCH_TIMEOUT_S = 5.0
+SEARCH_TIMEOUT_PER_QUERY_S = 0.02
 CONSISTENCY = "Session"  # read your own writes; see the module doc
 HEALTH_TTL_S = 1.0  # /readyz probes the engine at most once a second
 PLACEHOLDER = {"VARCHAR": "", "DOUBLE": 0.0, "BOOL": False}  # stored for null with null flags
@@ -223,6 +226,8 @@ class MilvusIndex(VectorIndex):
                     client.insert(name, _entities(range(s, e), x[s:e], batch, fields, null_flags))
                     bar.update(e - s)
             client.flush(name)
+            if "://" in spec.uri and spec.kind != "flat":
+                _wait_indexed(client, name, progress)
             client.load_collection(name)
         except MilvusException as exc:
             _drop_quietly(client, name)
@@ -316,7 +321,7 @@ class MilvusIndex(VectorIndex):
                 output_fields=["row"],
                 search_params=self._search,
                 consistency_level=level,
-                timeout=SEARCH_TIMEOUT_S,
+                timeout=SEARCH_TIMEOUT_S + SEARCH_TIMEOUT_PER_QUERY_S * len(q),
             )
         except Exception as exc:  # MilvusException, or gRPC's own errors when it is away
             self._health = (time.monotonic(), _first_line(exc))
@@ -542,6 +547,21 @@ def _expression(where: Where | None, null_flags: frozenset[str] = frozenset()) -
     if where.exclude is not None and len(where.exclude):
         parts.append(f"row not in [{', '.join(map(str, where.exclude.tolist()))}]")
     return " and ".join(parts)
+
+
+def _wait_indexed(client: MilvusClient, name: str, progress: bool, timeout: float = 3600) -> None:
+    """Block until the server has built the vector index of every flushed segment: a segment
+    loaded before its index exists is searched by brute force (exact, slow), so a bundle's
+    recall check and its first searches would not see the index it declares."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        info = client.describe_index(name, "vector")
+        if int(info.get("pending_index_rows", 0)) == 0:
+            return
+        if progress:
+            print(f"  milvus index: {info.get('indexed_rows')} / {info.get('total_rows')} rows")
+        time.sleep(2.0)
+    raise BundleError(f"Milvus did not index {name} within {timeout:g} s")
 
 
 def _has_nullable_fields(client: MilvusClient, uri: str) -> bool:

@@ -14,9 +14,10 @@ template, and runs the binary itself:
 * ready means a search succeeds on a probe collection, not ``/healthz``: after a restart the
   health check answers OK tens of seconds before the query node serves the loaded collections.
 
-Run one in the foreground::
+Run one in the foreground, or wait for any Milvus (compose, a cluster) to answer a search::
 
     python -m csmf.index.milvus_server --dir .cache/milvus-server --port 19530
+    python -m csmf.index.milvus_server --wait http://127.0.0.1:19530
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ class MilvusServer:
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.bin_dir = Path(bin_dir).resolve() if bin_dir else self.data_dir / "bin"
+        clash = {port, metrics_port} & {*INTERNAL_PORTS.values(), *ETCD_PORTS}
+        if clash or port == metrics_port:
+            raise ConfigError(
+                f"Milvus port {port} / metrics port {metrics_port} must differ from each other "
+                f"and from the server's internal ports {sorted({*INTERNAL_PORTS.values(), *ETCD_PORTS})}"
+            )
         self.port = port
         self.metrics_port = metrics_port
         self.proc: subprocess.Popen | None = None
@@ -263,12 +270,40 @@ def machine_slot(blocking: bool = False) -> Iterator[bool]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def wait_for(uri: str, timeout: float = 300.0) -> float:
+    """Block until a search succeeds on the Milvus at ``uri`` (any server: compose, a cluster);
+    returns the seconds waited."""
+    from pymilvus import MilvusClient
+
+    t0 = time.monotonic()
+    last: object = None
+    with _quiet("pymilvus"):
+        while time.monotonic() - t0 < timeout:
+            try:
+                client = MilvusClient(uri=uri, timeout=3)
+                try:
+                    _probe(client)
+                    return time.monotonic() - t0
+                finally:
+                    client.close()
+            except Exception as exc:
+                last = exc
+            time.sleep(1.0)
+    raise TimeoutError(f"Milvus at {uri} not ready after {timeout:g} s: {last}")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Run a local Milvus Standalone (no Docker) until ^C")
     p.add_argument("--dir", type=Path, default=Path(".cache/milvus-server"), help="data folder")
     p.add_argument("--port", type=int, default=19530)
     p.add_argument("--metrics-port", type=int, default=9091)
+    p.add_argument(
+        "--wait", metavar="URI", help="start nothing: wait until a search succeeds at URI, exit"
+    )
     a = p.parse_args(argv)
+    if a.wait:
+        print(f"Milvus at {a.wait} ready after {wait_for(a.wait):.1f} s")
+        return
     with machine_slot() as had:
         if not had:
             raise SystemExit(f"another Milvus server holds {LOCK}: one per machine")

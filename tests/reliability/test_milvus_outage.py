@@ -41,6 +41,8 @@ def _index_state(svc) -> dict:
 
 
 def test_milvus_killed_under_load(milvus_server, service_runs, serve, tmp_path, report):
+    if not hasattr(milvus_server, "proc"):
+        pytest.skip("the Milvus server is external (CSMF_TEST_MILVUS_URI): not ours to kill")
     cfg = BuildConfig(backend="milvus", uri=milvus_server.uri, index="flat", collection="outage")
     bundle, _ = build_bundle(service_runs[0], tmp_path / "bundle", cfg, progress=False)
     svc = serve(bundle)
@@ -103,6 +105,7 @@ def test_milvus_killed_under_load(milvus_server, service_runs, serve, tmp_path, 
             "service answering again after the restart": f"{recovered:.1f} s",
             "answers after recovery equal those before the kill": f"{len(bodies)} of {len(bodies)}",
         },
-        "SIGKILL by pid, restart on the same data folder. Retrieve's Milvus search times out "
-        "after 3 s (csmf/index/milvus.py SEARCH_TIMEOUT_S): a 503 naming the engine.",
+        "SIGKILL by pid, restart on the same data folder. A refused connection, or a Milvus "
+        "search not answered within its timeout (csmf/index/milvus.py SEARCH_TIMEOUT_S), is "
+        "a 503 naming the engine.",
     )
