@@ -1,11 +1,12 @@
-"""A small client of the service's scenario admin API, for tools that write scenarios (``csmf
-tune --apply``): the name is validated and escaped before it goes into a URL, and a write is a
-compare-and-set on the version read before it, so a concurrent admin write is reported, never
-silently overwritten (docs/design.md#tune-experiment-feedback).
+"""A small client of the service's admin API, for tools: scenario writes (``csmf tune --apply``)
+and bundle reloads (``csmf daily``). A scenario name is validated and escaped before it goes into
+a URL, and a write is a compare-and-set on the version read before it, so a concurrent admin write
+is reported, never silently overwritten (docs/design.md#tune-experiment-feedback).
 
     version = scenario_version(url, token, "homepage")  # when the work starts
     ...                                                 # the work (minutes)
     put_scenario(url, token, "homepage", {"weights": ...}, version)  # AdminClientError if changed
+    reload_bundle(url, token, "/models/bundles/20261206T030000Z")   # the replica's new bundle
 """
 
 from __future__ import annotations
@@ -79,5 +80,37 @@ def put_scenario(
     if r.status_code != 200:
         raise AdminClientError(
             f"service at {base_url} refused scenario {name!r}: HTTP {r.status_code} {r.text[:300]}"
+        )
+    return r.json()
+
+
+def reload_bundle(
+    base_url: str, token: str, bundle: str, client=None, timeout: float = 300.0
+) -> dict:
+    """``POST /admin/reload {"bundle": bundle}`` on one replica (``bundle`` is the path as the
+    replica sees it). Returns the replica's answer (``previous`` and ``bundle`` with its
+    ``model_version``); AdminClientError naming the replica and the reason when it is unreachable
+    or refuses (it then keeps serving its previous bundle). ``timeout``: loading and verifying a
+    large bundle takes a while."""
+    import httpx
+
+    url = f"{base_url.rstrip('/')}/admin/reload"
+    headers = {"authorization": f"Bearer {token}"}
+    try:
+        if client is not None:
+            r = client.post(url, headers=headers, json={"bundle": bundle})
+        else:
+            r = httpx.post(url, headers=headers, json={"bundle": bundle}, timeout=timeout)
+    except httpx.HTTPError as exc:
+        raise AdminClientError(
+            f"cannot reach the service at {base_url}: {type(exc).__name__}: {exc}"
+        ) from None
+    if r.status_code != 200:
+        try:
+            detail = r.json().get("detail", r.text[:300])
+        except ValueError:
+            detail = r.text[:300]
+        raise AdminClientError(
+            f"service at {base_url} refused to reload {bundle}: HTTP {r.status_code} {detail}"
         )
     return r.json()

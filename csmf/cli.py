@@ -155,6 +155,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "inspect": ("index_builder.cli", "inspect", "command"),
     "export": ("index_builder.cli", "export_app", "group"),
     "serve": ("service.cli", "serve", "command"),
+    "daily": ("daily.cli", "daily", "command"),
 }
 HELP = {
     "data": "Fetch/convert datasets: MovieLens-100K, synthetic cascades.",
@@ -166,10 +167,11 @@ HELP = {
     "inspect": "Print a bundle's manifest and verify its checksums.",
     "export": "Export a bundle's user tower: `csmf export onnx BUNDLE OUT`.",
     "serve": "Serve a bundle over HTTP (FastAPI + uvicorn).",
+    "daily": "One scheduled update: new events → train → quality gate → bundle → reload replicas.",
 }
 
 
-NEEDS_TORCH = {"train", "eval", "tune", "bench", "build-index", "export"}
+NEEDS_TORCH = {"train", "eval", "tune", "bench", "build-index", "export", "daily"}
 
 
 def _load(name: str):

@@ -8,7 +8,13 @@ from __future__ import annotations
 import pytest
 from fixtures.services import AUTH, TOKEN
 
-from csmf.admin_client import AdminClientError, put_scenario, scenario_url, scenario_version
+from csmf.admin_client import (
+    AdminClientError,
+    put_scenario,
+    reload_bundle,
+    scenario_url,
+    scenario_version,
+)
 from csmf.names import is_name
 
 BODY = {"weights": {"exposure": 1.0, "click": 2.0, "conversion": 3.0}, "description": "tune"}
@@ -48,3 +54,22 @@ def test_put_is_a_compare_and_set_on_the_version_read(bundles, make_client):
 def test_unreachable_service_is_one_clear_error():
     with pytest.raises(AdminClientError, match="cannot reach the service"):
         scenario_version("http://127.0.0.1:1", TOKEN, "x", timeout=0.5)
+
+
+def test_reload_swaps_the_bundle_and_a_refusal_names_the_replica(bundles, make_client):
+    c = make_client(bundles["flat"])
+    url = str(c.base_url)
+    before = c.get("/admin/bundle", headers=AUTH).json()["model_version"]
+    with pytest.raises(AdminClientError, match=f"service at {url} refused to reload .*HTTP 422"):
+        reload_bundle(url, TOKEN, "/nonexistent/bundle", client=c)
+    assert c.get("/admin/bundle", headers=AUTH).json()["model_version"] == before
+    with pytest.raises(AdminClientError, match="HTTP 403"):
+        reload_bundle(url, "wrong-token", str(bundles["other"]), client=c)
+    doc = reload_bundle(url, TOKEN, str(bundles["other"]), client=c)
+    assert doc["previous"] == before and doc["bundle"]["model_version"] != before
+    assert (
+        c.get("/admin/bundle", headers=AUTH).json()["model_version"]
+        == doc["bundle"]["model_version"]
+    )
+    with pytest.raises(AdminClientError, match="cannot reach the service"):
+        reload_bundle("http://127.0.0.1:1", TOKEN, str(bundles["flat"]), timeout=0.5)
