@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from csmf.cli import config_options, fail, new_app
-from csmf.errors import ConfigError
+from csmf.errors import ConfigError, CsmfError
 from daily.gate import GateConfig
 
 
@@ -124,7 +124,7 @@ def daily(
             reload_timeout=reload_timeout, keep=keep, max_age_hours=max_age_hours,
             pushgateway=pushgateway, progress=progress,
         )  # fmt: skip
-    except ConfigError as exc:
+    except CsmfError as exc:
         fail(exc)
     outcome = run_daily(opts, log=lambda m: typer.echo(m, err=True))
     if outcome.code == OK:

@@ -45,13 +45,12 @@ def registry_for(status: dict[str, Any], max_age_s: float) -> CollectorRegistry:
     """The gauges of ``status`` in a fresh registry (one per push)."""
     reg = CollectorRegistry()
     attempt, success = status.get("last_attempt"), status.get("last_success")
-    g = Gauge(
-        "csmf_daily_last_success_timestamp_seconds",
-        "Unix time the last csmf daily update finished successfully (published and reloaded)",
-        registry=reg,
-    )
-    if success:
-        g.set(success["finished_at"])
+    if success:  # absent until the first success (a gauge would say 0, i.e. 1970)
+        Gauge(
+            "csmf_daily_last_success_timestamp_seconds",
+            "Unix time the last csmf daily update finished successfully (published and reloaded)",
+            registry=reg,
+        ).set(success["finished_at"])
     Gauge(
         "csmf_daily_max_model_age_seconds",
         "Configured max age of the serving model (csmf daily --max-age-hours); the model-age "

@@ -7,18 +7,18 @@ update becomes visible in one step.
       bundles/<gen>/        verified bundles
       bundles/current       symlink → <gen>: THE serving model (`csmf serve --bundle
                             STATE/bundles/current`); its run is runs/<gen>
-      .partial-<gen>/       an update in progress: run/, bundle/, step (the step it reached)
+      partial-<gen>/        an update in progress: run/, bundle/, step (the step it reached)
       refused/<gen>/        the last candidate the quality gate refused (for inspection)
       status.json           the last attempt and the last success (what the metrics report)
       .lock                 held (flock) by the one update running
 
 ``<gen>`` is the UTC start time of the update (``20261206T030000Z``). An update works only inside
-its ``.partial-<gen>`` folder; once its bundle is built it renames ``run/`` and ``bundle/`` to
+its ``partial-<gen>`` folder; once its bundle is built it renames ``run/`` and ``bundle/`` to
 their new names under ``runs/`` and ``bundles/`` (new names: nothing existing is touched),
 verifies the bundle there, and then swaps the ``current`` symlink atomically (a new symlink
 renamed over the old one, the folder fsynced): that rename is the commit. Killed at any moment
 before it, the previous run and the serving bundle are untouched and ``current`` still names
-them; the next update finds the ``.partial-*`` folder, removes it and whatever it had moved under
+them; the next update finds the ``partial-*`` folder, removes it and whatever it had moved under
 ``runs/`` and ``bundles/`` without committing, and says so.
 """
 
@@ -36,7 +36,7 @@ from csmf.atomic import atomic_write_text, fsync_path
 from csmf.errors import CsmfError
 
 CURRENT = "current"
-PARTIAL_PREFIX = ".partial-"
+PARTIAL_PREFIX = "partial-"
 STATUS_NAME = "status.json"
 
 
@@ -47,13 +47,20 @@ class StateError(CsmfError, ValueError):
 
 @dataclass(frozen=True)
 class Recovered:
-    """A ``.partial-*`` folder left by an update that did not finish, and what was done."""
+    """A ``partial-*`` folder left by an update that did not finish, and what was done."""
 
     gen: str
     step: str
     removed: tuple[str, ...]
+    committed: bool  # it had published (the pointer names it) and died after
 
     def message(self) -> str:
+        if self.committed:
+            return (
+                f"an earlier update ({self.gen}) stopped during its {self.step!r} step after "
+                f"publishing; removed {', '.join(self.removed)}; replicas may still need the "
+                "reload this update now sends"
+            )
         return (
             f"an earlier update ({self.gen}) stopped during its {self.step!r} step without "
             f"publishing; removed {', '.join(self.removed)}; the serving model was not touched"
@@ -180,13 +187,14 @@ class State:
         step_file = p / "step"
         step = step_file.read_text().strip() if step_file.exists() else "start"
         removed = [p.name]
-        if gen != self.current():  # moved or created under the state, never committed
+        committed = gen == self.current()
+        if not committed:  # moved or created under the state, never committed
             for moved in (self.data_of(gen), self.run_of(gen), self.bundle_of(gen)):
                 if moved.exists():
                     shutil.rmtree(moved)
                     removed.append(str(moved.relative_to(self.root)))
         shutil.rmtree(p)
-        return Recovered(gen, step, tuple(removed))
+        return Recovered(gen, step, tuple(removed), committed)
 
     def keep_refused(self, gen: str, run: Path) -> Path:
         """Move a refused candidate's run to ``refused/<gen>`` (only the latest is kept)."""
