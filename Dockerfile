@@ -36,6 +36,7 @@ COPY csmf ./csmf
 COPY trainer ./trainer
 COPY index_builder ./index_builder
 COPY service ./service
+COPY daily ./daily
 # Then check the serving path imports without torch, and drop pip/setuptools themselves.
 RUN pip install --no-deps . \
     && python -c "import csmf, service.main, sys; assert 'torch' not in sys.modules" \
@@ -47,7 +48,9 @@ FROM python:${PYTHON_VERSION}-slim-bookworm AS runtime-base
 # One fixed uid so a mounted bundle or volume can be owned/readable by it on the host.
 RUN groupadd --system --gid 10001 csmf \
     && useradd --system --uid 10001 --gid csmf --home-dir /srv/csmf --create-home \
-        --shell /usr/sbin/nologin csmf
+        --shell /usr/sbin/nologin csmf \
+    && install -d -o 10001 -g 10001 /data
+# /data: the event log (CSMF_EVENT_LOG_DIR) on a volume, which Docker creates owned like this.
 
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
@@ -68,6 +71,22 @@ HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
 
 ENTRYPOINT ["csmf", "serve"]
 CMD ["--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8000"]
+
+# ---------------------------------------------------------------------------------------------
+# The training image (`--target train`): the same venv plus CPU torch, for `csmf daily` (the
+# Kubernetes CronJob, the compose service `csmf-daily`) and any other training command.
+FROM build AS build-train
+ARG TORCH=torch==2.13.0
+RUN python -m ensurepip -q \
+    && pip install --index-url https://download.pytorch.org/whl/cpu "$TORCH" \
+    && python -c "import torch, daily.update" \
+    && python -m pip uninstall -y -q pip setuptools wheel
+
+FROM runtime-base AS train
+COPY --from=build-train /opt/venv /opt/venv
+HEALTHCHECK NONE
+ENTRYPOINT ["csmf"]
+CMD ["daily", "--help"]
 
 # ---------------------------------------------------------------------------------------------
 # A bundle baked in from a named build context (`--build-context bundle=PATH`), so bundles never

@@ -10,7 +10,7 @@ import pytest
 # .ci/run installs Debian's `prometheus` package (prometheus + promtool). A developer machine
 # without it skips these tests, saying how to get it; in CI a missing binary is a failure, so the
 # alert and dashboard checks can never pass by not running.
-APT_HINT = "apt-get install -y prometheus (what .ci/run does)"
+APT_HINT = "apt-get install -y prometheus prometheus-pushgateway (what .ci/run does)"
 
 
 def _tool(name: str) -> str:
@@ -31,3 +31,8 @@ def promtool() -> str:
 @pytest.fixture(scope="session")
 def prometheus_bin() -> str:
     return _tool("prometheus")
+
+
+@pytest.fixture(scope="session")
+def pushgateway_bin() -> str:
+    return _tool("prometheus-pushgateway")

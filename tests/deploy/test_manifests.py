@@ -238,6 +238,7 @@ def test_compose_services_images_and_bind_mounts(compose):
     services = compose["services"]
     assert set(services) == {
         "csmf", "redis", "prometheus", "grafana", "milvus", "milvus-etcd", "milvus-minio",
+        "csmf-daily", "pushgateway",
     }  # fmt: skip
     csmf = services["csmf"]
     assert (DEPLOY / csmf["build"]["context"] / csmf["build"]["dockerfile"]).resolve() == (
@@ -281,6 +282,49 @@ def test_compose_csmf_command_env_ports_and_redis(compose, monkeypatch):
     assert redis.port == 6379
     assert csmf["depends_on"][redis.hostname]["condition"] == "service_healthy"
     assert "healthcheck" in services[redis.hostname]
+
+
+def daily_args(args: list[str]) -> dict:
+    """Parse `csmf daily` arguments with the real command."""
+    from daily.cli import daily
+
+    app = typer.Typer()
+    app.command()(daily)
+    return get_command(app).make_context("csmf daily", list(args)).params
+
+
+def test_compose_daily_update_reaches_the_replicas_the_events_and_the_gateway(compose):
+    services = compose["services"]
+    job, csmf = services["csmf-daily"], services["csmf"]
+    assert job["profiles"] == ["daily"] and "profiles" not in services["pushgateway"]
+    assert job["build"]["target"] == "train" and "train" in stages()
+    assert job["image"].split(":")[0] == IMAGE_REPO
+    # the loop hands its arguments to `csmf daily` ("$@"), one fresh process per update
+    entry = job["entrypoint"]
+    assert entry[:2] == ["/bin/sh", "-c"] and 'csmf daily "$$@"' in entry[2]
+    params = daily_args([env_default(a) for a in job["command"]])
+    # the replicas see the state at the same path: it lives in the bundles folder they mount
+    job_mounts = {dst: src for src, dst in _mounts(job)}
+    csmf_mounts = {dst: src for src, dst in _mounts(csmf)}
+    state_root = "/" + params["state"].parts[1]
+    assert job_mounts[state_root] == csmf_mounts[state_root]
+    assert params["replica_state"] is None
+    # the events it reads are the replicas' event log (CSMF_EVENT_LOG_DIR), on a shared volume
+    assert str(params["data"]) == csmf["environment"]["CSMF_EVENT_LOG_DIR"]
+    assert job_mounts[str(params["data"])] == csmf_mounts[str(params["data"])]
+    assert job_mounts[str(params["data"])] in compose["volumes"]
+    host, port = params["replicas_dns"].split(":")
+    assert host == "csmf" and int(port) == serve_args(
+        [env_default(a) for a in csmf["command"]])["port"]  # fmt: skip
+    assert job["environment"].get("CSMF_ADMIN_TOKEN") is None, "the token comes from the shell"
+    gateway = urlparse(job["environment"]["CSMF_PUSHGATEWAY"])
+    assert gateway.hostname in services and gateway.port == 9091
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    [pg] = [j for j in config["scrape_configs"] if j["job_name"] == "pushgateway"]
+    assert pg["honor_labels"] is True
+    assert pg["static_configs"][0]["targets"] == [f"{gateway.hostname}:{gateway.port}"]
+    pinned = re.search(r"ARG TORCH=(\S+)", (ROOT / "Dockerfile").read_text()).group(1)
+    assert pinned == makefile_default("TORCH"), "the training image's torch is the Makefile's"
 
 
 def test_compose_milvus_standalone_is_opt_in_and_reachable_by_the_service(compose):

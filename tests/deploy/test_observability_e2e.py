@@ -1,6 +1,7 @@
 """The dashboard and the alerts against reality: a real service (``csmf serve``, 2 uvicorn workers,
-a real Redis) scraped every second by a real Prometheus running the project's own
-deploy/prometheus/prometheus.yml and alerts.yml (only the csmf job's target is rewritten).
+a real Redis) and a real Pushgateway holding what ``csmf daily`` pushes (its own export code)
+scraped every second by a real Prometheus running the project's own
+deploy/prometheus/prometheus.yml and alerts.yml (only the targets are rewritten).
 
 After traffic across two scenarios (plus explicit weights, bad requests and a failed reload),
 EVERY PromQL expression of deploy/grafana/dashboards/csmf.json and of alerts.yml is evaluated
@@ -314,9 +315,35 @@ def live_service(tmp_path, flat_bundle, redis_server):
         yield client, port, log
 
 
-def prometheus_config(service_port: int, prometheus_port: int) -> dict:
+@pytest.fixture
+def pushgateway(tmp_path, pushgateway_bin):
+    """A Pushgateway holding a successful daily update, pushed by daily.metrics.export."""
+    from daily.metrics import export
+
+    port, log = _free_port(), tmp_path / "pushgateway.log"
+    args = [pushgateway_bin, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
+    with _process(args, log) as proc:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until(lambda: httpx.get(f"{url}/-/ready").is_success, 30, "pushgateway", proc, log)
+        now = time.time()
+        gate = {
+            "candidate": {t: {"recall": 0.41, "ndcg": 0.2} for t in ("click", "conversion")},
+            "serving": {t: {"recall": 0.40, "ndcg": 0.2} for t in ("click", "conversion")},
+        }
+        attempt = {
+            "finished_at": now, "outcome": "published", "gate": gate,
+            "steps": {"events": 0.1, "train": 60.0, "gate": 2.0, "build": 5.0},
+            "replicas": [{"ok": True}, {"ok": True}],
+        }  # fmt: skip
+        status = {"last_attempt": attempt, "last_success": attempt}
+        assert export(status, 26 * 3600, tmp_path, url) is None
+        yield port
+
+
+def prometheus_config(service_port: int, prometheus_port: int, pushgateway_port: int) -> dict:
     """The project's prometheus.yml, scraping every second, its csmf job pointed at the test
-    service (instead of Docker DNS) and rule files made absolute."""
+    service (instead of Docker DNS), its pushgateway job at the test gateway, and rule files made
+    absolute."""
     cfg = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     cfg["global"].update(scrape_interval="1s", evaluation_interval="1s")
     cfg["rule_files"] = [str(PROMETHEUS_DIR / f) for f in cfg["rule_files"]]
@@ -326,15 +353,17 @@ def prometheus_config(service_port: int, prometheus_port: int) -> dict:
     csmf["static_configs"] = [{"targets": [f"127.0.0.1:{service_port}"]}]
     if "prometheus" in jobs:
         jobs["prometheus"]["static_configs"] = [{"targets": [f"127.0.0.1:{prometheus_port}"]}]
+    assert jobs["pushgateway"]["honor_labels"] is True, "pushed job labels must be kept"
+    jobs["pushgateway"]["static_configs"] = [{"targets": [f"127.0.0.1:{pushgateway_port}"]}]
     return cfg
 
 
 @pytest.fixture
-def prometheus(tmp_path, prometheus_bin, live_service):
+def prometheus(tmp_path, prometheus_bin, live_service, pushgateway):
     _, service_port, _ = live_service
     port, log = _free_port(), tmp_path / "prometheus.log"
     conf = tmp_path / "prometheus.yml"
-    conf.write_text(yaml.safe_dump(prometheus_config(service_port, port)))
+    conf.write_text(yaml.safe_dump(prometheus_config(service_port, port, pushgateway)))
     args = [prometheus_bin, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}"]
     args += [f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"]
     with (
