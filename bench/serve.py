@@ -24,8 +24,8 @@ checked on weighted queries) it measures, in one run:
 
 Bare and service run side by side and are loaded at the same time in each of ``--rounds`` rounds
 (medians kept), so a neighbour's job starting mid-run hits both alike (``--sequential``: one after
-the other). ``--before REF`` serves that commit too (a git worktree under ``--cache``), measured
-in the same rounds: before and after side by side in one run. Option rows price ``explain``,
+the other). ``--before REF`` serves that commit too (a git worktree under ``--cache``; repeat it
+for several), measured in the same rounds: before and after side by side in one run. Option rows price ``explain``,
 ``exclude_seen``, ``exclude`` and ``filter`` one at a time against the plainest request.
 
 ``--onnx`` builds the bundle with ``--onnx`` and adds the service at this tree with
@@ -104,8 +104,11 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument(
         "--before",
         metavar="GIT_REF",
+        action="append",
+        default=[],
         help="also serve this commit (a git worktree under --cache) and measure it in the same "
-        "rounds, option rows and batch run: before/after side by side",
+        "rounds, option rows and batch run: before/after side by side (repeatable; the first "
+        "one's builder makes the bundle)",
     )
     ap.add_argument(
         "--onnx",
@@ -134,29 +137,33 @@ def parse_args() -> argparse.Namespace:
 
 def services(
     args: argparse.Namespace, at: str
-) -> tuple[dict[str, tuple[Path, dict[str, str], Path]], Path, str | None]:
+) -> tuple[dict[str, tuple[Path, dict[str, str], Path]], Path, str]:
     """The services to measure, name → (source tree, CSMF_* settings, bundle); the bundle every
-    other server answers from; the short hash of ``--before`` (None without it).
+    other server answers from; the short hashes of ``--before`` ('' without it).
 
-    Everything answers from one bundle, built by ``--before``'s own builder when given (an older
-    commit may not read a newer builder's manifest; this tree reads older ones). The onnxruntime
-    service needs user_tower.onnx, so it answers from this tree's bundle built with ``--onnx``
-    (same data, seeds and model; the parity check compares its results with the others')."""
+    Everything answers from one bundle, built by the first ``--before``'s own builder when given
+    (an older commit may not read a newer builder's manifest; newer code reads older ones). The
+    onnxruntime service needs user_tower.onnx, so it answers from this tree's bundle built with
+    ``--onnx`` (same data, seeds and model; the parity check compares its results)."""
     from serve_data import bench_bundle, bench_bundle_in
 
     kw = {"nprobe": args.nprobe, "tune": args.tune}
     out: dict[str, tuple[Path, dict[str, str], Path]] = {}
-    before = None
-    if args.before:
-        path, before = worktree(args.before, args.cache)
-        shared = bench_bundle_in(path, args.items, args.cache / f"built-by-{before}", **kw)
-        out[f"service before ({before})"] = (path, {}, shared)
-    else:
+    shas = []
+    shared = None
+    for ref in args.before:
+        path, sha = worktree(ref, args.cache)
+        if shared is None:
+            shared = bench_bundle_in(path, args.items, args.cache / f"built-by-{sha}", **kw)
+        out[f"service before ({sha})"] = (path, {}, shared)
+        shas.append(sha)
+    if shared is None:
         shared = bench_bundle(args.items, args.cache, **kw, onnx=args.onnx)
     out[f"service at {at}"] = (ROOT, {}, shared)
     if args.onnx:
         onnx = bench_bundle(args.items, args.cache, **kw, onnx=True)
         out[f"service at {at}, onnxruntime encoder"] = (ROOT, {"encoder": "onnx"}, onnx)
+    before = ", ".join(shas)
     return out, shared, before
 
 
