@@ -36,7 +36,8 @@ def daily(
         typer.Option(
             "--config",
             help="Training config (TOML). Needed on the first update (trained from scratch); "
-            "later updates continue the serving run with its own config.",
+            "later updates continue with the serving run's own config unless one is given "
+            "(its [features] must then be the serving model's).",
         ),
     ] = None,
     set_: Annotated[

@@ -11,6 +11,7 @@ models already in memory, and no step pays a second torch start-up. The steps' o
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -139,7 +140,7 @@ def _check_inputs(state: State, opts: DailyOptions) -> tuple[str | None, Checkpo
         if opts.config is not None:
             cfg = load_config(opts.config, opts.overrides)
         elif serving is not None:
-            raw = serving.train_config
+            raw = copy.deepcopy(serving.train_config)
             for item in opts.overrides:
                 apply_override(raw, item)
             cfg = RunConfig.from_dict(raw)
