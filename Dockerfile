@@ -84,6 +84,8 @@ RUN python -m ensurepip -q \
 
 FROM runtime-base AS train
 COPY --from=build-train /opt/venv /opt/venv
+# The training configs, for the first update (`csmf daily --config configs/...`).
+COPY configs ./configs
 HEALTHCHECK NONE
 ENTRYPOINT ["csmf"]
 CMD ["daily", "--help"]

@@ -155,3 +155,23 @@ def test_the_patch_merges_and_keeps_what_it_does_not_name():
     assert [e["name"] for e in c["env"]] == ["Y", "X"]
     assert [m["mountPath"] for m in c["volumeMounts"]] == ["/m", "/tmp"]
     assert [v["name"] for v in got["volumes"]] == ["m", "tmp"]
+
+
+def test_the_first_update_job_trains_the_seed_into_the_same_state(objs):
+    [first] = yaml.safe_load_all((DAILY / "first-update.example.yaml").read_text())
+    validate_manifests([first])
+    pod = first["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    params = daily_args(c["args"][1:])
+    assert params["train_config"] is not None, "day one trains from scratch: it needs --config"
+    config = Path(__file__).resolve().parents[2] / params["train_config"]
+    assert config.exists(), f"{params['train_config']} is not a config the image copies"
+    cron = objs[("CronJob", "csmf-daily")]
+    job_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [job] = job_pod["containers"]
+    cron_params = daily_args(job["args"][1:])
+    assert params["state"] == cron_params["state"]
+    assert _mounts(pod, c)[str(params["state"])] == _mounts(job_pod, job)[str(params["state"])]
+    data_root = "/" + params["data"].parts[1]
+    assert _mounts(pod, c)[data_root] == _mounts(job_pod, job)[str(cron_params["data"])]
+    assert c["image"] == job["image"]
