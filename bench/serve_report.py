@@ -103,6 +103,14 @@ def section(
         ]
     enc = meta.get("encoders")
     if enc:
+        built = f"{meta['before'].split(',')[0]}'s builder" if meta["before"] else "this tree"
+        lines += [
+            "The service with `CSMF_ENCODER=onnx` answers from a bundle this tree's builder made "
+            f"with `--onnx` (same data, seeds, model and index parameters; every other server "
+            f"from the bundle {built} made); its scores differ from numpy's in the last bits "
+            "(float32 sums in another order), which reorders near-ties.",
+            "",
+        ]
         lines += [
             "The user tower three ways, in process, one thread, on the same "
             f"{enc['users']:,} users of the mixed bodies (raw rows → vectors; medians of 3 "
