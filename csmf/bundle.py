@@ -6,6 +6,8 @@ bundles/NAME/
   manifest.json      format, model version, objectives, slice sizes, index type + search params,
                      item/user counts, recall check, SHA-256 + size of every other file, ...
   user_encoder.npz   numpy user tower (csmf.user_encoder), final layer permuted like the items
+  item_encoder.npz   numpy item tower, the same format: vectors of written items from their
+                     features (csmf.catalogue); absent in bundles built before item writes
   index.faiss        FAISS backend: inner-product index over permuted, unscaled item vectors;
                      id = row (csmf.index.faiss; IVF-PQ adds vectors.npy). A Milvus-backed
                      bundle has no index file: the manifest names the URI and collection alias
@@ -50,6 +52,7 @@ from csmf.weights import parse_weights, slice_scale
 BUNDLE_FORMAT = 2  # 2: typed manifest, index backends (index.backend/files), item attributes
 MANIFEST_NAME = "manifest.json"
 ENCODER_FILE = "user_encoder.npz"
+ITEM_ENCODER_FILE = "item_encoder.npz"  # optional: older bundles have none
 INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.parquet"
 USERS_FILE = "users.parquet"
@@ -95,6 +98,15 @@ class RecallCheck(_Model):
     bytes_per_item: float | None = None
 
 
+class ItemsLog(_Model):
+    """Where this bundle's write-ahead item log is and how much of it the bundle already holds
+    (docs/design.md#item-writes). A built bundle has none: its log is ``../<name>.items.log``."""
+
+    file: str = Field(description="the log, relative to the bundle folder")
+    applied_seq: int = Field(0, ge=0, description="records up to this seq are folded in")
+    compacted_from: str | None = None
+
+
 class Manifest(_Model):
     """manifest.json: everything a reader needs to trust and load the bundle. Provenance
     sections (``snapshot``, ``model``, ``training``, ``source``, ``build``) are free-form: they
@@ -115,6 +127,7 @@ class Manifest(_Model):
     attributes: list[Attribute] = Field(default_factory=list)
     index: IndexSpec
     recall_check: RecallCheck | None = None
+    items_log: ItemsLog | None = None
     snapshot: dict[str, Any] = Field(default_factory=dict)
     model: dict[str, Any] = Field(default_factory=dict)
     training: dict[str, Any] = Field(default_factory=dict)
@@ -391,6 +404,8 @@ class Bundle:
     item_meta: dict[str, list]  # display column → value per row
     users: UserSnapshot
     attributes: ItemAttributes = field(default_factory=lambda: ItemAttributes({}, 0))
+    item_encoder: UserEncoder | None = None  # the item tower (bundles built with one)
+    dead: np.ndarray | None = None  # (N,) bool: rows deleted by item writes (csmf.catalogue)
 
     @property
     def objectives(self) -> tuple[str, ...]:
@@ -500,6 +515,14 @@ def load_bundle(
         users=users,
         attributes=attrs,
     )
+    if ITEM_ENCODER_FILE in manifest.files or (path / ITEM_ENCODER_FILE).is_file():
+        item_encoder = UserEncoder.load(path / ITEM_ENCODER_FILE)
+        if item_encoder.dim != dim:
+            raise BundleError(
+                f"dimension mismatch: item encoder outputs {item_encoder.dim} dims, manifest "
+                f"says {dim}"
+            )
+        bundle.item_encoder = item_encoder
     users.resolve(numpy_encoder.item_vocab.index, bundle.item_rows)
     return bundle
 

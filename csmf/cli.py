@@ -154,6 +154,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "build-index": ("index_builder.cli", "build_index", "command"),
     "inspect": ("index_builder.cli", "inspect", "command"),
     "export": ("index_builder.cli", "export_app", "group"),
+    "index": ("index_builder.items_cli", "index_app", "group"),
+    "items": ("index_builder.items_cli", "items_app", "group"),
     "serve": ("service.cli", "serve", "command"),
     "daily": ("daily.cli", "daily", "command"),
 }
@@ -166,6 +168,8 @@ HELP = {
     "build-index": "Encode the catalogue, build FAISS, verify recall, publish a bundle.",
     "inspect": "Print a bundle's manifest and verify its checksums.",
     "export": "Export a bundle's user tower: `csmf export onnx BUNDLE OUT`.",
+    "index": "Item writes on a bundle: `upsert`, `delete` (item log), `compact` (new bundle).",
+    "items": "`csmf items encode`: item rows → vectors with the bundle's item tower.",
     "serve": "Serve a bundle over HTTP (FastAPI + uvicorn).",
     "daily": "One scheduled update: new events → train → quality gate → bundle → reload replicas.",
 }

@@ -20,6 +20,7 @@ import csmf
 from csmf.bundle import (
     BUNDLE_FORMAT,
     ENCODER_FILE,
+    ITEM_ENCODER_FILE,
     ITEM_ID_COLUMN,
     ITEMS_FILE,
     USERS_FILE,
@@ -115,6 +116,10 @@ def build_bundle(
         encoder.save(stage / ENCODER_FILE)
         if cfg.onnx:  # checked against the numpy encoder before it is written
             export_user_tower(encoder, stage / ONNX_FILE)
+        # the item tower too: vectors of items written later, from their features
+        user_encoder_from_model(
+            model.item, feats.item, ckpt.item_vocab, ckpt.item_vocab.ids, perm
+        ).save(stage / ITEM_ENCODER_FILE)
         vectors = encode_items(
             model, feats.item, ckpt.item_vocab, item_table, perm, cfg.batch_size, progress
         )

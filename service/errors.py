@@ -15,7 +15,15 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from csmf.errors import BundleError, CsmfError, FeatureError, IndexUnavailableError, WeightsError
+from csmf.errors import (
+    BundleError,
+    CsmfError,
+    FeatureError,
+    IndexUnavailableError,
+    ItemWriteError,
+    WeightsError,
+)
+from csmf.item_log import ItemLogError
 
 log = logging.getLogger("csmf.service")
 
@@ -119,6 +127,10 @@ def error_response(exc: Exception) -> JSONResponse:
     if isinstance(exc, ReloadError):
         return JSONResponse({"detail": str(exc), "serving": exc.serving}, status_code=422)
     if isinstance(exc, BundleError):
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+    if isinstance(exc, ItemLogError):  # the log cannot take writes until an operator repairs it
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+    if isinstance(exc, ItemWriteError):
         return JSONResponse({"detail": str(exc)}, status_code=422)
     log.exception("unhandled error", exc_info=exc)
     return JSONResponse({"detail": f"internal error: {type(exc).__name__}"}, status_code=500)

@@ -24,16 +24,30 @@ class ItemJson:
     def __init__(self, item_ids: Sequence[str], meta: Mapping[str, Sequence]) -> None:
         names = list(meta)
         columns = [meta[c] for c in names]
+        self.names = names
         prefixes = np.empty(len(item_ids), dtype=object)
         for row, iid in enumerate(item_ids):
-            m = (
-                b',"meta":' + to_json({c: col[row] for c, col in zip(names, columns, strict=True)})
-                if names
-                else b""
-            )
-            prefixes[row] = b'{"item_id":' + to_json(iid) + m + b',"score":'
+            prefixes[row] = self._prefix(iid, [col[row] for col in columns])
         self.prefixes = prefixes.tolist()  # a list: indexing it per row beats a numpy gather
         self.bytes = sum(map(len, prefixes)) + 8 * len(prefixes)
+
+    def _prefix(self, item_id: str, values: Sequence) -> bytes:
+        m = b',"meta":' + to_json(dict(zip(self.names, values, strict=True))) if self.names else b""
+        return b'{"item_id":' + to_json(item_id) + m + b',"score":'
+
+    def set_rows(self, rows: Sequence[int], item_ids: Sequence[str], meta: Mapping) -> None:
+        """Item writes: (re)serialise ``rows`` (existing, or the next ones: appended). A list
+        item assignment or append is atomic, so concurrent renders see the old or the new."""
+        prefixes = self.prefixes
+        for r in sorted(rows):
+            p = self._prefix(item_ids[r], [meta[c][r] for c in self.names])
+            if r < len(prefixes):
+                self.bytes += len(p) - len(prefixes[r])
+                prefixes[r] = p
+            else:
+                prefixes.extend([b'{"item_id":null,"score":'] * (r - len(prefixes)))
+                prefixes.append(p)
+                self.bytes += len(p) + 8
 
     def render(
         self,

@@ -17,7 +17,7 @@ from service.body_limit import Disconnected, read_body, replay
 from service.errors import PayloadTooLargeError, error_response, install_error_handlers
 from service.metrics import ROUTES, ServiceMetrics
 from service.openapi import install_openapi
-from service.routes import admin, feedback, health, playground, retrieve
+from service.routes import admin, feedback, health, items, playground, retrieve
 from service.settings import Settings
 from service.state import AppState
 
@@ -136,6 +136,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(retrieve.router)
     app.include_router(feedback.router)
     app.include_router(admin.router)
+    app.include_router(items.router)
     app.include_router(health.router)
     app.include_router(playground.router)
     return app

@@ -26,6 +26,7 @@ import numpy as np
 from pydantic_core import to_json
 
 from csmf.bundle import Bundle
+from csmf.catalogue import Catalogue
 from csmf.index import RowSet, Where
 from csmf.index.filters import Filter, FilterError, filter_key, parse_filter
 from csmf.user_encoder import CodedHistory
@@ -117,6 +118,25 @@ class Retriever:
         self._filters: dict[str, tuple[Filter, RowSet]] = {}
         # (scenario, version, updated_at) → (weights, scale), filled by the app state
         self.scenario_cache: dict[tuple, tuple[tuple[float, ...], np.ndarray]] = {}
+        self.catalogue: Catalogue | None = None  # set by ServedBundle: the item log applied
+
+    # -- item writes ------------------------------------------------------------------------------
+
+    def on_items(self, rows: np.ndarray) -> None:
+        """The catalogue wrote ``rows`` (csmf.catalogue calls this after growing the item table
+        and before writing the index): serialise their JSON, fingerprint new ids, and drop the
+        cached filter bitmaps (they cover the old table). Each swap is one reference or one list
+        item: a request in flight sees the old value or the new one."""
+        b = self.bundle
+        ids = b.item_ids
+        n = len(ids)
+        fps = self.item_fps
+        if n > len(fps):
+            self.item_fps = np.concatenate([fps, item_fingerprints(ids[len(fps) :].tolist())])
+        self.item_json.set_rows(rows.tolist(), ids, b.item_meta)
+        self.item_ids = ids
+        self.n_items = n
+        self._filters = {}
 
     # -- weights ----------------------------------------------------------------------------------
 
@@ -214,9 +234,14 @@ class Retriever:
                 f = parse_filter(obj, attrs.schema)
             except FilterError as exc:
                 raise FieldError(exc.loc, exc.msg) from None
-            if len(self._filters) >= FILTER_CACHE:
-                self._filters.clear()
-            hit = self._filters[key] = (f, RowSet(attrs.mask(f)))
+            mask = attrs.mask(f)
+            dead = self.bundle.dead  # deleted rows: excluded here too, whatever the backend
+            if dead is not None and len(dead) and dead.any():
+                mask = mask & ~dead[: len(mask)]
+            filters = self._filters
+            if len(filters) >= FILTER_CACHE:
+                filters.clear()
+            hit = filters[key] = (f, RowSet(mask))
         return hit
 
     def _where(self, excluded: list[int], filter_: Any = None) -> Where | None:
@@ -331,7 +356,8 @@ class Retriever:
             "index_type": b.index_type,
             "search_params": b.index.search_params,
             "index": {**b.index.capabilities.as_dict(), **b.index.stats()},
-            "items": self.n_items,
+            "items": b.index.stats().get("items", self.n_items),
+            "item_log": None if self.catalogue is None else self.catalogue.info(),
             "users": len(b.users),
             "filterable": b.attributes.schema,
             "response_json_bytes": self.item_json.bytes,

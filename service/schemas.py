@@ -206,6 +206,33 @@ class ReloadRequest(_Strict):
     bundle: str | None = Field(None, description="bundle folder; default: the one being served")
 
 
+class ItemsIn(_Strict):
+    items: list[Any] = Field(
+        description="item rows with the item table's columns: the id (`item_id`), the item "
+        "tower's features, filterable attributes, display columns; optionally `vector` (the "
+        "bundle's dimension) instead of encoding the features. An id the model never saw is a "
+        "cold item: its vector comes from its features with the unknown id row"
+    )
+
+
+class ItemIdsIn(_Strict):
+    ids: list[Any] = Field(description="item ids to delete (unknown or deleted ids: no-ops)")
+
+
+class ItemError(BaseModel):
+    item_id: str = Field(description="the item's id, or items[i] / ids[i] when the id is bad")
+    error: str
+
+
+class ItemsOut(BaseModel):
+    seq: int | None = Field(description="item-log record of this write (null: nothing written)")
+    written: list[str] = Field(description="ids upserted (or, for a delete, deleted)")
+    absent: list[str] = Field(
+        default_factory=list, description="delete: ids that were unknown or already deleted"
+    )
+    errors: list[ItemError] = Field(description="items rejected, with why")
+
+
 class BundleInfo(BaseModel):
     path: str
     model_version: str
@@ -223,4 +250,7 @@ class BundleInfo(BaseModel):
         description="memory held by the pre-serialised item JSON (service/item_json.py)"
     )
     manifest: dict[str, object]
+    item_log: dict[str, object] | None = Field(
+        None, description="the item log: file, applied_seq, rows, deleted, writes, tombstones"
+    )
     loaded_at: str

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from csmf.atomic import atomic_write_text
 from csmf.bundle import Bundle, load_bundle
+from csmf.catalogue import Catalogue
 from csmf.errors import BundleError
 from service.errors import ConflictError, ReloadError
 from service.feature_store import BundleFeatureStore, RedisFeatureStore
@@ -39,6 +40,10 @@ class ServedBundle:
         self.retriever: Retriever | None = None  # requests read it once each
         self.features: BundleFeatureStore | RedisFeatureStore | None = None
         self._reload_lock = threading.Lock()
+        # item writes and the swap of a reloaded bundle: a write lands on the retriever that
+        # will be served, and a reloaded one has caught up with every acknowledged write
+        self._write_lock = threading.Lock()
+        self.items = None  # service.item_sync.ItemSync, once started
         self._control: BackgroundSync | None = None
         self._control_sig: tuple | None = None
         stage = metrics.stage
@@ -72,8 +77,35 @@ class ServedBundle:
         )  # fmt: skip
         self._control.start()
 
+    def follow_items(self) -> None:
+        """Follow item writes made by other workers, replicas and the CLI (the item log)."""
+        from service.item_sync import ItemSync
+
+        self.items = ItemSync(self, self.settings, self.metrics)
+        self.items.start()
+
+    def catch_up(self) -> int:
+        """Apply the item-log records this worker has not applied yet."""
+        with self._write_lock:
+            return self.retriever.catalogue.catch_up()
+
+    def write_items(self, write):
+        """``write(catalogue) → Record | None`` under the write lock, then acknowledged: the
+        record is durable and applied here, and every live replica applied it (item_sync)."""
+        with self._write_lock:
+            cat = self.retriever.catalogue
+            rec = write(cat)
+        if rec is not None and self.items is not None:
+            self.items.acknowledge(cat.log.path.name, rec.seq)
+        return rec
+
+    def _swap(self, new: Retriever) -> None:
+        with self._write_lock:
+            new.catalogue.catch_up()  # writes acknowledged while it loaded
+            self.retriever = new
+
     def stop(self) -> None:
-        for part in (self._control, self.features):
+        for part in (self._control, self.features, self.items):
             if part is not None:
                 part.stop()
 
@@ -84,8 +116,13 @@ class ServedBundle:
         return load_bundle(path, verify=verify, index_uri=s.index_uri, encoder=s.encoder)
 
     def _build(self, bundle: Bundle) -> Retriever:
-        """A Retriever for ``bundle`` after a smoke search: finite scores, valid rows."""
+        """A Retriever for ``bundle`` with its item log replayed, after a smoke search: finite
+        scores, valid rows."""
+        catalogue = Catalogue(bundle)
+        catalogue.catch_up()
         r = Retriever(bundle, self.features.lookup, self._observe)
+        r.catalogue = catalogue
+        catalogue.listeners.append(r.on_items)
         k = min(5, r.n_items)
         hits = r.retrieve(None, None, r.scale(tuple(1.0 for _ in r.objectives)), k)
         if len(hits.rows) != k or not all(math.isfinite(s) for s in hits.scores):
@@ -113,7 +150,7 @@ class ServedBundle:
                 raise ReloadError(
                     f"reload failed, still serving {old.model_version}: {msg}", old.model_version
                 ) from None
-            self.retriever = new  # the swap: one reference assignment
+            self._swap(new)  # the swap: one reference assignment
             self.metrics.reloads_total.labels("success").inc()
             log.info("reloaded %s (%s → %s)", target, old.model_version, new.model_version)
             self._announce(new)
@@ -149,7 +186,7 @@ class ServedBundle:
             if (doc["path"], doc["model_version"]) != (str(cur.bundle.path), cur.model_version):
                 with self._reload_lock:
                     new = self._build(self._load(doc["path"], self.settings.verify_bundle))
-                    self.retriever = new
+                    self._swap(new)
                 self.metrics.reloads_total.labels("success").inc()
                 log.info("followed reload announced by another worker: %s", new.model_version)
             self._control_sig = sig

@@ -57,6 +57,13 @@ class Settings(BaseSettings):
     default_k: int = Field(50, ge=1, description="k when a request gives none")
     max_k: int = Field(1000, ge=1, description="largest k a request may ask for")
     max_batch: int = Field(1000, ge=1, description="most users in one /v1/retrieve/batch call")
+    max_item_batch: int = Field(
+        1000, ge=1, description="most items in one PUT/DELETE /admin/items call"
+    )
+    items_visible_timeout_s: float = Field(
+        2.0, gt=0, description="an item write is acknowledged once every live replica applied "
+        "it; 503 if one has not within this time (the write is durable and still applied)"
+    )  # fmt: skip
     max_body_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get 413")
     sync_interval_s: float = Field(
         0.25, gt=0, le=1.0, description="how often stores poll Redis/the file for a change"

@@ -48,6 +48,7 @@ class AppState:
         while time.monotonic() < end and not (weights.health.up and features.health.up):
             time.sleep(0.01)
         self.bundle.follow_announcements()
+        self.bundle.follow_items()
         self.event_log = open_event_log(self.settings, self.metrics)
         self.outcomes.start(self.event_log)
         self.metrics.add_state_collector(self._state_metrics)

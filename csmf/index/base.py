@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     from csmf.index.filters import Filter
 
 
+TOMBSTONE_LIMIT = 0.2  # tombstone backends: default share of dead entries that makes compaction due
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a backend is and can do, for the builder, the service and ``GET /admin/bundle``."""
@@ -217,7 +220,7 @@ class IndexSpec(BaseModel):
     )  # fmt: skip
     tombstone_limit: float | None = Field(
         None, ge=0, le=1, description="tombstone backends (FAISS HNSW): share of deleted rows "
-        "above which the service asks for a compaction (`csmf index compact`); None = 0.2"
+        "above which compaction is due (`csmf index compact --if-due`); None = TOMBSTONE_LIMIT"
     )  # fmt: skip
     files: list[str] = Field(default_factory=list, description="the index's files in the bundle")
     uri: str | None = Field(None, description="engine URI (Milvus: file or http://host:port)")

@@ -81,7 +81,6 @@ def auto_exact_below(kind: str, nprobe: int = 0, nlist: int = 0) -> float:
 
 EF_CAP = 4096
 WRITES = {"flat": "native", "ivf": "native", "hnsw": "tombstone", "ivfpq": "none"}
-TOMBSTONE_LIMIT = 0.2  # HNSW: share of dead nodes above which a compaction is due (default)
 
 
 @dataclass(frozen=True)

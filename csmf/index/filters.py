@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,6 +226,42 @@ class ItemAttributes:
                 vals = pc.fill_null(pc.cast(pc.cast(col, pa.bool_()), pa.int8()), -1)
                 cols[name] = (kind, vals.to_numpy(zero_copy_only=False).astype(np.int8), {})
         return cls(cols, table.num_rows)
+
+    def with_rows(self, rows: np.ndarray, values: Mapping[str, Sequence[Any]]) -> ItemAttributes:
+        """A copy with ``rows`` (n,) set to ``values`` (column → n raw values, already checked
+        against the types; a missing column or None is null), grown to cover every row. The
+        service swaps the copy in, so a mask never mixes columns of two lengths."""
+        n = max(self.n, int(rows.max()) + 1 if len(rows) else 0)
+        cols = {}
+        for name, (kind, vals, vocab) in self._cols.items():
+            null = {"string": -1, "number": np.nan, "bool": -1}[kind]
+            out = np.full(n, null, vals.dtype)
+            out[: self.n] = vals
+            raw = values.get(name)
+            if raw is None:
+                out[rows] = null
+            elif kind == "string":
+                vocab = dict(vocab)
+                out[rows] = [-1 if v is None else vocab.setdefault(str(v), len(vocab)) for v in raw]
+            elif kind == "number":
+                out[rows] = [np.nan if v is None else float(v) for v in raw]
+            else:
+                out[rows] = [-1 if v is None else int(bool(v)) for v in raw]
+            cols[name] = (kind, out, vocab)
+        return ItemAttributes(cols, n)
+
+    def values(self, name: str, rows: np.ndarray) -> list:
+        """Raw values of column ``name`` at ``rows`` (None for null), as they were written."""
+        kind, vals, vocab = self._cols[name]
+        v = vals[rows]
+        if kind == "string":
+            words = np.empty(len(vocab) + 1, object)  # code -1 (null) reads the last slot
+            for w, c in vocab.items():
+                words[c] = w
+            return words[v].tolist()
+        if kind == "number":
+            return [None if math.isnan(x) else x for x in v.tolist()]
+        return [None if x < 0 else bool(x) for x in v.tolist()]
 
     def mask(self, f: Filter) -> np.ndarray:
         """(N,) bool: rows the filter allows (where it is true; see :meth:`_eval`)."""

@@ -14,7 +14,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from csmf.bundle import BUNDLE_FILES, INDEX_FILE, MANIFEST_NAME, load_bundle, sha256_file
+from csmf.bundle import (
+    BUNDLE_FILES,
+    INDEX_FILE,
+    ITEM_ENCODER_FILE,
+    MANIFEST_NAME,
+    load_bundle,
+    sha256_file,
+)
 from csmf.weights import dim_scale, slice_scale
 from index_builder.build import build_bundle
 from index_builder.cli import app
@@ -75,7 +82,7 @@ def test_build_each_index_type(tiny_run, tmp_path, kind, extra):
 
 def test_manifest_lists_every_file_with_checksums(flat_bundle):
     m = json.loads((flat_bundle / MANIFEST_NAME).read_text())
-    assert sorted(m["files"]) == sorted((*BUNDLE_FILES, INDEX_FILE))
+    assert sorted(m["files"]) == sorted((*BUNDLE_FILES, INDEX_FILE, ITEM_ENCODER_FILE))
     for name, rec in m["files"].items():
         assert rec["sha256"] == sha256_file(flat_bundle / name)
         assert rec["bytes"] == (flat_bundle / name).stat().st_size
@@ -146,7 +153,7 @@ def test_cli_build_and_inspect(tiny_run, tmp_path):
     assert f"bundle {out}: 1500 items, 60 users, faiss flat" in r.output
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 0, r.output
-    assert "model_version" in r.output and "OK: 4 files verified, bundle loads" in r.output
+    assert "model_version" in r.output and "OK: 5 files verified, bundle loads" in r.output
     (out / "items.parquet").write_bytes(b"garbage")
     r = runner.invoke(app, ["inspect", str(out)])
     assert r.exit_code == 2
@@ -173,7 +180,7 @@ def test_python_m_entry_point(flat_bundle, tmp_path):
         timeout=120,
     )
     assert r.returncode == 0, r.stderr
-    assert "OK: 4 files verified" in r.stdout
+    assert "OK: 5 files verified" in r.stdout
 
 
 def test_build_with_tune_lowers_nprobe_and_records_the_search(tiny_run, tmp_path):

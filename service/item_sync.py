@@ -1,0 +1,191 @@
+"""Item writes across workers and replicas (docs/design.md#item-writes).
+
+The records themselves travel through the item log beside the bundle (a file every replica of a
+bundle reads: the same machine, or a shared volume); what travels through Redis is the log
+*position* and who has applied it:
+
+- ``{prefix}items:{log}:seq``: the highest record seq acknowledged by any writer;
+- ``{prefix}items:{log}:applied``: a hash replica id → the last seq that replica applied;
+- ``{prefix}items:{log}:alive``: a sorted set replica id → its last heartbeat (ms): replicas
+  whose heartbeat is older than ``ALIVE_S`` are presumed gone (a stopped worker stops counting).
+
+``{log}`` is the item log's file name: replicas serving another bundle (another log, whose seqs
+mean something else) neither hold this one's acknowledgements back nor chase its positions.
+
+Every worker runs a sync thread: each ``sync_interval_s`` it catches up when the log grew or
+Redis names a newer seq, then heartbeats its applied seq. A writer appends and fsyncs the record,
+applies it, publishes its seq, and acknowledges only once every live replica has applied it (at
+most ``items_visible_timeout_s``; else 503, the write being durable and still on its way) — so a
+deleted item is not returned by any replica after its delete is acknowledged.
+
+Without Redis, the workers of one ``csmf serve --workers N`` heartbeat through files in the
+control folder instead (same rule); a single process has no one to wait for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from pathlib import Path
+from typing import Protocol
+
+from service.errors import StoreUnavailableError
+from service.sync import BackgroundSync
+
+log = logging.getLogger("csmf.service")
+ALIVE_S = 3.0  # a replica silent for longer no longer holds acknowledgements back
+
+
+class Registry(Protocol):
+    def heartbeat(self, log: str, replica: str, seq: int) -> None: ...
+    def publish(self, log: str, seq: int) -> None: ...
+    def target(self, log: str) -> int: ...
+    def lagging(self, log: str, seq: int) -> list[str]: ...
+
+
+class RedisRegistry:
+    def __init__(self, url: str, prefix: str, timeout: float) -> None:
+        from service.weight_store import redis_client
+
+        self.client = redis_client(url, timeout)
+        self.prefix = prefix
+        self._max = self.client.register_script(
+            "local c = tonumber(redis.call('GET', KEYS[1]) or '0') "
+            "if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end return 1"
+        )
+
+    def _key(self, log: str, what: str) -> str:
+        return f"{self.prefix}items:{log}:{what}"
+
+    def heartbeat(self, log: str, replica: str, seq: int) -> None:
+        now = int(time.time() * 1000)
+        alive = self._key(log, "alive")
+        p = self.client.pipeline(transaction=False)
+        p.hset(self._key(log, "applied"), replica, seq)
+        p.zadd(alive, {replica: now})
+        p.zremrangebyscore(alive, "-inf", now - int(10 * ALIVE_S * 1000))
+        p.execute()
+
+    def publish(self, log: str, seq: int) -> None:
+        self._max(keys=[self._key(log, "seq")], args=[seq])
+
+    def target(self, log: str) -> int:
+        return int(self.client.get(self._key(log, "seq")) or 0)
+
+    def lagging(self, log: str, seq: int) -> list[str]:
+        now = int(time.time() * 1000)
+        alive = self.client.zrangebyscore(
+            self._key(log, "alive"), now - int(ALIVE_S * 1000), "+inf"
+        )
+        if not alive:
+            return []
+        applied = self.client.hmget(self._key(log, "applied"), alive)
+        return [r for r, a in zip(alive, applied, strict=True) if int(a or 0) < seq]
+
+
+class FileRegistry:
+    """The workers of one server: a small file per worker in the control folder."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder) / "items"
+        self.folder.mkdir(parents=True, exist_ok=True)
+
+    def heartbeat(self, log: str, replica: str, seq: int) -> None:
+        p = self.folder / f"{replica}.json"
+        tmp = p.with_suffix(f".{secrets.token_hex(3)}.tmp")
+        tmp.write_text(json.dumps({"log": log, "seq": seq}))  # ephemeral state: no fsync
+        os.replace(tmp, p)
+
+    def publish(self, log: str, seq: int) -> None:
+        return None  # the log itself carries it (its size grew)
+
+    def target(self, log: str) -> int:
+        return 0
+
+    def lagging(self, log: str, seq: int) -> list[str]:
+        out, now = [], time.time()
+        for p in self.folder.glob("*.json"):
+            try:
+                if now - p.stat().st_mtime > ALIVE_S:
+                    continue
+                doc = json.loads(p.read_text())
+                if doc["log"] == log and int(doc["seq"]) < seq:
+                    out.append(p.stem)
+            except (OSError, ValueError, KeyError):
+                continue  # replaced or half-written: read again next round
+        return out
+
+
+class ItemSync:
+    """This worker's side: follow the log, heartbeat, and wait for the others on a write."""
+
+    def __init__(self, served, settings, metrics) -> None:
+        self.served = served
+        self.settings = settings
+        self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        if settings.redis_url:
+            self.registry: Registry | None = RedisRegistry(
+                settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
+            )
+        elif settings.control_dir is not None:
+            self.registry = FileRegistry(settings.control_dir)
+        else:
+            self.registry = None
+        self.sync = BackgroundSync(
+            "items", self._step, settings.sync_interval_s,
+            lambda up: metrics.store_up.labels("items").set(int(up)),
+            lambda: metrics.store_errors_total.labels("items").inc(),
+        )  # fmt: skip
+
+    def start(self) -> None:
+        self.sync.start()
+
+    def stop(self) -> None:
+        self.sync.stop()
+
+    def _step(self) -> None:
+        r = self.served.retriever
+        cat = r.catalogue if r is not None else None
+        if cat is not None:
+            log = cat.log.path.name
+            target = self.registry.target(log) if self.registry is not None else 0
+            if target > cat.seq or cat.log.size() != cat.offset:
+                self.served.catch_up()
+                cat = self.served.retriever.catalogue
+            if self.registry is not None:
+                self.registry.heartbeat(log, self.replica, cat.seq)
+        self.sync.mark_ok()
+        self.sync.wait(self.settings.sync_interval_s)
+
+    def acknowledge(self, log: str, seq: int) -> None:
+        """Publish ``seq`` and wait until every live replica applied it (StoreUnavailableError if
+        some have not within ``items_visible_timeout_s``: the write is durable, still on its
+        way)."""
+        reg = self.registry
+        if reg is None:
+            return
+        timeout = self.settings.items_visible_timeout_s
+        try:
+            reg.heartbeat(log, self.replica, seq)
+            reg.publish(log, seq)
+            end = time.monotonic() + timeout
+            while True:
+                lag = reg.lagging(log, seq)
+                if not lag:
+                    return
+                if time.monotonic() >= end:
+                    break
+                time.sleep(0.01)
+        except Exception as exc:  # Redis away: we cannot know who saw it
+            raise StoreUnavailableError(
+                f"item write durable in the item log (record {seq}) but its visibility on the "
+                f"other replicas could not be confirmed: {type(exc).__name__}: {exc}"
+            ) from None
+        raise StoreUnavailableError(
+            f"item write durable in the item log (record {seq}) but replicas {sorted(lag)[:5]} "
+            f"had not applied it within {timeout} s; they apply it when they catch up"
+        )
