@@ -26,6 +26,7 @@ METHODS = (
     "cold (features, unknown id row)",
     "warm (trained with the items)",
     "popularity (oracle counts)",
+    "random order (reference)",
 )
 SCOPES = ("among held-out", "full catalogue")
 
