@@ -87,10 +87,10 @@ def compact_bundle(src: str | Path, out: str | Path, progress: bool = False) -> 
                     fresh, vectors, users, m.slice_sizes, recall.k, recall.floor,
                     weight_grid(len(m.objectives)),
                 )  # fmt: skip
-            spec = IndexSpec.model_validate(
-                {**fresh.save(stage), "tuning": m.index.tuning,
-                 "tombstone_limit": m.index.tombstone_limit}
-            )  # fmt: skip
+            saved = fresh.save(stage)
+            if m.index.tombstone_limit is not None:  # the operator's choice carries over
+                saved["tombstone_limit"] = m.index.tombstone_limit
+            spec = IndexSpec.model_validate({**saved, "tuning": m.index.tuning})
             log = log_path(bundle)
             manifest = Manifest.model_validate(
                 {

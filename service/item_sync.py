@@ -12,8 +12,9 @@ bundle reads: the same machine, or a shared volume); what travels through Redis 
 ``{log}`` is the item log's file name: replicas serving another bundle (another log, whose seqs
 mean something else) neither hold this one's acknowledgements back nor chase its positions.
 
-Every worker runs a sync thread: each ``sync_interval_s`` it catches up when the log grew or
-Redis names a newer seq, then heartbeats its applied seq. A writer appends and fsyncs the record,
+Every worker runs a sync thread: it catches up when the log grew or Redis names a newer seq,
+then heartbeats its applied seq, then waits for a writer's announcement on
+``{prefix}items:{log}:changed`` (pub/sub) or ``sync_interval_s``, whichever comes first. A writer appends and fsyncs the record,
 applies it, publishes its seq, and acknowledges only once every live replica has applied it (at
 most ``items_visible_timeout_s``; else 503, the write being durable and still on its way) — so a
 deleted item is not returned by any replica after its delete is acknowledged.
@@ -45,6 +46,7 @@ class Registry(Protocol):
     def publish(self, log: str, seq: int) -> None: ...
     def target(self, log: str) -> int: ...
     def lagging(self, log: str, seq: int) -> list[str]: ...
+    def wait(self, log: str, timeout: float) -> bool: ...
 
 
 class RedisRegistry:
@@ -53,6 +55,8 @@ class RedisRegistry:
 
         self.client = redis_client(url, timeout)
         self.prefix = prefix
+        self._pubsub = None
+        self._subscribed: str | None = None
         self._max = self.client.register_script(
             "local c = tonumber(redis.call('GET', KEYS[1]) or '0') "
             "if tonumber(ARGV[1]) > c then redis.call('SET', KEYS[1], ARGV[1]) end return 1"
@@ -72,6 +76,24 @@ class RedisRegistry:
 
     def publish(self, log: str, seq: int) -> None:
         self._max(keys=[self._key(log, "seq")], args=[seq])
+        self.client.publish(self._key(log, "changed"), seq)  # wakes the others' sync threads
+
+    def wait(self, log: str, timeout: float) -> bool:
+        """Block until a writer announces a record on ``log`` (True) or ``timeout`` passes."""
+        if self._pubsub is None or self._subscribed != log:
+            if self._pubsub is not None:
+                self._pubsub.close()
+            self._pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self._key(log, "changed"))
+            self._subscribed = log
+        got = self._pubsub.get_message(timeout=timeout) is not None
+        while got and self._pubsub.get_message(timeout=0) is not None:
+            pass  # several records announced meanwhile: one catch-up reads them all
+        return got
+
+    def close(self) -> None:
+        if self._pubsub is not None:
+            self._pubsub.close()
 
     def target(self, log: str) -> int:
         return int(self.client.get(self._key(log, "seq")) or 0)
@@ -105,6 +127,12 @@ class FileRegistry:
 
     def target(self, log: str) -> int:
         return 0
+
+    def wait(self, log: str, timeout: float) -> bool:
+        return False  # no announcements: the sync thread sleeps and looks at the log's size
+
+    def close(self) -> None:
+        return None
 
     def lagging(self, log: str, seq: int) -> list[str]:
         out, now = [], time.time()
@@ -146,6 +174,8 @@ class ItemSync:
 
     def stop(self) -> None:
         self.sync.stop()
+        if self.registry is not None:
+            self.registry.close()
 
     def _step(self) -> None:
         r = self.served.retriever
@@ -159,7 +189,11 @@ class ItemSync:
             if self.registry is not None:
                 self.registry.heartbeat(log, self.replica, cat.seq)
         self.sync.mark_ok()
-        self.sync.wait(self.settings.sync_interval_s)
+        interval = self.settings.sync_interval_s
+        if cat is not None and isinstance(self.registry, RedisRegistry):
+            self.registry.wait(log, interval)  # a writer's announcement, or the interval
+        else:
+            self.sync.wait(interval)
 
     def acknowledge(self, log: str, seq: int) -> None:
         """Publish ``seq`` and wait until every live replica applied it (StoreUnavailableError if

@@ -45,7 +45,14 @@ import faiss
 import numpy as np
 
 from csmf.errors import BundleError, ConfigError, ItemWriteError
-from csmf.index.base import Capabilities, RowSet, VectorIndex, Where, check_write
+from csmf.index.base import (
+    TOMBSTONE_LIMIT,
+    Capabilities,
+    RowSet,
+    VectorIndex,
+    Where,
+    check_write,
+)
 from csmf.progress import progress_bar
 from csmf.rwlock import RWLock
 
@@ -562,6 +569,8 @@ class FaissIndex(VectorIndex):
             "search_params": self.search_params,
             "item_offset": None if self.offset is None else self.offset.tolist(),
             "exact_below": self._exact_below,  # null: auto_exact_below, recomputed on load
+            # HNSW takes deletes as tombstones: the share at which compaction is due
+            "tombstone_limit": TOMBSTONE_LIMIT if WRITES[self.kind] == "tombstone" else None,
             "files": files,
             **self.build_info,
             **self.stats(),
