@@ -41,6 +41,7 @@ from csmf.errors import BundleError
 from csmf.index import IndexSpec
 from csmf.index.base import TOMBSTONE_LIMIT
 from csmf.index.faiss import FaissIndex
+from csmf.onnx_encoder import ONNX_FILE
 from index_builder.publish import publish, staging_dir
 from index_builder.recall import check_recall, weight_grid
 
@@ -75,7 +76,7 @@ def compact_bundle(src: str | Path, out: str | Path, progress: bool = False) -> 
         fresh = bundle.index.compacted(live, progress)
         m = bundle.manifest
         with staging_dir(out) as stage:
-            for name in (ENCODER_FILE, USERS_FILE, ITEM_ENCODER_FILE):
+            for name in (ENCODER_FILE, USERS_FILE, ITEM_ENCODER_FILE, ONNX_FILE):
                 if (src / name).is_file():
                     shutil.copy2(src / name, stage / name)
             _write_items(stage / ITEMS_FILE, bundle, live)
