@@ -27,7 +27,7 @@ from pathlib import Path  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
-from csmf.results import script_command, table, write_results  # noqa: E402
+from csmf.results import finish_run, run_info, run_line, script_command, table, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = [  # (module, attribute path, label); nested ones are inside Retriever.retrieve
@@ -92,6 +92,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve-inprocess")
     args = ap.parse_args()
+    run = run_info(ROOT, ("service", "csmf"))
     faiss.omp_set_num_threads(1)
     from fastapi.testclient import TestClient
     from serve_bodies import make_bodies
@@ -137,10 +138,10 @@ def main() -> None:
     work = med["  encode"] + med["  FAISS search (with its wrapper)"]
     render = render_cost(bundle)
     rows = [[k, f"{v:.1f}"] for k, v in med.items() if k != "total"]
+    run = finish_run(run)
     body = [
         f"{args.items:,} items, bundle `{bundle.name}`, {len(bodies):,} mixed bodies of bench/serve.py, "
-        f"{args.rounds} rounds, medians; run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} "
-        f"at load average {os.getloadavg()[0]:.1f} (2 shared cores).",
+        f"{args.rounds} rounds, medians. {run_line(run)}",
         "",
         f"**One request through `retrieve_json`: {med['total']:.0f} µs**, of which encode + "
         f"FAISS search {work:.0f} µs (in bench/serve.py's tight loop, its baseline: "
@@ -165,6 +166,7 @@ def main() -> None:
             "baseline": base,
             "render": render,
             "rounds": per_round,
+            "run": run,
         },
     )
     print(f"wrote {md}")
