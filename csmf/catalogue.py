@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from csmf.bundle import Bundle
+from csmf.errors import ItemWriteError
 from csmf.index.base import TOMBSTONE_LIMIT
 from csmf.item_log import ItemLog, ItemLogError, Record, encode_payload
 
@@ -132,6 +133,12 @@ class Catalogue:
         return self._write(encode_payload("delete", list(ids)))
 
     def _write(self, payload: bytes) -> Record:
+        caps = self.bundle.index.capabilities
+        if caps.writes == "none":  # refused before the log: a record must always apply
+            raise ItemWriteError(
+                f"the {caps.backend} {caps.kind} index of bundle {self.bundle.path} takes no "
+                "item writes; rebuild the bundle with another index type to write items"
+            )
         with self.lock:
             rec = self.log.append(payload, (self.offset, self.seq))  # fsynced: durable
             self.catch_up()  # records others appended before ours, then ours

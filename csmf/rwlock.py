@@ -17,19 +17,27 @@ class RWLock:
         self._writer = False
         self._waiting = 0  # writers waiting
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
+    def acquire_read(self) -> None:
+        """Enter as a reader (the search hot path: no generator, no notify unless a writer
+        waits). Pair with :meth:`release_read` in a ``finally``."""
         with self._cond:
             while self._writer or self._waiting:
                 self._cond.wait()
             self._readers += 1
+
+    def release_read(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0 and self._waiting:
+                self._cond.notify_all()
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        self.acquire_read()
         try:
             yield
         finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+            self.release_read()
 
     @contextmanager
     def write(self) -> Iterator[None]:

@@ -340,12 +340,16 @@ class FaissIndex(VectorIndex):
             allowed, exclude = where.allowed, where.exclude
             if exclude is not None and len(exclude) == 0:
                 exclude = None
-        with self._rw.read():
+        rw = self._rw
+        rw.acquire_read()
+        try:
             if allowed is not None and allowed.count <= self.exact_below * self.n:
                 return self._exact_search(q, k, allowed.rows, exclude)
             if self._label is not None:  # HNSW after writes: a selector over graph nodes
                 return self._search_nodes(q, k, allowed, exclude)
             return self._search(q, k, allowed, exclude)
+        finally:
+            rw.release_read()
 
     def _search(
         self, q: np.ndarray, k: int, allowed: RowSet | None, exclude: np.ndarray | None

@@ -13,6 +13,7 @@ import pytest
 
 from csmf.bundle import load_bundle
 from csmf.catalogue import Catalogue, check_ids, check_items
+from csmf.errors import ItemWriteError
 from csmf.features import UNK
 from csmf.index import RowSet, Where
 from csmf.index.filters import parse_filter
@@ -134,3 +135,18 @@ def test_bad_items_get_errors_by_id_and_the_good_ones_are_written(bundle_copy):
         check_items(cat, [good] * 4, 3)
     ids, errors = check_ids(["a", 3, "a", ""], 10)
     assert ids == ["a"] and set(errors) == {"ids[1]", "ids[3]"}
+
+
+def test_a_read_only_index_refuses_before_anything_is_logged(tiny_run, tmp_path):
+    from index_builder.build import build_bundle
+    from index_builder.config import BuildConfig
+
+    out = tmp_path / "pq"
+    build_bundle(tiny_run, out, BuildConfig(index="ivfpq", recall_floor=0.0), progress=False)
+    cat = Catalogue(load_bundle(out))
+    checked = check_items(cat, [{"item_id": "new", "genre": "drama"}], 10)
+    with pytest.raises(ItemWriteError, match="takes no item writes"):
+        cat.upsert(checked)
+    with pytest.raises(ItemWriteError, match="takes no item writes"):
+        cat.delete(["i1"])
+    assert not cat.log.exists()  # nothing durable that could not be applied

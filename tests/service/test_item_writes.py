@@ -176,3 +176,21 @@ def test_bad_items_get_errors_by_id(bundles, make_client, tmp_path):
     assert r.json()["errors"][0]["item_id"] == "ids[1]"
     r = client.post("/v1/retrieve", json={"user_id": "u1", "k": 200, "exclude_seen": False})
     assert "good" not in {i["item_id"] for i in r.json()["items"]}
+
+
+def test_a_corrupt_item_log_is_named_at_start_and_on_reload(bundles, make_client, tmp_path):
+    from csmf.item_log import HEADER, ItemLog, encode_payload
+
+    path = _copy(bundles, "flat", tmp_path)
+    log = ItemLog(path.parent / f"{path.name}.items.log")
+    log.append(encode_payload("delete", ["i1"]))
+    second = log.append(encode_payload("delete", ["i2"]))
+    data = bytearray(log.path.read_bytes())
+    data[second.offset + HEADER.size + 5] ^= 0x01
+    log.path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=f"record 2 at byte {second.offset}: checksum mismatch"):
+        make_client(path)  # the service refuses to start on it rather than serve a wrong catalogue
+    client = make_client(bundles["flat"])
+    r = client.post("/admin/reload", json={"bundle": str(path)}, headers=AUTH)
+    assert r.status_code == 422 and "record 2" in r.json()["detail"], r.text
+    assert r.json()["serving"]  # the old bundle keeps serving
