@@ -556,7 +556,9 @@ def _wait_indexed(client: MilvusClient, name: str, progress: bool, timeout: floa
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         info = client.describe_index(name, "vector")
-        if int(info.get("pending_index_rows", 0)) == 0:
+        # Milvus 2.3 can leave pending_index_rows stale once every row is indexed
+        indexed, total = int(info.get("indexed_rows", 0)), int(info.get("total_rows", 0))
+        if int(info.get("pending_index_rows", 0)) == 0 or indexed >= total:
             return
         if progress:
             print(f"  milvus index: {info.get('indexed_rows')} / {info.get('total_rows')} rows")
