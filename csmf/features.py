@@ -178,6 +178,18 @@ class Vocab:
             distinct = distinct.combine_chunks()
         return cls(distinct.take(pc.sort_indices(distinct)))
 
+    def extended(self, values: Iterable[Any]) -> Vocab:
+        """This vocabulary plus the ``values`` it lacks, appended in sorted order: every existing
+        value keeps its index, so a grown embedding table keeps every existing row (warm start)."""
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        seen = Vocab.fit(values).arrow_values()
+        fresh = pc.filter(seen, pc.invert(pc.is_in(seen, value_set=self.arrow_values())))
+        if len(fresh) == 0:
+            return self
+        return Vocab(pa.concat_arrays([self.arrow_values(), fresh.cast(pa.string())]))
+
     def lookup(self, value: Any) -> int:
         return UNK if value is None else self.index.get(str(value), UNK)
 
@@ -256,6 +268,20 @@ class TowerVocab:
             numeric={k: NumericStats(*v) for k, v in d["numeric"].items()},
         )
 
+    def extended(self, spec: TowerSpec, columns: Mapping[str, Sequence[Any]]) -> TowerVocab:
+        """Grown by the ids and categories of a newer users or items table (:meth:`Vocab.extended`:
+        existing indices unchanged). Numeric statistics stay: the model learned on that scale."""
+        grown = TowerVocab(self.ids.extended(columns[spec.id_column]), numeric=dict(self.numeric))
+        for f in spec.fields:
+            col = columns.get(f.name)
+            if f.kind == "categorical":
+                old = self.categorical[f.name]
+                grown.categorical[f.name] = old if col is None else old.extended(col)
+            elif f.kind == "multi_hot":
+                old = self.multi_hot[f.name]
+                grown.multi_hot[f.name] = old if col is None else old.extended(_flatten(col))
+        return grown
+
     def sizes(self) -> dict[str, int]:
         """Embedding-table row counts by input name, as the towers need them."""
         out = {"id": len(self.ids)}
@@ -273,15 +299,19 @@ def fit_tower_vocab(spec: TowerSpec, columns: Mapping[str, Sequence[Any]]) -> To
         if f.kind == "categorical":
             tv.categorical[f.name] = Vocab.fit(col)
         elif f.kind == "multi_hot":
-            if hasattr(col, "type"):  # arrow list column
-                import pyarrow.compute as pc
-
-                tv.multi_hot[f.name] = Vocab.fit(pc.list_flatten(col))
-            else:
-                tv.multi_hot[f.name] = Vocab.fit(v for row in col if row is not None for v in row)
+            tv.multi_hot[f.name] = Vocab.fit(_flatten(col))
         else:
             tv.numeric[f.name] = NumericStats.fit(_floats(col))
     return tv
+
+
+def _flatten(col: Any) -> Any:
+    """A multi-hot column's values: an arrow list column flattened, or a Python iterator."""
+    if hasattr(col, "type"):  # arrow list column
+        import pyarrow.compute as pc
+
+        return pc.list_flatten(col)
+    return (v for row in col if row is not None for v in row)
 
 
 def _floats(col: Any) -> np.ndarray:

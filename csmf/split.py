@@ -5,6 +5,11 @@ Per user with ``n`` events in (timestamp, row) order: the latest ``n_test = max(
 test_frac))`` are test (0 if ``test_frac == 0``), the ``n_val`` before them validation (same
 rule), the rest train; validation shrinks first, then test, so every split user keeps at least one
 train event. Users with fewer than ``min_events`` events are all train.
+
+With ``test_from`` (a unix time, > 0) the split is global instead — what a daily update and its
+evaluation on the latest period need: events at or after ``test_from`` are test; of the events
+before it, those at or after the ``1 - val_frac`` quantile of their timestamps are validation
+(ties stay together: the cut is a timestamp); the rest train. ``min_events`` does not apply.
 """
 
 from __future__ import annotations
@@ -22,11 +27,14 @@ def split_labels(
     val_frac: float = 0.1,
     test_frac: float = 0.2,
     min_events: int = 3,
+    test_from: int = 0,
 ) -> np.ndarray:
     """(n,) int8 label per event, in input order: TRAIN, VALIDATION or TEST.
 
     ``user_codes`` are non-negative integers identifying the user of each event (any numbering).
     """
+    if test_from:
+        return global_labels(np.asarray(timestamps), val_frac, test_from)
     codes = np.asarray(user_codes, dtype=np.int64)
     n = len(codes)
     order = np.lexsort((np.asarray(timestamps), codes))  # stable: ties keep row order
@@ -41,6 +49,28 @@ def split_labels(
     sorted_labels[from_end < n_test[user_sorted]] = TEST
     labels = np.empty(n, np.int8)
     labels[order] = sorted_labels
+    return labels
+
+
+def global_labels(timestamps: np.ndarray, val_frac: float, test_from: int) -> np.ndarray:
+    """The global time split (module docstring): (n,) int8 labels."""
+    ts = np.asarray(timestamps, dtype=np.int64)
+    labels = np.full(len(ts), TRAIN, np.int8)
+    labels[ts >= test_from] = TEST
+    return _label_validation(labels, ts, val_from(ts[ts < test_from], val_frac))
+
+
+def val_from(before: np.ndarray, val_frac: float) -> int:
+    """The first validation timestamp of the global split, given the timestamps before
+    ``test_from``: the ``1 - val_frac`` quantile (no validation if ``val_frac`` is 0)."""
+    if val_frac <= 0 or len(before) == 0:
+        return np.iinfo(np.int64).max
+    k = min(len(before) - 1, int(np.floor(len(before) * (1 - val_frac))))
+    return int(np.partition(before, k)[k])
+
+
+def _label_validation(labels: np.ndarray, ts: np.ndarray, first_val: int) -> np.ndarray:
+    labels[(labels == TRAIN) & (ts >= first_val)] = VALIDATION
     return labels
 
 

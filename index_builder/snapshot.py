@@ -44,6 +44,7 @@ def train_mask(
         float(split["val_frac"]),
         float(split["test_frac"]),
         int(split["min_events"]),
+        int(split.get("test_from", 0)),
     )
     return order, labels == TRAIN
 

@@ -70,10 +70,23 @@ def train(
             "--nproc", min=1, help="Data-parallel processes on this machine (launches torchrun)."
         ),
     ] = 1,
+    from_: Annotated[
+        Path | None,
+        typer.Option(
+            "--from",
+            help="Warm start: continue this finished run on --data's events newer than what it "
+            "trained on; tables grow for new users and items, each stage fine-tunes only its own "
+            "units ([warm] settings). Takes the run's config (--set may change it; a --config "
+            "must have the same features and towers). The run is only read.",
+        ),
+    ] = None,
 ) -> None:
     """Train the CSMF cascade (train → CPP → AR → freeze per objective) into a run folder."""
     from csmf.out_folder import check_out
 
+    if from_ is not None:
+        _warm_start(from_, config, data, out, seed, set_, progress, resume, force, nproc)
+        return
     if resume is None:
         try:
             check_out(out, "run", force)
@@ -125,6 +138,50 @@ def train(
     typer.echo(
         f"trained {len(objectives)} stages in {metrics['seconds']:.0f}s "
         f"(output slices {slices}); checkpoint at {path}"
+    )
+
+
+def _warm_start(
+    prev: Path,
+    config: Path | None,
+    data: Path | None,
+    out: Path,
+    seed: int | None,
+    set_: list[str] | None,
+    progress: bool,
+    resume: Path | None,
+    force: bool,
+    nproc: int,
+) -> None:
+    """``csmf train --from RUN --data DATA --out NEW``."""
+    from csmf.checkpoint import load_checkpoint
+    from csmf.out_folder import check_out
+    from trainer.config import config_from_dict, load_config
+    from trainer.pipeline import warm_run
+
+    try:
+        if resume is not None or nproc > 1:
+            raise ConfigError("--from runs in one process and cannot be combined with --resume")
+        if data is None:
+            raise ConfigError("--from needs --data: the dataset folder holding the new events")
+        check_out(out, "run", force)
+        overrides = list(set_ or [])
+        if seed is not None:
+            overrides.append(f"train.seed={seed}")
+        ckpt = load_checkpoint(prev)
+        if config is not None:
+            cfg = load_config(config, overrides)
+        else:
+            cfg = config_from_dict(ckpt.train_config, overrides)
+        path, metrics = warm_run(
+            prev, data, out, cfg, log=typer.echo, progress=progress, force=force
+        )
+    except CsmfError as exc:
+        fail(exc)
+    grown = metrics["warm_start"]["grown_rows"]
+    typer.echo(
+        f"warm start done in {metrics['seconds']:.0f}s (+{grown['user.id']:,} users, "
+        f"+{grown['item.id']:,} items); checkpoint at {path}"
     )
 
 

@@ -9,6 +9,7 @@ optimisation budget, ``[split]`` and ``[eval]`` the protocol of §5.1.4, ``[mode
 
 from __future__ import annotations
 
+import copy
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -251,8 +252,15 @@ class SplitConfig:
     val_frac: float = _help("latest-but-test fraction of each user's events for validation", 0.1)
     test_frac: float = _help("latest fraction of each user's events for test", 0.2)
     min_events: int = _help("users with fewer events stay entirely in train", 3)
+    test_from: int = _help(
+        "unix time > 0: a global time split instead — events at or after it are test, the latest "
+        "val_frac of the events before it validation (csmf.split); 0 = the per-user split",
+        0,
+    )
 
     def __post_init__(self) -> None:
+        if self.test_from < 0:
+            raise ConfigError(f"split.test_from must be a unix time >= 0, got {self.test_from}")
         _in_range("split.val_frac", self.val_frac, 0.0, 1.0, open_high=True)
         _in_range("split.test_frac", self.test_frac, 0.0, 1.0, open_high=True)
         if self.val_frac + self.test_frac >= 1 or self.min_events < 1:
@@ -274,12 +282,40 @@ class EvalConfig:
             raise ConfigError(f"eval.n must be >= 1, got {self.n}")
 
 
+@dataclass(frozen=True)
+class WarmConfig:
+    """``csmf train --from RUN``: fine-tune each stage's own units on the new events
+    (trainer/warm.py; docs/design.md#warm-start)."""
+
+    epochs: tuple[int, ...] = _help(
+        "epochs per stage over the new events, one or one per stage", (3,)
+    )
+    lr: tuple[float, ...] = _help("learning rate per stage; () = train.lr", ())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "warm.epochs"))
+        empty = isinstance(self.lr, list | tuple) and len(self.lr) == 0  # () = train.lr
+        lr = () if empty else _as_tuple(self.lr, float, "warm.lr")
+        object.__setattr__(self, "lr", lr)
+        if not self.epochs or any(e < 0 for e in self.epochs):
+            raise ConfigError(f"warm.epochs must be one or more counts >= 0, got {self.epochs}")
+        if any(not x > 0 for x in self.lr):
+            raise ConfigError(f"warm.lr values must be > 0, got {self.lr}")
+
+    def stage_epochs(self, stage: int) -> int:
+        return _of_stage(self.epochs, stage)
+
+    def stage_lr(self, stage: int, train: TrainConfig) -> float:
+        return _of_stage(self.lr, stage) if self.lr else train.stage_lr(stage)
+
+
 SECTIONS = {
     "cascade": CascadeConfig,
     "loss": LossConfig,
     "train": TrainConfig,
     "split": SplitConfig,
     "eval": EvalConfig,
+    "warm": WarmConfig,
 }
 
 
@@ -294,6 +330,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    warm: WarmConfig = field(default_factory=WarmConfig)
 
     def __post_init__(self) -> None:
         t = len(self.cascade.objectives)
@@ -306,6 +343,8 @@ class RunConfig:
             ("train.epochs", self.train.epochs),
             ("train.history", self.train.history),
             ("train.history_dropout", self.train.history_dropout),
+            ("warm.epochs", self.warm.epochs),
+            ("warm.lr", self.warm.lr or self.train.lr),
         )
         for name, values in per_stage:
             if len(values) not in (1, t):
@@ -361,6 +400,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
             raise ConfigError(f"config file {path} not found") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    return config_from_dict(raw, overrides)
+
+
+def config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+    """A config dict (a TOML file's, or a checkpoint's ``train_config``) with ``--set`` changes."""
+    raw = copy.deepcopy(dict(raw))
     for item in overrides:
         apply_override(raw, item)
     return RunConfig.from_dict(raw)

@@ -37,12 +37,12 @@ OFFSET = 2  # vocab index of row 0
 def fit_vocabs(ds: Dataset, spec: FeatureSpec) -> tuple[TowerVocab, TowerVocab]:
     """Vocabularies over the users and items tables (ids included)."""
     return (
-        fit_tower_vocab(spec.user, _columns(ds.users, spec.user)),
-        fit_tower_vocab(spec.item, _columns(ds.items, spec.item)),
+        fit_tower_vocab(spec.user, tower_columns(ds.users, spec.user)),
+        fit_tower_vocab(spec.item, tower_columns(ds.items, spec.item)),
     )
 
 
-def _columns(table: pa.Table, spec: TowerSpec) -> dict[str, pa.ChunkedArray]:
+def tower_columns(table: pa.Table, spec: TowerSpec) -> dict[str, pa.ChunkedArray]:
     """The tower's columns as arrow arrays: vocabularies and encodings are vectorised over them
     (10M users as Python objects would cost GBs)."""
     names = [spec.id_column] + [f.name for f in spec.fields if f.name in table.column_names]
@@ -59,6 +59,23 @@ def rows_of(ids: pa.ChunkedArray | pa.Array, vocab: TowerVocab, what: str) -> np
     return rows
 
 
+def with_absent_rows(table: pa.Table, id_column: str, vocab: TowerVocab) -> tuple[pa.Table, int]:
+    """``table`` plus a row of null features for every vocabulary id it no longer lists (they
+    encode as unknown values; those entities keep their id rows and have no new events)."""
+    known = vocab.ids.arrow_values()
+    missing = pc.filter(
+        known, pc.invert(pc.is_in(known, value_set=pc.cast(table[id_column], pa.string())))
+    )
+    if len(missing) == 0:
+        return table, 0
+    cols = [
+        pc.cast(missing, f.type) if f.name == id_column else pa.nulls(len(missing), f.type)
+        for f in table.schema
+    ]
+    extra = pa.Table.from_arrays(cols, schema=table.schema)
+    return pa.concat_tables([table, extra]), len(missing)
+
+
 def encode_table(table: pa.Table, spec: TowerSpec, vocab: TowerVocab) -> dict[str, Tensor]:
     """Encode every vocabulary entry's row of ``table``, in vocabulary order: (n_rows, ...) per
     input but the id, which is the row + OFFSET (added per batch)."""
@@ -69,7 +86,7 @@ def encode_table(table: pa.Table, spec: TowerSpec, vocab: TowerVocab) -> dict[st
         values = vocab.ids.values
         missing = [values[i] for i in np.flatnonzero(order < 0)[:3]]
         raise DataError(f"{spec.id_column}: vocabulary ids missing from the table (e.g. {missing})")
-    cols = _columns(table.take(pa.array(order)), spec)
+    cols = tower_columns(table.take(pa.array(order)), spec)
     enc = encode_rows(spec, vocab, cols)
     enc.pop("history", None)  # filled per batch
     enc.pop("id")  # row r's id input is r + OFFSET: added per batch, not held (80 MB at 10M users)
@@ -275,6 +292,10 @@ def encode_dataset(
 ) -> Encoded:
     """Encode users, items and events; ``vocabs`` (from a checkpoint) or fitted on the tables."""
     user_vocab, item_vocab = vocabs if vocabs is not None else fit_vocabs(ds, spec)
+    users, items = ds.users, ds.items
+    if vocabs is not None:  # a checkpoint's (or a warm start's grown) vocabularies
+        users, _ = with_absent_rows(users, spec.user.id_column, user_vocab)
+        items, _ = with_absent_rows(items, spec.item.id_column, item_vocab)
     ev = ds.events
     request = np.full(ev.num_rows, -1, np.int64)
     candidates = None
@@ -308,8 +329,8 @@ def encode_dataset(
         spec=spec,
         user_vocab=user_vocab,
         item_vocab=item_vocab,
-        users=encode_table(ds.users, spec.user, user_vocab),
-        items=encode_table(ds.items, spec.item, item_vocab),
+        users=encode_table(users, spec.user, user_vocab),
+        items=encode_table(items, spec.item, item_vocab),
         events=events,
         split=split,
         history=history,
@@ -406,13 +427,19 @@ class StageExamples:
         return self.select(self.draw_subset(frac, rng))
 
 
-def stage_examples(enc: Encoded, objective: str) -> Examples:
+def stage_examples(enc: Encoded, objective: str, since: int | None = None) -> Examples:
+    """The train-split positives of ``objective``; with ``since`` only events after that time
+    (a warm start's new events — an empty set is then allowed, the stage has nothing new)."""
     if enc.stream is not None:
+        if since is not None:
+            raise DataError("a warm start reads the dataset in memory (train.data = 'memory')")
         return enc.stream.examples(objective)
     ev = enc.events
     rows = enc.split.train
     rows = rows[ev.positive(objective)[rows]]
-    if len(rows) == 0:
+    if since is not None:
+        rows = rows[ev.ts[rows] > since]
+    elif len(rows) == 0:
         raise DataError(f"no {objective} positives in the train split")
     user, item = ev.user[rows], ev.item[rows]
     hist_end = (
@@ -424,7 +451,7 @@ def stage_examples(enc: Encoded, objective: str) -> Examples:
         item,
         hist_end,
         ev.request[rows],
-        torch.as_tensor(counts / counts.sum(), dtype=torch.float32),
+        torch.as_tensor(counts / max(counts.sum(), 1.0), dtype=torch.float32),
     )
 
 

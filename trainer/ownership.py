@@ -179,18 +179,27 @@ DIGEST_ABOVE = 1 << 22  # frozen entries of one parameter kept as values up to t
 DIGEST_ROWS = 1 << 16  # rows hashed at a time above it
 
 
-def frozen_entries(module: nn.Module, attr: str, p: Tensor, stage: int) -> Iterator[Tensor]:
-    """The entries of ``p`` owned by a stage < ``stage``, in row chunks for an id table (its
-    frozen entries are whole columns: no (rows, D) mask, no copy of the table), else at once."""
+def _frozen(owner: Tensor, stage: int, others: bool) -> Tensor:
+    """Which owners are frozen while ``stage`` trains: the earlier stages' (the cascade), or
+    every other stage's (a warm start fine-tunes stage by stage after the cascade ended)."""
+    return owner != stage if others else owner < stage
+
+
+def frozen_entries(
+    module: nn.Module, attr: str, p: Tensor, stage: int, others: bool = False
+) -> Iterator[Tensor]:
+    """The entries of ``p`` owned by a stage < ``stage`` (``others``: by any stage but
+    ``stage``), in row chunks for an id table (its frozen entries are whole columns: no (rows, D)
+    mask, no copy of the table), else at once."""
     if isinstance(module, OwnedEmbedding):
-        cols = torch.nonzero(module.owner < stage).squeeze(1)
+        cols = torch.nonzero(_frozen(module.owner, stage, others)).squeeze(1)
         if len(cols) == 0:
             return
         w = p.detach()
         for lo in range(0, w.shape[0], DIGEST_ROWS):
             yield w[lo : lo + DIGEST_ROWS].index_select(1, cols)
         return
-    frozen = entry_owner(module, attr) < stage
+    frozen = _frozen(entry_owner(module, attr), stage, others)
     if frozen.any():
         yield p.detach()[frozen]
 
@@ -207,20 +216,21 @@ class FrozenSnapshot:
 
     stage: int
     entries: dict[str, Tensor | list[str]]  # name → frozen values, or per-chunk digests
+    others: bool = False  # every entry not owned by ``stage`` (warm start), not only earlier ones
 
     @classmethod
-    def take(cls, model: TwoTower, stage: int) -> FrozenSnapshot:
+    def take(cls, model: TwoTower, stage: int, others: bool = False) -> FrozenSnapshot:
         entries: dict[str, Tensor | list[str]] = {}
         for name, module, attr, p in owned_parameters(model):
-            n_frozen = _count_frozen(module, attr, stage)
+            n_frozen = _count_frozen(module, attr, stage, others)
             if n_frozen == 0:
                 continue
-            chunks = frozen_entries(module, attr, p, stage)
+            chunks = frozen_entries(module, attr, p, stage, others)
             if n_frozen <= DIGEST_ABOVE:
                 entries[name] = torch.cat([c.reshape(-1) for c in chunks]).clone()
             else:
                 entries[name] = [_digest(c) for c in chunks]
-        return cls(stage, entries)
+        return cls(stage, entries, others)
 
     def verify(self, model: TwoTower) -> None:
         """Raise OwnershipError naming every parameter whose frozen entries moved."""
@@ -228,7 +238,7 @@ class FrozenSnapshot:
         moved = []
         for name, before in self.entries.items():
             module, attr, p = params[name]
-            chunks = frozen_entries(module, attr, p, self.stage)
+            chunks = frozen_entries(module, attr, p, self.stage, self.others)
             if isinstance(before, Tensor):
                 now = torch.cat([c.reshape(-1) for c in chunks])
                 if not torch.equal(now, before):
@@ -240,15 +250,16 @@ class FrozenSnapshot:
                 rows = f"rows {bad[0] * DIGEST_ROWS}-{(bad[0] + 1) * DIGEST_ROWS - 1}"
                 moved.append(f"{name} ({len(bad)} of {len(before)} row chunks, first {rows})")
         if moved:
+            whose = "other stages" if self.others else "earlier stages"
             raise OwnershipError(
-                f"stage {self.stage} changed parameters owned by earlier stages: {', '.join(moved)}"
+                f"stage {self.stage} changed parameters owned by {whose}: {', '.join(moved)}"
             )
 
 
-def _count_frozen(module: nn.Module, attr: str, stage: int) -> int:
+def _count_frozen(module: nn.Module, attr: str, stage: int, others: bool = False) -> int:
     if isinstance(module, OwnedEmbedding):
-        return int((module.owner < stage).sum()) * module.weight.shape[0]
-    return int((entry_owner(module, attr) < stage).sum())
+        return int(_frozen(module.owner, stage, others).sum()) * module.weight.shape[0]
+    return int(_frozen(entry_owner(module, attr), stage, others).sum())
 
 
 def _digest(x: Tensor) -> str:

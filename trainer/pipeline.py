@@ -30,15 +30,23 @@ from csmf.checkpoint import (
     save_checkpoint,
     training_provenance,
 )
-from csmf.errors import ConfigError, CsmfError
+from csmf.errors import ConfigError, CsmfError, DataError
 from csmf.results import table
 from csmf.weights import parse_weights
-from trainer.cascade import Log, Phase, Progress, run_cascade
+from trainer.cascade import Log, Phase, Progress, output_slices, run_cascade
 from trainer.config import RunConfig
 from trainer.data.dataset import load_dataset, split_by_time
 from trainer.distributed import SINGLE, Dist
-from trainer.encoding import Encoded, encode_dataset
+from trainer.encoding import Encoded, encode_dataset, with_absent_rows
 from trainer.evaluate import evaluate_model
+from trainer.warm import (
+    grow_model,
+    grow_vocabs,
+    new_positives,
+    run_warm,
+    trained_through,
+    warm_config,
+)
 
 TRAIN_METRICS = "train_metrics.json"
 EVAL_NAME = "eval.json"
@@ -161,6 +169,86 @@ def resume_run(
     return _train(cfg, data, run, log, progress, dist, raw)
 
 
+def warm_run(
+    prev: str | Path,
+    data: str | Path,
+    out: str | Path,
+    cfg: RunConfig | None = None,
+    log: Log = print,
+    progress: bool = True,
+    *,
+    force: bool = False,
+) -> tuple[Path, dict]:
+    """Continue the finished run ``prev`` on the dataset ``data`` into the new run folder ``out``
+    (trainer/warm.py); ``cfg``: a --config for the same features (default: the run's own).
+    ``prev`` is only read: a failure leaves it, and anything built from it, as it was."""
+    prev, data, out = Path(prev), Path(data), Path(out)
+    if out.resolve() == prev.resolve():
+        raise RunFolderError(
+            f"--out {out} is the --from run: a warm start writes a new run folder and leaves the "
+            "previous one intact"
+        )
+    ckpt = load_checkpoint(prev)
+    cfg = warm_config(ckpt, cfg)
+    if cfg.train.data == "stream":
+        raise ConfigError("a warm start reads its dataset in memory: set train.data = 'memory'")
+    check_run_folder(out, force)
+    start = time.perf_counter()
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    spec = cfg.features
+    ds = load_dataset(data, spec, objectives=())
+    user_vocab, item_vocab, grown = grow_vocabs(ckpt, ds, spec.user, spec.item)
+    absent_users = with_absent_rows(ds.users, spec.user.id_column, user_vocab)[1]
+    absent_items = with_absent_rows(ds.items, spec.item.id_column, item_vocab)[1]
+    split = split_by_time(ds.events, **asdict(cfg.split))
+    enc = encode_dataset(ds, spec, split, (user_vocab, item_vocab))
+    since = ckpt.metrics.get("trained_through")
+    if since is None:
+        log(f"warning: {prev} does not record what it trained through; fine-tuning on every event")
+    positives = new_positives(enc, cfg, since)
+    if not any(positives.values()):
+        raise DataError(
+            f"{data}: no train-split events after {since} (what {prev} trained through): "
+            "nothing new to learn from"
+        )
+    log(
+        f"warm start from {prev}: {data}: {enc.n_users:,} users (+{grown['user.id']:,}), "
+        f"{enc.n_items:,} items (+{grown['item.id']:,}); new positives "
+        + ", ".join(f"{o} {n:,}" for o, n in positives.items())
+    )
+    torch.manual_seed(cfg.train.seed)  # the grown rows' initial values
+    model = grow_model(ckpt, user_vocab, item_vocab)
+    model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
+    model.train()
+    metrics = run_warm(model, enc, cfg, since, log, progress)
+    metrics["seconds"] = time.perf_counter() - start
+    metrics["output_slices"] = output_slices(model)
+    metrics["trained_through"] = trained_through(enc, since)
+    metrics["warm_start"] = {
+        "from": str(prev.resolve()),
+        "since": since,
+        "grown_rows": grown,
+        "absent_from_tables": {"users": absent_users, "items": absent_items},
+        "new_positives": positives,
+    }
+    ckpt = Checkpoint(
+        model_config=ckpt.model_config,
+        features=spec,
+        user_vocab=user_vocab,
+        item_vocab=item_vocab,
+        objectives=cfg.objectives,
+        state_dict=model.state_dict(),
+        dataset=str(data.resolve()),
+        train_config=cfg.to_dict(),
+        metrics=metrics,
+        provenance=training_provenance(data, user_vocab, item_vocab),
+    )
+    path = save_checkpoint(ckpt, out / CHECKPOINT_NAME)
+    write_json(out / TRAIN_METRICS, {"config": cfg.to_dict(), **metrics})
+    return path, metrics
+
+
 def resume_config(run: str | Path) -> RunConfig:
     """The config of the interrupted run in folder ``run``."""
     return RunConfig.from_dict(_load_resume(Path(run))["train_config"])
@@ -241,6 +329,7 @@ def _train(
     metrics["processes"] = dist.world
     metrics["peak_rss_mb"] = dist.gather_objects(_peak_rss_mb())  # per rank
     metrics["id_tables"] = _table_sizes(model, cfg)
+    metrics["trained_through"] = trained_through(enc)  # a warm start continues after it
     if dist.active:  # payload bytes of this rank's gradient collectives, per step
         steps = max(dist.traffic["steps"], 1)
         metrics["traffic_bytes_per_step"] = {

@@ -492,7 +492,11 @@ def _one_line(exc: BaseException) -> str:
 
 
 def split_by_time(
-    events: pa.Table, val_frac: float = 0.1, test_frac: float = 0.2, min_events: int = 3
+    events: pa.Table,
+    val_frac: float = 0.1,
+    test_frac: float = 0.2,
+    min_events: int = 3,
+    test_from: int = 0,
 ) -> Split:
     """Per user, order events by (timestamp, row index): the last ``test_frac`` are test, the
     ``val_frac`` before them validation, the rest train. Users with fewer than ``min_events``
@@ -503,7 +507,8 @@ def split_by_time(
     split user keeps at least one train event.
     """
     codes = pc.dictionary_encode(events["user_id"].combine_chunks()).indices.to_numpy()
-    labels = split_labels(codes, events["timestamp"].to_numpy(), val_frac, test_frac, min_events)
+    ts = events["timestamp"].to_numpy()
+    labels = split_labels(codes, ts, val_frac, test_frac, min_events, test_from)
     return Split(
         train=np.flatnonzero(labels == TRAIN),
         val=np.flatnonzero(labels == VALIDATION),

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 import torch
 
 import csmf.objectives as funnel
-from csmf.errors import DataError
+from csmf.errors import ConfigError, DataError
 from csmf.features import FeatureSpec, TowerVocab
 from csmf.split import TEST, TRAIN, VALIDATION, split_counts
 from trainer.data.dataset import (
@@ -544,6 +544,12 @@ def open_stream(
     """Validate, split and summarise ``root`` out of core; returns an ``Encoded`` whose
     ``events``/``split`` hold the validation sample and whose ``stream`` is the source."""
     root = Path(root)
+    if split.get("test_from"):
+        raise ConfigError(
+            "split.test_from (the global time split) needs train.data = 'memory'; the streamed "
+            "path splits per user"
+        )
+    split = {k: v for k, v in split.items() if k != "test_from"}
     if not root.is_dir():
         raise DataError(f"dataset folder {root} does not exist (or is not a folder)")
     parts, events_name = event_parts(root)
