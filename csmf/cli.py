@@ -148,6 +148,7 @@ def package_version() -> str:
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "data": ("trainer.data.cli", "app", "group"),
     "train": ("trainer.cli", "train", "command"),
+    "extend": ("trainer.cli", "extend", "command"),
     "eval": ("trainer.cli", "evaluate", "command"),
     "tune": ("trainer.cli", "tune", "command"),
     "bench": ("trainer.bench_cli", "app", "group"),
@@ -162,6 +163,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 HELP = {
     "data": "Fetch/convert datasets: MovieLens-100K, synthetic cascades.",
     "train": "Train the CSMF cascade (exposure → click → conversion) into a run folder.",
+    "extend": "Add an objective to a trained cascade; earlier objectives' scores stay bit-identical.",
     "eval": "Recall@N / nDCG@N of every view and the fused score, next to popularity.",
     "tune": "Pareto front of weight triplets on validation; apply one as a scenario.",
     "bench": "Benchmarks: `csmf bench quality` (baselines table), `csmf bench sensitivity` (sweeps).",
@@ -175,7 +177,7 @@ HELP = {
 }
 
 
-NEEDS_TORCH = {"train", "eval", "tune", "bench", "build-index", "export", "daily"}
+NEEDS_TORCH = {"train", "extend", "eval", "tune", "bench", "build-index", "export", "daily"}
 
 
 def _load(name: str):

@@ -291,10 +291,16 @@ class TwoTower(nn.Module):
             if not torch.equal(tower.layers[-1].owner, self.output_owner):
                 raise OwnershipError("final-layer owners differ between towers and output_owner")
         top = max(int(m.owner.max()) for m in self.owned_modules())
-        if top >= self.cfg.num_objectives:
+        if top > self.cfg.num_objectives:  # == num_objectives: unowned (freed by the last stage)
             raise OwnershipError(
                 f"a unit is owned by objective {top}, cascade has {self.cfg.num_objectives}"
             )
+
+    def unowned_units(self) -> int:
+        """Units the last stage freed for an objective added later (owner = num_objectives);
+        they are zeroed, so every vector is exactly 0 in the output dims among them."""
+        t = self.cfg.num_objectives
+        return sum(int((m.owner == t).sum()) for m in self.owned_modules())
 
     def use_sparse_gradients(self, on: bool = True) -> None:
         """Embedding tables produce row-sparse gradients (training at scale) or dense ones."""

@@ -79,8 +79,10 @@ def objective_coefficients(weights: Sequence[float]) -> np.ndarray:
 
 
 def dim_scale(weights: Sequence[float], output_owner: Sequence[int] | np.ndarray) -> np.ndarray:
-    """Per-output-dimension scale c_j for a model whose dim j is owned by output_owner[j], (D,)."""
-    return objective_coefficients(weights)[np.asarray(output_owner, dtype=np.int64)]
+    """Per-output-dimension scale c_j for a model whose dim j is owned by output_owner[j], (D,);
+    unowned dims (owner T, left for a later objective; always 0) get scale 0."""
+    coef = np.append(objective_coefficients(weights), np.float32(0.0))
+    return coef[np.minimum(np.asarray(output_owner, dtype=np.int64), len(weights))]
 
 
 def slice_scale(weights: Sequence[float], slice_sizes: Sequence[int]) -> np.ndarray:

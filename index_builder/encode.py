@@ -27,15 +27,21 @@ def output_permutation(
     output_owner: np.ndarray, num_objectives: int
 ) -> tuple[np.ndarray, tuple[int, ...]]:
     """(perm, slice_sizes): ``vectors[:, perm]`` puts dims of owner 0 first, then 1, ...;
-    slice_sizes[t] = number of dims owned by objective t (may be 0)."""
+    slice_sizes[t] = number of dims owned by objective t (may be 0).
+
+    Unowned dims (owner T = ``num_objectives``: freed by the last stage for an objective added
+    later) are 0 in every vector; they go last and count in the last slice, so the vector keeps
+    its width and layout when ``csmf extend`` later gives them to objective T (whose weight 0
+    then scales them: old weightings score bit-identically)."""
     owner = np.asarray(output_owner, dtype=np.int64)
     perm = np.argsort(owner, kind="stable")
-    sizes = np.bincount(owner, minlength=num_objectives)
-    if len(sizes) > num_objectives:
+    sizes = np.bincount(owner, minlength=num_objectives + 1)
+    if len(sizes) > num_objectives + 1:
         raise DataError(
             f"output dims owned by objective {owner.max()}, cascade has {num_objectives}"
         )
-    return perm, tuple(int(s) for s in sizes)
+    sizes[num_objectives - 1] += sizes[num_objectives]
+    return perm, tuple(int(s) for s in sizes[:num_objectives])
 
 
 def read_table(path: str | Path) -> pa.Table:

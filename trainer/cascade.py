@@ -52,13 +52,14 @@ class Phase(StrEnum):
 class StageMachine:
     """START → (TRAIN → PRUNE → [RECOVER] → FREEZE)* → TRAIN → FREEZE → DONE.
 
-    The last stage never prunes (nothing is left to free units for); RECOVER only when AR is on.
+    The last stage prunes only with ``prune_last`` (``cascade.last_tau``: units left for an
+    objective added later); RECOVER only when AR is on.
     """
 
-    def __init__(self, n_stages: int, recover: bool = True) -> None:
+    def __init__(self, n_stages: int, recover: bool = True, prune_last: bool = False) -> None:
         if n_stages < 1:
             raise CascadeStateError(f"a cascade needs at least one stage, got {n_stages}")
-        self.n_stages, self.recover = n_stages, recover
+        self.n_stages, self.recover, self.prune_last = n_stages, recover, prune_last
         self.stage, self.phase = 0, Phase.START
 
     @property
@@ -70,7 +71,7 @@ class StageMachine:
         if p is Phase.START:
             return {Phase.TRAIN}
         if p is Phase.TRAIN:
-            return {Phase.FREEZE} if self.last else {Phase.PRUNE}
+            return {Phase.FREEZE} if self.last and not self.prune_last else {Phase.PRUNE}
         if p is Phase.PRUNE:
             return {Phase.RECOVER} if self.recover else {Phase.FREEZE}
         if p is Phase.RECOVER:
@@ -386,7 +387,7 @@ def run_cascade(
     # one process: the shared rng also samples negatives (the historical stream); several: each
     # rank samples its own negatives, the batch order stays shared
     sample_rng = np.random.default_rng([tc.seed, 7919, dist.rank]) if dist.active else rng
-    sm = StageMachine(len(objectives), recover=cc.accuracy_recovery)
+    sm = StageMachine(len(objectives), recover=cc.accuracy_recovery, prune_last=cc.last_tau > 0)
     if cfg.loss.page_negatives and any(funnel.get(o).column is None for o in objectives):
         enc.page_views()  # no page views (or streamed): fail before the first step, not at it
     if resume is None:
@@ -459,12 +460,13 @@ def run_cascade(
             # of which the step waited for input batches (train.prefetch)
             rec["data_wait_seconds"] = rec.get("data_wait_seconds", 0.0) + wait[0]
             rec["val_recall"] = {"trained": _val(model, enc, t, objective, cfg, dist)}
-        if not sm.last:
+        if not sm.last or sm.prune_last:
             if in_train:
                 sm.advance(Phase.PRUNE)
                 reduce = dist.mean if dist.active else None
                 rec["slices"] = prune_stage(
-                    model, t, cc.tau, cc.pruning, cc.min_keep, cc.min_free, cc.freed_init, gen,
+                    model, t, cc.last_tau if sm.last else cc.tau, cc.pruning, cc.min_keep,
+                    cc.min_free, "zero" if sm.last else cc.freed_init, gen,
                     reduce_importance=reduce,
                 )  # fmt: skip
                 rec["digests"] = {"pruned": dist.check_consistent(model, t, f"stage {t} CPP")}
@@ -513,8 +515,10 @@ def run_cascade(
 
 
 def output_slices(model: TwoTower) -> list[int]:
-    """Output dims owned by each objective — the [d | o | r] slice sizes."""
-    return torch.bincount(model.output_owner.long(), minlength=model.cfg.num_objectives).tolist()
+    """Output dims owned by each objective — the [d | o | r] slice sizes (unowned dims, left by
+    ``cascade.last_tau`` for a later objective, are not counted)."""
+    t = model.cfg.num_objectives
+    return torch.bincount(model.output_owner.long(), minlength=t + 1)[:t].tolist()
 
 
 def _val(

@@ -185,6 +185,53 @@ def _warm_start(
     )
 
 
+@app.command("extend")
+def extend(
+    run: Annotated[Path, typer.Argument(help="Finished run folder to extend (only read).")],
+    objective: Annotated[
+        str, typer.Option("--objective", help="Name of the new objective, e.g. cart or dwell.")
+    ],
+    label: Annotated[
+        str,
+        typer.Option("--label", help="Bool events column marking its positives, e.g. carted."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="New run folder to write.")],
+    data: Annotated[
+        Path | None,
+        typer.Option("--data", help="Dataset folder with the label column. [default: the run's]"),
+    ] = None,
+    weight: Annotated[
+        float, typer.Option("--weight", help="The new objective's eval.weights entry.")
+    ] = 1.0,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Config override, e.g. train.epochs=8."),
+    ] = None,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite --out if it holds a run.")
+    ] = False,
+) -> None:
+    """Append an objective to a trained cascade on the units its last stage left unowned
+    (cascade.last_tau > 0); every earlier objective's parameters and scores stay bit-identical."""
+    from csmf.checkpoint import load_checkpoint
+    from csmf.out_folder import check_out
+    from trainer.extend import extend_run
+
+    try:
+        check_out(out, "run", force)
+        data = data or Path(load_checkpoint(run).dataset)
+        path, metrics = extend_run(
+            run, objective, label, data, out, overrides=list(set_ or []), log=typer.echo,
+            progress=progress, force=force,
+        )  # fmt: skip
+    except CsmfError as exc:
+        fail(exc)
+    names = [rec["objective"] for rec in metrics["stages"]]
+    slices = " | ".join(f"{o} {n}" for o, n in zip(names, metrics["output_slices"], strict=True))
+    typer.echo(f"extended with {objective!r} (output slices {slices}); checkpoint at {path}")
+
+
 DEFAULT_CONFIG = Path("configs/ml-100k.toml")
 DEFAULT_DATA = Path("data/ml-100k")
 

@@ -56,9 +56,27 @@ class CascadeConfig:
     accuracy_recovery: bool = _help("AR: fine-tune kept units after CPP ('w/o AR' if false)", True)
     rho: float = _help("AR: fraction of the stage's training positives used", 1.0)
     freed_init: str = _help("freed units start 'warm' (keep values) or 'reinit'", "warm")
+    last_tau: float = _help(
+        "CPP tau of the last stage: > 0 frees its least important units (then AR) and leaves them "
+        "unowned, zeroed, for an objective added later (csmf extend); 0 = the paper (the last "
+        "stage keeps every unit)",
+        0.0,
+    )
+    labels: dict = field(
+        default_factory=dict,
+        metadata={
+            "help": "objectives added to the funnel's (csmf extend): name → the bool events "
+            "column marking their positives, e.g. {cart = 'carted'}"
+        },
+    )
 
     def __post_init__(self) -> None:
+        if not isinstance(self.labels, dict):
+            raise ConfigError(f"cascade.labels must be a table name → column, got {self.labels!r}")
+        for name, column in self.labels.items():
+            funnel.define(name, column)
         object.__setattr__(self, "objectives", funnel.check_cascade(self.objectives))
+        _in_range("cascade.last_tau", self.last_tau, 0.0, 1.0, open_high=True)
         _choice("cascade.pruning", self.pruning, PRUNING)
         _choice("cascade.freed_init", self.freed_init, FREED_INIT)
         _in_range("cascade.tau", self.tau, 0.0, 1.0, open_low=True, open_high=True)

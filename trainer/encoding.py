@@ -14,7 +14,7 @@ arrays (CSR); a batch gathers its ``(B, L)`` window from positions, so memory st
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import numpy as np
@@ -103,11 +103,16 @@ class Events:
     clicked: np.ndarray
     converted: np.ndarray
     request: np.ndarray  # request code, -1 when absent
+    # label columns of objectives added to a trained cascade (csmf.objectives.define)
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
     def positive(self, objective: str) -> np.ndarray:
         """Boolean mask of events that are positives of ``objective`` (csmf.objectives)."""
-        labels = {c: getattr(self, c) for c in funnel.LABEL_COLUMNS}
-        return funnel.get(objective).positive(labels, len(self.user))
+        labels = {c: getattr(self, c) for c in funnel.LABEL_COLUMNS} | self.extra
+        o = funnel.get(objective)
+        if o.column is not None and o.column not in labels:
+            raise DataError(f"the events have no column {o.column!r} ({objective} positives)")
+        return o.positive(labels, len(self.user))
 
 
 class History:
@@ -319,6 +324,11 @@ def encode_dataset(
         ts=ev["timestamp"].to_numpy().astype(np.int64),
         request=request,
         **{c: ev[c].to_numpy(zero_copy_only=False).astype(bool) for c in funnel.LABEL_COLUMNS},
+        extra={
+            o.column: ev[o.column].to_numpy(zero_copy_only=False).astype(bool)
+            for o in funnel.defined()
+            if o.column in ev.column_names
+        },
     )
     history = None
     if spec.user.history is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+import csmf.objectives as funnel
 from csmf.atomic import write_json
 from csmf.checkpoint import (
     CHECKPOINT_NAME,
@@ -423,7 +424,8 @@ def eval_run(
     k = parse_weights(_floats(weights), ckpt.objectives) if weights else cfg.eval.weights
     n = n or cfg.eval.n
     enc = prepare(cfg, ckpt.dataset, vocabs=(ckpt.user_vocab, ckpt.item_vocab))
-    result = evaluate_model(ckpt.build_model(), enc, ckpt.objectives, k, n)
+    targets = [o for o in ckpt.objectives if funnel.get(o).column is not None]
+    result = evaluate_model(ckpt.build_model(), enc, ckpt.objectives, k, n, targets=targets)
     result.update(run=str(Path(run)), dataset=ckpt.dataset, objectives=list(ckpt.objectives))
     result["seed"] = cfg.train.seed
     if write:

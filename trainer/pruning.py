@@ -14,7 +14,9 @@ freed (``min_keep`` wins when a layer is too small for both).
 
 After the owners change, ``sync_owners`` propagates them upward; connections from freed units into
 units still owned by ``t`` become disallowed and are zeroed in storage too. Freed units either keep
-their trained incoming weights (``warm``) or are re-initialised (``reinit``).
+their trained incoming weights (``warm``) or are re-initialised (``reinit``). Units the last
+stage frees (``cascade.last_tau``) are zeroed instead (``zero``): unowned, they must not move any
+vector until ``csmf extend`` gives them to a new objective.
 """
 
 from __future__ import annotations
@@ -100,7 +102,24 @@ def prune_stage(
             m.zero_disallowed()  # freed → kept connections no longer exist
     if freed_init == "reinit":
         reinit_units(model, stage + 1, generator)
+    elif freed_init == "zero":  # the last stage's: unowned until an objective claims them
+        zero_units(model, stage + 1)
     return sizes
+
+
+def zero_units(model: TwoTower, owner: int) -> None:
+    """Zero the incoming weights and biases of every unit owned by ``owner``: the units output
+    exactly 0 whatever their inputs, so every vector is 0 in their output dims."""
+    with torch.no_grad():
+        for m in model.owned_modules():
+            units = m.owner == owner
+            if not units.any():
+                continue
+            if isinstance(m, OwnedEmbedding):
+                m.weight[:, units] = 0.0
+            else:
+                m.weight[units] = 0.0
+                m.bias[units] = 0.0
 
 
 def reinit_units(model: TwoTower, owner: int, generator: torch.Generator | None = None) -> None:

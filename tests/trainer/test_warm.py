@@ -19,8 +19,8 @@ import torch
 from csmf.checkpoint import load_checkpoint
 from csmf.errors import ConfigError, DataError
 from trainer.config import config_from_dict, load_config
-from trainer.encoding import encode_dataset
 from trainer.data.dataset import load_dataset, split_by_time
+from trainer.encoding import encode_dataset
 from trainer.ownership import entry_owner, owned_parameters
 from trainer.pipeline import RunFolderError, train_run, warm_run
 from trainer.warm import grow_model, grow_vocabs, run_warm

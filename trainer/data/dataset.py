@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 
 import csmf.objectives as funnel
 from csmf.atomic import fsync_path, fsync_tree
-from csmf.errors import ConfigError, DataError
+from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerSpec
 from csmf.split import TEST, TRAIN, VALIDATION, split_labels
 
@@ -250,10 +250,22 @@ def _read_meta(root: Path) -> dict:
 
 
 def _check_events(events: pa.Table, name: str, objectives: Sequence[str]) -> pa.Table:
-    unknown = set(objectives) - set(OBJECTIVES)
-    if unknown:
-        raise ConfigError(f"objectives must be among {OBJECTIVES}, got {sorted(unknown)}")
-    _require_columns(events, name, EVENT_COLUMNS)
+    for o in objectives:
+        funnel.get(o)  # ConfigError naming the known ones
+    added = [funnel.get(o) for o in objectives if o not in OBJECTIVES]
+    _require_columns(events, name, (*EVENT_COLUMNS, *(o.column for o in added)))
+    for o in added:  # an objective added to a trained cascade: its own bool label column
+        _no_nulls(events, name, o.column)
+        if not pa.types.is_boolean(events.schema.field(o.column).type):
+            raise DataError(
+                f"{name}: column {o.column} ({o.name} positives) must be bool, got "
+                f"{events.schema.field(o.column).type}"
+            )
+        if not _count_true(events[o.column]):
+            raise DataError(
+                f"{name}: column {o.column} is never true ({events.num_rows} rows), so the "
+                f"{o.name} objective has no positives"
+            )
     for col in ("user_id", "item_id"):
         events = _normalise_id(events, name, col)
     events = _cast_integer(events, name, "timestamp")
