@@ -17,8 +17,9 @@ conversions (the config's ``eval.weights``); time: wall seconds of each update (
 train; one torch thread; run under ``nice``). Every run folder carries the key of what made it
 (code, config, data, seed) and is reused only when that key matches.
 
-    python bench/continual.py --data data/ml-100k --seeds 0 1 2
-    python bench/continual.py --data data/ml-100k --seeds 0 1 2 --render-only
+    python bench/continual.py --data data/ml-100k --seeds 0 1 2 --jobs 3 \
+        --set train.epochs=4 --set train.ar_epochs=2
+    python bench/continual.py --render-only
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +148,7 @@ def main() -> None:
     )
     ap.add_argument("--warm-set", action="append", default=[], help="override for warm starts only")
     ap.add_argument("--out", type=Path, default=RESULTS / "continual-ml-100k")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once")
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     command = script_command(__file__)
@@ -167,8 +170,10 @@ def main() -> None:
     base = [*CSMF, "train", "--config", str(args.config), "--set", "train.threads=1"]
     base += [x for s in args.sets for x in ("--set", s)]
     warm_sets = [x for s in args.warm_set for x in ("--set", s)]
-    for seed in args.seeds:
-        prev = None
+
+    def chain(seed: int) -> list[dict]:
+        """The initial model, then per period the full retrain and the chain's warm start."""
+        out, prev, prev_key = [], None, None
         for q in range(FIRST, PERIODS):
             folder = args.work / "data" / f"p{q}"
             split = ["--set", f"split.test_from={datasets[q]['test_from']}"]
@@ -189,12 +194,17 @@ def main() -> None:
                  "--set", "train.threads=1", *warm_sets],
                 warm_key, warm_out,
             )  # fmt: skip
-            rows.append({"seed": seed, "period": q, "full": full, "warm": warm})
+            out.append({"seed": seed, "period": q, "full": full, "warm": warm})
             prev, prev_key = warm_out, warm_key
             print(
                 f"seed {seed} q {q}: full {full['seconds']:.0f}s warm {warm['seconds']:.0f}s",
                 flush=True,
             )
+        return out
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # the runs are subprocesses: threads only wait
+        for part in pool.map(chain, args.seeds):
+            rows += part
     doc = {
         "load_after": os.getloadavg(),
         "code_key": code,

@@ -87,11 +87,13 @@ def now_iso() -> str:
 
 
 def default_weights(objectives: Sequence[str]) -> dict[str, float]:
-    """⟨1, 1.8, 1.2⟩ by name for the paper's cascade (or the part of it this bundle has),
-    otherwise 1 for every objective."""
+    """⟨1, 1.8, 1.2⟩ by name for the paper's cascade (or the part of it this bundle has), and 0
+    for an objective added to it later (``csmf extend``: the default scenario then serves what
+    it served before, bit for bit, until an operator weights the new objective); 1 for every
+    objective of a cascade that has none of the paper's."""
     paper = dict(zip(DEFAULT_OBJECTIVES, DEFAULT_WEIGHTS, strict=True))
-    if all(o in paper for o in objectives):
-        return {o: paper[o] for o in objectives}
+    if any(o in paper for o in objectives):
+        return {o: paper.get(o, 0.0) for o in objectives}
     return dict.fromkeys(objectives, 1.0)
 
 

@@ -146,6 +146,11 @@ def test_served_scores_of_old_weightings_are_bit_identical(
             rb = b.post("/v1/retrieve", json={"user_id": u, "k": 20, "weights": [*weights, 0.0]})
             assert ra.status_code == rb.status_code == 200, (ra.text, rb.text)
             assert ra.json()["items"] == rb.json()["items"], (u, weights)
+    for u in users:  # the default scenario: the paper's weights, 0 for the added objective
+        ra = a.post("/v1/retrieve", json={"user_id": u, "k": 20})
+        rb = b.post("/v1/retrieve", json={"user_id": u, "k": 20})
+        assert ra.json()["items"] == rb.json()["items"], u
+        assert rb.json()["weights"] == {**ra.json()["weights"], "cart": 0.0}
     named = b.post("/v1/retrieve", json={"user_id": users[0], "k": 5, "weights": {"cart": 1.0}})
     assert named.status_code == 200 and len(named.json()["items"]) == 5
 
