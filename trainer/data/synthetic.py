@@ -98,6 +98,12 @@ class SyntheticConfig:
     )
     ctr: float = _opt("Target clicks per exposure.", 0.1)
     cvr: float = _opt("Target conversions per click.", 0.1)
+    cart: float = _opt(
+        "Target carts per click; > 0 adds a fourth label, 'carted' (P(cart | click) = "
+        "σ(s·a(u_o, v_r) + bias_r,i + b_c): click taste meets conversion appeal), for adding an "
+        "objective to a trained cascade (csmf extend). 0 = none; the other labels do not change.",
+        0.0,
+    )
     chunk_size: int = _opt("Events per events/part-*.parquet file.", 1_000_000)
 
     def __post_init__(self) -> None:
@@ -115,6 +121,8 @@ class SyntheticConfig:
         for name in ("ctr", "cvr"):
             if not 0.0 < getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.cart < 1.0:
+            raise ConfigError(f"cart must be in [0, 1) (0 = no fourth label), got {self.cart}")
         limit = self.exposures_per_request * (self.proposals - 1)
         if not 0 <= self.candidates_per_request <= limit:
             raise ConfigError(
@@ -159,6 +167,7 @@ class _World:
     topic_start: np.ndarray  # (T + 1,) segment offsets into topic_order
     users: pa.Table = field(repr=False)
     items: pa.Table = field(repr=False)
+    cart_bias: float = 0.0  # global bias of the optional fourth label (SyntheticConfig.cart)
 
 
 # --------------------------------------------------------------------------- public API
@@ -470,6 +479,18 @@ def _calibrate(cfg: SyntheticConfig, w: _World) -> None:
     b_o = _solve_bias(l_o, np.ones_like(l_o), cfg.ctr)
     b_r = _solve_bias(l_r, _sigmoid(l_o + b_o), cfg.cvr)
     w.truth.bias["click"], w.truth.bias["conversion"] = b_o, b_r
+    if cfg.cart:
+        l_c = _cart_logits(w.truth, pilot.user, pilot.exposed).ravel()
+        w.cart_bias = _solve_bias(l_c, _sigmoid(l_o + b_o), cfg.cart)
+
+
+def _cart_logits(t: Truth, user: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """The fourth label's logit without its global bias: the user's click taste against the
+    item's conversion appeal, (R, S)."""
+    u = t.user["click"][user]  # (R, K)
+    v = t.item["conversion"][items]  # (R, S, K)
+    aff = (v @ u[:, :, None])[..., 0] / math.sqrt(t.factors)
+    return t.scale["conversion"] * aff + t.item_bias["conversion"][items]
 
 
 def _solve_bias(logits: np.ndarray, weights: np.ndarray, target: float) -> float:
@@ -502,6 +523,14 @@ def _stream_events(
         converted = clicked & (s.u_conv < _sigmoid(s.logit_r + b_r))
         n = min(left, clicked.size)  # the last request may be cut short
         n_s = cfg.exposures_per_request
+        columns = {}
+        if cfg.cart:  # its own random stream: the other labels are those of cart = 0
+            u_cart = _block_rng(cfg, 3, block).random(s.exposed.shape)
+            carted = clicked & (
+                u_cart < _sigmoid(_cart_logits(w.truth, s.user, s.exposed) + w.cart_bias)
+            )
+            columns["carted"] = pa.array(carted.ravel()[:n])
+            counts["carts"] = counts.get("carts", 0) + int(carted.ravel()[:n].sum())
         clicked, converted = clicked.ravel()[:n], converted.ravel()[:n]
         events_out.add(
             pa.table(
@@ -512,6 +541,7 @@ def _stream_events(
                     "clicked": pa.array(clicked),
                     "converted": pa.array(converted),
                     "request_id": pa.array(np.repeat(s.request_id, n_s)[:n]),
+                    **columns,
                 }
             )
         )
@@ -677,12 +707,14 @@ def _meta(cfg: SyntheticConfig, w: _World, counts: dict[str, int]) -> dict:
         "rates": {
             "ctr": counts["clicks"] / max(counts["exposures"], 1),
             "cvr": counts["conversions"] / max(counts["clicks"], 1),
+            **({"cart": counts["carts"] / max(counts["clicks"], 1)} if "carts" in counts else {}),
         },
         "generator": asdict(cfg)
         | {
             "n_topics": cfg.n_topics,
             "bias_click": t.bias["click"],
             "bias_conversion": t.bias["conversion"],
+            "bias_cart": w.cart_bias,
             "topic_weight": TOPIC_WEIGHT,
             "beta": BETA,
             "tau": TAU,

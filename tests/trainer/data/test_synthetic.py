@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -213,3 +214,22 @@ def test_cli_bad_option_is_an_error_line_and_exit_2(tmp_path):
 def test_cli_does_not_import_torch():
     code = "import sys, trainer.data.cli; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_a_fourth_label_changes_nothing_else(tmp_path):
+    """--cart adds 'carted' (a part of the clicks, near the target rate) from its own random
+    stream: every other column is the data cart = 0 generates."""
+    generate_synthetic(TINY, tmp_path / "plain")
+    generate_synthetic(dataclasses.replace(TINY, cart=0.3), tmp_path / "cart")
+    plain = pa.concat_tables(
+        pq.read_table(p) for p in sorted((tmp_path / "plain" / "events").iterdir())
+    )
+    cart = pa.concat_tables(
+        pq.read_table(p) for p in sorted((tmp_path / "cart" / "events").iterdir())
+    )
+    assert cart.drop_columns(["carted"]).equals(plain)
+    carted, clicked = cart["carted"].to_numpy(), cart["clicked"].to_numpy()
+    assert not (carted & ~clicked).any()
+    assert 0.2 < carted.sum() / clicked.sum() < 0.4
+    with pytest.raises(ConfigError, match="cart"):
+        dataclasses.replace(TINY, cart=1.5)
