@@ -424,7 +424,9 @@ def eval_run(
     k = parse_weights(_floats(weights), ckpt.objectives) if weights else cfg.eval.weights
     n = n or cfg.eval.n
     enc = prepare(cfg, ckpt.dataset, vocabs=(ckpt.user_vocab, ckpt.item_vocab))
-    targets = [o for o in ckpt.objectives if funnel.get(o).column is not None]
+    # the funnel's labelled objectives (a 2-stage run still reports clicks and conversions) and
+    # any objective added to this cascade (csmf extend)
+    targets = [*funnel.TARGETS, *(o for o in ckpt.objectives if o not in funnel.NAMES)]
     result = evaluate_model(ckpt.build_model(), enc, ckpt.objectives, k, n, targets=targets)
     result.update(run=str(Path(run)), dataset=ckpt.dataset, objectives=list(ckpt.objectives))
     result["seed"] = cfg.train.seed

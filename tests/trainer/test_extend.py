@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fixtures.services import AUTH
 
 from csmf.checkpoint import load_checkpoint
 from csmf.errors import ConfigError, DataError
@@ -151,6 +152,14 @@ def test_served_scores_of_old_weightings_are_bit_identical(
         rb = b.post("/v1/retrieve", json={"user_id": u, "k": 20})
         assert ra.json()["items"] == rb.json()["items"], u
         assert rb.json()["weights"] == {**ra.json()["weights"], "cart": 0.0}
+    # the admin API and scenarios take the four objectives, by name or as a list of four
+    put = b.put("/admin/scenarios/carts", json={"weights": [1, 1.8, 1.2, 2]}, headers=AUTH)
+    assert put.status_code == 200, put.text
+    assert b.get("/admin/scenarios/carts", headers=AUTH).json()["weights"]["cart"] == 2.0
+    three = b.put("/admin/scenarios/short", json={"weights": [1, 1.8, 1.2]}, headers=AUTH)
+    assert three.status_code == 422 and "4 weights" in three.text
+    hit = b.post("/v1/retrieve", json={"user_id": users[0], "k": 5, "scenario": "carts"})
+    assert hit.status_code == 200 and hit.json()["weights"]["cart"] == 2.0
     named = b.post("/v1/retrieve", json={"user_id": users[0], "k": 5, "weights": {"cart": 1.0}})
     assert named.status_code == 200 and len(named.json()["items"]) == 5
 
