@@ -309,6 +309,11 @@ class WarmConfig:
         "epochs per stage over the new events, one or one per stage", (3,)
     )
     lr: tuple[float, ...] = _help("learning rate per stage; () = train.lr", ())
+    replay: float = _help(
+        "older train positives mixed in per new one (rehearsal against forgetting); 0 = only "
+        "the new events",
+        0.0,
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "warm.epochs"))
@@ -319,6 +324,8 @@ class WarmConfig:
             raise ConfigError(f"warm.epochs must be one or more counts >= 0, got {self.epochs}")
         if any(not x > 0 for x in self.lr):
             raise ConfigError(f"warm.lr values must be > 0, got {self.lr}")
+        if self.replay < 0:
+            raise ConfigError(f"warm.replay must be >= 0, got {self.replay}")
 
     def stage_epochs(self, stage: int) -> int:
         return _of_stage(self.epochs, stage)

@@ -437,9 +437,17 @@ class StageExamples:
         return self.select(self.draw_subset(frac, rng))
 
 
-def stage_examples(enc: Encoded, objective: str, since: int | None = None) -> Examples:
+def stage_examples(
+    enc: Encoded,
+    objective: str,
+    since: int | None = None,
+    replay: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> Examples:
     """The train-split positives of ``objective``; with ``since`` only events after that time
-    (a warm start's new events — an empty set is then allowed, the stage has nothing new)."""
+    (a warm start's new events — an empty set is then allowed, the stage has nothing new) plus,
+    with ``replay``, that many older positives per new one, drawn by ``rng`` (rehearsal: the
+    fine-tune also sees the past it must not forget)."""
     if enc.stream is not None:
         if since is not None:
             raise DataError("a warm start reads the dataset in memory (train.data = 'memory')")
@@ -448,7 +456,11 @@ def stage_examples(enc: Encoded, objective: str, since: int | None = None) -> Ex
     rows = enc.split.train
     rows = rows[ev.positive(objective)[rows]]
     if since is not None:
-        rows = rows[ev.ts[rows] > since]
+        new = ev.ts[rows] > since
+        old, rows = rows[~new], rows[new]
+        k = min(len(old), round(replay * len(rows)))
+        if k:
+            rows = np.sort(np.concatenate([rows, rng.choice(old, k, replace=False)]))
     elif len(rows) == 0:
         raise DataError(f"no {objective} positives in the train split")
     user, item = ev.user[rows], ev.item[rows]

@@ -118,10 +118,11 @@ def run_warm(
     stages = []
     for t, objective in enumerate(cfg.objectives):
         start = time.perf_counter()
-        ex = stage_examples(enc, objective, since=since)
+        ex = stage_examples(enc, objective, since, cfg.warm.replay, rng)
         name = f"warm stage {t} ({objective})"
         epochs = cfg.warm.stage_epochs(t)
-        rec: dict = {"objective": objective, "positives": len(ex), "epochs": epochs}
+        new = len(stage_examples(enc, objective, since)) if cfg.warm.replay else len(ex)
+        rec: dict = {"objective": objective, "positives": len(ex), "new": new, "epochs": epochs}
         if len(ex) < 2 or epochs == 0:
             log(f"{name}: {len(ex)} new positives, {epochs} epochs — nothing to fine-tune")
             rec.update(loss=[], seconds=time.perf_counter() - start)

@@ -20,7 +20,7 @@ from csmf.checkpoint import load_checkpoint
 from csmf.errors import ConfigError, DataError
 from trainer.config import config_from_dict, load_config
 from trainer.data.dataset import load_dataset, split_by_time
-from trainer.encoding import encode_dataset
+from trainer.encoding import encode_dataset, stage_examples
 from trainer.ownership import entry_owner, owned_parameters
 from trainer.pipeline import RunFolderError, train_run, warm_run
 from trainer.warm import grow_model, grow_vocabs, run_warm
@@ -221,3 +221,24 @@ def test_table_rows_only_grow(run1):
     )
     with pytest.raises(ConfigError, match="cannot grow"):
         grow_model(ckpt, ckpt.user_vocab, small)
+
+
+def test_replay_mixes_in_older_positives(run1, days):
+    """warm.replay = r adds r older train positives per new one (as many as there are)."""
+    ckpt = load_checkpoint(run1)
+    cfg = config_from_dict(ckpt.train_config)
+    ds = load_dataset(days[1], cfg.features, objectives=())
+    uv, iv, _ = grow_vocabs(ckpt, ds, cfg.features.user, cfg.features.item)
+    enc = encode_dataset(ds, cfg.features, split_by_time(ds.events), (uv, iv))
+    since = ckpt.metrics["trained_through"]
+    new = stage_examples(enc, "click", since)
+    mixed = stage_examples(enc, "click", since, 0.5, np.random.default_rng(0))
+    train = enc.split.train[enc.events.positive("click")[enc.split.train]]
+    old = train[enc.events.ts[train] <= since]
+    assert len(old) > 0 and len(mixed) == len(new) + min(len(old), round(0.5 * len(new)))
+    pairs = lambda ex: sorted(zip(ex.user.tolist(), ex.item.tolist(), strict=True))  # noqa: E731
+    old_pairs = set(zip(enc.events.user[old].tolist(), enc.events.item[old].tolist(), strict=True))
+    extra = list(pairs(mixed))
+    for p in pairs(new):  # every new positive is in the mix, the rest are older positives
+        extra.remove(p)
+    assert extra and set(extra) <= old_pairs
