@@ -267,6 +267,18 @@ def render(doc: dict, command: str, out: Path) -> None:
         [[q, d["events"], d["test_events"], d["users"], d["items"]] for q, d in ds.items()],
         "rrrrr",
     )
+    trials = out.with_name(out.name + "-validation.json")
+    if trials.exists():  # settings tried on validation before this run (hand-written record)
+        t = json.loads(trials.read_text())
+        lines += ["", "## Settings tried on validation", "", t["what"], ""]
+        lines += table(
+            ["variant", "click Recall@50", "click nDCG@50", "conv. Recall@50", "conv. nDCG@50"],
+            [
+                [r["variant"], *(f"{r[o][m]:.4f}" for o in TARGETS for m in ("recall", "ndcg"))]
+                for r in t["rows"]
+            ],
+            "lrrrr",
+        )
     write_results(
         out, "Warm starts against full retrains (ML-100K, ten periods)", command, lines, doc
     )
