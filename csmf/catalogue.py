@@ -15,6 +15,7 @@ An upsert replaces the whole item: attributes and display columns it omits becom
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -30,6 +31,7 @@ from csmf.errors import ItemWriteError
 from csmf.index.base import TOMBSTONE_LIMIT
 from csmf.item_log import ItemLog, ItemLogError, Record, encode_payload
 
+log = logging.getLogger("csmf.catalogue")
 MAX_ITEM_ID = 512  # characters
 
 
@@ -63,6 +65,7 @@ class Catalogue:
         self.offset = 0  # where reading resumes (0 = scan from the start, skipping <= seq)
         self.lock = threading.RLock()  # apply one record at a time, in log order
         self.listeners: list[Callable[[np.ndarray], None]] = []  # called with written rows
+        self.skipped = 0  # items of records for another model whose given vectors were skipped
         n = len(bundle.item_ids)
         if bundle.dead is None:
             bundle.dead = np.zeros(n, bool)
@@ -100,6 +103,7 @@ class Catalogue:
             "tombstone_share": round(share, 4),
             "tombstone_limit": limit,
             "compaction_due": share > limit,
+            "skipped_other_model": self.skipped,
         }
 
     # -- reading the log --------------------------------------------------------------------------
@@ -120,12 +124,13 @@ class Catalogue:
         if not checked.ids:
             return None
         vectors = self.encode(checked)
-        columns = {
-            c: [r.get(c) for r in checked.rows]
-            for c in (*self.attributes, *self.display)
-            if any(c in r for r in checked.rows)
-        }
-        return self._write(encode_payload("upsert", checked.ids, vectors, columns))
+        names = dict.fromkeys(c for r in checked.rows for c in r)  # features too: re-encodable
+        columns = {c: [r.get(c) for r in checked.rows] for c in names}
+        model = self.bundle.model_version
+        given = checked.given.tolist()
+        return self._write(
+            encode_payload("upsert", checked.ids, vectors, columns, model=model, given=given)
+        )
 
     def delete(self, ids: Sequence[str]) -> Record | None:
         if not ids:
@@ -173,6 +178,10 @@ class Catalogue:
 
     def _apply_upsert(self, rec: Record) -> None:
         b = self.bundle
+        if rec.model is not None and rec.model != b.model_version:
+            rec = self._reencode(rec)  # the bundle was rebuilt with another model since
+            if not rec.ids:
+                return
         if rec.vectors is None or rec.vectors.shape[1] != b.dim:
             got = None if rec.vectors is None else rec.vectors.shape[1]
             raise ItemLogError(
@@ -208,6 +217,32 @@ class Catalogue:
         raw = {a: np.asarray(rec.columns.get(a, none), object) for a in self.attributes}
         b.index.upsert(rows, rec.vectors, raw)
         b.dead[rows] = False
+
+    def _reencode(self, rec: Record) -> Record:
+        """A record written for another model: its items encoded from their features get this
+        bundle's item tower; items whose vector was given (that model's space) are skipped,
+        with a warning — their writer must send them again for this model."""
+        b = self.bundle
+        given = rec.given or [True] * len(rec.ids)
+        keep = [i for i, g in enumerate(given) if not g and b.item_encoder is not None]
+        dropped = [rec.ids[i] for i in range(len(rec.ids)) if i not in set(keep)]
+        if dropped:
+            self.skipped += len(dropped)
+            log.warning(
+                "item log %s: record %d was written for model %s, this bundle serves %s: "
+                "%d item(s) whose vector was given are skipped (send them again): %s",
+                self.log.path, rec.seq, rec.model, b.model_version, len(dropped), dropped[:5],
+            )  # fmt: skip
+        ids = [rec.ids[i] for i in keep]
+        cols = {c: [v[i] for i in keep] for c, v in rec.columns.items()}
+        vectors = None
+        if keep:
+            id_col = b.item_encoder.spec.id_column
+            rows = [{**{c: cols[c][j] for c in cols}, id_col: ids[j]} for j in range(len(ids))]
+            vectors = b.item_encoder.encode(rows)
+        out = Record(rec.seq, rec.op, ids, vectors, cols, rec.offset, rec.end)
+        out.model = b.model_version
+        return out
 
     def _apply_delete(self, rec: Record) -> None:
         b = self.bundle

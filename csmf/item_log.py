@@ -6,7 +6,7 @@ file    = MAGIC record*
 MAGIC   = b"csmf-item-log/1\\n"                                 16 bytes
 record  = b"REC1" seq:u64 length:u32 crc:u32 payload[length]    little-endian, 20-byte header
 crc     = CRC-32 of seq, length and payload
-payload = json_length:u32 json vectors                           json: op, ids, dim, columns
+payload = json_length:u32 json vectors       json: op, ids, dim, columns, model, given
 vectors = float32 (n, dim), row-major (upserts; empty for deletes)
 ```
 
@@ -67,6 +67,8 @@ class Record:
     columns: dict[str, list] = field(default_factory=dict)  # item-table columns of upserts
     offset: int = 0  # where the record starts in the file
     end: int = 0  # where the next one starts
+    model: str | None = None  # the model version whose item tower encoded the vectors
+    given: list[bool] | None = None  # per item: vector given by the writer, not encoded
 
 
 def encode_payload(
@@ -74,7 +76,12 @@ def encode_payload(
     ids: Sequence[str],
     vectors: np.ndarray | None = None,
     columns: Mapping[str, Sequence[Any]] | None = None,
+    model: str | None = None,
+    given: Sequence[bool] | None = None,
 ) -> bytes:
+    """One record's payload. ``model``: the model version whose item tower made the vectors;
+    ``given``: per item, whether its vector was given rather than encoded from its features (a
+    replay onto another model re-encodes the others)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {OPS}, got {op!r}")
     v = np.zeros((0, 0), np.float32) if vectors is None else np.asarray(vectors, "<f4")
@@ -83,6 +90,10 @@ def encode_payload(
     doc = {"op": op, "ids": list(ids), "dim": int(v.shape[1]) if v.ndim == 2 else 0}
     if columns:
         doc["columns"] = {k: list(c) for k, c in columns.items()}
+    if model is not None:
+        doc["model"] = model
+    if given is not None:
+        doc["given"] = [bool(g) for g in given]
     head = json.dumps(doc, separators=(",", ":"), allow_nan=False).encode()
     return struct.pack("<I", len(head)) + head + np.ascontiguousarray(v).tobytes()
 
@@ -107,7 +118,9 @@ def _decode(path: Path, seq: int, offset: int, payload: bytes) -> Record:
             raise ValueError("a delete carries vector bytes")
     except Exception as exc:  # struct/json/KeyError/reshape: a payload we cannot read
         raise ItemLogError(f"{where}: unreadable payload ({type(exc).__name__}: {exc})") from None
-    return Record(seq, op, [str(i) for i in ids], vectors, doc.get("columns") or {}, offset)
+    rec = Record(seq, op, [str(i) for i in ids], vectors, doc.get("columns") or {}, offset)
+    rec.model, rec.given = doc.get("model"), doc.get("given")
+    return rec
 
 
 class ItemLog:

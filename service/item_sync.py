@@ -170,6 +170,10 @@ class ItemSync:
         )  # fmt: skip
 
     def start(self) -> None:
+        try:  # once before serving: /readyz reports the item log's real state from the start
+            self._sync_once()
+        except Exception as exc:  # Redis away: degraded, the thread retries
+            self.sync.mark_failed(exc)
         self.sync.start()
 
     def stop(self) -> None:
@@ -177,7 +181,8 @@ class ItemSync:
         if self.registry is not None:
             self.registry.close()
 
-    def _step(self) -> None:
+    def _sync_once(self):
+        """Catch up with the log if it grew or Redis names a newer record; heartbeat."""
         r = self.served.retriever
         cat = r.catalogue if r is not None else None
         if cat is not None:
@@ -189,9 +194,13 @@ class ItemSync:
             if self.registry is not None:
                 self.registry.heartbeat(log, self.replica, cat.seq)
         self.sync.mark_ok()
+        return cat
+
+    def _step(self) -> None:
+        cat = self._sync_once()
         interval = self.settings.sync_interval_s
         if cat is not None and isinstance(self.registry, RedisRegistry):
-            self.registry.wait(log, interval)  # a writer's announcement, or the interval
+            self.registry.wait(cat.log.path.name, interval)  # an announcement, or the interval
         else:
             self.sync.wait(interval)
 

@@ -76,13 +76,19 @@ class AppState:
         ix = {"backend": index.capabilities.backend, "state": "ok" if error is None else "down"}
         if error is not None:
             ix["error"] = error
+        items = self.bundle.items  # following the item log (and, with Redis, its position)
+        il = {"applied_seq": r.catalogue.seq if r.catalogue is not None else 0}
+        if items is not None:
+            il.update(items.sync.health.as_dict())
         degraded = ws["state"] != "ok" or fs["state"] != "ok" or error is not None
+        degraded = degraded or il.get("state", "ok") != "ok"
         return True, {
             "status": "degraded" if degraded else "ok",
             "model_version": r.model_version,
             "weight_store": ws,
             "feature_store": fs,
             "index": ix,
+            "item_log": il,
         }
 
     def _state_metrics(self):

@@ -150,3 +150,34 @@ def test_a_read_only_index_refuses_before_anything_is_logged(tiny_run, tmp_path)
     with pytest.raises(ItemWriteError, match="takes no item writes"):
         cat.delete(["i1"])
     assert not cat.log.exists()  # nothing durable that could not be applied
+
+
+def test_a_rebuilt_bundle_replays_the_log_with_its_own_item_tower(tiny_run, tiny_dataset, tmp_path):
+    """The bundle at the same path rebuilt from another model: items written from their
+    features are re-encoded by the new tower; a vector given for the old model is skipped."""
+    from fixtures.bundles import make_run
+
+    from index_builder.build import build_bundle
+    from index_builder.config import BuildConfig
+
+    out = tmp_path / "b"
+    build_bundle(tiny_run, out, BuildConfig(index="flat"), progress=False)
+    b = load_bundle(out)
+    cat = Catalogue(b)
+    row = {**_items(out, 1)[0], "item_id": "cold-x"}
+    given = {"item_id": "given-x", "genre": "drama", "vector": [1.0] * b.dim}
+    cat.upsert(check_items(cat, [row, given], 10))
+    cat.delete(["i3"])
+    other = make_run(tmp_path / "run1", tiny_dataset, seed=1)
+    build_bundle(other, out, BuildConfig(index="flat"), progress=False)  # replaces the bundle
+    new = Catalogue(load_bundle(out))
+    assert new.bundle.model_version != b.model_version
+    assert new.catch_up() == 2
+    nb = new.bundle
+    assert "given-x" not in nb.item_rows and new.info()["skipped_other_model"] == 1
+    r = nb.item_rows["cold-x"]
+    np.testing.assert_allclose(
+        nb.index.vectors([r])[0], nb.item_encoder.encode([row])[0], rtol=1e-5, atol=1e-6
+    )
+    assert not np.allclose(nb.index.vectors([r])[0], b.index.vectors([b.item_rows["cold-x"]])[0])
+    assert nb.dead[nb.item_rows["i3"]]
