@@ -85,6 +85,14 @@ def daily(
     keep: Annotated[
         int, typer.Option("--keep", help="Generations (run + bundle + data) kept on disk; >= 2.")
     ] = 3,
+    period_s: Annotated[
+        float,
+        typer.Option(
+            "--period-s",
+            help="The latest period, in seconds of event time: the holdout both models are "
+            "scored on (split.test_from = newest event - period), trained on by the next update.",
+        ),
+    ] = 86400.0,
     max_age_hours: Annotated[
         float,
         typer.Option(
@@ -108,12 +116,13 @@ def daily(
     *,
     config: GateConfig,
 ) -> None:
-    """One update of the serving model: snapshot the new events, train (continuing the serving
-    run; from scratch on the first day), refuse to publish when the candidate is worse than the
-    serving model on the latest period by more than --margin, build and verify the bundle, point
-    bundles/current at it, and ask every replica to reload it. Exit 0 published, 2 bad input
-    (nothing trained), 3 refused by the gate, 4 published but a replica did not reload, 1 any
-    other failure. Run it from cron, a Kubernetes CronJob or the compose service (deploy/)."""
+    """One update of the serving model: snapshot the new events, train (a warm start of the
+    serving run on the events since; from scratch on the first day), refuse to publish when the
+    candidate is worse than the serving model on the latest period by more than --margin, build
+    and verify the bundle, point bundles/current at it, and ask every replica to reload it. Exit
+    0 published (or nothing new: unchanged), 2 bad input (nothing trained), 3 refused by the
+    gate, 4 published but a replica did not reload, 1 any other failure. Run it from cron, a
+    Kubernetes CronJob or the compose service (deploy/)."""
     from daily.update import OK, DailyOptions, run_daily
 
     try:
@@ -122,14 +131,15 @@ def daily(
             gate=config, build=_build_config(build or []),
             replicas=tuple(u.strip() for u in replicas.split(",") if u.strip()),
             replicas_dns=replicas_dns, token=token, replica_state=replica_state,
-            reload_timeout=reload_timeout, keep=keep, max_age_hours=max_age_hours,
+            reload_timeout=reload_timeout, keep=keep, period_s=period_s,
+            max_age_hours=max_age_hours,
             pushgateway=pushgateway, progress=progress,
         )  # fmt: skip
     except CsmfError as exc:
         fail(exc)
     outcome = run_daily(opts, log=lambda m: typer.echo(m, err=True))
     if outcome.code == OK:
-        typer.echo(f"daily: {outcome.message}")
+        typer.echo(f"daily: {outcome.message}")  # published, or nothing new (unchanged)
         return
     typer.echo(f"error: {outcome.message}", err=True)
     raise typer.Exit(outcome.code)

@@ -1,11 +1,12 @@
 """The quality gate of ``csmf daily``: the candidate against the serving model on the same holdout,
 scored by the same code (trainer.evaluate), refused below a relative margin.
 
-The holdout is the test split of the new data under the candidate's split config: each user's
-latest events, which neither model trained on (the serving model trained on an older prefix of
-the log, split by the same per-user rule). Both models rank the same catalogue (the items of the
-new data) for the same users, excluding each user's train items, and are scored on the same
-positives.
+The holdout is the test split of the new data under the candidate's split config. In a daily
+update that is the global time split: every event of the latest period (``split.test_from``),
+which neither model trained on — the serving model trained through an earlier time, and the
+candidate trains on the events before the period. Both models rank the same catalogue (the items
+of the new data) for the same users, excluding each user's train items, and are scored on the
+same positives.
 
 The serving model has never seen users and items that appeared since it was trained. It is
 evaluated the way the service would treat them: its id tables are re-indexed to the candidate's

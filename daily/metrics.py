@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Gauge, push_to_gateway, write_t
 from csmf.atomic import write_json
 
 JOB = "csmf-daily"  # the Pushgateway group (job label) of every series
-OUTCOMES = ("published", "refused", "reload_failed", "failed")
+OUTCOMES = ("published", "unchanged", "refused", "reload_failed", "failed")
 TEXTFILE = "daily.prom"
 
 

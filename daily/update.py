@@ -2,6 +2,12 @@
 scratch on the first day) → gate against the serving model on the latest period → build and
 verify the bundle → commit → ask every replica to reload → report.
 
+The latest period is the last ``--period-s`` seconds of the events (``split.test_from`` = the
+newest event time − period + 1, the global time split): it is the holdout both models are scored
+on, and the next update trains on it. The warm start fine-tunes on the train events after what
+the serving run trained through (``trained_through``), so a period is learnt exactly once. No
+new train events since then: the update changes nothing (exit 0, outcome ``unchanged``).
+
 Everything runs in this one process, calling the trainer, the gate and the index builder as
 functions: the update holds its state lock for its whole life (a killed process releases it),
 bad input surfaces as a typed error before any training (exit 2, one line), the gate scores
@@ -11,7 +17,6 @@ models already in memory, and no step pays a second torch start-up. The steps' o
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +29,7 @@ from csmf.errors import ConfigError, CsmfError
 from daily.events import snapshot
 from daily.gate import GateConfig, GateReport, format_report, run_gate
 from daily.metrics import export, read_status, write_status
-from daily.replicas import ReplicaResult, check_urls, reload_all, resolve
+from daily.replicas import ReplicaError, ReplicaResult, check_urls, reload_all, resolve
 from daily.state import State, StateError
 from index_builder.config import BuildConfig
 
@@ -48,6 +53,7 @@ class DailyOptions:
     replica_state: str | None = None  # STATE as the replicas see it (their mount point)
     reload_timeout: float = 300.0
     keep: int = 3
+    period_s: float = 86400.0
     max_age_hours: float = 26.0
     pushgateway: str | None = None
     progress: bool = False
@@ -57,6 +63,8 @@ class DailyOptions:
             raise ConfigError(
                 f"keep must be >= 2 (the serving model and the previous), got {self.keep}"
             )
+        if not self.period_s > 0:
+            raise ConfigError(f"period must be > 0 seconds, got {self.period_s}")
         if self.max_age_hours <= 0:
             raise ConfigError(f"max age must be > 0 hours, got {self.max_age_hours}")
         if (self.replicas or self.replicas_dns) and not self.token:
@@ -74,10 +82,22 @@ class Outcome:
     gate: GateReport | None = None
     replicas: list[ReplicaResult] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    unchanged: bool = False  # exit 0 without a new model (nothing new to learn)
+
+    @property
+    def name(self) -> str:
+        if self.unchanged:
+            return "unchanged"
+        names = {OK: "published", REFUSED: "refused", RELOAD_FAILED: "reload_failed"}
+        return names.get(self.code, "failed")
 
 
 class BadInput(CsmfError, ValueError):
     """Raised to the CLI for problems found before any training (exit 2)."""
+
+
+class NothingNew(CsmfError, ValueError):
+    """No train events newer than what the serving model trained through (exit 0, unchanged)."""
 
 
 def run_daily(opts: DailyOptions, log: Log = print) -> Outcome:
@@ -105,6 +125,8 @@ def _locked(state: State, opts: DailyOptions, log: Log) -> Outcome:
             outcome.warnings.append(r.message())
         serving_gen, serving, cfg = _check_inputs(state, opts)
         outcome = _update(state, opts, log, serving_gen, serving, cfg, steps, outcome)
+    except NothingNew as exc:
+        outcome.code, outcome.message, outcome.unchanged = OK, str(exc), True
     except BadInput as exc:
         outcome.code, outcome.message = BAD_INPUT, str(exc)
     except CsmfError as exc:
@@ -122,9 +144,12 @@ def _locked(state: State, opts: DailyOptions, log: Log) -> Outcome:
 
 def _check_inputs(state: State, opts: DailyOptions) -> tuple[str | None, Checkpoint | None, object]:
     """Everything that can be wrong with the inputs, before any training: the state's pointer,
-    the serving run, the config, the data folder (columns, objectives, labels), the replicas."""
-    from trainer.config import RunConfig, apply_override, load_config
+    the serving run, the config, the data folder (columns, objectives, labels, positives in the
+    latest period, something new since the serving run), the replicas. Returns the config to
+    train with, its ``split.test_from`` set to the start of the latest period."""
+    from trainer.config import config_from_dict, load_config
     from trainer.data.dataset import load_dataset
+    from trainer.warm import warm_config
 
     try:
         serving_gen = state.current()
@@ -140,29 +165,83 @@ def _check_inputs(state: State, opts: DailyOptions) -> tuple[str | None, Checkpo
         if opts.config is not None:
             cfg = load_config(opts.config, opts.overrides)
         elif serving is not None:
-            raw = copy.deepcopy(serving.train_config)
-            for item in opts.overrides:
-                apply_override(raw, item)
-            cfg = RunConfig.from_dict(raw)
+            cfg = config_from_dict(serving.train_config, opts.overrides)
         else:
             raise ConfigError(
                 f"{state.root} has no serving model yet: the first update trains from scratch "
                 "and needs --config"
             )
-        if serving is not None and cfg.features != serving.features:
-            raise ConfigError(
-                "the config's [features] differ from the serving model's; a new feature spec "
-                "needs a new state folder (or drop --config to keep the serving model's)"
-            )
-        load_dataset(opts.data, cfg.features, objectives=cfg.objectives)
+        if serving is not None:
+            if cfg.features != serving.features:
+                raise ConfigError(
+                    "the config's [features] differ from the serving model's; a new feature "
+                    "spec needs a new state folder (or drop --config to keep the serving model's)"
+                )
+            cfg = warm_config(serving, cfg)  # the same towers and cascade, too
+        ds = load_dataset(opts.data, cfg.features, objectives=cfg.objectives)
+        cfg = _latest_period(ds, cfg, opts.period_s, serving)
         resolve(opts.replicas, opts.replicas_dns)  # a DNS name that does not resolve fails here
+    except NothingNew:
+        raise
     except CsmfError as exc:
         raise BadInput(str(exc)) from None
     return serving_gen, serving, cfg
 
 
+def _latest_period(ds, cfg, period_s: float, serving: Checkpoint | None):
+    """``cfg`` with ``split.test_from`` at the start of the latest period of ``ds``; checks the
+    period holds positives to score and that there is something new to train on."""
+    from dataclasses import asdict, replace
+
+    import numpy as np
+
+    import csmf.objectives as funnel
+    from csmf.errors import DataError
+    from trainer.data.dataset import split_by_time
+
+    if cfg.train.data == "stream":
+        raise ConfigError(
+            "csmf daily reads its events in memory (the global split and the warm start need "
+            "them): set train.data = 'memory' (or 'auto')"
+        )
+    cfg = replace(cfg, train=replace(cfg.train, data="memory"))  # 'auto' could choose streaming
+    ts = ds.events["timestamp"].to_numpy()
+    newest = int(ts.max())
+    test_from = int(np.floor(newest - period_s)) + 1
+    if test_from <= int(ts.min()):
+        raise DataError(
+            f"{ds.root}: the latest period (--period-s {period_s:g}) covers every event (from "
+            f"{int(ts.min())} to {newest}): nothing would be left to train on; shorten it"
+        )
+    cfg = replace(cfg, split=replace(cfg.split, test_from=test_from))
+    split = split_by_time(ds.events, **asdict(cfg.split))
+    since = serving.metrics.get("trained_through") if serving is not None else None
+    if since is not None and test_from <= since:
+        raise NothingNew(
+            f"nothing new: the latest period starts at {test_from}, but the serving model "
+            f"trained through {since}; the serving model stays"
+        )
+    new_train = int((ts[split.train] > (since if since is not None else -np.inf)).sum())
+    if new_train == 0:
+        raise NothingNew(
+            f"nothing new: no train events in {ds.root} between {since} (what the serving model "
+            f"trained through) and the latest period (from {test_from}); the serving model stays"
+        )
+    for o in funnel.FUNNEL:
+        if o.column is None or o.name not in cfg.objectives:
+            continue
+        held = ds.events[o.column].to_numpy(zero_copy_only=False)[split.test]
+        if not held.any():
+            raise DataError(
+                f"{ds.root}: the latest period (events from {test_from}, --period-s "
+                f"{period_s:g}) has no {o.name} positives: nothing to score the models on; "
+                "widen the period"
+            )
+    return cfg
+
+
 def _update(state, opts, log, serving_gen, serving, cfg, steps, outcome) -> Outcome:
-    from trainer.pipeline import train_run
+    from trainer.pipeline import train_run, warm_run
 
     gen = state.new_gen()
     outcome.gen = gen
@@ -184,9 +263,13 @@ def _update(state, opts, log, serving_gen, serving, cfg, steps, outcome) -> Outc
     log(f"events: snapshot of {opts.data} in {data} ({counts['files']} files)")
 
     step("train")
-    how = "from scratch" if serving is None else f"from scratch (serving: {serving_gen})"
-    log(f"train {how} on {data}")
-    train_run(cfg, data, partial / "run", log=log, progress=opts.progress)
+    period = f"latest period from {cfg.split.test_from} held out"
+    if serving is None:
+        log(f"train from scratch on {data} ({period})")
+        train_run(cfg, data, partial / "run", log=log, progress=opts.progress)
+    else:
+        log(f"warm start from {state.run_of(serving_gen)} on {data} ({period})")
+        warm_run(state.run_of(serving_gen), data, partial / "run", cfg, log, opts.progress)
     done("train")
 
     step("gate")
@@ -214,10 +297,13 @@ def _update(state, opts, log, serving_gen, serving, cfg, steps, outcome) -> Outc
     log(f"published {gen}: {state.bundle_of(gen)} is now {state.bundles / 'current'}")
 
     step("reload")
-    urls = resolve(opts.replicas, opts.replicas_dns)
     root = opts.replica_state or str(state.root.resolve())
     replica_bundle = f"{root.rstrip('/')}/bundles/{gen}"
-    outcome.replicas = reload_all(
+    try:
+        urls = resolve(opts.replicas, opts.replicas_dns)
+    except ReplicaError as exc:  # published already: a reload problem, not a failed update
+        urls, outcome.replicas = [], [ReplicaResult(opts.replicas_dns or "?", False, str(exc))]
+    outcome.replicas += reload_all(
         urls, opts.token or "", replica_bundle, manifest.model_version, opts.reload_timeout
     )
     done("reload")
@@ -228,7 +314,8 @@ def _update(state, opts, log, serving_gen, serving, cfg, steps, outcome) -> Outc
     if failed:
         outcome.code = RELOAD_FAILED
         outcome.message = (
-            f"published {gen}, but {len(failed)} of {len(urls)} replicas did not reload it "
+            f"published {gen}, but {len(failed)} of {len(outcome.replicas)} replicas did not "
+            "reload it "
             "(they keep serving their previous bundle; the others were not rolled back): "
             + "; ".join(f"{r.url}: {r.detail}" for r in failed)
         )
@@ -271,15 +358,12 @@ def _discard(state: State, gen: str) -> None:
 
 def _report(state, opts, status, outcome: Outcome, started, steps, log) -> None:
     now = time.time()
-    outcome_name = {
-        OK: "published", REFUSED: "refused", RELOAD_FAILED: "reload_failed",
-    }.get(outcome.code, "failed")  # fmt: skip
     attempt = {
         "gen": outcome.gen,
         "started_at": started,
         "finished_at": now,
         "finished": datetime.fromtimestamp(now, UTC).isoformat(timespec="seconds"),
-        "outcome": outcome_name,
+        "outcome": outcome.name,
         "exit_code": outcome.code,
         "message": outcome.message,
         "warnings": outcome.warnings,
@@ -288,7 +372,7 @@ def _report(state, opts, status, outcome: Outcome, started, steps, log) -> None:
         "replicas": [r.to_dict() for r in outcome.replicas],
     }
     status["last_attempt"] = attempt
-    if outcome.code == OK:
+    if outcome.name == "published":
         status["last_success"] = attempt
     try:
         write_status(state.status_path, status)

@@ -18,7 +18,10 @@ from fixtures.services import ROOT
 from fixtures.trained import CONFIG, make_structured_dataset
 
 DAY1_BEFORE = 1_160  # timestamps are 1000 + 10 k + (u % 3) for the k-th event of user u
-GATE = ["--n", "10"]  # Recall@50 of a 120-item catalogue is ~1 for any model
+# Recall@50 of a 120-item catalogue is ~1 for any model; the latest 40 s of event time are each
+# user's last 4 events (day 1: 12-15 of 16, day 2: 20-23 of 24)
+PERIOD_S = 40.0
+GATE = ["--n", "10", "--period-s", str(PERIOD_S)]
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +56,9 @@ def day1_state(tmp_path_factory, days) -> Path:
 
     state = tmp_path_factory.mktemp("daily-day1") / "state"
     opts = DailyOptions(
-        state=state, data=days["day1"], config=days["config"], gate=GateConfig(n=10)
-    )
+        state=state, data=days["day1"], config=days["config"], gate=GateConfig(n=10),
+        period_s=PERIOD_S,
+    )  # fmt: skip
     outcome = run_daily(opts, log=lambda _: None)
     assert outcome.code == OK, outcome.message
     return state

@@ -51,9 +51,9 @@ def test_killed_mid_update_leaves_the_serving_model_intact(days, state, tmp_path
     gen1 = st.current()
     before = {"run": digest(st.run_of(gen1)), "bundle": digest(st.bundle_of(gen1))}
 
-    # 1. killed mid-training (after its first epoch's resume state was written)
+    # 1. killed mid-training (the warm start)
     proc = start(state, days["day2"], tmp_path / "kill1.log")
-    wait_until(lambda: list(state.glob("partial-*/run/resume.pt")), 300, "a first epoch")
+    wait_until(lambda: partial_step(state) == "train", 300, "the train step", interval=0.005)
     kill(proc)
     assert st.current() == gen1
     assert digest(st.run_of(gen1)) == before["run"]

@@ -1,13 +1,15 @@
 """`csmf daily` end to end, the real CLI against a real `csmf serve` (uvicorn on loopback):
 
 - day 1 trains from scratch and publishes bundles/current, which the service is started on;
-- day 2 (new events, users and items) passes the gate against the serving model, publishes, and
-  reloads the live replica while a client keeps retrieving: every request answers 200, the old
-  model until the reload, the new one after, never back; a second replica that does not answer
-  makes the exit status 4 without rolling the live one back;
-- day 3, a deliberately worse candidate (one training step), is refused by the gate: exit 3, the
-  pointer and the served model unchanged, the candidate kept for inspection;
-- status.json and STATE/daily.prom report each attempt, the last success surviving the refusal.
+- on day 2's events (new events, users and items), a deliberately worse candidate (a warm start
+  at a learning rate that wrecks it) is refused by the gate: exit 3, the pointer and the served
+  model unchanged, the candidate kept for inspection;
+- then the real warm start passes the gate, publishes, and reloads the live replica while a
+  client keeps retrieving: every request answers 200, the old model until the reload, the new one
+  after, never back; a second replica that does not answer makes the exit status 4 without
+  rolling the live one back;
+- the same events once more: nothing new to learn, exit 0, nothing trained;
+- status.json and STATE/daily.prom report each attempt.
 """
 
 from __future__ import annotations
@@ -47,11 +49,11 @@ class Poller:
         self.thread.join(30)
 
 
-def test_three_days_publish_reload_and_refuse(days, serve, tmp_path):
+def test_days_publish_refuse_reload_and_nothing_new(days, serve, tmp_path):
     state = tmp_path / "state"
     first = run_daily_cli(state, days["day1"], "--config", str(days["config"]))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "daily: published" in first.stdout
+    assert "daily: published" in first.stdout and "train from scratch" in first.stderr
     assert (
         "no serving model yet"
         in json.loads((state / "status.json").read_text())["last_success"]["gate"]["reason"]
@@ -64,6 +66,26 @@ def test_three_days_publish_reload_and_refuse(days, serve, tmp_path):
     svc = serve(state / "bundles" / "current")
     assert svc.client.get("/admin/bundle", headers=AUTH).json()["model_version"] == v1
 
+    # a deliberately worse candidate (the warm start at a learning rate that wrecks it)
+    worse = run_daily_cli(state, days["day2"], "--set", "warm.lr=30", "--margin", "0.01",
+                          "--replicas", svc.url, env={"CSMF_ADMIN_TOKEN": TOKEN})  # fmt: skip
+    assert worse.returncode == 3, worse.stderr[-3000:]
+    assert "warm start from" in worse.stderr
+    assert "error: not published: candidate is worse than the serving model" in worse.stderr
+    assert st.current() == gen1
+    assert svc.client.get("/admin/bundle", headers=AUTH).json()["model_version"] == v1
+    refused = list((state / "refused").iterdir())
+    assert len(refused) == 1 and (refused[0] / "checkpoint.pt").exists()
+    assert json.loads((refused[0] / "gate.json").read_text())["passed"] is False
+    assert not list(state.glob("partial-*"))
+    status = json.loads((state / "status.json").read_text())
+    assert status["last_attempt"]["outcome"] == "refused"
+    assert status["last_attempt"]["exit_code"] == 3
+    prom = (state / "daily.prom").read_text()
+    assert 'csmf_daily_last_run_outcome{outcome="refused"} 1.0' in prom
+    assert 'csmf_daily_quality{metric="recall",model="serving",target="click"}' in prom
+
+    # the real update, while a client keeps retrieving; one replica is dead
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with Poller(svc.client) as poller:
         wait_until(lambda: len(poller.seen) >= 3, 30, "the client's first answers")
@@ -75,6 +97,7 @@ def test_three_days_publish_reload_and_refuse(days, serve, tmp_path):
         v2 = read_manifest(st.bundle_of(gen2)).model_version
         wait_until(lambda: poller.seen[-1][1] == v2, 30, "an answer from the new model")
     assert second.returncode == 4, second.stderr[-3000:]
+    assert "warm start from" in second.stderr
     assert f"{dead}" in second.stderr and "did not reload" in second.stderr
     assert "not rolled back" in second.stderr
     assert gen2 != gen1 and v2 != v1
@@ -86,26 +109,17 @@ def test_three_days_publish_reload_and_refuse(days, serve, tmp_path):
     switch = versions.index(v2)
     assert set(versions[:switch]) == {v1} and set(versions[switch:]) == {v2}, "went back"
     assert switch > 0, "the old bundle served until the reload"
-
     status = json.loads((state / "status.json").read_text())
     assert status["last_attempt"]["outcome"] == "reload_failed"
     assert status["last_success"]["gen"] == gen1  # a partial reload is not a success
     assert [r["ok"] for r in status["last_attempt"]["replicas"]] == [True, False]
 
-    third = run_daily_cli(state, days["day2"], "--set", "train.max_steps=1", "--margin", "0.01",
-                          "--replicas", svc.url, env={"CSMF_ADMIN_TOKEN": TOKEN})  # fmt: skip
-    assert third.returncode == 3, third.stderr[-3000:]
-    assert "error: not published: candidate is worse than the serving model" in third.stderr
-    assert st.current() == gen2
-    assert svc.client.get("/admin/bundle", headers=AUTH).json()["model_version"] == v2
-    refused = list((state / "refused").iterdir())
-    assert len(refused) == 1 and (refused[0] / "checkpoint.pt").exists()
-    assert json.loads((refused[0] / "gate.json").read_text())["passed"] is False
-    assert not list(state.glob("partial-*"))
+    # the same events again: nothing new to learn, nothing trained, the model stays
+    again = run_daily_cli(state, days["day2"], "--replicas", svc.url,
+                          env={"CSMF_ADMIN_TOKEN": TOKEN})  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "daily: nothing new" in again.stdout and "the serving model stays" in again.stdout
+    assert st.current() == gen2 and not list(state.glob("partial-*"))
     status = json.loads((state / "status.json").read_text())
-    assert status["last_attempt"]["outcome"] == "refused"
-    assert status["last_attempt"]["exit_code"] == 3
-    prom = (state / "daily.prom").read_text()
-    assert 'csmf_daily_last_run_outcome{outcome="refused"} 1.0' in prom
-    assert "csmf_daily_last_success_timestamp_seconds" in prom
-    assert 'csmf_daily_quality{metric="recall",model="serving",target="click"}' in prom
+    assert status["last_attempt"]["outcome"] == "unchanged"
+    assert status["last_attempt"]["steps"] == {}

@@ -17,10 +17,12 @@ import pytest
 from csmf.cli import main
 from daily.state import State
 
+from .conftest import GATE
+
 
 def csmf_daily(capsys, state: Path, data: Path, *args: str) -> tuple[int, str]:
     with pytest.raises(SystemExit) as exc:
-        main(["daily", "--state", str(state), "--data", str(data), "--n", "10", *args])
+        main(["daily", "--state", str(state), "--data", str(data), *GATE, *args])
     return exc.value.code, capsys.readouterr().err
 
 
@@ -85,6 +87,8 @@ def test_bad_event_logs_are_refused_before_training(capsys, days, state, tmp_pat
         (["--build", "indx=flat"], "BuildConfig field"),
         (["--keep", "1"], "keep must be >= 2"),
         (["--margin", "1.5"], "margin must be in [0, 1)"),
+        (["--period-s", "100000"], "covers every event"),
+        (["--set", "warm.epochs=-1"], "warm.epochs"),
     ],
     ids=[
         "unknown objective",
@@ -94,6 +98,8 @@ def test_bad_event_logs_are_refused_before_training(capsys, days, state, tmp_pat
         "bad build key",
         "keep",
         "margin",
+        "period",
+        "warm config",
     ],  # fmt: skip
 )
 def test_bad_options_are_refused_before_training(capsys, days, state, args, message):
