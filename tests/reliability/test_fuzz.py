@@ -101,13 +101,17 @@ OPERATIONS = [
     ("DELETE", "/admin/scenarios/{name}"),
     ("GET", "/admin/bundle"),
     ("POST", "/admin/reload"),
+    ("PUT", "/admin/items"),
+    ("DELETE", "/admin/items"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/playground"),
 ]
 # Negative mode needs something to make invalid: a body or a path parameter.
-NEGATABLE = {op for op in OPERATIONS if op[0] in ("POST", "PUT") or "{" in op[1]}
+NEGATABLE = {
+    op for op in OPERATIONS if op[0] in ("POST", "PUT") or "{" in op[1] or op[1] == "/admin/items"
+}
 BOTH = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 OPS = [pytest.param(m, p, id=f"{m} {p}") for m, p in OPERATIONS]
 ADMIN_OPS = [pytest.param(m, p, id=f"{m} {p}") for m, p in OPERATIONS if p.startswith("/admin/")]
