@@ -8,8 +8,8 @@ each day's folder holds every event up to its cut, as a growing event log would)
 from scratch (configs/ml-100k.toml with the demo's shortened schedule, one thread); every later
 day is a warm start of the serving run. The latest period (--period-s, default 7 days of event
 time) is the holdout both models are scored on. Each day runs the real CLI in its own process;
-the table reports its wall time, the time of each step (from STATE/status.json) and the gate's
-fused Recall@50 candidate / serving. One seed: cost figures, not a quality claim (the warm start's
+the table reports its outcome (published, or refused by the gate), its wall time, the time of
+each step (from STATE/status.json) and the gate's fused Recall@50 candidate / serving. One seed: cost figures, not a quality claim (the warm start's
 quality against a full retrain is bench/continual.py's). Writes bench/results/daily-ml-100k.{md,json}.
 """
 
@@ -62,12 +62,13 @@ def run_day(state: Path, day: Path, first: bool, period_s: float) -> dict:
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - t0
-    if p.returncode != 0:
+    if p.returncode not in (0, 3):  # 3: the gate refused the candidate, a result too
         raise SystemExit(f"{day.name}: csmf daily exited {p.returncode}\n{p.stderr[-3000:]}")
     attempt = json.loads((state / "status.json").read_text())["last_attempt"]
     return {"day": day.name, "events": pq.read_metadata(day / "events" / "part-0.parquet").num_rows,
             "trained": "from scratch" if first else "warm start", "wall_s": round(wall, 1),
-            "steps": attempt["steps"], "gate": attempt["gate"]}  # fmt: skip
+            "outcome": attempt["outcome"], "steps": attempt["steps"],
+            "gate": attempt["gate"]}  # fmt: skip
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
         days = make_days(args.data, [float(c) for c in args.cuts.split(",")], Path(tmp))
         rows = [run_day(Path(tmp) / "state", d, i == 0, args.period_s) for i, d in enumerate(days)]
     info = finish_run(info)
-    head = ["day", "events", "trained", "wall s", *(f"{s} s" for s in STEPS),
+    head = ["day", "events", "trained", "outcome", "wall s", *(f"{s} s" for s in STEPS),
             "click R@50 cand / serving", "conv. R@50 cand / serving"]  # fmt: skip
 
     def gate(r: dict, t: str) -> str:
@@ -91,11 +92,12 @@ def main() -> None:
         return f"{g['candidate'][t]['recall']:.4f} / {serving}"
 
     body = [run_line(info), "", *table(head, (
-        [r["day"], f"{r['events']:,}", r["trained"], f"{r['wall_s']:.1f}",
+        [r["day"], f"{r['events']:,}", r["trained"], r["outcome"], f"{r['wall_s']:.1f}",
          *(f"{r['steps'].get(s, 0):.1f}" for s in STEPS), gate(r, "click"), gate(r, "conversion")]
-        for r in rows), "lllrrrrrrrr"),  # fmt: skip
+        for r in rows), "llllrrrrrrrr"),  # fmt: skip
         "", f"Holdout: the latest {args.period_s / 86400:g} days of event time of each day's log "
-        "(fused Recall@50 over its users; one seed). Wall time includes the process start (torch "
+        "(fused Recall@50 over its users; one seed). A refused day publishes nothing and the next "
+        "day warm-starts from the serving run again. Wall time includes the process start (torch "
         "import) and the bundle's verification; `nice -n 10` on a shared 2-core machine."]  # fmt: skip
     md, _ = write_results(args.out, "csmf daily on MovieLens-100K", script_command(__file__),
                           body, {**info, "period_s": args.period_s, "days": rows})  # fmt: skip
