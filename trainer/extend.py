@@ -31,13 +31,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from csmf.atomic import write_json
 from csmf.checkpoint import (
-    CHECKPOINT_NAME,
     Checkpoint,
     load_checkpoint,
     new_model,
-    save_checkpoint,
     training_provenance,
 )
 from csmf.errors import ConfigError, OwnershipError
@@ -46,7 +43,7 @@ from trainer.config import RunConfig, config_from_dict
 from trainer.data.dataset import load_dataset, split_by_time
 from trainer.encoding import encode_dataset, stage_examples
 from trainer.ownership import FrozenSnapshot, mark_only_stage_trainable, unfreeze_all
-from trainer.pipeline import TRAIN_METRICS, RunFolderError, check_run_folder
+from trainer.pipeline import RunFolderError, check_run_folder, write_run
 from trainer.pruning import reinit_units
 
 
@@ -175,6 +172,4 @@ def extend_run(
         metrics=metrics,
         provenance=training_provenance(data, ckpt.user_vocab, ckpt.item_vocab),
     )
-    path = save_checkpoint(new, out / CHECKPOINT_NAME)
-    write_json(out / TRAIN_METRICS, {"config": cfg.to_dict(), **metrics})
-    return path, metrics
+    return write_run(out, new), metrics

@@ -245,9 +245,14 @@ def warm_run(
         metrics=metrics,
         provenance=training_provenance(data, user_vocab, item_vocab),
     )
+    return write_run(out, ckpt), metrics
+
+
+def write_run(out: Path, ckpt: Checkpoint) -> Path:
+    """A finished run folder: ``checkpoint.pt`` (atomically) and ``train_metrics.json``."""
     path = save_checkpoint(ckpt, out / CHECKPOINT_NAME)
-    write_json(out / TRAIN_METRICS, {"config": cfg.to_dict(), **metrics})
-    return path, metrics
+    write_json(out / TRAIN_METRICS, {"config": ckpt.train_config, **ckpt.metrics})
+    return path
 
 
 def resume_config(run: str | Path) -> RunConfig:
@@ -354,8 +359,7 @@ def _train(
     )
     path = out / CHECKPOINT_NAME
     if dist.main:
-        save_checkpoint(ckpt, path)
-        write_json(out / TRAIN_METRICS, {"config": cfg.to_dict(), **metrics})
+        write_run(out, ckpt)
         (out / RESUME_NAME).unlink(missing_ok=True)  # the run is finished
     dist.barrier()
     return path, metrics
