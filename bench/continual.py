@@ -270,6 +270,8 @@ def render(doc: dict, command: str, out: Path) -> None:
     trials = out.with_name(out.name + "-validation.json")
     if trials.exists():  # settings tried on validation before this run (hand-written record)
         t = json.loads(trials.read_text())
+        if t.get("reading"):
+            lines += ["", "## What it says", "", t["reading"]]
         lines += ["", "## Settings tried on validation", "", t["what"], ""]
         lines += table(
             ["variant", "click Recall@50", "click nDCG@50", "conv. Recall@50", "conv. nDCG@50"],
