@@ -39,9 +39,20 @@ NOT_RESULT_CODE = frozenset(
         "trainer/report.py",
         "trainer/cli.py",
         "trainer/sensitivity.py",
+        "trainer/significance.py",
+        "trainer/paper_tables.py",
     }
 )
 CF_CODE = "trainer/cf_baselines.py"  # only the CF baselines run it (and its grids)
+# Modules only some methods run: an edit to one re-runs only those methods.
+METHOD_CODE = {
+    "trainer/baselines/mvke.py": {"mvke"},
+    "trainer/baselines/dmmp.py": {"dmmp"},
+    "trainer/baselines/dtml.py": {"dtml", "moppr"},  # moppr trains dtml's plain two tower
+    "trainer/baselines/moppr.py": {"moppr"},
+    "trainer/baselines/teacher.py": {"dmmp", "dtml"},
+    "trainer/baselines/joint.py": {"mvke", "dmmp", "dtml"},
+}
 LIBRARIES = ("numpy", "torch", "scipy", "implicit", "faiss-cpu", "pyarrow")
 DATASET_EXTRA = ("truth.npz",)  # read by the oracle method, not by training
 
@@ -53,8 +64,8 @@ def bench_fingerprint(folder: str | Path) -> str:
 
 def result_code_files(method: str) -> list[str]:
     """Source files (relative to the repo root) whose content the results of ``method`` depend
-    on: every module of ``csmf/`` and ``trainer/`` except presentation code, and the CF module
-    only for the CF baselines."""
+    on: every module of ``csmf/`` and ``trainer/`` except presentation code, the CF module
+    only for the CF baselines, and each of :data:`METHOD_CODE` only for its methods."""
     from trainer.cf_baselines import CF_METHODS
 
     files = []
@@ -62,6 +73,8 @@ def result_code_files(method: str) -> list[str]:
         for path in sorted((ROOT / pkg).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
             if rel in NOT_RESULT_CODE or (rel == CF_CODE and method not in CF_METHODS):
+                continue
+            if rel in METHOD_CODE and method not in METHOD_CODE[rel]:
                 continue
             files.append(rel)
     return files

@@ -346,8 +346,10 @@ def quality(
                     continue
                 else:
                     typer.echo(f"seed {seed}: {m} ...")
-                    if isolate:
-                        rec = run_isolated(m, cfg, data)
+                    if isolate:  # seed 0 keeps its serving vectors (bench/table4.py)
+                        rec = run_isolated(
+                            m, cfg, data, path.with_suffix(".npz") if seed == 0 else None
+                        )
                     else:
                         enc = enc or prepare(cfg, data)
                         run = run_in_process(m, cfg, enc, data)

@@ -21,6 +21,8 @@ import tempfile
 import traceback
 from pathlib import Path
 
+import numpy as np
+
 from csmf.atomic import write_json
 from csmf.errors import CsmfError
 from trainer.baselines import MethodRun, run_method
@@ -85,7 +87,20 @@ def _maxrss_kb() -> int:
 # --------------------------------------------------------------------------- fresh process
 
 
-def _child(method: str, cfg_dict: dict, data: str, out: str) -> None:
+def save_vectors(run: MethodRun, path: Path) -> None:
+    """The run's serving layout with its vectors (query, items, weight per index) as ``.npz``:
+    what the serving-cost table (bench/table4.py) searches."""
+    arrays = {}
+    for j, (q, v, w) in enumerate(run.serving):
+        arrays[f"query{j}"] = q.numpy().astype(np.float32)
+        arrays[f"items{j}"] = v.numpy().astype(np.float32)
+        arrays[f"weight{j}"] = np.float32(w)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(path)
+
+
+def _child(method: str, cfg_dict: dict, data: str, out: str, vectors: str | None = None) -> None:
     try:
         cfg = RunConfig.from_dict(cfg_dict)
         enc = prepare(cfg, data)
@@ -100,6 +115,8 @@ def _child(method: str, cfg_dict: dict, data: str, out: str) -> None:
             run = run_in_process(method, cfg, enc, data)
             peak = _maxrss_kb()
         rec = record(run, cfg.train.seed)
+        if vectors:
+            save_vectors(run, Path(vectors))
         rec["memory"] = {
             "peak_rss_mb": peak / 1024,
             "base_rss_mb": base / 1024,
@@ -114,12 +131,16 @@ def _child(method: str, cfg_dict: dict, data: str, out: str) -> None:
         raise SystemExit(1) from None
 
 
-def run_isolated(method: str, cfg: RunConfig, data: str | Path) -> dict:
-    """Run ``method`` with ``cfg`` in a fresh ``spawn``-ed process; its record with memory."""
+def run_isolated(
+    method: str, cfg: RunConfig, data: str | Path, vectors: str | Path | None = None
+) -> dict:
+    """Run ``method`` with ``cfg`` in a fresh ``spawn``-ed process; its record with memory
+    (and its serving vectors in ``vectors``, an ``.npz``, if given)."""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="csmf-bench-") as tmp:
         out = Path(tmp) / "run.json"
-        proc = ctx.Process(target=_child, args=(method, cfg.to_dict(), str(data), str(out)))
+        args = (method, cfg.to_dict(), str(data), str(out), str(vectors) if vectors else None)
+        proc = ctx.Process(target=_child, args=args)
         proc.start()
         proc.join()
         rec = json.loads(out.read_text()) if out.exists() else None

@@ -8,7 +8,14 @@
 - ``ease-click`` / ``ease-exposure``: EASE (Steck 2019), closed form
   B = I - P·diag(1/diag(P)), P = (XᵀX + λI)⁻¹;
 - ``itemknn-click`` / ``itemknn-exposure``: item-item cosine similarity with shrinkage, each
-  item keeping its k most similar items.
+  item keeping its k most similar items;
+- ``rp3beta-click`` / ``rp3beta-exposure``: RP3β (Paudel, Christoffel, Newell, Bernstein,
+  "Updatable, Accurate, Diverse, and Scalable Recommendations for Interactive Applications",
+  ACM TiiS 2017; the formulation of Dacrema et al.'s reproducibility study, RecSys 2019): the
+  3-step random walk user → item → user → item with transition probabilities raised to α and
+  the landing item's popularity divided out, W_ij = Σ_u P_iu^α P_uj^α / deg(j)^β
+  (P_uj = X_uj / deg(u), P_iu = X_ui / deg(i)), each item i keeping its k largest W_ij
+  (0 = all), score = X_u·W. Row normalisation of W (an option there) is not in the grid.
 
 Every model is a (user vector, item vector) inner product, so all of them are scored by
 :func:`trainer.evaluate.evaluate_vectors` — the protocol of CSMF — through a
@@ -50,8 +57,10 @@ CF_METHODS: dict[str, tuple[str, str]] = {
     "ease-exposure": ("ease", "exposure"),
     "itemknn-click": ("itemknn", "click"),
     "itemknn-exposure": ("itemknn", "exposure"),
+    "rp3beta-click": ("rp3beta", "click"),
+    "rp3beta-exposure": ("rp3beta", "exposure"),
 }
-DETERMINISTIC = {"ease", "itemknn"}  # same result for every seed
+DETERMINISTIC = {"ease", "itemknn", "rp3beta"}  # same result for every seed
 
 # The validation grids (changing them changes the bench cache key: it hashes this file).
 # ALS: regularization from 0.1 to 300 and confidence scaling alpha from 0.3 to 100 (the usual
@@ -63,6 +72,8 @@ DETERMINISTIC = {"ease", "itemknn"}  # same result for every seed
 # its smallest lr and reg and most epochs, so the grid extends that way.
 # EASE: lambda on a quarter-decade log grid from 1 to 1e5 (ML-100K's optimum is in the hundreds).
 # ItemKNN: neighbourhood size from 5 to the whole catalogue (0 = all), shrinkage 0 to 200.
+# RP3β: around Dacrema et al.'s ML optima (alpha ~0.5-1, beta ~0.2-0.4, k 50-300): alpha 0.25-1.5,
+# beta 0-0.8, k 10 to the whole catalogue.
 GRIDS: dict[str, dict[str, list]] = {
     "als": {
         "regularization": [0.1, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0],
@@ -78,6 +89,11 @@ GRIDS: dict[str, dict[str, list]] = {
     "itemknn": {
         "k": [5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 0],
         "shrink": [0.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0],
+    },
+    "rp3beta": {
+        "alpha": [0.25, 0.5, 0.75, 1.0, 1.5],
+        "beta": [0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 0.8],
+        "k": [10, 20, 50, 100, 200, 0],
     },
 }
 SELECTION_TARGETS = funnel.TARGETS
@@ -169,7 +185,7 @@ def score(vectors: Vectors, val: ValidationSet) -> dict:
 # reuses one similarity matrix for every k.
 
 Fit = Callable[..., Iterator[tuple[Any, Vectors, float]]]
-PATH_KEY = {"als": "iterations", "bpr": "iterations", "ease": None, "itemknn": "k"}
+PATH_KEY = {"als": "iterations", "bpr": "iterations", "ease": None, "itemknn": "k", "rp3beta": "k"}
 
 
 def _implicit_path(
@@ -269,7 +285,41 @@ def fit_itemknn(x, p: Mapping, ks: list[int], factors: int, seed: int, threads: 
         yield k, (x.toarray(), w), shared + time.perf_counter() - start
 
 
-FITS: dict[str, Fit] = {"als": fit_als, "bpr": fit_bpr, "ease": fit_ease, "itemknn": fit_itemknn}
+def rp3beta_weights(x: sp.csr_matrix, alpha: float, beta: float) -> np.ndarray:
+    """(N, N) RP3β item-item matrix W (zero diagonal), scores = X·W."""
+    deg_u = np.asarray(x.sum(axis=1)).ravel()
+    deg_i = np.asarray(x.sum(axis=0)).ravel()
+    p_ui = x.multiply(1.0 / np.maximum(deg_u, 1.0)[:, None]).tocsr()  # user → item
+    p_iu = x.T.multiply(1.0 / np.maximum(deg_i, 1.0)[:, None]).tocsr()  # item → user
+    if alpha != 1.0:
+        p_ui, p_iu = p_ui.power(alpha), p_iu.power(alpha)
+    w = (p_iu @ p_ui).toarray().astype(np.float64)
+    pop = np.zeros_like(deg_i, dtype=np.float64)
+    seen = deg_i > 0
+    pop[seen] = np.power(deg_i[seen], -beta)
+    w *= pop[None, :]
+    w[np.diag_indices_from(w)] = 0.0
+    return w
+
+
+def fit_rp3beta(x, p: Mapping, ks: list[int], factors: int, seed: int, threads: int):
+    start = time.perf_counter()
+    w = rp3beta_weights(x, p["alpha"], p["beta"])
+    shared = time.perf_counter() - start
+    for k in ks:
+        start = time.perf_counter()
+        # each source item i keeps its k largest W_ij (rows of W = columns of Wᵀ)
+        v = keep_top_k(w.T, k).astype(np.float32)  # item vector of j = column j of W
+        yield k, (x.toarray(), v), shared + time.perf_counter() - start
+
+
+FITS: dict[str, Fit] = {
+    "als": fit_als,
+    "bpr": fit_bpr,
+    "ease": fit_ease,
+    "itemknn": fit_itemknn,
+    "rp3beta": fit_rp3beta,
+}
 
 
 # --------------------------------------------------------------------------- selection

@@ -15,12 +15,16 @@ sampled softmax with log-Q, negatives, temperature, learning rate and per-object
 - ``mmoe`` (MMoE/MVKE-style): shared embeddings, K shared expert MLPs, one softmax gate per
   objective → one ``out_dim`` vector per objective; trained jointly, each objective on its own
   positives for its own epoch budget; fused = sum_t k_t <e_t, v_t> (3x storage and search);
+- the paper's multi-objective baselines, one module each (paper, departures, serving layout in
+  its docstring), all trained through :func:`trainer.baselines.joint.train_joint` or the same
+  losses: ``mvke`` (:mod:`.mvke`), ``dmmp`` (:mod:`.dmmp`), ``dtml`` (:mod:`.dtml`),
+  ``moppr`` (:mod:`.moppr`); DMMP and DTML distil from :mod:`.teacher`;
 - ``popularity``: train-exposure / train-click counts;
 - ``oracle`` (synthetic datasets only): items ranked by the generator's true expected clicks /
   conversions (``trainer.data.synthetic.true_scores``), the ceiling beside every other number;
 - collaborative-filtering baselines (:mod:`trainer.cf_baselines`): ``als-click``,
   ``als-exposure``, ``bpr-click``, ``ease-click``, ``ease-exposure``, ``itemknn-click``,
-  ``itemknn-exposure`` — hyper-parameters chosen on the validation split, (user, item) vectors
+  ``itemknn-exposure``, ``rp3beta-click``, ``rp3beta-exposure`` — hyper-parameters chosen on the validation split, (user, item) vectors
   scored by the same :func:`trainer.evaluate.evaluate_vectors`.
 """
 
@@ -40,6 +44,11 @@ from csmf.checkpoint import new_model
 from csmf.errors import DataError
 from csmf.features import TowerSpec
 from csmf.towers import Batch, ModelConfig, Tower
+from trainer.baselines.dmmp import fused_queries, train_dmmp
+from trainer.baselines.dtml import train_dtml
+from trainer.baselines.joint import with_changes
+from trainer.baselines.moppr import train_moppr
+from trainer.baselines.mvke import train_mvke
 from trainer.cascade import Log, batch_loss, run_cascade, run_epochs
 from trainer.cf_baselines import CF_METHODS, run_cf
 from trainer.config import RunConfig
@@ -67,6 +76,10 @@ METHODS = (
     "sep",
     "mix",
     "mmoe",
+    "mvke",
+    "dmmp",
+    "dtml",
+    "moppr",
     "popularity",
     *CF_METHODS,
     "oracle",
@@ -92,13 +105,6 @@ class MethodRun:
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def with_changes(cfg: RunConfig, changes: Mapping[str, Mapping]) -> RunConfig:
-    d = cfg.to_dict()
-    for section, values in changes.items():
-        d[section] = {**d[section], **values}
-    return RunConfig.from_dict(d)
 
 
 def single_objective_config(cfg: RunConfig, objective: str) -> RunConfig:
@@ -351,6 +357,31 @@ def run_method(
         rankers = {o: ("scale", model.view_scale(t)) for t, o in enumerate(cfg.objectives)}
         rankers["fused"] = ("scale", model.fused_scale(cfg.eval.weights))
         serving = [(e * rankers["fused"][1], v, 1.0)]
+    elif method == "mvke":
+        model, _ = train_mvke(cfg, enc)
+        e, v = encode_all(model, enc)
+        tasks = model.tasks
+        rankers = {o: ("scale", model.task_scale([o == x for x in tasks])) for o in tasks}
+        rankers["fused"] = ("scale", model.task_scale([k[o] for o in tasks]))
+        serving = [(e * rankers["fused"][1], v, 1.0)]
+    elif method == "dmmp":
+        model, _ = train_dmmp(cfg, enc)
+        out, v = encode_all(model, enc)
+        t, d = len(cfg.objectives), model.out_dim
+        views = [out[:, s * d : (s + 1) * d] for s in range(t)]
+        fused = fused_queries(out, cfg.eval.weights, t, d)
+        e, v = torch.cat([*views, fused], 1), v.repeat(1, t + 1)
+        rankers = {}
+        for s, name in enumerate([*cfg.objectives, "fused"]):
+            scale = torch.zeros(e.shape[1])
+            scale[s * d : (s + 1) * d] = 1.0
+            rankers[name] = ("scale", scale)
+        serving = [(fused, v[:, :d], 1.0)]
+    elif method in ("dtml", "moppr"):
+        model, _ = (train_dtml if method == "dtml" else train_moppr)(cfg, enc)
+        e, v = encode_all(model, enc)
+        rankers = {method: ("scale", torch.ones(e.shape[1]))}
+        serving = [(e, v, 1.0)]
     elif method == "oracle":
         e, v = torch.zeros(enc.n_users, 1), torch.zeros(enc.n_items, 1)
         rankers = oracle_rankers(enc, data)

@@ -1,0 +1,137 @@
+"""DMMP — distillation-based multi-task multi-tower model.
+
+Paper: Yi, Tang, Zeng, Zhang, Xu, "DMMP: A distillation-based multi-task multi-tower learning
+model for personalized recommendation", Knowledge-Based Systems 284 (2024) 111236. An MTL teacher
+with task-shared and task-specific experts and a customised multi-gate network, with auxiliary
+pCTR and pCTCVR tasks over the entire space, distils into a multi-tower candidate-generation
+student whose user-preference gating network learns, per user, how much each task's score
+counts; an adaptive weighting strategy balances the total loss.
+
+Here:
+
+- teacher: :class:`trainer.baselines.teacher.Teacher` with 1 shared and 1 task-specific expert
+  per task (CGC gates), pCTR / pCTCVR on every train exposure;
+- student, "three towers": one user tower per objective of the cascade (exposure, click,
+  conversion: shared feature tables, one MLP head of ``model.hidden`` → ``out_dim`` each) and
+  one item tower (CSMF's), score s_t(u, i) = <e_t(u), v(i)>; a user-preference gate
+  α(u) = softmax(W·x_u) over the objectives (x_u: the user's embedded features);
+- losses: every objective's sampled softmax on its own positives (the same negatives, log-Q,
+  temperature, history and epoch budget as CSMF's stage t), plus on train exposures the
+  distillation of pCTR into s_click and of pCTCVR into s_conversion (soft BCE through a learned
+  calibration σ(a_t·s_t + b_t)), plus the gated score Σ_t α_t(u)·s_t distilled towards the
+  teacher's utility (k_click·pCTR + k_conv·pCTCVR)/(k_click + k_conv) — how the gate learns;
+- adaptive loss weighting: the paper's exact scheme is not public; we use homoscedastic
+  uncertainty weights (Kendall et al. 2018) over [retrieval, KD click, KD conversion, KD gate];
+- which features feed the gate and the number of experts are not public: chosen as above.
+
+Served: the weighted multi-objective query q(u) = Σ_t k_t·α_t(u)·e_t(u) against one ``out_dim``
+vector per item — one search, exact for the personalised fused score Σ_t k_t α_t(u) s_t(u, i).
+The query-time weights k multiply the learned personal weights α(u).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from csmf.towers import Batch, Tower
+from trainer.baselines.joint import (
+    UncertaintyWeights,
+    distill_bce,
+    pair_batches,
+    train_exposures,
+    train_joint,
+)
+from trainer.baselines.teacher import embed_width, embedding_only, mlp, train_teacher
+from trainer.config import RunConfig
+from trainer.encoding import Encoded
+
+
+class DMMPStudent(nn.Module):
+    def __init__(self, cfg: RunConfig, enc: Encoded) -> None:
+        super().__init__()
+        its = enc.item_vocab.sizes()
+        self.user_embed = embedding_only(
+            Tower(cfg.features.user, enc.user_vocab.sizes(), cfg.model, its["id"])
+        )
+        width = embed_width(self.user_embed)
+        self.n_objectives = len(cfg.objectives)
+        heads = []
+        for _ in range(self.n_objectives):
+            body = mlp([width, *cfg.model.hidden])
+            body.append(
+                nn.Linear(cfg.model.hidden[-1] if cfg.model.hidden else width, cfg.model.out_dim)
+            )
+            heads.append(body)
+        self.heads = nn.ModuleList(heads)
+        self.gate = nn.Linear(width, self.n_objectives)
+        self.item_tower = Tower(cfg.features.item, its, cfg.model)
+        self.calibration = nn.Parameter(torch.tensor([[1.0, 0.0]] * 3))  # click, conv, gate
+        self.out_dim = cfg.model.out_dim
+
+    def towers(self, batch: Batch) -> tuple[Tensor, Tensor]:
+        """(B, T, D) per-objective user vectors and (B, T) gate weights."""
+        x = self.user_embed.embed(batch)
+        e = torch.stack([h(x) for h in self.heads], dim=1)
+        return e, torch.softmax(self.gate(x), dim=1)
+
+    def user(self, batch: Batch, stage: int | None = None) -> Tensor:
+        """Objective ``stage``'s user vector; None: [e_0 | ... | e_{T-1} | α] (B, T·D + T)."""
+        e, alpha = self.towers(batch)
+        if stage is not None:
+            return e[:, stage]
+        return torch.cat([e.flatten(1), alpha], dim=1)
+
+    def item(self, batch: Batch, stage: int | None = None) -> Tensor:
+        return self.item_tower(batch)
+
+
+def fused_queries(user_out: Tensor, weights: Sequence[float], t: int, d: int) -> Tensor:
+    """q(u) = Σ_t k_t·α_t(u)·e_t(u) from ``user(batch, None)`` outputs (U, T·D + T)."""
+    e = user_out[:, : t * d].view(-1, t, d)
+    alpha = user_out[:, t * d :]
+    k = torch.as_tensor([float(w) for w in weights], dtype=e.dtype)
+    return ((alpha * k).unsqueeze(-1) * e).sum(1)
+
+
+def train_dmmp(cfg: RunConfig, enc: Encoded) -> tuple[DMMPStudent, dict]:
+    ex = train_exposures(enc)
+    teacher, teacher_losses = train_teacher(cfg, enc, shared=1, specific=1, ex=ex)
+    k = dict(zip(cfg.objectives, cfg.eval.weights, strict=True))
+    t_click, t_conv = cfg.objectives.index("click"), cfg.objectives.index("conversion")
+    torch.manual_seed(cfg.train.seed)
+    model = DMMPStudent(cfg, enc)
+    weights = UncertaintyWeights(4)
+    bs = cfg.train.batch_size
+
+    def distill(step: int, rng: np.random.Generator) -> list[Tensor]:
+        idx = rng.integers(0, len(ex), min(bs, len(ex)))
+        ub, ib = pair_batches(ex, idx, enc)
+        p_ctr, p_ctcvr = teacher.probs(ub, ib)
+        e, alpha = model.towers(ub)
+        v = model.item(ib)
+        s = (e * v.unsqueeze(1)).sum(-1)  # (B, T)
+        cal = model.calibration
+        utility = (k["click"] * p_ctr + k["conversion"] * p_ctcvr) / (k["click"] + k["conversion"])
+        gated = (alpha * s).sum(1)
+        return [
+            distill_bce(cal[0, 0] * s[:, t_click] + cal[0, 1], p_ctr),
+            distill_bce(cal[1, 0] * s[:, t_conv] + cal[1, 1], p_ctcvr),
+            distill_bce(cal[2, 0] * gated + cal[2, 1], utility),
+        ]
+
+    def combine(retrieval: list[Tensor], kd: list[Tensor]) -> Tensor:
+        return weights([torch.stack(retrieval).sum(), *kd])
+
+    params = list(model.parameters()) + list(weights.parameters())
+    losses = train_joint(
+        model, cfg, enc, cfg.objectives, extra=distill, combine=combine, params=params
+    )
+    return model, {
+        "teacher_loss": teacher_losses,
+        "loss": losses,
+        "loss_log_var": weights.log_var.detach().tolist(),
+    }

@@ -1,0 +1,129 @@
+"""What the multi-objective baselines share: config edits, exposure pairs with their labels, and
+the joint training loop (every objective's sampled softmax in one step, plus any extra terms).
+
+Every joint model duck-types :func:`trainer.cascade.batch_loss`: ``model.user(batch, stage)`` and
+``model.item(batch, stage)`` whose inner product is the stage's score, ``stage`` being the
+objective's index in the config's cascade (so each objective keeps that stage's history mode,
+dropout, epoch budget and — at the exposure stage — its request negatives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.cascade import batch_loss
+from trainer.config import RunConfig
+from trainer.encoding import Encoded, stage_examples
+
+
+def with_changes(cfg: RunConfig, changes: Mapping[str, Mapping]) -> RunConfig:
+    d = cfg.to_dict()
+    for section, values in changes.items():
+        d[section] = {**d[section], **values}
+    return RunConfig.from_dict(d)
+
+
+@dataclass
+class Exposures:
+    """The train split's exposures (every event) with their labels, for pointwise teachers and
+    distillation: user/item rows, history end (events strictly earlier) and click/conversion."""
+
+    user: np.ndarray
+    item: np.ndarray
+    hist_end: np.ndarray
+    clicked: np.ndarray
+    converted: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.user)
+
+
+def train_exposures(enc: Encoded) -> Exposures:
+    ev = enc.events
+    rows = enc.split.train
+    user, item = ev.user[rows], ev.item[rows]
+    hist_end = (
+        enc.history.before(user, ev.ts[rows]) if enc.history is not None else np.zeros_like(user)
+    )
+    return Exposures(user, item, hist_end, ev.clicked[rows], ev.converted[rows])
+
+
+def pair_batches(ex: Exposures, idx: np.ndarray, enc: Encoded) -> tuple[dict, dict]:
+    """(user inputs with history before the event, item inputs) of exposures ``idx``."""
+    return enc.user_batch(ex.user[idx], ex.hist_end[idx]), enc.item_batch(ex.item[idx])
+
+
+class UncertaintyWeights(nn.Module):
+    """Kendall et al. (CVPR 2018) homoscedastic-uncertainty weighting of several losses:
+    sum_j exp(-s_j) L_j + s_j, with one learnable s_j per loss."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.log_var = nn.Parameter(torch.zeros(n))
+
+    def forward(self, losses: Sequence[Tensor]) -> Tensor:
+        s = self.log_var[: len(losses)]
+        return (torch.exp(-s) * torch.stack(list(losses)) + s).sum()
+
+
+def distill_bce(logit: Tensor, target: Tensor) -> Tensor:
+    """Soft-label binary cross-entropy (the student's calibrated logit against a teacher's
+    probability)."""
+    return F.binary_cross_entropy_with_logits(logit, target.detach())
+
+
+Extra = Callable[[int, np.random.Generator], list[Tensor]]  # (step, rng) → extra loss terms
+
+
+def train_joint(
+    model: nn.Module,
+    cfg: RunConfig,
+    enc: Encoded,
+    objectives: Sequence[str],
+    extra: Extra | None = None,
+    combine: Callable[[list[Tensor], list[Tensor]], Tensor] | None = None,
+    params: list[nn.Parameter] | None = None,
+) -> list[float]:
+    """Each step: batch_loss of every objective in ``objectives`` (its own positives, its own
+    epoch budget, its cascade stage's settings) and ``extra(step, rng)``'s terms, summed (or
+    ``combine(objective_terms, extra_terms)``). No AML (there is no cascade). Returns the mean loss per epoch."""
+    rng = np.random.default_rng(cfg.train.seed)
+    stages = [cfg.objectives.index(o) for o in objectives]
+    cfg_loss = with_changes(cfg, {"loss": {"aml": False}})
+    exs = [stage_examples(enc, o) for o in objectives]
+    opt = torch.optim.Adam(params or list(model.parameters()), lr=cfg.train.stage_lr(0))
+    bs = cfg.train.batch_size
+    model.train()
+    losses = []
+    for epoch in range(max(cfg.train.stage_epochs(s) for s in stages)):
+        batches = []
+        for s, ex in zip(stages, exs, strict=True):
+            if epoch >= cfg.train.stage_epochs(s):
+                batches.append([])
+                continue
+            perm = rng.permutation(len(ex))
+            batches.append([perm[lo : lo + bs] for lo in range(0, len(perm), bs)])
+        total, steps = 0.0, 0
+        for step in range(max(len(b) for b in batches)):
+            terms = [
+                batch_loss(model, enc, exs[k], b[step], s, o, cfg_loss, rng)
+                for k, (s, o, b) in enumerate(zip(stages, objectives, batches, strict=True))
+                if step < len(b) and len(b[step]) >= 2
+            ]
+            if not terms:
+                continue
+            more = extra(step, rng) if extra is not None else []
+            loss = combine(terms, more) if combine is not None else torch.stack(terms + more).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, steps = total + loss.item(), steps + 1
+        losses.append(total / max(steps, 1))
+    model.eval()
+    return losses
