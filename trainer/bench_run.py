@@ -95,6 +95,7 @@ def save_vectors(run: MethodRun, path: Path) -> None:
         arrays[f"query{j}"] = q.numpy().astype(np.float32)
         arrays[f"items{j}"] = v.numpy().astype(np.float32)
         arrays[f"weight{j}"] = np.float32(w)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, **arrays)
     tmp.replace(path)
