@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +34,7 @@ from csmf.results import pm, table, write_results
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import bench_fingerprint, cache_key
 from trainer.bench_run import record, run_in_process, run_isolated
-from trainer.config import load_config
+from trainer.config import RunConfig, load_config
 from trainer.pipeline import prepare
 from trainer.report import METRICS, aggregate
 from trainer.sensitivity import app as sensitivity_app
@@ -273,6 +274,80 @@ def command(
     return cmd
 
 
+def method_names(data: Path, methods: str | None) -> list[str]:
+    """``--methods`` (or every method; oracle only for datasets with a truth.npz), checked."""
+    if methods is None:
+        return [m for m in METHODS if m != "oracle" or (data / "truth.npz").exists()]
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    bad = [m for m in names if m not in METHODS]
+    if bad:
+        fail(f"unknown method(s) {bad}; expected {list(METHODS)}")
+    return names
+
+
+@dataclass
+class Collected:
+    """Every (method, seed) record of a run of the benchmark, cached or new."""
+
+    results: dict[str, list[dict]]
+    serving: dict[str, MethodRun]  # in-process runs only (--no-isolate)
+    hits: int
+    fingerprint: str
+    cfg: RunConfig  # the last seed's resolved config
+    n: int
+
+
+def collect(
+    data: Path,
+    config: Path,
+    cache: Path,
+    names: list[str],
+    seeds: int,
+    sets: list[str],
+    retrain: bool = False,
+    cached_only: bool = False,
+    isolate: bool = True,
+) -> Collected:
+    """Seed by seed, method by method: reuse the cached record whose key matches
+    (:mod:`trainer.bench_cache`), else train (in a fresh process unless ``isolate`` is false)
+    and cache it. Seed 0 of an isolated run also keeps its serving vectors (``.npz``)."""
+    results: dict[str, list[dict]] = {m: [] for m in names}
+    serving: dict[str, MethodRun] = {}
+    n, hits = 50, 0
+    try:
+        fingerprint = bench_fingerprint(data)
+        for seed in range(seeds):
+            cfg = load_config(config, [*sets, f"train.seed={seed}"])
+            n = cfg.eval.n
+            enc = None
+            for m in names:
+                key, parts = cache_key(cfg, fingerprint, m, seed)
+                path = cache / m / f"seed{seed}-{key[:16]}.json"
+                if path.exists() and not retrain:
+                    rec = json.loads(path.read_text())
+                    hits += 1
+                elif cached_only:
+                    continue
+                else:
+                    typer.echo(f"seed {seed}: {m} ...")
+                    if isolate:  # seed 0 keeps its serving vectors (bench/table4.py)
+                        vectors = path.with_suffix(".npz") if seed == 0 else None
+                        rec = run_isolated(m, cfg, data, vectors)
+                    else:
+                        enc = enc or prepare(cfg, data)
+                        run = run_in_process(m, cfg, enc, data)
+                        rec = record(run, seed)
+                        serving.setdefault(m, run)
+                    rec.update(key=key, key_parts={k: v for k, v in parts.items() if k != "config"})
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    write_json(path, rec)
+                    typer.echo(_summary(m, seed, rec))
+                results[m].append(rec)
+    except (CsmfError, FileNotFoundError) as exc:
+        fail(exc)
+    return Collected(results, serving, hits, fingerprint, cfg, n)
+
+
 @app.command("quality")
 def quality(
     data: Annotated[Path, typer.Option("--data", help="Dataset folder.")] = Path("data/ml-100k"),
@@ -319,49 +394,16 @@ def quality(
     dataset = data.resolve().name
     config = config or Path(f"configs/{dataset}.toml")
     cache = cache or Path(f"runs/bench-{dataset}")
-    has_truth = (data / "truth.npz").exists()
-    if methods is None:
-        names = [m for m in METHODS if m != "oracle" or has_truth]
-    else:
-        names = [m.strip() for m in methods.split(",") if m.strip()]
-    bad = [m for m in names if m not in METHODS]
-    if bad:
-        fail(f"unknown method(s) {bad}; expected {list(METHODS)}")
-    results: dict[str, list[dict]] = {m: [] for m in names}
-    serving: dict[str, MethodRun] = {}
-    n, hits = 50, 0
-    try:
-        fingerprint = bench_fingerprint(data)
-        for seed in range(seeds):
-            cfg = load_config(config, [*(set_ or []), f"train.seed={seed}"])
-            n = cfg.eval.n
-            enc = None
-            for m in names:
-                key, parts = cache_key(cfg, fingerprint, m, seed)
-                path = cache / m / f"seed{seed}-{key[:16]}.json"
-                if path.exists() and not retrain:
-                    rec = json.loads(path.read_text())
-                    hits += 1
-                elif cached_only:
-                    continue
-                else:
-                    typer.echo(f"seed {seed}: {m} ...")
-                    if isolate:  # seed 0 keeps its serving vectors (bench/table4.py)
-                        rec = run_isolated(
-                            m, cfg, data, path.with_suffix(".npz") if seed == 0 else None
-                        )
-                    else:
-                        enc = enc or prepare(cfg, data)
-                        run = run_in_process(m, cfg, enc, data)
-                        rec = record(run, seed)
-                        serving.setdefault(m, run)
-                    rec.update(key=key, key_parts={k: v for k, v in parts.items() if k != "config"})
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    write_json(path, rec)
-                    typer.echo(_summary(m, seed, rec))
-                results[m].append(rec)
-    except (CsmfError, FileNotFoundError) as exc:
-        fail(exc)
+    names = method_names(data, methods)
+    runs = collect(data, config, cache, names, seeds, set_ or [], retrain, cached_only, isolate)
+    results, serving, hits, fingerprint, cfg, n = (
+        runs.results,
+        runs.serving,
+        runs.hits,
+        runs.fingerprint,
+        runs.cfg,
+        runs.n,
+    )
     names = [m for m in names if results[m]]
     if not names:
         fail("no runs to tabulate")
@@ -404,6 +446,120 @@ def quality(
     )
     typer.echo("\n".join(body))
     typer.echo(f"wrote {md} and {js} ({hits} cached runs reused)")
+
+
+# The rows of the paper's Table 2 on each dataset (the CF baselines tuned on validation).
+TABLE2_METHODS = (
+    "csmf", "sep", "mix", "mvke", "dmmp", "dtml", "moppr", "popularity", "ease-click",
+    "itemknn-click", "rp3beta-click", "als-click",
+)  # fmt: skip
+
+
+def code_commit() -> str:
+    """The checkout's commit (short), "+ uncommitted changes" if its tree is dirty."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+        return res.stdout.strip() if res.returncode == 0 else ""
+
+    sha = git("rev-parse", "--short", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    return f"{sha}{' + uncommitted changes' if dirty else ''}" if sha else "unknown"
+
+
+@app.command("table2")
+def table2(
+    data: Annotated[Path, typer.Option("--data", help="Dataset folder.")] = Path("data/ml-100k"),
+    seeds: Seeds = 5,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML config (default configs/<dataset>.toml)."),
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for table2-<dataset>.md/json.")] = Path(
+        "bench/results"
+    ),
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Per-run cache (default runs/bench-<dataset>).")
+    ] = None,
+    cached_only: Annotated[
+        bool, typer.Option("--cached-only", help="Train nothing: tabulate the cached runs.")
+    ] = False,
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="Rows (default: the table's; oracle if truth.npz)."),
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Config override section.key=value."),
+    ] = None,
+) -> None:
+    """The paper's Table 2: every multi-objective and CF method, one row each, mean ± std over
+    seeds, bold best, paired test of CSMF against the best other row of each column. Shares
+    ``csmf bench quality``'s cache (same keys)."""
+    import os
+
+    from trainer.paper_tables import render
+
+    dataset = data.resolve().name
+    config = config or Path(f"configs/{dataset}.toml")
+    cache = cache or Path(f"runs/bench-{dataset}")
+    names = list(TABLE2_METHODS) if methods is None else method_names(data, methods)
+    if methods is None and (data / "truth.npz").exists():
+        names.insert(names.index("popularity") + 1, "oracle")
+    runs = collect(data, config, cache, names, seeds, set_ or [], cached_only=cached_only)
+    results = {m: r for m, r in runs.results.items() if r}
+    if "csmf" not in results:
+        fail("no CSMF runs to compare against")
+    body, doc = render(results, runs.n)
+    train = training_cost(results)
+    load = os.getloadavg()
+    body += [
+        "",
+        f"## Training wall time ({'threads ' + str(runs.cfg.train.threads)}; own process per "
+        "run; tuning excluded)",
+        "",
+        *table(
+            ["method", "train s", "CF validation grid s"],
+            [
+                [
+                    m,
+                    pm(t["train_seconds"], ".1f"),
+                    pm(t["tune_seconds"], ".1f") if t["tune_seconds"][0] else "—",
+                ]
+                for m, t in train.items()
+            ],
+        ),  # fmt: skip
+        "",
+        f"Runs cached in `{cache}` ({runs.hits} of {sum(map(len, results.values()))} reused by "
+        f"this rendering); code {code_commit()}; load average when rendered "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min).",
+    ]
+    cmd = f"csmf bench table2 --data {data} --config {config} --seeds {seeds}"
+    cmd += f" --methods {methods}" if methods is not None else ""
+    cmd += "".join(f" --set {s}" for s in set_ or [])
+    md, js = write_results(
+        out / f"table2-{dataset}",
+        f"Table 2 on {dataset}: retrieval quality of the paper's methods",
+        cmd,
+        body,
+        {
+            "dataset": dataset,
+            "dataset_fingerprint": runs.fingerprint,
+            "config": str(config),
+            "n": runs.n,
+            "seeds": {m: [r["seed"] for r in recs] for m, recs in results.items()},
+            **doc,
+            "training_cost": train,
+            "code": code_commit(),
+            "loadavg_at_render": list(load),
+            "cache": {"folder": str(cache), "hits": runs.hits},
+        },
+    )
+    typer.echo("\n".join(body))
+    typer.echo(f"wrote {md} and {js}")
 
 
 def _slim(rec: dict) -> dict:

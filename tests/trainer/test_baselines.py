@@ -39,8 +39,8 @@ def test_each_method_trains_and_evaluates(method, tiny_cfg, enc):
         assert rankers, target
         for name, m in rankers.items():
             assert 0.0 <= m["recall"] <= 1.0 and 0.0 <= m["ndcg"] <= 1.0, (target, name)
-    # MVKE: 2 tasks x 2 kernels x out_dim; DMMP, DTML, MOPPR: one out_dim vector per item
-    dims = {"sep": 2 * 16, "mmoe": 3 * 16, "mvke": 4 * 16, "popularity": 0, "bpr-click": 17}
+    # MVKE: 3 tasks x 2 kernels x out_dim; DMMP, DTML, MOPPR: one out_dim vector per item
+    dims = {"sep": 2 * 16, "mmoe": 3 * 16, "mvke": 6 * 16, "popularity": 0, "bpr-click": 17}
     dims = dims.get(method, 16)
     if method.startswith(("ease", "itemknn", "rp3beta")):  # user row x item-item matrix
         dims = enc.n_items

@@ -21,7 +21,9 @@ Here:
   distils one target (a duration-aware click score); the weights that make it one are our choice,
   the same the other methods' fused rankings use;
 - not public / chosen: the distillation weight (1, unweighted sum), the teacher's budget (the
-  exposure stage's epochs and lr), the student's (the click stage's).
+  exposure stage's epochs and lr), the student's (the click stage's epochs; an epoch is one
+  pass of distillation batches over the train exposures, the click batches running out
+  earlier).
 
 Served: one ``out_dim`` vector per item; the weighted multi-objective query is the single
 user vector (the weights were fixed at distillation time — changing them means retraining).
@@ -77,5 +79,6 @@ def train_dtml(cfg: RunConfig, enc: Encoded) -> tuple[TwoTowerStudent, dict]:
         a, b = model.calibration
         return [distill_bce(a * s + b, fused_target(p_ctr, p_ctcvr, k["click"], k["conversion"]))]
 
-    losses = train_joint(model, cfg, enc, ["click"], extra=distill)
+    steps = -(-len(ex) // bs)  # an epoch distils over every exposure once (in expectation)
+    losses = train_joint(model, cfg, enc, ["click"], extra=distill, min_steps=steps)
     return model, {"teacher_loss": teacher_losses, "loss": losses}

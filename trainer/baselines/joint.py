@@ -59,17 +59,41 @@ def pair_batches(ex: Exposures, idx: np.ndarray, enc: Encoded) -> tuple[dict, di
     return enc.user_batch(ex.user[idx], ex.hist_end[idx]), enc.item_batch(ex.item[idx])
 
 
-class UncertaintyWeights(nn.Module):
-    """Kendall et al. (CVPR 2018) homoscedastic-uncertainty weighting of several losses:
-    sum_j exp(-s_j) L_j + s_j, with one learnable s_j per loss."""
+class DynamicWeightAverage:
+    """Dynamic weight average (Liu, Johns, Davison, CVPR 2019) of J losses: after each epoch,
+    w_j = J·softmax_j(r_j / T) with r_j = L_j(epoch − 1) / L_j(epoch − 2) — a loss that stopped
+    falling gets more weight; weights sum to J (the scale of plain summation), 1 for the first
+    two epochs. Call with the step's losses (None = absent this step), :meth:`end_epoch` at each
+    epoch boundary."""
 
-    def __init__(self, n: int) -> None:
-        super().__init__()
-        self.log_var = nn.Parameter(torch.zeros(n))
+    def __init__(self, n: int, temperature: float = 2.0) -> None:
+        self.n, self.temperature = n, temperature
+        self.weights = np.ones(n)
+        self.history: list[np.ndarray] = []
+        self._sum, self._count = np.zeros(n), np.zeros(n)
 
-    def forward(self, losses: Sequence[Tensor]) -> Tensor:
-        s = self.log_var[: len(losses)]
-        return (torch.exp(-s) * torch.stack(list(losses)) + s).sum()
+    def __call__(self, losses: Sequence[Tensor | None]) -> Tensor:
+        total = None
+        for j, loss in enumerate(losses):
+            if loss is None:
+                continue
+            self._sum[j] += float(loss.detach())
+            self._count[j] += 1
+            term = self.weights[j] * loss
+            total = term if total is None else total + term
+        if total is None:
+            raise ValueError("no loss this step")
+        return total
+
+    def end_epoch(self) -> None:
+        if not self._count.any():
+            return
+        self.history.append(self._sum / np.maximum(self._count, 1))
+        self._sum, self._count = np.zeros(self.n), np.zeros(self.n)
+        if len(self.history) >= 2:
+            r = self.history[-1] / np.maximum(self.history[-2], 1e-12)
+            z = np.exp((r - r.max()) / self.temperature)
+            self.weights = self.n * z / z.sum()
 
 
 def distill_bce(logit: Tensor, target: Tensor) -> Tensor:
@@ -89,10 +113,14 @@ def train_joint(
     extra: Extra | None = None,
     combine: Callable[[list[Tensor], list[Tensor]], Tensor] | None = None,
     params: list[nn.Parameter] | None = None,
+    min_steps: int = 0,
 ) -> list[float]:
     """Each step: batch_loss of every objective in ``objectives`` (its own positives, its own
     epoch budget, its cascade stage's settings) and ``extra(step, rng)``'s terms, summed (or
-    ``combine(objective_terms, extra_terms)``). No AML (there is no cascade). Returns the mean loss per epoch."""
+    ``combine(objective_terms, extra_terms)``). An epoch has at least ``min_steps`` steps (a
+    distillation term over every exposure needs more steps than the clicks fill; the objectives
+    whose batches are used up sit those steps out). No AML (there is no cascade). Returns the
+    mean loss per epoch."""
     rng = np.random.default_rng(cfg.train.seed)
     stages = [cfg.objectives.index(o) for o in objectives]
     cfg_loss = with_changes(cfg, {"loss": {"aml": False}})
@@ -110,15 +138,15 @@ def train_joint(
             perm = rng.permutation(len(ex))
             batches.append([perm[lo : lo + bs] for lo in range(0, len(perm), bs)])
         total, steps = 0.0, 0
-        for step in range(max(len(b) for b in batches)):
+        for step in range(max(min_steps, *(len(b) for b in batches))):
             terms = [
                 batch_loss(model, enc, exs[k], b[step], s, o, cfg_loss, rng)
                 for k, (s, o, b) in enumerate(zip(stages, objectives, batches, strict=True))
                 if step < len(b) and len(b[step]) >= 2
             ]
-            if not terms:
-                continue
             more = extra(step, rng) if extra is not None else []
+            if not terms and not more:
+                continue
             loss = combine(terms, more) if combine is not None else torch.stack(terms + more).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
