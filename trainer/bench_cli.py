@@ -34,6 +34,7 @@ from csmf.results import pm, table, write_results
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import bench_fingerprint, cache_key
 from trainer.bench_run import record, run_in_process, run_isolated
+from trainer.cf_baselines import CF_METHODS, DETERMINISTIC
 from trainer.config import RunConfig, load_config
 from trainer.pipeline import prepare
 from trainer.report import METRICS, aggregate
@@ -274,6 +275,12 @@ def command(
     return cmd
 
 
+# Methods whose result does not depend on the seed (no randomness): trained once, at seed 0.
+SEED_FREE = frozenset(
+    {"popularity", "oracle"} | {m for m, (model, _) in CF_METHODS.items() if model in DETERMINISTIC}
+)
+
+
 def method_names(data: Path, methods: str | None) -> list[str]:
     """``--methods`` (or every method; oracle only for datasets with a truth.npz), checked."""
     if methods is None:
@@ -310,7 +317,8 @@ def collect(
 ) -> Collected:
     """Seed by seed, method by method: reuse the cached record whose key matches
     (:mod:`trainer.bench_cache`), else train (in a fresh process unless ``isolate`` is false)
-    and cache it. Seed 0 of an isolated run also keeps its serving vectors (``.npz``)."""
+    and cache it. Seed 0 of an isolated run also keeps its serving vectors (``.npz``). Methods
+    in :data:`SEED_FREE` run at seed 0 only; their record stands for every seed."""
     results: dict[str, list[dict]] = {m: [] for m in names}
     serving: dict[str, MethodRun] = {}
     n, hits = 50, 0
@@ -321,6 +329,10 @@ def collect(
             n = cfg.eval.n
             enc = None
             for m in names:
+                if seed > 0 and m in SEED_FREE and results[m] and results[m][0]["seed"] == 0:
+                    # the same model for every seed: seed 0's record stands for the others
+                    results[m].append({**results[m][0], "seed": seed, "same_as_seed": 0})
+                    continue
                 key, parts = cache_key(cfg, fingerprint, m, seed)
                 path = cache / m / f"seed{seed}-{key[:16]}.json"
                 if path.exists() and not retrain:

@@ -12,7 +12,7 @@ import torch
 from trainer.baselines import with_changes
 from trainer.baselines.dmmp import fused_queries, train_dmmp
 from trainer.baselines.dtml import train_dtml
-from trainer.baselines.joint import DynamicWeightAverage, train_exposures
+from trainer.baselines.joint import DynamicWeightAverage, listwise_distill, train_exposures
 from trainer.baselines.moppr import batch_grades, graded_softmax_loss, page_views, train_moppr
 from trainer.baselines.mvke import train_mvke
 from trainer.baselines.teacher import train_teacher
@@ -168,3 +168,20 @@ def test_rp3beta_is_the_three_step_walk():
     np.testing.assert_allclose(rp3beta_weights(x, alpha, beta), want, rtol=1e-6, atol=1e-12)
     top = keep_top_k(want.T, 2).T  # each source item keeps its 2 largest targets
     assert ((top > 0).sum(1) <= 2).all()
+
+
+def test_listwise_distillation_and_teacher_pairs(cfg, enc):
+    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
+    teacher_p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.0]])
+    q = teacher_p / teacher_p.sum(1, keepdim=True)
+    want = -(q * torch.log_softmax(student / 0.5, 1)).sum(1).mean()
+    torch.testing.assert_close(listwise_distill(student, teacher_p, 0.5), want)
+    teacher, _ = train_teacher(cfg, enc, shared=1, specific=1)
+    ex = train_exposures(enc)
+    idx = np.arange(6)
+    ub, ib = enc.user_batch(ex.user[idx], ex.hist_end[idx]), enc.item_batch(ex.item[idx])
+    p_ctr, p_ctcvr = teacher.pair_probs(ub, ib)
+    assert p_ctr.shape == (6, 6) and bool((p_ctcvr <= p_ctr).all())
+    ctr, cvr = teacher.logits(ub, ib)  # the diagonal = the exposed pairs scored one by one
+    torch.testing.assert_close(p_ctr.diagonal(), torch.sigmoid(ctr))
+    torch.testing.assert_close(p_ctcvr.diagonal(), torch.sigmoid(ctr) * torch.sigmoid(cvr))

@@ -16,10 +16,13 @@ Here:
   one item tower (CSMF's), score s_t(u, i) = <e_t(u), v(i)>; a user-preference gate
   α(u) = softmax(W·x_u) over the objectives (x_u: the user's embedded features);
 - losses: every objective's sampled softmax on its own positives (the same negatives, log-Q,
-  temperature, history and epoch budget as CSMF's stage t), plus on train exposures the
-  distillation of pCTR into s_click and of pCTCVR into s_conversion (soft BCE through a learned
-  calibration σ(a_t·s_t + b_t)), plus the gated score Σ_t α_t(u)·s_t distilled towards the
-  teacher's utility (k_click·pCTR + k_conv·pCTCVR)/(k_click + k_conv) — how the gate learns;
+  temperature, history and epoch budget as CSMF's stage t), plus ranking distillation on
+  batches of 256 train exposures (every user x item pair of the batch scored by the teacher;
+  :func:`trainer.baselines.joint.listwise_distill`): pCTR into s_click, pCTCVR into
+  s_conversion, and the teacher's utility (k_click·pCTR + k_conv·pCTCVR)/(k_click + k_conv)
+  into the gated score Σ_t α_t(u)·s_t — how the gate learns (a pointwise, calibrated-BCE
+  distillation on the exposed pairs only, tried first, taught no ranking against other items
+  and sank every view on the synthetic validation split);
 - adaptive loss weighting: the paper's exact scheme is not public; we use dynamic weight average
   (Liu et al., CVPR 2019) over [retrieval, KD click, KD conversion, KD gate], weights summing to
   4 (homoscedastic-uncertainty weights, tried first, shrank the sampled-softmax term — a loss
@@ -44,8 +47,9 @@ from torch import Tensor, nn
 
 from csmf.towers import Batch, Tower
 from trainer.baselines.joint import (
+    KD_BATCH,
     DynamicWeightAverage,
-    distill_bce,
+    listwise_distill,
     pair_batches,
     train_exposures,
     train_joint,
@@ -74,7 +78,6 @@ class DMMPStudent(nn.Module):
         self.heads = nn.ModuleList(heads)
         self.gate = nn.Linear(width, self.n_objectives)
         self.item_tower = Tower(cfg.features.item, its, cfg.model)
-        self.calibration = nn.Parameter(torch.tensor([[1.0, 0.0]] * 3))  # click, conv, gate
         self.out_dim = cfg.model.out_dim
 
     def towers(self, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -115,19 +118,19 @@ def train_dmmp(cfg: RunConfig, enc: Encoded) -> tuple[DMMPStudent, dict]:
     def distill(step: int, rng: np.random.Generator) -> list[Tensor]:
         if step == 0:
             weights.end_epoch()
-        idx = rng.integers(0, len(ex), min(bs, len(ex)))
+        idx = rng.integers(0, len(ex), min(KD_BATCH, len(ex)))
         ub, ib = pair_batches(ex, idx, enc)
-        p_ctr, p_ctcvr = teacher.probs(ub, ib)
-        e, alpha = model.towers(ub)
-        v = model.item(ib)
-        s = (e * v.unsqueeze(1)).sum(-1)  # (B, T)
-        cal = model.calibration
+        p_ctr, p_ctcvr = teacher.pair_probs(ub, ib)  # (B, B)
+        e, alpha = model.towers(ub)  # (B, T, D), (B, T)
+        v = model.item(ib)  # (B, D)
+        s = torch.einsum("btd,cd->btc", e, v)  # (B, T, C)
         utility = (k["click"] * p_ctr + k["conversion"] * p_ctcvr) / (k["click"] + k["conversion"])
-        gated = (alpha * s).sum(1)
+        gated = (alpha.unsqueeze(-1) * s).sum(1)  # (B, C)
+        tau = cfg.loss.temperature
         return [
-            distill_bce(cal[0, 0] * s[:, t_click] + cal[0, 1], p_ctr),
-            distill_bce(cal[1, 0] * s[:, t_conv] + cal[1, 1], p_ctcvr),
-            distill_bce(cal[2, 0] * gated + cal[2, 1], utility),
+            listwise_distill(s[:, t_click], p_ctr, tau),
+            listwise_distill(s[:, t_conv], p_ctcvr, tau),
+            listwise_distill(gated, utility, tau),
         ]
 
     def combine(retrieval: list[Tensor], kd: list[Tensor]) -> Tensor:

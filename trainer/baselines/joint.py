@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from trainer.cascade import batch_loss
@@ -96,10 +95,15 @@ class DynamicWeightAverage:
             self.weights = self.n * z / z.sum()
 
 
-def distill_bce(logit: Tensor, target: Tensor) -> Tensor:
-    """Soft-label binary cross-entropy (the student's calibrated logit against a teacher's
-    probability)."""
-    return F.binary_cross_entropy_with_logits(logit, target.detach())
+KD_BATCH = 256  # exposures per distillation step: the teacher scores its 256 x 256 pairs
+
+
+def listwise_distill(student: Tensor, teacher_p: Tensor, temperature: float) -> Tensor:
+    """Ranking distillation over a batch's candidates: cross-entropy between the teacher's
+    preference distribution over the row's candidates (its probabilities, normalised) and the
+    student's softmax of its scores / temperature. student, teacher_p: (B, C)."""
+    target = teacher_p / teacher_p.sum(1, keepdim=True).clamp(min=1e-12)
+    return -(target.detach() * torch.log_softmax(student / temperature, dim=1)).sum(1).mean()
 
 
 Extra = Callable[[int, np.random.Generator], list[Tensor]]  # (step, rng) → extra loss terms

@@ -11,7 +11,7 @@ DMMP for conversion-after-click. Loss: BCE(pCTR, clicked) + BCE(pCTCVR, converte
 
 With ``shared=1, specific=0`` the teacher is a shared-bottom MTL network (DTML's); DMMP uses
 shared + task-specific experts. After training the teacher is frozen; students read
-``probs(user_batch, item_batch)`` = (pCTR, pCTCVR).
+``pair_probs(user_batch, item_batch)`` = (pCTR, pCTCVR) of every user × item pair of a batch.
 """
 
 from __future__ import annotations
@@ -71,7 +71,9 @@ class Teacher(nn.Module):
 
     def logits(self, ub: Batch, ib: Batch) -> tuple[Tensor, Tensor]:
         """(click logit, conversion-given-click logit), each (B,)."""
-        x = torch.cat([self.user.embed(ub), self.item.embed(ib)], dim=1)
+        return self._heads(torch.cat([self.user.embed(ub), self.item.embed(ib)], dim=1))
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor]:
         shared = [f(x) for f in self.shared]
         out = []
         for t in range(len(TASKS)):
@@ -85,11 +87,14 @@ class Teacher(nn.Module):
         return out[0], out[1]
 
     @torch.no_grad()
-    def probs(self, ub: Batch, ib: Batch) -> tuple[Tensor, Tensor]:
-        """(pCTR, pCTCVR) of the pairs."""
-        ctr, cvr = self.logits(ub, ib)
+    def pair_probs(self, ub: Batch, ib: Batch) -> tuple[Tensor, Tensor]:
+        """(pCTR, pCTCVR) of every (user b, item j) pair of the two batches, each (B, C)."""
+        xu, xi = self.user.embed(ub), self.item.embed(ib)
+        b, c = xu.shape[0], xi.shape[0]
+        x = torch.cat([xu.unsqueeze(1).expand(b, c, -1), xi.unsqueeze(0).expand(b, c, -1)], -1)
+        ctr, cvr = self._heads(x.reshape(b * c, -1))
         p_ctr = torch.sigmoid(ctr)
-        return p_ctr, p_ctr * torch.sigmoid(cvr)
+        return p_ctr.view(b, c), (p_ctr * torch.sigmoid(cvr)).view(b, c)
 
 
 def teacher_loss(model: Teacher, ub: Batch, ib: Batch, clicked: Tensor, converted: Tensor):
