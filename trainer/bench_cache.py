@@ -48,7 +48,8 @@ CF_CODE = "trainer/cf_baselines.py"  # only the CF baselines run it (and its gri
 METHOD_CODE = {
     "trainer/baselines/mvke.py": {"mvke"},
     "trainer/baselines/dmmp.py": {"dmmp"},
-    "trainer/baselines/dtml.py": {"dtml", "moppr"},  # moppr trains dtml's plain two tower
+    "trainer/baselines/dtml.py": {"dtml"},
+    "trainer/baselines/two_tower.py": {"dtml", "moppr"},
     "trainer/baselines/moppr.py": {"moppr"},
     "trainer/baselines/teacher.py": {"dmmp", "dtml"},
     "trainer/baselines/joint.py": {"mvke", "dmmp", "dtml"},

@@ -30,7 +30,7 @@ import csmf.objectives as funnel
 from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
-from csmf.results import pm, table, write_results
+from csmf.results import pm, source_commit, table, write_results
 from trainer.baselines import METHODS, MethodRun
 from trainer.bench_cache import bench_fingerprint, cache_key
 from trainer.bench_run import record, run_in_process, run_isolated
@@ -468,18 +468,8 @@ TABLE2_METHODS = (
 
 
 def code_commit() -> str:
-    """The checkout's commit (short), "+ uncommitted changes" if its tree is dirty."""
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-
-    def git(*args: str) -> str:
-        res = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return res.stdout.strip() if res.returncode == 0 else ""
-
-    sha = git("rev-parse", "--short", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-    return f"{sha}{' + uncommitted changes' if dirty else ''}" if sha else "unknown"
+    """The checkout's commit, "+ uncommitted changes" if csmf/ or trainer/ differ from it."""
+    return source_commit(watched=("csmf", "trainer"))
 
 
 @app.command("table2")

@@ -25,9 +25,9 @@ ALLOWED = {
     "csmf/features.py",  # history.source: which objective's positives form the history
     "trainer/data/movielens.py",
     "trainer/data/synthetic.py",
-    "trainer/baselines.py",
     "trainer/cf_baselines.py",
 }
+ALLOWED_PACKAGES = ("trainer/baselines/",)  # one module per baseline method
 
 
 def test_registry_is_a_funnel():
@@ -50,7 +50,7 @@ def test_nothing_else_names_the_objectives():
     for pkg in ("csmf", "trainer", "index_builder"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel in ALLOWED:
+            if rel in ALLOWED or rel.startswith(ALLOWED_PACKAGES):
                 continue
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Constant) and node.value in NAMED:

@@ -12,7 +12,7 @@ import torch
 from trainer.baselines import with_changes
 from trainer.baselines.dmmp import fused_queries, train_dmmp
 from trainer.baselines.dtml import train_dtml
-from trainer.baselines.joint import DynamicWeightAverage, listwise_distill, train_exposures
+from trainer.baselines.joint import DynamicWeightAverage, distilled_exposures, train_exposures
 from trainer.baselines.moppr import batch_grades, graded_softmax_loss, page_views, train_moppr
 from trainer.baselines.mvke import train_mvke
 from trainer.baselines.teacher import train_teacher
@@ -70,7 +70,7 @@ def test_teacher_learns_ctr_and_ctcvr(cfg, enc):
 def test_dmmp_serves_the_gated_fused_score_in_one_vector(cfg, enc):
     model, info = train_dmmp(cfg, enc)
     assert info["loss"][-1] < info["loss"][0] and info["teacher_loss"][-1] < info["teacher_loss"][0]
-    assert sum(info["loss_weights"]) == pytest.approx(4.0)  # DWA keeps the scale of a sum
+    assert sum(info["loss_weights"]) == pytest.approx(2.0)  # DWA keeps the scale of a sum
     out, v = encode_all(model, enc)
     t, d = len(cfg.objectives), cfg.model.out_dim
     assert out.shape[1] == t * d + t and v.shape[1] == d
@@ -170,18 +170,23 @@ def test_rp3beta_is_the_three_step_walk():
     assert ((top > 0).sum(1) <= 2).all()
 
 
-def test_listwise_distillation_and_teacher_pairs(cfg, enc):
-    student = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]])
-    teacher_p = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.0]])
-    q = teacher_p / teacher_p.sum(1, keepdim=True)
-    want = -(q * torch.log_softmax(student / 0.5, 1)).sum(1).mean()
-    torch.testing.assert_close(listwise_distill(student, teacher_p, 0.5), want)
+def test_distilled_exposures_are_drawn_by_the_teachers_value(cfg, enc):
     teacher, _ = train_teacher(cfg, enc, shared=1, specific=1)
-    ex = train_exposures(enc)
-    idx = np.arange(6)
-    ub, ib = enc.user_batch(ex.user[idx], ex.hist_end[idx]), enc.item_batch(ex.item[idx])
-    p_ctr, p_ctcvr = teacher.pair_probs(ub, ib)
-    assert p_ctr.shape == (6, 6) and bool((p_ctcvr <= p_ctr).all())
-    ctr, cvr = teacher.logits(ub, ib)  # the diagonal = the exposed pairs scored one by one
-    torch.testing.assert_close(p_ctr.diagonal(), torch.sigmoid(ctr))
-    torch.testing.assert_close(p_ctcvr.diagonal(), torch.sigmoid(ctr) * torch.sigmoid(cvr))
+    dist = distilled_exposures(teacher, enc, cfg)
+    assert len(dist.value) == len(enc.split.train) and (dist.value > 0).all()
+    ex = dist.examples
+    torch.testing.assert_close(float(ex.item_prob.sum()), 1.0, rtol=1e-5, atol=1e-5)
+    # an exposure's value is the teacher's fused probability of that pair
+    idx = np.arange(4)
+    ctr, cvr = teacher.logits(
+        enc.user_batch(ex.user[idx], ex.hist_end[idx]), enc.item_batch(ex.item[idx])
+    )
+    k = dict(zip(cfg.objectives, cfg.eval.weights, strict=True))
+    p = torch.sigmoid(ctr)
+    want = (k["click"] * p + k["conversion"] * p * torch.sigmoid(cvr)) / (
+        k["click"] + k["conversion"]
+    )
+    np.testing.assert_allclose(dist.value[:4], want.double().numpy(), rtol=1e-5)
+    draws = np.bincount(dist.draw(np.random.default_rng(0), 200_000), minlength=len(dist.value))
+    top, low = int(np.argmax(dist.value)), int(np.argmin(dist.value))
+    assert draws[top] > draws[low]

@@ -16,16 +16,17 @@ Here:
   one item tower (CSMF's), score s_t(u, i) = <e_t(u), v(i)>; a user-preference gate
   α(u) = softmax(W·x_u) over the objectives (x_u: the user's embedded features);
 - losses: every objective's sampled softmax on its own positives (the same negatives, log-Q,
-  temperature, history and epoch budget as CSMF's stage t), plus ranking distillation on
-  batches of 256 train exposures (every user x item pair of the batch scored by the teacher;
-  :func:`trainer.baselines.joint.listwise_distill`): pCTR into s_click, pCTCVR into
-  s_conversion, and the teacher's utility (k_click·pCTR + k_conv·pCTCVR)/(k_click + k_conv)
-  into the gated score Σ_t α_t(u)·s_t — how the gate learns (a pointwise, calibrated-BCE
-  distillation on the exposed pairs only, tried first, taught no ranking against other items
-  and sank every view on the synthetic validation split);
+  temperature, history and epoch budget as CSMF's stage t), plus the distilled task on the
+  gated score Σ_t α_t(u)·s_t: the exposure stage's sampled softmax over the train exposures
+  drawn in proportion to the teacher's value (k_click·pCTR + k_conv·pCTCVR)/(k_click + k_conv)
+  (:func:`trainer.baselines.joint.distilled_exposures`) — how the gate learns which objective
+  counts for whom. The paper distils the teacher's pCTR / pCTCVR into the student's task
+  scores pointwise; that (calibrated BCE on the exposed pairs, and a listwise fit over in-batch
+  pairs) taught no ranking against the catalogue and sank every view on the synthetic validation
+  split, so the teacher's knowledge enters as sample weights, as in :mod:`.dtml`;
 - adaptive loss weighting: the paper's exact scheme is not public; we use dynamic weight average
-  (Liu et al., CVPR 2019) over [retrieval, KD click, KD conversion, KD gate], weights summing to
-  4 (homoscedastic-uncertainty weights, tried first, shrank the sampled-softmax term — a loss
+  (Liu et al., CVPR 2019) over [retrieval, distilled], weights summing to 2
+  (homoscedastic-uncertainty weights, tried first, shrank the sampled-softmax term — a loss
   of ~7 against BCEs of ~0.5 — to a twentieth: on the synthetic validation split the exposure
   view fell far below the same tower trained alone);
 - budget: the most epochs of any stage; an epoch is at least one pass of distillation batches
@@ -47,14 +48,13 @@ from torch import Tensor, nn
 
 from csmf.towers import Batch, Tower
 from trainer.baselines.joint import (
-    KD_BATCH,
     DynamicWeightAverage,
-    listwise_distill,
-    pair_batches,
-    train_exposures,
+    distilled_exposures,
     train_joint,
+    with_changes,
 )
 from trainer.baselines.teacher import embed_width, embedding_only, mlp, train_teacher
+from trainer.cascade import batch_loss
 from trainer.config import RunConfig
 from trainer.encoding import Encoded
 
@@ -79,6 +79,7 @@ class DMMPStudent(nn.Module):
         self.gate = nn.Linear(width, self.n_objectives)
         self.item_tower = Tower(cfg.features.item, its, cfg.model)
         self.out_dim = cfg.model.out_dim
+        self.gated = False  # user(batch, stage) → the gated vector Σ_t α_t e_t (distillation)
 
     def towers(self, batch: Batch) -> tuple[Tensor, Tensor]:
         """(B, T, D) per-objective user vectors and (B, T) gate weights."""
@@ -89,6 +90,8 @@ class DMMPStudent(nn.Module):
     def user(self, batch: Batch, stage: int | None = None) -> Tensor:
         """Objective ``stage``'s user vector; None: [e_0 | ... | e_{T-1} | α] (B, T·D + T)."""
         e, alpha = self.towers(batch)
+        if self.gated:
+            return (alpha.unsqueeze(-1) * e).sum(1)
         if stage is not None:
             return e[:, stage]
         return torch.cat([e.flatten(1), alpha], dim=1)
@@ -106,37 +109,29 @@ def fused_queries(user_out: Tensor, weights: Sequence[float], t: int, d: int) ->
 
 
 def train_dmmp(cfg: RunConfig, enc: Encoded) -> tuple[DMMPStudent, dict]:
-    ex = train_exposures(enc)
-    teacher, teacher_losses = train_teacher(cfg, enc, shared=1, specific=1, ex=ex)
-    k = dict(zip(cfg.objectives, cfg.eval.weights, strict=True))
-    t_click, t_conv = cfg.objectives.index("click"), cfg.objectives.index("conversion")
+    teacher, teacher_losses = train_teacher(cfg, enc, shared=1, specific=1)
+    dist = distilled_exposures(teacher, enc, cfg)
     torch.manual_seed(cfg.train.seed)
     model = DMMPStudent(cfg, enc)
-    weights = DynamicWeightAverage(4)
+    weights = DynamicWeightAverage(2)
     bs = cfg.train.batch_size
+    cfg_loss = with_changes(cfg, {"loss": {"aml": False}})
 
     def distill(step: int, rng: np.random.Generator) -> list[Tensor]:
         if step == 0:
             weights.end_epoch()
-        idx = rng.integers(0, len(ex), min(KD_BATCH, len(ex)))
-        ub, ib = pair_batches(ex, idx, enc)
-        p_ctr, p_ctcvr = teacher.pair_probs(ub, ib)  # (B, B)
-        e, alpha = model.towers(ub)  # (B, T, D), (B, T)
-        v = model.item(ib)  # (B, D)
-        s = torch.einsum("btd,cd->btc", e, v)  # (B, T, C)
-        utility = (k["click"] * p_ctr + k["conversion"] * p_ctcvr) / (k["click"] + k["conversion"])
-        gated = (alpha.unsqueeze(-1) * s).sum(1)  # (B, C)
-        tau = cfg.loss.temperature
-        return [
-            listwise_distill(s[:, t_click], p_ctr, tau),
-            listwise_distill(s[:, t_conv], p_ctcvr, tau),
-            listwise_distill(gated, utility, tau),
-        ]
+        idx = dist.draw(rng, bs)
+        model.gated = True
+        try:
+            exposure = cfg.objectives[0]
+            return [batch_loss(model, enc, dist.examples, idx, 0, exposure, cfg_loss, rng)]
+        finally:
+            model.gated = False
 
-    def combine(retrieval: list[Tensor], kd: list[Tensor]) -> Tensor:
-        return weights([torch.stack(retrieval).sum() if retrieval else None, *kd])
+    def combine(retrieval: list[Tensor], distilled: list[Tensor]) -> Tensor:
+        return weights([torch.stack(retrieval).sum() if retrieval else None, *distilled])
 
-    steps = -(-len(ex) // bs)
+    steps = -(-len(dist.value) // bs)
     losses = train_joint(
         model, cfg, enc, cfg.objectives, extra=distill, combine=combine, min_steps=steps
     )

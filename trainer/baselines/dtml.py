@@ -15,19 +15,20 @@ Here:
 - student: CSMF's own towers (``model.hidden``, ``model.out_dim``; :class:`csmf.towers.Tower`,
   no owners used), trained jointly on (a) the click stage's sampled softmax over click
   positives — the candidate generator's own task, with the negatives, temperature and log-Q of
-  every other method — and (b) ranking distillation on train exposures: for a batch of 256
-  exposures, the teacher scores every user x item pair of the batch with its fused probability
-  y = (k_click·pCTR + k_conv·pCTCVR) / (k_click + k_conv) (k = ``eval.weights``), and the
-  student's softmax over the same candidates is fitted to y normalised per user
-  (:func:`trainer.baselines.joint.listwise_distill`). The paper distils one target (a
-  duration-aware click score); the weights that make it one are our choice, the same the other
-  methods' fused rankings use. A pointwise distillation (BCE of a calibrated score against y on
-  the exposed pairs only, tried first) taught no ranking against other items: on the synthetic
-  validation split it pulled the student far below the click tower trained alone;
-- not public / chosen: the distillation weight (1, unweighted sum), the teacher's budget (the
-  exposure stage's epochs and lr), the student's (the click stage's epochs; an epoch is one
-  pass of distillation batches over the train exposures, the click batches running out
-  earlier).
+  every other method — and (b) the distilled task: the exposure stage's sampled softmax over the
+  train exposures drawn in proportion to the teacher's value of each,
+  y = (k_click·pCTR + k_conv·pCTCVR) / (k_click + k_conv) with k = ``eval.weights``
+  (:func:`trainer.baselines.joint.distilled_exposures`): the student learns to retrieve what the
+  teacher expects to be clicked and converted, against in-batch (or catalogue) negatives. The
+  paper distils the teacher's score into the student pointwise; two pointwise variants tried
+  first (BCE of a calibrated student score against y on the exposed pairs; a listwise fit to
+  the teacher's y over in-batch pairs the teacher never saw exposed) taught the student no
+  ranking against the catalogue: on the synthetic validation split both fell far below the click
+  tower trained alone, so the teacher's knowledge enters as sample weights instead;
+- not public / chosen: the weights k that make one target out of two (the other methods'
+  fused-ranking weights), equal weight of the two terms, the teacher's budget (the exposure
+  stage's epochs and lr), the student's (the click stage's epochs; an epoch is one pass of
+  distillation batches over the train exposures, the click batches running out earlier).
 
 Served: one ``out_dim`` vector per item; the weighted multi-objective query is the single
 user vector (the weights were fixed at distillation time — changing them means retraining).
@@ -37,57 +38,29 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from csmf.towers import Batch, Tower
-from trainer.baselines.joint import (
-    KD_BATCH,
-    listwise_distill,
-    pair_batches,
-    train_exposures,
-    train_joint,
-)
+from trainer.baselines.joint import distilled_exposures, train_joint, with_changes
 from trainer.baselines.teacher import train_teacher
+from trainer.baselines.two_tower import TwoTowerStudent
+from trainer.cascade import batch_loss
 from trainer.config import RunConfig
 from trainer.encoding import Encoded
 
 
-class TwoTowerStudent(nn.Module):
-    """Plain two tower; ``user(batch, stage)`` / ``item(batch, stage)`` ignore the stage."""
-
-    def __init__(self, cfg: RunConfig, enc: Encoded) -> None:
-        super().__init__()
-        its = enc.item_vocab.sizes()
-        self.user_tower = Tower(cfg.features.user, enc.user_vocab.sizes(), cfg.model, its["id"])
-        self.item_tower = Tower(cfg.features.item, its, cfg.model)
-
-    def user(self, batch: Batch, stage: int | None = None) -> Tensor:
-        return self.user_tower(batch)
-
-    def item(self, batch: Batch, stage: int | None = None) -> Tensor:
-        return self.item_tower(batch)
-
-
-def fused_target(p_ctr: Tensor, p_ctcvr: Tensor, k_click: float, k_conv: float) -> Tensor:
-    return (k_click * p_ctr + k_conv * p_ctcvr) / (k_click + k_conv)
-
-
 def train_dtml(cfg: RunConfig, enc: Encoded) -> tuple[TwoTowerStudent, dict]:
-    ex = train_exposures(enc)
-    teacher, teacher_losses = train_teacher(cfg, enc, shared=1, specific=0, ex=ex)
-    k = dict(zip(cfg.objectives, cfg.eval.weights, strict=True))
+    teacher, teacher_losses = train_teacher(cfg, enc, shared=1, specific=0)
+    dist = distilled_exposures(teacher, enc, cfg)
     torch.manual_seed(cfg.train.seed)
     model = TwoTowerStudent(cfg, enc)
     bs = cfg.train.batch_size
+    cfg_loss = with_changes(cfg, {"loss": {"aml": False}})
 
     def distill(step: int, rng: np.random.Generator) -> list[Tensor]:
-        idx = rng.integers(0, len(ex), min(KD_BATCH, len(ex)))
-        ub, ib = pair_batches(ex, idx, enc)
-        p_ctr, p_ctcvr = teacher.pair_probs(ub, ib)
-        s = model.user(ub) @ model.item(ib).T
-        target = fused_target(p_ctr, p_ctcvr, k["click"], k["conversion"])
-        return [listwise_distill(s, target, cfg.loss.temperature)]
+        idx = dist.draw(rng, bs)
+        exposure = cfg.objectives[0]
+        return [batch_loss(model, enc, dist.examples, idx, 0, exposure, cfg_loss, rng)]
 
-    steps = -(-len(ex) // bs)  # as many distillation steps as exposure batches
+    steps = -(-len(dist.value) // bs)  # as many distillation steps as exposure batches
     losses = train_joint(model, cfg, enc, ["click"], extra=distill, min_steps=steps)
     return model, {"teacher_loss": teacher_losses, "loss": losses}

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from trainer.cascade import batch_loss
 from trainer.config import RunConfig
-from trainer.encoding import Encoded, stage_examples
+from trainer.encoding import Encoded, StageExamples, stage_examples
 
 
 def with_changes(cfg: RunConfig, changes: Mapping[str, Mapping]) -> RunConfig:
@@ -95,15 +95,43 @@ class DynamicWeightAverage:
             self.weights = self.n * z / z.sum()
 
 
-KD_BATCH = 256  # exposures per distillation step: the teacher scores its 256 x 256 pairs
+def utility(p_ctr: Tensor, p_ctcvr: Tensor, k_click: float, k_conv: float) -> Tensor:
+    """The teacher's fused value of a pair: (k_click·pCTR + k_conv·pCTCVR) / (k_click + k_conv)."""
+    return (k_click * p_ctr + k_conv * p_ctcvr) / (k_click + k_conv)
 
 
-def listwise_distill(student: Tensor, teacher_p: Tensor, temperature: float) -> Tensor:
-    """Ranking distillation over a batch's candidates: cross-entropy between the teacher's
-    preference distribution over the row's candidates (its probabilities, normalised) and the
-    student's softmax of its scores / temperature. student, teacher_p: (B, C)."""
-    target = teacher_p / teacher_p.sum(1, keepdim=True).clamp(min=1e-12)
-    return -(target.detach() * torch.log_softmax(student / temperature, dim=1)).sum(1).mean()
+@dataclass
+class Distilled:
+    """The train exposures as retrieval positives (the exposure stage's examples) with the
+    teacher's value of each: positives are drawn ∝ value (:meth:`draw`), so the student's sampled
+    softmax learns to retrieve exposures in proportion to what the teacher expects of them;
+    ``examples.item_prob`` is the value-weighted item distribution (log-Q of the drawn items)."""
+
+    examples: StageExamples
+    value: np.ndarray  # (E,) teacher utility of each exposure, > 0
+
+    def draw(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        p = self.value / self.value.sum()
+        return rng.choice(len(self.value), size=batch, p=p)
+
+
+@torch.no_grad()
+def distilled_exposures(teacher, enc: Encoded, cfg: RunConfig) -> Distilled:
+    """Score every train exposure with the teacher (its history before the event)."""
+    ex = stage_examples(enc, cfg.objectives[0])
+    k = dict(zip(cfg.objectives, cfg.eval.weights, strict=True))
+    values = []
+    for lo in range(0, len(ex), 8192):
+        idx = np.arange(lo, min(lo + 8192, len(ex)))
+        ub = enc.user_batch(ex.user[idx], ex.hist_end[idx])
+        ctr, cvr = teacher.logits(ub, enc.item_batch(ex.item[idx]))
+        p_ctr = torch.sigmoid(ctr)
+        values.append(utility(p_ctr, p_ctr * torch.sigmoid(cvr), k["click"], k["conversion"]))
+    value = torch.cat(values).double().clamp(min=1e-6).numpy()
+    weighted = np.bincount(ex.item, weights=value, minlength=enc.n_items)
+    prob = torch.as_tensor(weighted / weighted.sum(), dtype=torch.float32)
+    examples = StageExamples(ex.user, ex.item, ex.hist_end, ex.request, prob)
+    return Distilled(examples, value)
 
 
 Extra = Callable[[int, np.random.Generator], list[Tensor]]  # (step, rng) → extra loss terms

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from trainer.baselines.dtml import TwoTowerStudent
+from trainer.baselines.two_tower import TwoTowerStudent
 from trainer.config import RunConfig
 from trainer.encoding import Encoded
 

@@ -10,8 +10,8 @@ through pCTCVR = pCTR·pCVR, the entire-space product that DMTL uses for duratio
 DMMP for conversion-after-click. Loss: BCE(pCTR, clicked) + BCE(pCTCVR, converted).
 
 With ``shared=1, specific=0`` the teacher is a shared-bottom MTL network (DTML's); DMMP uses
-shared + task-specific experts. After training the teacher is frozen; students read
-``pair_probs(user_batch, item_batch)`` = (pCTR, pCTCVR) of every user × item pair of a batch.
+shared + task-specific experts. After training the teacher is frozen; the students read its
+value of every train exposure (:func:`trainer.baselines.joint.distilled_exposures`).
 """
 
 from __future__ import annotations
@@ -85,16 +85,6 @@ class Teacher(nn.Module):
                 mixed = (w * experts).sum(1)
             out.append(self.heads[t](mixed).squeeze(-1))
         return out[0], out[1]
-
-    @torch.no_grad()
-    def pair_probs(self, ub: Batch, ib: Batch) -> tuple[Tensor, Tensor]:
-        """(pCTR, pCTCVR) of every (user b, item j) pair of the two batches, each (B, C)."""
-        xu, xi = self.user.embed(ub), self.item.embed(ib)
-        b, c = xu.shape[0], xi.shape[0]
-        x = torch.cat([xu.unsqueeze(1).expand(b, c, -1), xi.unsqueeze(0).expand(b, c, -1)], -1)
-        ctr, cvr = self._heads(x.reshape(b * c, -1))
-        p_ctr = torch.sigmoid(ctr)
-        return p_ctr.view(b, c), (p_ctr * torch.sigmoid(cvr)).view(b, c)
 
 
 def teacher_loss(model: Teacher, ub: Batch, ib: Batch, clicked: Tensor, converted: Tensor):
