@@ -169,9 +169,9 @@ def test_cf_run_records_its_choice_and_serving_dims(method, enc):
     assert run.tuning["model"] == model and run.tuning["signal"] == signal
     assert set(run.tuning["params"]) == set(GRIDS[model])
     assert len(run.tuning["grid"]) == int(np.prod([len(v) for v in GRIDS[model].values()]))
-    dims = {"als": 16, "bpr": 17, "ease": enc.n_items, "itemknn": enc.n_items}[model]
+    dims = {"als": 16, "bpr": 17}.get(model, enc.n_items)  # EASE, ItemKNN, RP3β: n_items
     assert run.e.shape == (enc.n_users, dims) and run.v.shape == (enc.n_items, dims)
-    assert run.tuning["deterministic"] == (model in ("ease", "itemknn"))
+    assert run.tuning["deterministic"] == (model in ("ease", "itemknn", "rp3beta"))
 
 
 def test_als_sweep_path_equals_one_long_fit(enc):
