@@ -27,7 +27,6 @@ PRIMARY = {
     "dtml": "dtml",
     "moppr": "moppr",
     "popularity": "clicks",
-    "exposure-only": "exposure",
 }
 LABELS = {
     "csmf": "CSMF",
