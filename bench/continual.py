@@ -39,7 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from csmf.results import pm, script_command, table, write_results
+from csmf.results import pm, script_command, source_commit, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -101,9 +101,10 @@ def code_key() -> str:
 
 
 def file_key(folder: Path) -> str:
+    """The content of a dataset folder's Parquet files."""
     h = hashlib.sha256()
-    for name in ("events.parquet", "users.parquet", "items.parquet"):
-        h.update((folder / name).read_bytes())
+    for p in sorted(folder.rglob("*.parquet")):
+        h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -208,9 +209,7 @@ def main() -> None:
     doc = {
         "load_after": os.getloadavg(),
         "code_key": code,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
+        "commit": source_commit(ROOT, ("csmf", "trainer")),
         "seeds": args.seeds,
         "datasets": {str(q): d for q, d in datasets.items()},
         "rows": rows,

@@ -31,23 +31,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from continual import code_key
+from continual import code_key, file_key
 
-from csmf.results import pm, script_command, table, write_results
+from csmf.results import pm, script_command, source_commit, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 CSMF = [sys.executable, "-m", "csmf.cli"]
 METRICS = ("recall", "ndcg")
-
-
-def file_key(folder: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*.parquet")):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def run(cmd: list[str], key: dict, out: Path) -> dict:
@@ -129,9 +120,7 @@ def main() -> None:
         rows = list(pool.map(one_seed, args.seeds))
     doc = {
         "load_after": os.getloadavg(),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),  # fmt: skip
+        "commit": source_commit(ROOT, ("csmf", "trainer")),
         "code_key": common["code"],
         "seeds": args.seeds,
         "last_tau": args.last_tau,

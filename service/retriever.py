@@ -236,7 +236,7 @@ class Retriever:
                 raise FieldError(exc.loc, exc.msg) from None
             mask = attrs.mask(f)
             dead = self.bundle.dead  # deleted rows: excluded here too, whatever the backend
-            if dead is not None and len(dead) and dead.any():
+            if dead is not None and dead.any():
                 mask = mask & ~dead[: len(mask)]
             filters = self._filters
             if len(filters) >= FILTER_CACHE:

@@ -22,6 +22,7 @@ The previous run is only read: a crash leaves it, and the bundle built from it, 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -151,8 +152,6 @@ def run_warm(
 
 def _with_lr(cfg: RunConfig, stage: int, lr: float) -> RunConfig:
     """``cfg`` whose ``train.lr`` at ``stage`` is ``lr`` (run_epochs reads train.stage_lr)."""
-    from dataclasses import replace
-
     lrs = [cfg.train.stage_lr(t) for t in range(len(cfg.objectives))]
     lrs[stage] = lr
     return replace(cfg, train=replace(cfg.train, lr=tuple(lrs)))
