@@ -61,8 +61,10 @@ class Catalogue:
         self.bundle = bundle
         self.log = log or ItemLog(log_path(bundle))
         spec = bundle.manifest.items_log
-        self.seq = spec.applied_seq if spec is not None else 0  # last record applied
+        self.folded = spec.applied_seq if spec is not None else 0  # in the bundle's files
+        self.seq = self.folded  # last record applied
         self.offset = 0  # where reading resumes (0 = scan from the start, skipping <= seq)
+        self.ino = 0  # the log file (inode) ``offset`` belongs to: a truncation replaces it
         self.lock = threading.RLock()  # apply one record at a time, in log order
         self.listeners: list[Callable[[np.ndarray], None]] = []  # called with written rows
         self.skipped = 0  # items of records for another model whose given vectors were skipped
@@ -84,6 +86,10 @@ class Catalogue:
         """(seq, byte offset) of the last record applied."""
         return self.seq, self.offset
 
+    def log_moved(self) -> bool:
+        """The log grew, or was truncated (a new file), since the last record applied."""
+        return self.log.position() != (self.ino, self.offset)
+
     def live_rows(self) -> np.ndarray:
         return np.flatnonzero(~self.bundle.dead)
 
@@ -97,6 +103,9 @@ class Catalogue:
         return {
             "file": str(self.log.path),
             "applied_seq": self.seq,
+            "folded_seq": self.folded,
+            "log_base": self.log.base(),
+            "log_bytes": self.log.size(),
             "rows": int(len(self.bundle.item_ids)),
             "deleted": int(np.count_nonzero(self.bundle.dead)),
             "writes": index.capabilities.writes,
@@ -112,7 +121,7 @@ class Catalogue:
         """Apply the records other writers (or a previous run) appended; returns how many."""
         with self.lock:
             count = 0
-            for rec in self.log.read(self.offset, self.seq):
+            for rec in self.log.read(self.offset, self.seq, self.ino):
                 self.apply(rec)
                 count += 1
             return count
@@ -145,7 +154,7 @@ class Catalogue:
                 "item writes; rebuild the bundle with another index type to write items"
             )
         with self.lock:
-            rec = self.log.append(payload, (self.offset, self.seq))  # fsynced: durable
+            rec = self.log.append(payload, (self.offset, self.seq, self.ino))  # fsynced: durable
             self.catch_up()  # records others appended before ours, then ours
             return rec
 
@@ -167,14 +176,15 @@ class Catalogue:
 
     def apply(self, rec: Record) -> None:
         with self.lock:
-            if rec.seq <= self.seq:
-                self.offset = max(self.offset, rec.end)
+            if rec.seq <= self.seq:  # folded into the bundle, or applied already
+                if rec.ino != self.ino or rec.end > self.offset:
+                    self.offset, self.ino = rec.end, rec.ino
                 return
             if rec.op == "upsert":
                 self._apply_upsert(rec)
             else:
                 self._apply_delete(rec)
-            self.seq, self.offset = rec.seq, rec.end
+            self.seq, self.offset, self.ino = rec.seq, rec.end, rec.ino
 
     def _apply_upsert(self, rec: Record) -> None:
         b = self.bundle

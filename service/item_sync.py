@@ -6,6 +6,8 @@ bundle reads: the same machine, or a shared volume); what travels through Redis 
 
 - ``{prefix}items:{log}:seq``: the highest record seq acknowledged by any writer;
 - ``{prefix}items:{log}:applied``: a hash replica id → the last seq that replica applied;
+- ``{prefix}items:{log}:folded``: a hash replica id → the seq its bundle folded in (the
+  manifest's ``items_log.applied_seq``: what a reload of that bundle replays from);
 - ``{prefix}items:{log}:alive``: a sorted set replica id → its last heartbeat (ms): replicas
   whose heartbeat is older than ``ALIVE_S`` are presumed gone (a stopped worker stops counting).
 
@@ -21,6 +23,14 @@ deleted item is not returned by any replica after its delete is acknowledged.
 
 Without Redis, the workers of one ``csmf serve --workers N`` heartbeat through files in the
 control folder instead (same rule); a single process has no one to wait for.
+
+**Truncating the log.** A compacted bundle folds the records up to ``S``; once every replica
+heard from in the last ``RETAIN_S`` serves a bundle that folded at least ``S`` (none can need
+an earlier record, not even to reload its own bundle), the first worker to see it truncates the
+log (``ItemLog.truncate``: atomic, under the append lock). Replicas that reload at different
+times just hold it back. A replica silent for longer than ``RETAIN_S`` that comes back on an
+older bundle cannot replay it: it reports the item log degraded, naming the compacted bundle,
+and keeps serving what it had — it never applies a record twice nor skips one silently.
 """
 
 from __future__ import annotations
@@ -39,10 +49,12 @@ from service.sync import BackgroundSync
 
 log = logging.getLogger("csmf.service")
 ALIVE_S = 3.0  # a replica silent for longer no longer holds acknowledgements back
+RETAIN_S = 10 * ALIVE_S  # a replica silent for longer no longer holds the log's records back
 
 
 class Registry(Protocol):
-    def heartbeat(self, log: str, replica: str, seq: int) -> None: ...
+    def heartbeat(self, log: str, replica: str, seq: int, folded: int = 0) -> None: ...
+    def min_folded(self, log: str) -> int | None: ...
     def publish(self, log: str, seq: int) -> None: ...
     def target(self, log: str) -> int: ...
     def lagging(self, log: str, seq: int) -> list[str]: ...
@@ -65,14 +77,26 @@ class RedisRegistry:
     def _key(self, log: str, what: str) -> str:
         return f"{self.prefix}items:{log}:{what}"
 
-    def heartbeat(self, log: str, replica: str, seq: int) -> None:
+    def heartbeat(self, log: str, replica: str, seq: int, folded: int = 0) -> None:
         now = int(time.time() * 1000)
         alive = self._key(log, "alive")
         p = self.client.pipeline(transaction=False)
         p.hset(self._key(log, "applied"), replica, seq)
+        p.hset(self._key(log, "folded"), replica, folded)
         p.zadd(alive, {replica: now})
-        p.zremrangebyscore(alive, "-inf", now - int(10 * ALIVE_S * 1000))
+        p.zremrangebyscore(alive, "-inf", now - int(RETAIN_S * 1000))
         p.execute()
+
+    def min_folded(self, log: str) -> int | None:
+        """The least seq folded into the bundle of any replica heard from in RETAIN_S."""
+        now = int(time.time() * 1000)
+        seen = self.client.zrangebyscore(
+            self._key(log, "alive"), now - int(RETAIN_S * 1000), "+inf"
+        )
+        if not seen:
+            return None
+        folded = self.client.hmget(self._key(log, "folded"), seen)
+        return min(int(f or 0) for f in folded)  # a replica that never said: 0
 
     def publish(self, log: str, seq: int) -> None:
         self._max(keys=[self._key(log, "seq")], args=[seq])
@@ -116,11 +140,30 @@ class FileRegistry:
         self.folder = Path(folder) / "items"
         self.folder.mkdir(parents=True, exist_ok=True)
 
-    def heartbeat(self, log: str, replica: str, seq: int) -> None:
+    def heartbeat(self, log: str, replica: str, seq: int, folded: int = 0) -> None:
         p = self.folder / f"{replica}.json"
         tmp = p.with_suffix(f".{secrets.token_hex(3)}.tmp")
-        tmp.write_text(json.dumps({"log": log, "seq": seq}))  # ephemeral state: no fsync
+        doc = {"log": log, "seq": seq, "folded": folded}
+        tmp.write_text(json.dumps(doc))  # ephemeral state: no fsync
         os.replace(tmp, p)
+
+    def _workers(self, log: str, within: float) -> list[dict]:
+        out, now = [], time.time()
+        for p in self.folder.glob("*.json"):
+            try:
+                if now - p.stat().st_mtime > within:
+                    continue
+                doc = json.loads(p.read_text())
+                if doc["log"] == log:
+                    out.append({"name": p.stem, "seq": int(doc["seq"]),
+                                "folded": int(doc.get("folded", 0))})  # fmt: skip
+            except (OSError, ValueError, KeyError):
+                continue  # replaced or half-written: read again next round
+        return out
+
+    def min_folded(self, log: str) -> int | None:
+        seen = self._workers(log, RETAIN_S)
+        return min((w["folded"] for w in seen), default=None)
 
     def publish(self, log: str, seq: int) -> None:
         return None  # the log itself carries it (its size grew)
@@ -135,17 +178,7 @@ class FileRegistry:
         return None
 
     def lagging(self, log: str, seq: int) -> list[str]:
-        out, now = [], time.time()
-        for p in self.folder.glob("*.json"):
-            try:
-                if now - p.stat().st_mtime > ALIVE_S:
-                    continue
-                doc = json.loads(p.read_text())
-                if doc["log"] == log and int(doc["seq"]) < seq:
-                    out.append(p.stem)
-            except (OSError, ValueError, KeyError):
-                continue  # replaced or half-written: read again next round
-        return out
+        return [w["name"] for w in self._workers(log, ALIVE_S) if w["seq"] < seq]
 
 
 class ItemSync:
@@ -155,6 +188,7 @@ class ItemSync:
         self.served = served
         self.settings = settings
         self.replica = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._truncated = 0  # the folded seq this worker has seen the log truncated to
         if settings.redis_url:
             self.registry: Registry | None = RedisRegistry(
                 settings.redis_url, settings.redis_prefix, settings.redis_timeout_s
@@ -188,13 +222,28 @@ class ItemSync:
         if cat is not None:
             log = cat.log.path.name
             target = self.registry.target(log) if self.registry is not None else 0
-            if target > cat.seq or cat.log.size() != cat.offset:
+            if target > cat.seq or cat.log_moved():
                 self.served.catch_up()
                 cat = self.served.retriever.catalogue
             if self.registry is not None:
-                self.registry.heartbeat(log, self.replica, cat.seq)
+                self.registry.heartbeat(log, self.replica, cat.seq, cat.folded)
+            self._truncate(cat)
         self.sync.mark_ok()
         return cat
+
+    def _truncate(self, cat) -> None:
+        """Drop the log's records this bundle folded in once no replica can need them."""
+        if not self.settings.truncate_item_log or cat.folded <= self._truncated:
+            return
+        if cat.log.base() < cat.folded:
+            reg = self.registry
+            floor = reg.min_folded(cat.log.path.name) if reg is not None else cat.folded
+            if floor is None or floor < cat.folded:
+                return  # a replica still serves an older bundle: it may reload and replay it
+            done = cat.log.truncate(cat.folded)
+            if done is not None:
+                log.info("item log %s truncated: %s", cat.log.path, done)
+        self._truncated = cat.folded
 
     def _step(self) -> None:
         cat = self._sync_once()
@@ -213,7 +262,7 @@ class ItemSync:
             return
         timeout = self.settings.items_visible_timeout_s
         try:
-            reg.heartbeat(log, self.replica, seq)
+            reg.heartbeat(log, self.replica, seq, self.served.retriever.catalogue.folded)
             reg.publish(log, seq)
             end = time.monotonic() + timeout
             while True:

@@ -173,7 +173,14 @@ class ServedBundle:
         if p is None:
             return
         atomic_write_text(
-            p, json.dumps({"path": str(r.bundle.path), "model_version": r.model_version})
+            p,
+            json.dumps(
+                {
+                    "path": str(r.bundle.path),
+                    "model_version": r.model_version,  # with `folded`: a compaction in place
+                    "folded": r.catalogue.folded if r.catalogue is not None else 0,
+                }
+            ),
         )
         self._control_sig = _sig(p)
 
@@ -183,7 +190,9 @@ class ServedBundle:
         if sig is not None and sig != self._control_sig:
             doc = json.loads(p.read_text())
             cur = self.retriever
-            if (doc["path"], doc["model_version"]) != (str(cur.bundle.path), cur.model_version):
+            folded = cur.catalogue.folded if cur.catalogue is not None else 0
+            now = (str(cur.bundle.path), cur.model_version, folded)
+            if (doc["path"], doc["model_version"], doc.get("folded", folded)) != now:
                 with self._reload_lock:
                     new = self._build(self._load(doc["path"], self.settings.verify_bundle))
                     self._swap(new)

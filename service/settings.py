@@ -64,6 +64,12 @@ class Settings(BaseSettings):
         2.0, gt=0, description="an item write is acknowledged once every live replica applied "
         "it; 503 if one has not within this time (the write is durable and still applied)"
     )  # fmt: skip
+    truncate_item_log: bool = Field(
+        False, description="drop the item log's records that a compacted bundle folded in, once "
+        "every replica heard from in the last 30 s serves such a bundle. Off by default: a bundle "
+        "rebuilt from the source tables (csmf daily, build-index) replays the whole log to get "
+        "the written items back, and refuses to load once their records are gone"
+    )  # fmt: skip
     max_body_bytes: int = Field(4 << 20, ge=1024, description="larger request bodies get 413")
     sync_interval_s: float = Field(
         0.25, gt=0, le=1.0, description="how often stores poll Redis/the file for a change"

@@ -1,6 +1,7 @@
 """Item writes across real processes: three replicas (`csmf serve --workers 2` and a second
 `csmf serve`, one bundle, one Redis) under read load while items are added and deleted through
-the admin API and the CLI; and a server SIGKILLed in the middle of a stream of write batches.
+the admin API and the CLI; a server SIGKILLed in the middle of a stream of write batches; and
+the log truncated only once every replica serves the compacted bundle.
 
 Asserted: an acknowledged upsert is served by every replica at once (fresh connections to every
 server right after the 200); a response to a request sent after a delete's 200 never holds the
@@ -31,6 +32,7 @@ from fixtures.waiting import PATIENCE, wait_until
 
 from csmf.bundle import load_bundle, read_manifest
 from csmf.catalogue import Catalogue
+from csmf.item_log import ItemLog
 
 pytestmark = pytest.mark.slow
 USER = "u3"
@@ -209,7 +211,7 @@ def test_a_server_killed_mid_write_loses_no_acknowledged_item(serve, bundles, tm
 def test_compaction_swaps_in_under_load_without_a_failed_request(serve, bundles, tmp_path, report):
     path = tmp_path / "b"
     shutil.copytree(bundles["flat"], path)
-    svc = serve(path, workers=2)
+    svc = serve(path, workers=2, CSMF_TRUNCATE_ITEM_LOG="true")
     admin = httpx.Client(
         base_url=svc.url, timeout=30, headers=AUTH, limits=httpx.Limits(max_keepalive_connections=0)
     )
@@ -239,6 +241,8 @@ def test_compaction_swaps_in_under_load_without_a_failed_request(serve, bundles,
             return all(admin.get("/admin/bundle").json()["path"] == str(out) for _ in range(8))
 
         wait_until(everywhere, PATIENCE, "every worker on the compacted bundle")
+        log = ItemLog(path.parent / "b.items.log")  # both workers serve it: records 1-2 go
+        wait_until(lambda: log.base() == 2, PATIENCE, "the folded records truncated")
         r = admin.put("/admin/items", json={"items": [_aimed(path, USER, 1)]})
         assert r.status_code == 200, r.text  # a write after the swap lands in the same log
         for _ in range(8):
@@ -253,4 +257,65 @@ def test_compaction_swaps_in_under_load_without_a_failed_request(serve, bundles,
     report.add(
         "Compaction swapped in under load",
         {**summary(samples), "rows dropped": len(gone), "records folded": 2},
+    )
+
+
+def test_the_log_is_truncated_once_every_replica_serves_the_compacted_bundle(
+    serve, bundles, redis_prefix, tmp_path, report
+):
+    path = tmp_path / "b"
+    shutil.copytree(bundles["flat"], path)
+    env = {"CSMF_REDIS_URL": REDIS_URL, "CSMF_REDIS_PREFIX": redis_prefix,
+           "CSMF_TRUNCATE_ITEM_LOG": "true"}  # fmt: skip
+    a, b = serve(path, **env), serve(path, **env)
+    import redis
+
+    rc = redis.Redis.from_url(REDIS_URL, decode_responses=True)
+    key = f"{redis_prefix}items:b.items.log"
+    wait_until(lambda: rc.zcard(f"{key}:alive") >= 2, PATIENCE, "two replicas heartbeating")
+    wa, wb = (httpx.Client(base_url=s.url, timeout=30, headers=AUTH) for s in (a, b))
+    assert wa.put("/admin/items", json={"items": [_aimed(path, USER, 0)]}).status_code == 200
+    gone = [f"i{j}" for j in range(100, 140)]
+    assert wb.request("DELETE", "/admin/items", json={"ids": gone}).status_code == 200
+    log = ItemLog(path.parent / "b.items.log")
+    size_before = log.size()
+    p = subprocess.run([sys.executable, "-m", "csmf.cli", "index", "compact", str(path),
+                        "--quiet"], capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0 and json.loads(p.stdout)["applied_seq"] == 2, p.stderr
+    assert wa.post("/admin/reload", json={"bundle": str(path)}).status_code == 200
+
+    def folded() -> dict[str, int]:
+        return {r: int(f) for r, f in rc.hgetall(f"{key}:folded").items()}
+
+    wait_until(lambda: 2 in folded().values(), PATIENCE, "replica a heartbeating folded 2")
+    first = next(r for r, f in folded().items() if f == 2)
+    seen = rc.zscore(f"{key}:alive", first)
+    wait_until(lambda: rc.zscore(f"{key}:alive", first) > seen, PATIENCE, "a's next sync")
+    assert log.base() == 0  # b serves the bundle as built: it could reload it and replay 1-2
+    r = wb.put("/admin/items", json={"items": [_aimed(path, USER, 1)]})  # record 3, b still old
+    assert r.status_code == 200 and r.json()["seq"] == 3, r.text
+    assert wb.post("/admin/reload", json={"bundle": str(path)}).status_code == 200
+    wait_until(lambda: log.base() == 2, PATIENCE, "the log truncated once both serve it")
+    assert [rec.seq for rec in log.read(0, 2)] == [3]
+    size_after = log.size()
+    probe = {"user_id": USER, "k": 50, "exclude_seen": False}
+    want = [i["item_id"] for i in wa.post("/v1/retrieve", json=probe).json()["items"]]
+    assert want[0] == "aimed-1" and not set(want) & set(gone)
+    b.proc.send_signal(signal.SIGKILL)
+    b.proc.wait(10)
+    c = serve(path, **env)  # a restart: the compacted bundle, then record 3 from the short log
+    with httpx.Client(base_url=c.url, timeout=30, headers=AUTH) as wc:
+        got = [i["item_id"] for i in wc.post("/v1/retrieve", json=probe).json()["items"]]
+        assert got == want
+        assert wc.get("/admin/bundle").json()["item_log"]["applied_seq"] == 3
+        r = wc.put("/admin/items", json={"items": [_aimed(path, USER, 2)]})
+        assert r.status_code == 200 and r.json()["seq"] == 4, r.text  # the sequence goes on
+    assert _top(a.url) == "aimed-2"
+    report.add(
+        "Item log truncated after compaction (two replicas reloading at different times)",
+        {
+            "log bytes before / after": f"{size_before} / {size_after}",
+            "truncated while a replica served the older bundle": "no",
+            "restarted replica serves what the others do": "yes",
+        },
     )
