@@ -16,7 +16,7 @@ random objective weights, k=50):
 * requests/s and latency at ``--connections`` (wrk, varied bodies as bench/serve.py), the two
   services loaded one after the other within each of ``--rounds`` rounds (medians kept).
 
-Writes: the admin item API is not used here: items are upserted through the index seam
+Writes, two ways. Through the index seam: items are upserted
 (``MilvusIndex.upsert``, the call the service makes) in batches of ``--write-batch`` from this
 process while wrk reads through the service on Milvus: items/s, read p99 with and without the
 writes in the same round, and the time until a write is visible to the service (a different
@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,8 +47,17 @@ from serve_bodies import make_bodies, write_lua  # noqa: E402  (siblings: this s
 from serve_data import bench_bundle  # noqa: E402
 from serve_load import wrk  # noqa: E402
 from serve_servers import free_port, start_service, stop, tree_cpu, wait_ready  # noqa: E402
+from service_writes import TOKEN, ApiWriter, drop_logs, section  # noqa: E402
+from service_writes import visibility as api_visibility  # noqa: E402
 
-from csmf.results import script_command, table, write_results  # noqa: E402
+from csmf.results import (  # noqa: E402
+    finish_run,
+    run_info,
+    run_line,
+    script_command,
+    table,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -58,12 +66,6 @@ K = 50
 
 def _cpu(pid: int) -> float:
     return sum(tree_cpu(pid).values())
-
-
-def _head() -> str:
-    return subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -281,7 +283,7 @@ def main() -> None:
 
     from csmf.index.milvus_server import MilvusServer, machine_slot
 
-    load_before = os.getloadavg()
+    info = run_info(ROOT)
     t_start = time.time()
     faiss_path = bench_bundle(a.items, a.cache, "ivf", a.nprobe)
     print(f"FAISS bundle: {faiss_path}", flush=True)
@@ -301,10 +303,8 @@ def main() -> None:
             doc["milvus_ready_s"] = round(ready, 1)
         finally:
             server.stop()
-    doc["load_before"] = [round(x, 2) for x in load_before]
-    doc["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    doc["run"] = finish_run(info)
     doc["wall_s"] = round(time.time() - t_start)
-    doc["commit"] = _head()
     doc["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs"
     command = script_command(__file__)
     write_results(a.out, "Milvus server beside FAISS", command, markdown(doc), doc)
@@ -349,18 +349,25 @@ def run(a, faiss_path: Path, server) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="milvus-bench-"))
     lua = write_lua(make_bodies(faiss_path, n, count=5000, k=K), tmp / "bodies.lua")
     ports = {"faiss": free_port(), "milvus": free_port()}
+    drop_logs(faiss_path, milvus_path)  # an earlier run's writes are not replayed
+    paths = {"faiss": faiss_path, "milvus": milvus_path}
     procs = {
-        "faiss": start_service(faiss_path, ports["faiss"], a.workers, tmp),
-        "milvus": start_service(milvus_path, ports["milvus"], a.workers, tmp),
+        name: start_service(paths[name], ports[name], a.workers, tmp, admin_token=TOKEN)
+        for name in ports
     }
     item_rows = mb.item_rows
     try:
         for name, port in ports.items():
             wait_ready(port, procs[name])
+        api = {name: ApiWriter(port, paths[name], a.write_batch, x) for name, port in ports.items()}
+        extra = {"faiss": None, "milvus": server.proc.pid}
         for name, port in ports.items():
             got = service_rows(port, bodies, item_rows)
             doc[f"service_{name}_recall"] = recall(x, q, got, want)
-        runs: dict[str, list] = {"faiss": [], "milvus": [], "milvus_writes": []}
+        runs: dict[str, list] = {
+            "faiss": [], "milvus": [], "milvus_writes": [], "faiss_api": [], "milvus_api": []
+        }  # fmt: skip
+        api_runs: dict[str, list] = {"faiss": [], "milvus": []}
         writes, writer_share = [], []
         for r in range(a.rounds):
             print(f"round {r + 1}/{a.rounds}", flush=True)
@@ -382,12 +389,20 @@ def run(a, faiss_path: Path, server) -> dict:
             writes.append(w.items / max(w.upsert_seconds, 1e-9))
             writer_share.append(w.upsert_seconds / max(w.seconds, 1e-9))
             w.bundle.close()
+            for name, port in ports.items():  # PUT /admin/items while wrk reads
+                api[name].start()
+                try:
+                    runs[f"{name}_api"].append(
+                        loaded(port, lua, a.duration, a.connections, procs[name].pid, extra[name])
+                    )
+                finally:
+                    api_runs[name].append(api[name].stop())
         for key, rs in runs.items():
             doc[f"service_{key}"] = {
                 m: statistics.median(r[m] for r in rs)
                 for m in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req", "non_2xx")
             }
-            if key != "faiss":
+            if key.startswith("milvus"):
                 doc[f"service_{key}"]["milvus_cpu_us_per_req"] = statistics.median(
                     r["milvus_cpu_us_per_req"] for r in rs
                 )
@@ -396,10 +411,19 @@ def run(a, faiss_path: Path, server) -> dict:
         doc["write_batch"] = a.write_batch
         vis = visibility(milvus_path, ports["milvus"], bodies[0], q[0], a.visibility_tries)
         doc["visible_s"] = {"median": statistics.median(vis), "max": max(vis), "tries": len(vis)}
+        doc["api_writes"] = {
+            name: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
+            for name, rs in api_runs.items()
+        }
+        doc["api_visible"] = {
+            name: api_visibility(port, paths[name], bodies[0], q[0], x, a.visibility_tries)
+            for name, port in ports.items()
+        }
     finally:
         for p in procs.values():
             stop(p)
         mb.close()
+        drop_logs(faiss_path, milvus_path)
     return doc
 
 
@@ -446,8 +470,7 @@ def markdown(d: dict) -> list[str]:
         f"random objective weights); wrk at {d['connections']} connections, medians of "
         f"{d['rounds']} interleaved rounds. Milvus 2.3.5 Standalone (embedded etcd, no Docker; "
         f"ready {d['milvus_ready_s']} s after start) on the same machine: {d['machine']}. "
-        f"Commit {d['commit']}; load average before {d['load_before']}, after "
-        f"{d['load_after']}; run under `nice`, wall {d['wall_s']} s.",
+        f"{run_line(d['run'])} Run under `nice`, wall {d['wall_s']} s.",
         "",
         "## Reads",
         "",
@@ -464,10 +487,12 @@ def markdown(d: dict) -> list[str]:
         "",
         "Writes are upserts of existing rows (their own vectors and attributes) through the "
         "index seam from the bench process, while wrk reads through the service on Milvus; the "
-        "admin item API was not on main when this ran. Visibility is measured from the "
+        "admin item API's figures are in the next section. Visibility is measured from the "
         "acknowledged upsert to the first service answer containing the item: the service is "
         "another Milvus client, so it sees a write once Milvus has applied it (no read-your-"
         "writes across clients).",
+        "",
+        *section(d),
     ]
 
 
