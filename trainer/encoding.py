@@ -13,9 +13,10 @@ arrays (CSR); a batch gathers its ``(B, L)`` window from positions, so memory st
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import NamedTuple, Protocol, Self
 
 import numpy as np
 import pyarrow as pa
@@ -24,12 +25,9 @@ import torch
 from torch import Tensor
 
 import csmf.objectives as funnel
-from csmf.errors import ConfigError, DataError
+from csmf.errors import DataError
 from csmf.features import FeatureSpec, TowerSpec, TowerVocab, encode_rows, fit_tower_vocab
 from trainer.data.dataset import Dataset, Split
-
-if TYPE_CHECKING:
-    from trainer.data.stream import StreamSource
 
 OFFSET = 2  # vocab index of row 0
 
@@ -181,7 +179,9 @@ class PageViews:
     train split's events only, so no validation or test event becomes a negative."""
 
     def __init__(self, ev: Events, rows: np.ndarray, n_requests: int) -> None:
-        self.source = rows  # the train rows it was built from (Encoded rebuilds on a new split)
+        self.source = (
+            rows  # the train rows it was built from (InMemoryEncoded rebuilds on a new split)
+        )
         rows = rows[(ev.request[rows] >= 0) & ~ev.clicked[rows]]
         order = np.argsort(ev.request[rows], kind="stable")
         self.items = ev.item[rows][order]
@@ -214,8 +214,11 @@ class PageViews:
 
 
 @dataclass
-class Encoded:
-    """Everything training and evaluation need, as arrays/tensors."""
+class Encoded(ABC):
+    """Everything training and evaluation need, as arrays/tensors: the protocol the cascade,
+    the baselines and evaluation are written against. Two kinds: :class:`InMemoryEncoded`
+    (:func:`encode_dataset`, every event held) and :class:`trainer.data.stream.StreamedEncoded`
+    (out of core: ``events``/``split`` then hold only the validation sample)."""
 
     spec: FeatureSpec
     user_vocab: TowerVocab
@@ -227,37 +230,30 @@ class Encoded:
     history: History | None
     candidates: Candidates | None
     device: torch.device = torch.device("cpu")
-    # out of core (trainer.data.stream): events/split then hold only the validation sample
-    stream: StreamSource | None = None
-    pages: PageViews | None = None  # built by page_views() on first use
 
+    @abstractmethod
+    def examples(
+        self,
+        objective: str,
+        since: int | None = None,
+        replay: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> Examples:
+        """The train-split positives of ``objective`` (see :func:`stage_examples`)."""
+
+    @abstractmethod
     def page_views(self) -> PageViews:
-        """Shown-but-not-clicked items per page view of the train split (loss.page_negatives);
-        a clear error when the data has no page views."""
-        if self.stream is not None:
-            raise ConfigError(
-                "loss.page_negatives needs the events in memory: the streamed path "
-                "(train.data = 'stream') does not index page views; use train.data = 'memory' "
-                "or loss.page_negatives = 0"
-            )
-        if not (self.events.request >= 0).any():
-            raise DataError(
-                "loss.page_negatives > 0 needs page views, but the events have no request_id "
-                "(e.g. MovieLens-100K: one rating is not shown beside others); "
-                "set loss.page_negatives = 0"
-            )
-        if self.pages is None or self.pages.source is not self.split.train:
-            n_requests = int(self.events.request.max()) + 1
-            self.pages = PageViews(self.events, self.split.train, n_requests)
-        return self.pages
+        """Shown-but-not-clicked items per page view of the train split (loss.page_negatives)."""
 
+    @abstractmethod
     def split_sizes(self) -> tuple[int, int, int]:
         """(train, validation, test) events of the whole dataset."""
-        if self.stream is not None:
-            return self.stream.split_sizes
-        return len(self.split.train), len(self.split.val), len(self.split.test)
 
-    def to(self, device: torch.device) -> Encoded:
+    @abstractmethod
+    def train_times(self) -> np.ndarray | None:
+        """Timestamps of the train split's events, or None when they are not held."""
+
+    def to(self, device: torch.device) -> Self:
         """Move the user/item feature tensors to ``device`` once; batches are built there."""
         self.users = {k: v.to(device) for k, v in self.users.items()}
         self.items = {k: v.to(device) for k, v in self.items.items()}
@@ -289,12 +285,72 @@ class Encoded:
         return {"id": idx + OFFSET, **{k: v[idx] for k, v in self.items.items()}}
 
 
+@dataclass
+class InMemoryEncoded(Encoded):
+    """A dataset with every event in memory (:func:`encode_dataset`)."""
+
+    pages: PageViews | None = None  # built by page_views() on first use
+
+    def examples(
+        self,
+        objective: str,
+        since: int | None = None,
+        replay: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> StageExamples:
+        ev = self.events
+        rows = self.split.train
+        rows = rows[ev.positive(objective)[rows]]
+        if since is not None:
+            new = ev.ts[rows] > since
+            old, rows = rows[~new], rows[new]
+            k = min(len(old), round(replay * len(rows)))
+            if k:
+                rows = np.sort(np.concatenate([rows, rng.choice(old, k, replace=False)]))
+        elif len(rows) == 0:
+            raise DataError(f"no {objective} positives in the train split")
+        user, item = ev.user[rows], ev.item[rows]
+        hist_end = (
+            self.history.before(user, ev.ts[rows])
+            if self.history is not None
+            else np.zeros_like(user)
+        )
+        counts = np.bincount(item, minlength=self.n_items).astype(np.float64)
+        return StageExamples(
+            user,
+            item,
+            hist_end,
+            ev.request[rows],
+            torch.as_tensor(counts / max(counts.sum(), 1.0), dtype=torch.float32),
+        )
+
+    def page_views(self) -> PageViews:
+        """Built on first use and rebuilt when the split changes; a clear error when the data
+        has no page views."""
+        if not (self.events.request >= 0).any():
+            raise DataError(
+                "loss.page_negatives > 0 needs page views, but the events have no request_id "
+                "(e.g. MovieLens-100K: one rating is not shown beside others); "
+                "set loss.page_negatives = 0"
+            )
+        if self.pages is None or self.pages.source is not self.split.train:
+            n_requests = int(self.events.request.max()) + 1
+            self.pages = PageViews(self.events, self.split.train, n_requests)
+        return self.pages
+
+    def split_sizes(self) -> tuple[int, int, int]:
+        return len(self.split.train), len(self.split.val), len(self.split.test)
+
+    def train_times(self) -> np.ndarray:
+        return self.events.ts[self.split.train]
+
+
 def encode_dataset(
     ds: Dataset,
     spec: FeatureSpec,
     split: Split,
     vocabs: tuple[TowerVocab, TowerVocab] | None = None,
-) -> Encoded:
+) -> InMemoryEncoded:
     """Encode users, items and events; ``vocabs`` (from a checkpoint) or fitted on the tables."""
     user_vocab, item_vocab = vocabs if vocabs is not None else fit_vocabs(ds, spec)
     users, items = ds.users, ds.items
@@ -335,7 +391,7 @@ def encode_dataset(
         rows = split.train
         rows = rows[events.positive(spec.user.history.source)[rows]]
         history = History(events, rows, user_vocab.ids.size, spec.user.history.max_len)
-    return Encoded(
+    return InMemoryEncoded(
         spec=spec,
         user_vocab=user_vocab,
         item_vocab=item_vocab,
@@ -447,34 +503,8 @@ def stage_examples(
     """The train-split positives of ``objective``; with ``since`` only events after that time
     (a warm start's new events — an empty set is then allowed, the stage has nothing new) plus,
     with ``replay``, that many older positives per new one, drawn by ``rng`` (rehearsal: the
-    fine-tune also sees the past it must not forget)."""
-    if enc.stream is not None:
-        if since is not None:
-            raise DataError("a warm start reads the dataset in memory (train.data = 'memory')")
-        return enc.stream.examples(objective)
-    ev = enc.events
-    rows = enc.split.train
-    rows = rows[ev.positive(objective)[rows]]
-    if since is not None:
-        new = ev.ts[rows] > since
-        old, rows = rows[~new], rows[new]
-        k = min(len(old), round(replay * len(rows)))
-        if k:
-            rows = np.sort(np.concatenate([rows, rng.choice(old, k, replace=False)]))
-    elif len(rows) == 0:
-        raise DataError(f"no {objective} positives in the train split")
-    user, item = ev.user[rows], ev.item[rows]
-    hist_end = (
-        enc.history.before(user, ev.ts[rows]) if enc.history is not None else np.zeros_like(user)
-    )
-    counts = np.bincount(item, minlength=enc.n_items).astype(np.float64)
-    return StageExamples(
-        user,
-        item,
-        hist_end,
-        ev.request[rows],
-        torch.as_tensor(counts / max(counts.sum(), 1.0), dtype=torch.float32),
-    )
+    fine-tune also sees the past it must not forget). In memory or streamed alike."""
+    return enc.examples(objective, since, replay, rng)
 
 
 def user_items(

@@ -159,9 +159,9 @@ def _with_lr(cfg: RunConfig, stage: int, lr: float) -> RunConfig:
 
 def trained_through(enc: Encoded, since: int | None = None) -> int | None:
     """The newest train-split event time (what the next warm start continues after)."""
-    if enc.stream is not None:
+    ts = enc.train_times()
+    if ts is None:
         return None
-    ts = enc.events.ts[enc.split.train]
     newest = int(ts.max()) if len(ts) else None
     if since is None:
         return newest

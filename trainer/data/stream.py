@@ -66,6 +66,7 @@ from trainer.encoding import (
     Encoded,
     Events,
     History,
+    PageViews,
     StageExamples,
     StepBatch,
     encode_table,
@@ -540,9 +541,9 @@ def open_stream(
     val_users: int = 0,
     dist=None,
     budget: int = CUTOFF_BUDGET,
-):
-    """Validate, split and summarise ``root`` out of core; returns an ``Encoded`` whose
-    ``events``/``split`` hold the validation sample and whose ``stream`` is the source."""
+) -> StreamedEncoded:
+    """Validate, split and summarise ``root`` out of core; ``events``/``split`` of the result
+    hold the validation sample and its ``stream`` is the source."""
     root = Path(root)
     if split.get("test_from"):
         raise ConfigError(
@@ -672,7 +673,7 @@ def open_stream(
         val=np.flatnonzero(label == VALIDATION),
         test=np.flatnonzero(label == TEST),
     )
-    enc = Encoded(
+    enc = StreamedEncoded(
         spec=spec,
         user_vocab=user_vocab,
         item_vocab=item_vocab,
@@ -686,6 +687,38 @@ def open_stream(
     )
     return_freed_memory()
     return enc
+
+
+@dataclass
+class StreamedEncoded(Encoded):
+    """A dataset read out of core (:func:`open_stream`): ``events``/``split`` hold only the
+    validation sample; training examples, split sizes and item counts come from ``stream``."""
+
+    stream: StreamSource = field(kw_only=True)
+
+    def examples(
+        self,
+        objective: str,
+        since: int | None = None,
+        replay: float = 0.0,
+        rng: np.random.Generator | None = None,
+    ) -> StreamExamples:
+        if since is not None:
+            raise DataError("a warm start reads the dataset in memory (train.data = 'memory')")
+        return self.stream.examples(objective)
+
+    def page_views(self) -> PageViews:
+        raise ConfigError(
+            "loss.page_negatives needs the events in memory: the streamed path "
+            "(train.data = 'stream') does not index page views; use train.data = 'memory' "
+            "or loss.page_negatives = 0"
+        )
+
+    def split_sizes(self) -> tuple[int, int, int]:
+        return self.stream.split_sizes
+
+    def train_times(self) -> None:
+        return None  # not held: a streamed run is not warm-started
 
 
 def return_freed_memory() -> None:
