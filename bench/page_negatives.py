@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from bench.harness.cache import bench_fingerprint, cache_key
 from csmf.atomic import write_json
 from csmf.checkpoint import new_model
 from csmf.results import pm, script_command, table, write_results
-from trainer.bench_cache import bench_fingerprint, cache_key
 from trainer.cascade import run_cascade
 from trainer.config import load_config
 from trainer.evaluate import evaluate_model

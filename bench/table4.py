@@ -38,10 +38,10 @@ from pathlib import Path  # noqa: E402
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bench.harness.cache import bench_fingerprint, cache_key  # noqa: E402
+from bench.harness.cli import code_commit, collect, training_cost  # noqa: E402
 from csmf.results import pm, script_command, table, write_results  # noqa: E402
 from index_builder.recall import exact_topk, recall_with_ties  # noqa: E402
-from trainer.bench_cache import bench_fingerprint, cache_key  # noqa: E402
-from trainer.bench_cli import code_commit, collect, training_cost  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
 K = 50

@@ -106,7 +106,7 @@ def invoked_command(ctx: typer.Context) -> str:
     to name what made them. ``ctx``: the command's ``typer.Context`` parameter."""
     import shlex
 
-    parts = [ctx.command_path]  # "csmf bench sensitivity sweep", "python -m trainer.report"
+    parts = [ctx.command_path]  # "csmf bench sensitivity sweep", "python -m bench.harness.report"
     for param in ctx.command.params:
         if param.param_type_name != "option" or param.name is None:
             continue
@@ -151,7 +151,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "extend": ("trainer.cli", "extend", "command"),
     "eval": ("trainer.cli", "evaluate", "command"),
     "tune": ("trainer.cli", "tune", "command"),
-    "bench": ("trainer.bench_cli", "app", "group"),
+    "bench": ("bench.harness.cli", "app", "group"),
     "build-index": ("index_builder.cli", "build_index", "command"),
     "inspect": ("index_builder.cli", "inspect", "command"),
     "export": ("index_builder.cli", "export_app", "group"),

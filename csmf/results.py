@@ -4,9 +4,10 @@ Every results file (``bench/results/*``, ``csmf bench``'s outputs, ``csmf eval``
 rendered by :func:`table` and written by :func:`write_results`, which puts the exact command that
 made the numbers into both files: the JSON's ``"command"`` and the line under the markdown's
 title. :func:`run_info` records the rest of a run's header — commit, date, machine load before and
-after — and :func:`run_line` renders it. It lives in ``csmf/`` because both the ``csmf bench`` commands (``trainer/``) and the
-scripts in ``bench/`` (run as ``python bench/<name>.py``: the repo's packages come from the install,
-their siblings from the script's folder — no ``sys.path`` edits) write results.
+after — and :func:`run_line` renders it. It lives in ``csmf/`` because the ``csmf bench`` commands (``bench/harness/``), the scripts
+in ``bench/`` (run as ``python bench/<name>.py``: the repo's packages, ``bench.harness`` included,
+come from the install, their siblings from the script's folder — no ``sys.path`` edits) and
+``csmf eval`` all write results.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from bench.harness.cli import app
 from trainer.baselines import (
     CSMF_VARIANTS,
     METHODS,
@@ -21,7 +22,6 @@ from trainer.baselines import (
     train_multivector,
     with_changes,
 )
-from trainer.bench_cli import app
 from trainer.encoding import stage_examples
 from trainer.pipeline import prepare
 

@@ -4,7 +4,7 @@ the time of the full schedule, which costs 0.005 Recall@50 — bench/results/tra
 view and the fused score beat the popularity rankings on test clicks and test conversions.
 
 Training time is not asserted here (the machine is shared; a timed unit test is noise): it is
-recorded by `python -m trainer.report` (runs/<name>/report.md) — 45–50 s per seed on 2 idle cores."""
+recorded by `python -m bench.harness.report` (runs/<name>/report.md) — 45–50 s per seed on 2 idle cores."""
 
 from pathlib import Path
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from trainer.paper_tables import render, significance
-from trainer.significance import paired_t, wilcoxon
+from bench.harness.paper_tables import render, significance
+from bench.harness.significance import paired_t, wilcoxon
 
 
 def t4_two_sided_p(t: float) -> float:
@@ -81,7 +81,7 @@ def test_table2_command_renders_from_the_quality_cache(tiny_data, tiny_config_pa
 
     from typer.testing import CliRunner
 
-    from trainer.bench_cli import app
+    from bench.harness.cli import app
 
     common = ["--data", str(tiny_data), "--config", str(tiny_config_path), "--seeds", "2"]
     common += ["--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "out")]

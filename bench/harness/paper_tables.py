@@ -3,7 +3,7 @@ Recall@N / nDCG@N, mean ± std over seeds, the best mean of each column in bold,
 of CSMF against the best other row of each column (same seeds, same split).
 
 Presentation only: it reads the per-seed records ``csmf bench table2`` collected
-(:func:`trainer.bench_cli.collect`), so editing it re-renders without re-training.
+(:func:`bench.harness.cli.collect`), so editing it re-renders without re-training.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 
 import csmf.objectives as funnel
+from bench.harness.report import METRICS
+from bench.harness.significance import paired_t, wilcoxon
 from csmf.results import table
-from trainer.report import METRICS
-from trainer.significance import paired_t, wilcoxon
 
 TARGETS = funnel.TARGETS
 # The ranking each method serves (its row of the table); CF baselines have one ranker each.

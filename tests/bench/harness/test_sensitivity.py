@@ -6,8 +6,8 @@ import json
 
 from typer.testing import CliRunner
 
-from trainer.bench_cli import app
-from trainer.sensitivity import weight_grid
+from bench.harness.cli import app
+from bench.harness.sensitivity import weight_grid
 
 
 def _run(args):

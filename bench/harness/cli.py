@@ -3,13 +3,12 @@
 method's representation, measured side by side with ``faiss.IndexFlatIP``.
 
     csmf bench quality --data data/ml-100k --seeds 3
-    python -m trainer.bench_cli quality --data data/ml-100k --seeds 3
 
 writes ``bench/results/quality-<dataset>.md`` and ``.json``. Per-(method, seed) results are cached
 in ``runs/bench-<dataset>/<method>/seed<k>-<key>.json``, the key covering the resolved config, the
-dataset's content, the method, the seed and the method's code (:mod:`trainer.bench_cache`): an
+dataset's content, the method, the seed and the method's code (:mod:`bench.harness.cache`): an
 identical second run reuses every result, a changed ``--set``/config/dataset/code re-runs
-(``--retrain`` ignores the cache). Each run trains in a fresh process (:mod:`trainer.bench_run`)
+(``--retrain`` ignores the cache). Each run trains in a fresh process (:mod:`bench.harness.run`)
 so its wall time and peak memory are its own (``--no-isolate``: in this process, memory not
 measured). Serving latency is measured here, one method after another, on same-shape vectors.
 """
@@ -27,18 +26,18 @@ import torch
 import typer
 
 import csmf.objectives as funnel
+from bench.harness.cache import bench_fingerprint, cache_key
+from bench.harness.report import METRICS, aggregate
+from bench.harness.run import record, run_in_process, run_isolated
+from bench.harness.sensitivity import app as sensitivity_app
 from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
 from csmf.results import pm, source_commit, table, write_results
 from trainer.baselines import METHODS, MethodRun
-from trainer.bench_cache import bench_fingerprint, cache_key
-from trainer.bench_run import record, run_in_process, run_isolated
 from trainer.cf_baselines import CF_METHODS, DETERMINISTIC
 from trainer.config import RunConfig, load_config
 from trainer.pipeline import prepare
-from trainer.report import METRICS, aggregate
-from trainer.sensitivity import app as sensitivity_app
 
 app = new_app(no_args_is_help=True, help="CSMF benchmarks.")
 
@@ -316,7 +315,7 @@ def collect(
     isolate: bool = True,
 ) -> Collected:
     """Seed by seed, method by method: reuse the cached record whose key matches
-    (:mod:`trainer.bench_cache`), else train (in a fresh process unless ``isolate`` is false)
+    (:mod:`bench.harness.cache`), else train (in a fresh process unless ``isolate`` is false)
     and cache it. Seed 0 of an isolated run also keeps its serving vectors (``.npz``). Methods
     in :data:`SEED_FREE` run at seed 0 only; their record stands for every seed."""
     results: dict[str, list[dict]] = {m: [] for m in names}
@@ -468,8 +467,9 @@ TABLE2_METHODS = (
 
 
 def code_commit() -> str:
-    """The checkout's commit, "+ uncommitted changes" if csmf/ or trainer/ differ from it."""
-    return source_commit(watched=("csmf", "trainer"))
+    """The checkout's commit, "+ uncommitted changes" if the code a run executes (csmf/,
+    trainer/, bench/harness/) differs from it."""
+    return source_commit(watched=("csmf", "trainer", "bench/harness"))
 
 
 @app.command("table2")
@@ -503,7 +503,7 @@ def table2(
     ``csmf bench quality``'s cache (same keys)."""
     import os
 
-    from trainer.paper_tables import render
+    from bench.harness.paper_tables import render
 
     dataset = data.resolve().name
     config = config or Path(f"configs/{dataset}.toml")

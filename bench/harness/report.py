@@ -1,7 +1,7 @@
 """Several seeds → one table (mean ± std): train (or reuse) ``OUT/seed<N>`` for each seed,
 evaluate each on its test split, aggregate.
 
-    python -m trainer.report --config configs/ml-100k.toml --data data/ml-100k \
+    python -m bench.harness.report --config configs/ml-100k.toml --data data/ml-100k \
         --out runs/ml-100k-seeds --seeds 3
 
 writes ``OUT/report.md`` and ``OUT/report.json`` and prints the table.

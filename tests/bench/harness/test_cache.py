@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
+from bench.harness.cache import bench_fingerprint, cache_key, code_version, result_code_files
+from bench.harness.cli import app
 from csmf.checkpoint import dataset_files, dataset_fingerprint
-from trainer.bench_cache import bench_fingerprint, cache_key, code_version, result_code_files
-from trainer.bench_cli import app
 from trainer.config import load_config
 
 
@@ -54,7 +54,7 @@ def test_code_version_covers_result_code_not_presentation():
     cf_files = result_code_files("ease-click")
     assert "trainer/cascade.py" in csmf_files and "trainer/losses.py" in csmf_files
     assert "trainer/cf_baselines.py" in cf_files and "trainer/cf_baselines.py" not in csmf_files
-    assert "trainer/bench_cli.py" not in cf_files
+    assert "bench/harness/cli.py" not in cf_files and "bench/harness/run.py" in csmf_files
     assert code_version("csmf")["source"] != code_version("ease-click")["source"]
     assert code_version("csmf") == code_version("sep")  # same code, same version
 

@@ -28,19 +28,21 @@ from pathlib import Path
 from csmf.checkpoint import dataset_files, dataset_fingerprint
 from trainer.config import RunConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("csmf", "trainer")
+ROOT = Path(__file__).resolve().parents[2]
+# bench/harness/run.py runs (and measures) a method in its own process: result code too
+PACKAGES = ("csmf", "trainer", "bench/harness")
 # Presentation only (tables, CLIs, sweeps): editing them cannot change a method's numbers.
 NOT_RESULT_CODE = frozenset(
     {
         "csmf/cli.py",
-        "trainer/bench_cli.py",
-        "trainer/bench_cache.py",
-        "trainer/report.py",
         "trainer/cli.py",
-        "trainer/sensitivity.py",
-        "trainer/significance.py",
-        "trainer/paper_tables.py",
+        "bench/harness/__init__.py",
+        "bench/harness/cli.py",
+        "bench/harness/cache.py",
+        "bench/harness/report.py",
+        "bench/harness/sensitivity.py",
+        "bench/harness/significance.py",
+        "bench/harness/paper_tables.py",
     }
 )
 CF_CODE = "trainer/cf_baselines.py"  # only the CF baselines run it (and its grids)
@@ -65,7 +67,7 @@ def bench_fingerprint(folder: str | Path) -> str:
 
 def result_code_files(method: str) -> list[str]:
     """Source files (relative to the repo root) whose content the results of ``method`` depend
-    on: every module of ``csmf/`` and ``trainer/`` except presentation code, the CF module
+    on: every module of ``csmf/``, ``trainer/`` and ``bench/harness/`` except presentation code, the CF module
     only for the CF baselines, and each of :data:`METHOD_CODE` only for its methods."""
     from trainer.cf_baselines import CF_METHODS
 
