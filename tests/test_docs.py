@@ -146,3 +146,98 @@ def test_no_absolute_machine_paths_in_docs_and_results():
         for m in ABSOLUTE.finditer(p.read_text(errors="replace"))
     ]
     assert found == [], f"use paths relative to the repository: {found}"
+
+
+RESULTS = ROOT / "bench" / "results"
+# A citation of a results file: a markdown link to it, or its path (or, for a file that exists in
+# bench/results/, its bare name) in backticks. `git show REV:bench/results/x.md` cites an old
+# version and is not one.
+RESULT_CITE = re.compile(r"(?:\]\(|`)((?:[^)\s#`]*bench/results/)?[\w.-]+\.md)(?:#[^)\s`]*)?[)`]")
+# Numbers precise enough to go stale: a decimal point, a percent sign or thousands separators
+# (an integer such as "3 seeds" or "50" is too often a count or a setting to check).
+NUMBER = re.compile(
+    r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+(?:\.\d+)?\s?%)(?![\w.]*\d)"
+)
+THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+
+
+def cited_units(markdown: str) -> list[str]:
+    """Table rows, list items and the sentences of paragraphs, outside code fences."""
+    units: list[str] = []
+    para: list[str] = []
+
+    def flush() -> None:
+        if para:
+            units.extend(re.split(r"(?<=[.!?])\s+(?=[A-Z\[(*_])", " ".join(para)))
+            para.clear()
+
+    in_fence = False
+    for line in markdown.splitlines():
+        s = line.strip()
+        if s.startswith("```"):
+            flush()
+            in_fence = not in_fence
+        elif in_fence:
+            continue
+        elif not s or s.startswith("#") or s.startswith("|"):
+            flush()
+            if s.startswith("|"):
+                units.append(s)
+        else:
+            if re.match(r"(?:[-*]|\d+\.)\s", s):
+                flush()
+            para.append(s)
+    flush()
+    return units
+
+
+def stated_numbers(unit: str) -> list[str]:
+    """The numbers a sentence states, not those inside link targets or code spans."""
+    prose = re.sub(r"\]\([^)]*\)", "]", re.sub(r"`[^`]*`", "", unit))
+    return [THOUSANDS.sub("", m.group(1)).replace(" ", "") for m in NUMBER.finditer(prose)]
+
+
+def _holds(text: str, number: str) -> bool:
+    pattern = re.escape(number).replace("%", r"\s?%")
+    return re.search(rf"(?<![\d.]){pattern}(?!\d)", text) is not None
+
+
+def test_cited_numbers_appear_in_the_results_file():
+    """Every number stated in the same sentence, list item or table row as a citation of
+    ``bench/results/X.md`` (README.md, docs/results.md) appears in X: a rerun that changes a
+    number fails here until the prose says the new one. A figure derived from the file (a
+    difference, a rounding) is written as the file's values instead."""
+    stale = []
+    for md in (ROOT / "README.md", ROOT / "docs" / "results.md"):
+        for unit in cited_units(md.read_text()):
+            cited = [
+                c
+                for c in RESULT_CITE.findall(unit)
+                if "bench/results/" in c or (RESULTS / c).is_file()
+            ]
+            if not cited:
+                continue
+            files = [RESULTS / Path(c).name for c in cited]
+            missing = [c for c, f in zip(cited, files, strict=True) if not f.is_file()]
+            assert not missing, f"{_rel(md)} cites missing results files {missing}"
+            text = THOUSANDS.sub("", "\n".join(f.read_text() for f in files))
+            stale += [
+                f"{_rel(md)}: {n} not in {sorted({f.name for f in files})}: {unit[:120]}"
+                for n in stated_numbers(unit)
+                if not _holds(text, n)
+            ]
+    assert stale == [], "\n".join(stale)
+
+
+def test_stated_numbers_are_found_in_prose_not_in_links_or_code():
+    unit = "[1.25× at 2,284 req/s](../bench/results/w0.95.md), `--set a=0.5`, 10 % and 3 seeds"
+    assert stated_numbers(unit) == ["1.25", "2284", "10%"]
+    assert cited_units("A 0.5. B [x](y.md) 1.2.\n\n| a | 0.3 |\n- item 0.4\n  more") == [
+        "A 0.5.",
+        "B [x](y.md) 1.2.",
+        "| a | 0.3 |",
+        "- item 0.4 more",
+    ]
+    assert _holds("| 2284 | 0.20 |", "2284") and not _holds("| 0.20 |", "0.2")
+    cites = "[a](../bench/results/x.md#h), `serve.md`, `git show c1:bench/results/y.md`"
+    assert RESULT_CITE.findall(cites) == ["../bench/results/x.md", "serve.md"]
