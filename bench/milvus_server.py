@@ -47,7 +47,14 @@ from serve_bodies import make_bodies, write_lua  # noqa: E402  (siblings: this s
 from serve_data import bench_bundle  # noqa: E402
 from serve_load import wrk  # noqa: E402
 from serve_servers import free_port, start_service, stop, tree_cpu, wait_ready  # noqa: E402
-from service_writes import TOKEN, ApiWriter, drop_logs, section  # noqa: E402
+from service_writes import (  # noqa: E402
+    TOKEN,
+    ApiWriter,
+    drop_logs,
+    drop_redis,
+    redis_settings,
+    section,
+)
 from service_writes import visibility as api_visibility  # noqa: E402
 
 from csmf.results import (  # noqa: E402
@@ -276,6 +283,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--write-batch", type=int, default=1000)
     ap.add_argument("--visibility-tries", type=int, default=5)
+    ap.add_argument("--redis", help="Redis URL carrying the item-log position between workers")
     ap.add_argument("--port", type=int, default=19530, help="the Milvus server's port")
     ap.add_argument("--cache", type=Path, default=ROOT / ".cache" / "bench")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "milvus-server")
@@ -288,8 +296,9 @@ def main() -> None:
     faiss_path = bench_bundle(a.items, a.cache, "ivf", a.nprobe)
     print(f"FAISS bundle: {faiss_path}", flush=True)
     with machine_slot() as had:
-        if not had:
-            raise SystemExit("another process runs this machine's Milvus server (see its lock)")
+        if not had:  # a test session or another bench: wait for it rather than fail
+            print("waiting for this machine's Milvus server slot (held by another process)")
+    with machine_slot(blocking=True):
         server = MilvusServer(
             a.cache / f"serve-{a.items}" / "milvus-server", a.port, 9091,
             bin_dir=ROOT / ".cache" / "milvus-server" / "bin",
@@ -351,8 +360,10 @@ def run(a, faiss_path: Path, server) -> dict:
     ports = {"faiss": free_port(), "milvus": free_port()}
     drop_logs(faiss_path, milvus_path)  # an earlier run's writes are not replayed
     paths = {"faiss": faiss_path, "milvus": milvus_path}
+    redis = redis_settings(a.redis)
+    doc["redis"] = bool(redis)
     procs = {
-        name: start_service(paths[name], ports[name], a.workers, tmp, admin_token=TOKEN)
+        name: start_service(paths[name], ports[name], a.workers, tmp, admin_token=TOKEN, **redis)
         for name in ports
     }
     item_rows = mb.item_rows
@@ -424,6 +435,7 @@ def run(a, faiss_path: Path, server) -> dict:
             stop(p)
         mb.close()
         drop_logs(faiss_path, milvus_path)
+        drop_redis(redis)
     return doc
 
 

@@ -251,6 +251,8 @@ class BundleInfo(BaseModel):
     )
     manifest: dict[str, object]
     item_log: dict[str, object] | None = Field(
-        None, description="the item log: file, applied_seq, rows, deleted, writes, tombstones"
+        None,
+        description="the item log: file, applied_seq, folded_seq (in the bundle's files), "
+        "log_base (records up to it truncated), log_bytes, rows, deleted, writes, tombstones",
     )
     loaded_at: str
