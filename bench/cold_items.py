@@ -22,15 +22,14 @@ row).
 
     python bench/cold_items.py --data data/ml-100k --seeds 0 1 2 --set train.threads=1 --jobs 2
 
-Trained runs are cached under ``.cache/cold-items/KEY`` (KEY hashes the dataset fingerprint,
-the config, the overrides, the hold-out share and the seed). Writes
+Trained runs are cached under ``.cache/cold-items/KEY`` (KEY: :func:`bench.harness.cache.key_of`
+of the dataset fingerprint, the config, the overrides, the hold-out share and the seed). Writes
 ``bench/results/cold-items-ml-100k.{md,json}``.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -44,13 +43,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from bench.harness.cache import bench_fingerprint, key_of
+from csmf.results import run_info
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "cold-items"
 TARGETS = ("click", "conversion")
-
-
-def _key(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def held_items(items: pa.Table, share: float, seed: int) -> list[str]:
@@ -92,15 +90,14 @@ def train_cmd(config: Path, data: Path, out: Path, seed: int, sets: list[str]) -
 
 def plan(args: argparse.Namespace) -> list[dict]:
     """Per seed: the held-out ids, the two run folders, their training commands."""
-    from csmf.checkpoint import dataset_files, dataset_fingerprint
-
-    fp = dataset_fingerprint(dataset_files(args.data))
+    fp = bench_fingerprint(args.data)
     config = args.config or ROOT / "configs" / f"{args.data.resolve().name}.toml"
     cfg_text = Path(config).read_text()
     items = pq.read_table(args.data / "items.parquet")
     out = []
     for seed in args.seeds:
-        key = _key(fp, cfg_text, args.sets, args.holdout, seed)
+        parts = {"dataset": fp, "config": cfg_text, "sets": args.sets, "holdout": args.holdout}
+        key = key_of({**parts, "seed": seed})[:12]
         folder = CACHE / key
         held = held_items(items, args.holdout, seed)
         cold_data = folder / "data-without-held"
@@ -146,13 +143,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=50)
     args = ap.parse_args()
     os.chdir(ROOT)
+    info = run_info(ROOT, ("csmf", "trainer"))
     jobs = plan(args)
     train_all(jobs, args.sets, args.jobs)
     if args.train_only:
         return
     from cold_items_eval import evaluate_and_write  # torch: after training
 
-    evaluate_and_write(args, jobs)
+    evaluate_and_write(args, jobs, info)
 
 
 if __name__ == "__main__":

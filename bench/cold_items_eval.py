@@ -4,8 +4,6 @@ numpy item tower the bundle ships), the warm run and popularity; results file.""
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,7 +12,7 @@ import pyarrow.parquet as pq
 import torch
 
 from csmf.checkpoint import load_checkpoint
-from csmf.results import pm, script_command, table, write_results
+from csmf.results import finish_run, pm, run_line, script_command, table, write_results
 from index_builder.encode import user_encoder_from_model
 from trainer.config import load_config
 from trainer.encoding import Encoded, user_items
@@ -120,7 +118,9 @@ def score_seed(cfg, full: Encoded, items_table, job: dict, n: int) -> dict:
     return out
 
 
-def evaluate_and_write(args, jobs: list[dict]) -> None:
+def evaluate_and_write(args, jobs: list[dict], info: dict) -> None:
+    """Score every seed's warm and cold runs and write the results; ``info``: the run's
+    :func:`csmf.results.run_info`, taken before the trainings."""
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     config = jobs[0]["config"]
@@ -157,8 +157,7 @@ def evaluate_and_write(args, jobs: list[dict]) -> None:
         header = ["method"] + [f"{t} {m}@{n}" for t in TARGETS for m in ("Recall", "nDCG")]
         body += table(header, rows, "lrrrr") + [""]
     users = per_seed[jobs[0]["seed"]]["_users"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()  # fmt: skip
+    info = finish_run(info)
     body += [
         "`among held-out`: each user's ranking over the held-out items only (which new item?); "
         "`full catalogue`: over every item, held-out ones with their cold vectors (how new items "
@@ -170,8 +169,8 @@ def evaluate_and_write(args, jobs: list[dict]) -> None:
         f"{users['conversion']} with held-out test conversions. The cold run's user vectors use "
         "its own train histories (without the held-out items).",
         "",
-        f"Commit {commit}; load average {os.getloadavg()[0]:.1f} on a shared 2-core machine; "
-        f"trainings with `--set train.threads=1` under nice; scoring {time.perf_counter() - t0:.0f} s.",
+        f"{run_line(info)} Trainings with `--set train.threads=1` under nice; scoring "
+        f"{time.perf_counter() - t0:.0f} s.",
     ]
     doc = {
         "seeds": list(per_seed),
@@ -180,8 +179,7 @@ def evaluate_and_write(args, jobs: list[dict]) -> None:
         "sets": args.sets,
         "summary": summary,
         "per_seed": {str(s): v for s, v in per_seed.items()},
-        "commit": commit,
-        "load_average": os.getloadavg()[0],
+        "run": info,
     }
     stem = Path("bench/results") / f"cold-items-{Path(args.data).resolve().name}"
     command = script_command(Path(__file__).with_name("cold_items.py"))

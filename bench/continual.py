@@ -25,9 +25,7 @@ train; one torch thread; run under ``nice``). Every run folder carries the key o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -39,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from csmf.results import pm, script_command, source_commit, table, write_results
+from bench.harness.cache import bench_fingerprint, holds, remember, source_key
+from csmf.results import finish_run, pm, run_info, run_line, script_command, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -89,34 +88,10 @@ def write_period_dataset(src: Path, out: Path, q: int, bounds: np.ndarray) -> di
     }
 
 
-def code_key() -> str:
-    """The commit's tree of the code a run executes (csmf/, trainer/) + any uncommitted change."""
-    tree = subprocess.run(
-        ["git", "rev-parse", "HEAD:csmf", "HEAD:trainer"], cwd=ROOT, capture_output=True, text=True
-    ).stdout
-    dirty = subprocess.run(
-        ["git", "diff", "HEAD", "--", "csmf", "trainer"], cwd=ROOT, capture_output=True, text=True
-    ).stdout
-    return hashlib.sha256((tree + dirty).encode()).hexdigest()[:16]
-
-
-def file_key(folder: Path) -> str:
-    """The content of a dataset folder's Parquet files."""
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*.parquet")):
-        h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
-
 def run(cmd: list[str], key: dict, out: Path) -> dict:
     """``csmf train ...`` into ``out`` unless ``out`` holds a run made with the same key; then
     ``csmf eval``. Returns {seconds, metrics} (seconds: the train command's wall time)."""
-    key_file = out / "bench-key.json"
-    if (
-        key_file.exists()
-        and json.loads(key_file.read_text()) == key
-        and (out / "eval.json").exists()
-    ):
+    if holds(out, key) and (out / "eval.json").exists():
         return json.loads((out / "bench-result.json").read_text())
     t0 = time.perf_counter()
     subprocess.run(cmd + ["--out", str(out), "--force", "--no-progress"], check=True, cwd=ROOT)
@@ -134,7 +109,7 @@ def run(cmd: list[str], key: dict, out: Path) -> dict:
         "grown": train.get("warm_start", {}).get("grown_rows"),
     }
     (out / "bench-result.json").write_text(json.dumps(result))
-    key_file.write_text(json.dumps(key))
+    remember(out, key)
     return result
 
 
@@ -159,15 +134,16 @@ def main() -> None:
         render(doc, doc["command"], args.out)
         return
 
+    info = run_info(ROOT, ("csmf", "trainer"))
     ev_ts = pq.read_table(args.data / "events.parquet", columns=["timestamp"])["timestamp"]
     bounds = period_bounds(ev_ts.to_numpy())
-    code = code_key()
+    code = source_key()
     config_text = args.config.read_text()
     datasets, rows = {}, []
     for q in range(FIRST, PERIODS):
         folder = args.work / "data" / f"p{q}"
         datasets[q] = write_period_dataset(args.data, folder, q, bounds)
-        datasets[q]["key"] = file_key(folder)
+        datasets[q]["key"] = bench_fingerprint(folder)
     base = [*CSMF, "train", "--config", str(args.config), "--set", "train.threads=1"]
     base += [x for s in args.sets for x in ("--set", s)]
     warm_sets = [x for s in args.warm_set for x in ("--set", s)]
@@ -207,9 +183,8 @@ def main() -> None:
         for part in pool.map(chain, args.seeds):
             rows += part
     doc = {
-        "load_after": os.getloadavg(),
+        "run": finish_run(info),
         "code_key": code,
-        "commit": source_commit(ROOT, ("csmf", "trainer")),
         "seeds": args.seeds,
         "datasets": {str(q): d for q, d in datasets.items()},
         "rows": rows,
@@ -225,8 +200,11 @@ def render(doc: dict, command: str, out: Path) -> None:
         return float(np.mean(values)), float(np.std(values))
 
     lines = [
-        f"Commit {doc['commit']} (code key {doc['code_key']}), seeds {doc['seeds']}, one torch "
-        f"thread per run under `nice` on a shared 2-core box; load average after the run "
+        f"{run_line(doc['run'])} Code key {doc['code_key']}, seeds {doc['seeds']}, one torch "
+        "thread per run under `nice`."
+        if "run" in doc  # results made before csmf.results.run_info: commit and load after only
+        else f"Commit {doc['commit']} (code key {doc['code_key']}), seeds {doc['seeds']}, one "
+        f"torch thread per run under `nice` on a shared 2-core box; load average after the run "
         f"{', '.join(f'{x:.1f}' for x in doc['load_after'])}.",
         "",
         "Fused Recall@50 / nDCG@50 on period q + 1 (mean ± std over seeds); relative difference "

@@ -24,16 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from continual import code_key, file_key
 
-from csmf.results import pm, script_command, source_commit, table, write_results
+from bench.harness.cache import bench_fingerprint, holds, remember, source_key
+from csmf.results import finish_run, pm, run_info, run_line, script_command, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -44,13 +43,12 @@ METRICS = ("recall", "ndcg")
 def run(cmd: list[str], key: dict, out: Path) -> dict:
     """The command into ``out`` (unless ``out`` holds a run made with ``key``), then ``csmf
     eval``; returns eval.json's metrics and the run's seconds."""
-    key_file = out / "bench-key.json"
-    if not (key_file.exists() and json.loads(key_file.read_text()) == key):
+    if not holds(out, key):
         subprocess.run([*cmd, "--out", str(out), "--force", "--no-progress"], check=True, cwd=ROOT)
         subprocess.run(
             [*CSMF, "eval", "--run", str(out)], check=True, cwd=ROOT, capture_output=True
         )
-        key_file.write_text(json.dumps(key))
+        remember(out, key)
     ev = json.loads((out / "eval.json").read_text())
     train = json.loads((out / "train_metrics.json").read_text())
     val = train["stages"][-1]["val_recall"]  # the last stage's view on validation
@@ -80,7 +78,9 @@ def main() -> None:
         render(doc, doc["command"], args.out)
         return
     command = script_command(__file__)
-    common = {"code": code_key(), "config": args.config.read_text(), "data": file_key(args.data)}
+    info = run_info(ROOT, ("csmf", "trainer"))
+    common = {"code": source_key(), "config": args.config.read_text(),
+              "data": bench_fingerprint(args.data)}  # fmt: skip
     train = [*CSMF, "train", "--config", str(args.config), "--data", str(args.data),
              "--set", "train.threads=1"]  # fmt: skip
 
@@ -119,8 +119,7 @@ def main() -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(one_seed, args.seeds))
     doc = {
-        "load_after": os.getloadavg(),
-        "commit": source_commit(ROOT, ("csmf", "trainer")),
+        "run": finish_run(info),
         "code_key": common["code"],
         "seeds": args.seeds,
         "last_tau": args.last_tau,
@@ -149,10 +148,16 @@ def render(doc: dict, command: str, out: Path) -> None:
         xs = [pick(r, kind)["metrics"][target][ranker][m] for r in rows]
         return float(np.mean(xs)), float(np.std(xs))
 
+    header = (
+        f"{run_line(doc['run'])} Code key {doc['code_key']}, seeds {doc['seeds']}, one torch "
+        "thread per run"
+        if "run" in doc  # results made before csmf.results.run_info: commit and load after only
+        else f"Commit {doc['commit']} (code key {doc['code_key']}), seeds {doc['seeds']}, one "
+        f"torch thread per run on a shared 2-core box (load average after: "
+        f"{', '.join(f'{x:.1f}' for x in doc['load_after'])})"
+    )
     lines = [
-        f"Commit {doc['commit']} (code key {doc['code_key']}), seeds {doc['seeds']}, one torch "
-        f"thread per run on a shared 2-core box (load average after: "
-        f"{', '.join(f'{x:.1f}' for x in doc['load_after'])}); `cascade.last_tau` = "
+        f"{header}; `cascade.last_tau` = "
         f"{doc['last_tau']}; output slices of the extended model "
         f"{pick(rows[0], 'extended')['output_slices']} (exposure, click, conversion, cart).",
         "",

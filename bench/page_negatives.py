@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import torch
 from bench.harness.cache import bench_fingerprint, cache_key
 from csmf.atomic import write_json
 from csmf.checkpoint import new_model
-from csmf.results import pm, script_command, table, write_results
+from csmf.results import finish_run, pm, run_info, run_line, script_command, table, write_results
 from trainer.cascade import run_cascade
 from trainer.config import load_config
 from trainer.evaluate import evaluate_model
@@ -77,7 +76,8 @@ def main() -> None:
     fingerprint = bench_fingerprint(args.data)
     args.cache.mkdir(parents=True, exist_ok=True)
     runs: dict[str, list[dict]] = {a: [] for a in arms}
-    load = []
+    info = run_info()
+    load = []  # the 1-minute load when each run that trained started
     for seed in range(args.seeds):
         for arm, p in arms.items():
             sets = [*args.sets, f"loss.page_negatives={p}", f"train.seed={seed}"]
@@ -100,11 +100,8 @@ def main() -> None:
         "config": str(args.config),
         "page_negatives": args.page_negatives,
         "seeds": list(range(args.seeds)),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip(),
+        "run": finish_run(info),
         "load_1min_at_run_start": load,
-        "uptime": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
         "summary": {
             s: {a: {r: summarise(runs[a], s, r) for r in rankers} for a in arms}
             for s in ("val", "test")
@@ -115,9 +112,8 @@ def main() -> None:
     body = [
         f"CSMF on `{dataset}` ({args.config}), seeds 0–{args.seeds - 1}, mean ± std (population)"
         f" over seeds; `loss.page_negatives` = 0 (without) vs {args.page_negatives} (with), "
-        "everything else from the config. Commit "
-        f"{doc['commit']}; 1-minute load when each run started: "
-        f"{', '.join(f'{x:.1f}' for x in load) or 'all runs cached'}.",
+        f"everything else from the config. {run_line(doc['run'])} 1-minute load when each run "
+        f"started: {', '.join(f'{x:.1f}' for x in load) or 'all runs cached'}.",
         "",
     ]
     for split, name in (("val", "Validation split"), ("test", "Test split")):

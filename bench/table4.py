@@ -39,8 +39,16 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench.harness.cache import bench_fingerprint, cache_key  # noqa: E402
-from bench.harness.cli import code_commit, collect, training_cost  # noqa: E402
-from csmf.results import pm, script_command, table, write_results  # noqa: E402
+from bench.harness.cli import CODE, collect, training_cost  # noqa: E402
+from csmf.results import (  # noqa: E402
+    finish_run,
+    pm,
+    run_info,
+    run_line,
+    script_command,
+    table,
+    write_results,
+)
 from index_builder.recall import exact_topk, recall_with_ties  # noqa: E402
 from trainer.config import load_config  # noqa: E402
 
@@ -161,7 +169,7 @@ def main() -> None:
     cfg0 = load_config(args.config, [*args.sets, "train.seed=0"])
     fingerprint = bench_fingerprint(args.data)
     rows, doc, kept = [], {}, {}
-    load_before = os.getloadavg()
+    info = run_info(watched=CODE)
     for m in names:
         key, _ = cache_key(cfg0, fingerprint, m, 0)
         path = cache / m / f"seed0-{key[:16]}.npz"
@@ -251,7 +259,7 @@ def main() -> None:
              f"{d['recall']:.3f}" + ("" if d["floor_reached"] else " (floor not reached)"),
              f"{d['us']:.0f}", rel[1], d["fused"], pm(t, ".0f") if t else "n/a"]
         )  # fmt: skip
-    load_after = os.getloadavg()
+    info = finish_run(info)
     body = table(
         ["method", "indexes", "bytes/item", "index MiB", "vs CSMF", "nprobe", "K' per index",
          f"recall@{K}", "µs/query", "vs CSMF", "fused score", "train s (2k items)"],
@@ -267,10 +275,8 @@ def main() -> None:
         f"{args.floor} against the exact search of each method's own fused score, ties "
         "counted). Weighted query: eval.weights of the config. Train s: mean ± std over the "
         f"cached seeds of the synthetic Table 2 (2,000 items, own process per run, "
-        f"train.threads as in --set). Code {code_commit()}; load average (1/5/15 min) "
-        f"{load_before[0]:.2f}/{load_before[1]:.2f}/{load_before[2]:.2f} before, "
-        f"{load_after[0]:.2f}/{load_after[1]:.2f}/{load_after[2]:.2f} after, on a 2-core box "
-        "shared with other jobs: compare the methods' ratios, not the absolute µs.",
+        f"train.threads as in --set). {run_line(info)} A box shared with other jobs: compare "
+        "the methods' ratios, not the absolute µs.",
     ]
     md, _ = write_results(
         args.out / f"table4-{dataset}",
@@ -283,8 +289,7 @@ def main() -> None:
             "jitter": args.jitter,
             "nlist": args.nlist,
             "floor": args.floor,
-            "code": code_commit(),
-            "loadavg": {"before": list(load_before), "after": list(load_after)},
+            "run": info,
             "training_cost": train,
         },
     )

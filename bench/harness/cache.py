@@ -1,4 +1,10 @@
-"""What a cached benchmark run depends on, as one key.
+"""What a cached benchmark run depends on, as one key: the one run cache of ``csmf bench`` and the
+scripts in ``bench/``.
+
+:func:`key_of` hashes a run's parts (canonical JSON); :func:`source_key` is the code part of a run
+that executes the packages (e.g. a ``csmf train`` subprocess) and :func:`bench_fingerprint` the
+dataset part; :func:`holds` / :func:`remember` keep a run folder's parts beside it, so a folder is
+reused only for the same parts.
 
 A (method, seed) result of ``csmf bench quality`` may be reused only if everything that can change
 its numbers is unchanged:
@@ -21,12 +27,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from functools import cache
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from csmf.atomic import write_json
 from csmf.checkpoint import dataset_files, dataset_fingerprint
-from trainer.config import RunConfig
+
+if TYPE_CHECKING:
+    from trainer.config import RunConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 # bench/harness/run.py runs (and measures) a method in its own process: result code too
@@ -58,6 +69,36 @@ METHOD_CODE = {
 }
 LIBRARIES = ("numpy", "torch", "scipy", "implicit", "faiss-cpu", "pyarrow")
 DATASET_EXTRA = ("truth.npz",)  # read by the oracle method, not by training
+KEY_FILE = "bench-key.json"  # a run folder's parts (holds / remember)
+
+
+def key_of(parts: Mapping[str, Any]) -> str:
+    """The hex SHA-256 of ``parts`` as canonical JSON: what every cached run is keyed by."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def holds(folder: Path, parts: Mapping[str, Any]) -> bool:
+    """Whether ``folder`` holds a run made from exactly ``parts`` (:func:`remember`)."""
+    path = folder / KEY_FILE
+    return path.is_file() and json.loads(path.read_text()) == json.loads(
+        json.dumps(parts, default=str)
+    )
+
+
+def remember(folder: Path, parts: Mapping[str, Any]) -> None:
+    """Record that ``folder`` now holds the run made from ``parts`` (after it is complete)."""
+    write_json(folder / KEY_FILE, dict(parts))
+
+
+def source_key(packages: Sequence[str] = ("csmf", "trainer")) -> str:
+    """A hash of every module under ``packages`` (paths relative to the repo): the code part of
+    the key of a run that executes them, committed or not."""
+    h = hashlib.sha256()
+    for pkg in packages:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            h.update(f"{rel}\0{_file_hash(rel)}\0".encode())
+    return h.hexdigest()[:16]
 
 
 def bench_fingerprint(folder: str | Path) -> str:
@@ -111,5 +152,4 @@ def cache_key(cfg: RunConfig, fingerprint: str, method: str, seed: int) -> tuple
         "seed": seed,
         "code": code_version(method),
     }
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest(), parts
+    return key_of(parts), parts

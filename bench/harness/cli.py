@@ -33,7 +33,7 @@ from bench.harness.sensitivity import app as sensitivity_app
 from csmf.atomic import write_json
 from csmf.cli import Seeds, fail, new_app
 from csmf.errors import CsmfError
-from csmf.results import pm, source_commit, table, write_results
+from csmf.results import finish_run, pm, run_info, run_line, table, write_results
 from trainer.baselines import METHODS, MethodRun
 from trainer.cf_baselines import CF_METHODS, DETERMINISTIC
 from trainer.config import RunConfig, load_config
@@ -466,10 +466,8 @@ TABLE2_METHODS = (
 )  # fmt: skip
 
 
-def code_commit() -> str:
-    """The checkout's commit, "+ uncommitted changes" if the code a run executes (csmf/,
-    trainer/, bench/harness/) differs from it."""
-    return source_commit(watched=("csmf", "trainer", "bench/harness"))
+# The code a run executes: a results header's commit says "+ uncommitted changes" if it differs.
+CODE = ("csmf", "trainer", "bench/harness")
 
 
 @app.command("table2")
@@ -501,9 +499,9 @@ def table2(
     """The paper's Table 2: every multi-objective and CF method, one row each, mean ± std over
     seeds, bold best, paired test of CSMF against the best other row of each column. Shares
     ``csmf bench quality``'s cache (same keys)."""
-    import os
-
     from bench.harness.paper_tables import render
+
+    info = run_info(watched=CODE)
 
     dataset = data.resolve().name
     config = config or Path(f"configs/{dataset}.toml")
@@ -517,7 +515,7 @@ def table2(
         fail("no CSMF runs to compare against")
     body, doc = render(results, runs.n)
     train = training_cost(results)
-    load = os.getloadavg()
+    info = finish_run(info)
     body += [
         "",
         f"## Training wall time ({'threads ' + str(runs.cfg.train.threads)}; own process per "
@@ -536,8 +534,7 @@ def table2(
         ),  # fmt: skip
         "",
         f"Runs cached in `{cache}` ({runs.hits} of {sum(map(len, results.values()))} reused by "
-        f"this rendering); code {code_commit()}; load average when rendered "
-        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f} (1 / 5 / 15 min).",
+        f"this rendering). Rendered: {run_line(info)}",
     ]
     cmd = f"csmf bench table2 --data {data} --config {config} --seeds {seeds}"
     cmd += f" --methods {methods}" if methods is not None else ""
@@ -555,8 +552,7 @@ def table2(
             "seeds": {m: [r["seed"] for r in recs] for m, recs in results.items()},
             **doc,
             "training_cost": train,
-            "code": code_commit(),
-            "loadavg_at_render": list(load),
+            "run": info,
             "cache": {"folder": str(cache), "hits": runs.hits},
         },
     )

@@ -11,7 +11,17 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from bench.harness.cache import bench_fingerprint, cache_key, code_version, result_code_files
+from bench.harness import cache
+from bench.harness.cache import (
+    bench_fingerprint,
+    cache_key,
+    code_version,
+    holds,
+    key_of,
+    remember,
+    result_code_files,
+    source_key,
+)
 from bench.harness.cli import app
 from csmf.checkpoint import dataset_files, dataset_fingerprint
 from trainer.config import load_config
@@ -98,3 +108,30 @@ def test_isolated_run_measures_memory_and_matches_in_process(tiny_config_path, t
     assert cost["train_seconds"][0] > 0 and cost["tune_seconds"][0] > 0
     md = (tmp_path / "a" / f"quality-{tiny_data.resolve().name}.md").read_text()
     assert "| ease-click |" in md and "lambda=" in md and "peak extra MB" in md
+
+
+def test_a_run_folder_is_reused_only_for_the_same_parts(tmp_path):
+    parts = {"code": "abc", "seed": 0, "sets": ["train.epochs=2"]}
+    same = dict(reversed(parts.items()))
+    assert not holds(tmp_path, parts)
+    remember(tmp_path, parts)
+    assert holds(tmp_path, parts) and holds(tmp_path, same)
+    assert not holds(tmp_path, {**parts, "seed": 1})
+    assert not holds(tmp_path, {**parts, "sets": []})
+    assert key_of(parts) == key_of(same) != key_of({**parts, "seed": 1})
+
+
+def test_source_key_follows_every_edit_of_the_packages(tmp_path, monkeypatch):
+    (tmp_path / "pkg" / "sub").mkdir(parents=True)
+    module = tmp_path / "pkg" / "sub" / "m.py"
+    module.write_text("x = 1\n")
+    monkeypatch.setattr(cache, "ROOT", tmp_path)
+    cache._file_hash.cache_clear()
+    before = source_key(("pkg",))
+    module.write_text("x = 2\n")
+    cache._file_hash.cache_clear()
+    assert source_key(("pkg",)) != before
+    module.write_text("x = 1\n")
+    cache._file_hash.cache_clear()
+    assert source_key(("pkg",)) == before
+    cache._file_hash.cache_clear()  # the real tree's hashes for the other tests
