@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from csmf.results import script_command, table, write_results
+from csmf.results import finish_run, run_info, run_line, script_command, table, write_results
 
 RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 BATCH = 4096
@@ -387,14 +387,13 @@ def main() -> None:
     if isinstance(versions, str):
         print(f"TorchRec not importable, its cells are skipped: {versions}", file=sys.stderr)
     doc = {
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "run": run_info(),
         "machine": machine(),
         "torch": torch.__version__,
         "torchrec": versions,
         "threads": args.threads,
         "batch": BATCH,
         "blocks": args.blocks,
-        "loadavg_before": os.getloadavg(),
         "cells": [],
     }
     specs = [
@@ -427,7 +426,7 @@ def main() -> None:
                 ),
                 flush=True,
             )
-    doc["loadavg_after"] = os.getloadavg()
+    doc["run"] = finish_run(doc["run"])
     doc["cells"] = [
         {
             **dict(zip(("rows", "dim", "pattern", "engine"), k, strict=True)),
@@ -483,12 +482,19 @@ def _yn(value: object) -> str:
 def render(doc: dict) -> list[str]:
     m, tr = doc["machine"], doc["torchrec"]
     versions = ", ".join(f"{k} {v}" for k, v in tr.items()) if isinstance(tr, dict) else f"TorchRec skipped ({tr})"  # fmt: skip
-    lines = [
-        f"{doc['when']}; {m['cores']} cores ({m['cpu']}), {m['mem_gb']} GB, shared with other "
-        f"engineers' jobs; torch {doc['torch']}, {versions}; {doc['threads']} threads per cell; "
-        f"`os.getloadavg()` {'/'.join(f'{x:.1f}' for x in doc['loadavg_before'])} before, "
+    head = (
+        f"{run_line(doc['run'])} {m['cpu']}, {m['mem_gb']} GB, shared with other jobs; torch "
+        f"{doc['torch']}, {versions}; {doc['threads']} threads per cell; the load column is the "
+        "1-min average as each round of the cell started."
+        if "run" in doc  # measured before csmf.results.run_info: date and load only
+        else f"{doc['when']}; {m['cores']} cores ({m['cpu']}), {m['mem_gb']} GB, shared with "
+        f"other engineers' jobs; torch {doc['torch']}, {versions}; {doc['threads']} threads per "
+        f"cell; `os.getloadavg()` {'/'.join(f'{x:.1f}' for x in doc['loadavg_before'])} before, "
         f"{'/'.join(f'{x:.1f}' for x in doc['loadavg_after'])} after; the load column is the "
-        "1-min average as each round of the cell started.",
+        "1-min average as each round of the cell started."
+    )
+    lines = [
+        head,
         "",
         f"Per optimizer step: {doc['batch']:,} lookups, forward + backward + update. `ms / step` "
         "is the median of the timed steps (after warm-up) pooled over the interleaved rounds, "

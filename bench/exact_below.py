@@ -26,7 +26,14 @@ import numpy as np  # noqa: E402
 from csmf.bundle import load_bundle  # noqa: E402
 from csmf.index.base import RowSet, Where  # noqa: E402
 from csmf.index.faiss import auto_exact_below  # noqa: E402
-from csmf.results import script_command, table, write_results  # noqa: E402
+from csmf.results import (  # noqa: E402
+    finish_run,
+    run_info,
+    run_line,
+    script_command,
+    table,
+    write_results,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARES = (0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07)
@@ -76,15 +83,16 @@ def main() -> None:
     from serve_data import bench_bundle
 
     shares = [float(s) for s in args.shares.split(",")]
+    info = run_info()
     runs = []
     for n in args.items or [100_000]:
         runs.append(measure(bench_bundle(n, args.cache, tune=args.tune), shares, args.queries))
+    info = finish_run(info)
     body = [
         "Median CPU ms of one filtered search (k=50, one thread) through each path, per share of "
         "the catalogue the filter allows; **bold** = the path the index takes by default "
         "(`auto_exact_below`: 0.2·sqrt(nprobe/nlist), within [0.2 %, 5 %]). "
-        f"Run {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
-        f"{os.getloadavg()[0]:.1f} (a shared machine: compare the two paths within a row).",
+        f"{run_line(info)} A shared machine: compare the two paths within a row.",
         "",
     ]
     for r in runs:
@@ -105,7 +113,7 @@ def main() -> None:
         "Selective filters: exact search or widened IVF, by catalogue size",
         script_command(__file__),
         body,
-        {"runs": runs},
+        {"run": info, "runs": runs},
     )
     print(f"wrote {md}")
 

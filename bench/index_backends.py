@@ -39,7 +39,14 @@ from index_build import topic_vectors  # noqa: E402  (a sibling: this script's f
 from csmf.index import IndexSpec, RowSet, VectorIndex, Where, open_index  # noqa: E402
 from csmf.index.faiss import FaissIndex, FaissSpec  # noqa: E402
 from csmf.index.filters import ItemAttributes, parse_filter  # noqa: E402
-from csmf.results import script_command, table, write_results  # noqa: E402
+from csmf.results import (  # noqa: E402
+    finish_run,
+    run_info,
+    run_line,
+    script_command,
+    table,
+    write_results,
+)
 from csmf.weights import slice_scale  # noqa: E402
 from index_builder.recall import (  # noqa: E402
     exact_topk,
@@ -189,8 +196,8 @@ def fallback_sweep(x, attrs, q, k) -> list[dict]:
 def markdown(meta: dict, rows: list[dict], sweep: list[dict]) -> list[str]:
     k = meta["k"]
     lines = [
-        f"{meta['when']}, faiss {meta['faiss']}, {meta['cpus']} vCPU shared with other jobs (load average {meta['load']:.1f} at the "
-        "start; ±30 % run to run). One search thread. Recall@"
+        f"{run_line(meta['run'])} faiss {meta['faiss']}, cores shared with other jobs (±30 % run "
+        "to run). One search thread. Recall@"
         f"{k} against brute force on weighted queries ({meta['queries']} users × "
         f"{len(meta['grid'])} weightings {meta['grid']}); filtered recall against brute force "
         "over the allowed rows (100 queries, weights ⟨1, 1.8, 1.2⟩). Each approximate index's "
@@ -254,7 +261,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(BENCH / "results"))
     args = ap.parse_args()
     faiss.omp_set_num_threads(1)
-    load = os.getloadavg()[0]
+    info = run_info()
     third = args.dim // 3
     sizes = (args.dim - 2 * third, third, third)
     x, users = topic_vectors(args.items, 2 * args.queries, sizes, args.topic_share)
@@ -300,10 +307,8 @@ def main() -> None:
         "topic_share": args.topic_share,
         "grid": [list(w) for w in grid],
         "command": script_command(__file__),
-        "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "faiss": faiss.__version__,
-        "cpus": os.cpu_count(),
-        "load": load,
+        "run": finish_run(info),
     }
     suffix = f"-{args.items // 1000}k-w{args.topic_share}"  # index-backends.md sums them up
     title = (

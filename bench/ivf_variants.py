@@ -33,7 +33,14 @@ import faiss  # noqa: E402
 import numpy as np  # noqa: E402
 
 from csmf.bundle import load_bundle  # noqa: E402
-from csmf.results import script_command, table, write_results  # noqa: E402
+from csmf.results import (  # noqa: E402
+    finish_run,
+    run_info,
+    run_line,
+    script_command,
+    table,
+    write_results,
+)
 from csmf.weights import slice_scale  # noqa: E402
 from index_builder.recall import exact_topk, recall_with_ties, weight_grid  # noqa: E402
 
@@ -53,6 +60,7 @@ def main() -> None:
     from serve_data import bench_bundle  # bench/, the script's folder, is importable
 
     faiss.omp_set_num_threads(1)
+    info = run_info()
     path = bench_bundle(args.items, args.cache, tune=True)
     b = load_bundle(path, verify=False)
     base = b.index.index
@@ -154,16 +162,16 @@ def main() -> None:
     name = f"IVF{ivf.nlist}_HNSW32 (efSearch 128),Flat nprobe {nprobe}"
     results.append(measure(name, hnsw_ivf, plain(hnsw_ivf), time.perf_counter() - t))
 
+    info = finish_run(info)
     rows = [
         [r["variant"], f"{r['min_recall']:.3f}", f"{r['single_us']:.0f}", f"{r['batch_us']:.0f}"]
         for r in results
     ]
     body = [
         f"{args.items:,} items (bundle `{path.name}`: IVF-Flat, {ivf.nlist} lists, tuned nprobe "
-        f"{nprobe}), {args.users} users × {len(grid)} weightings; run "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} at load average "
-        f"{os.getloadavg()[0]:.1f} (2 shared cores; compare rows, not runs). Recall@{K} is the "
-        "builder's (ties allowed), the minimum over the weightings; the floor is 0.97.",
+        f"{nprobe}), {args.users} users × {len(grid)} weightings. {run_line(info)} Shared cores: "
+        f"compare rows, not runs. Recall@{K} is the builder's (ties allowed), the minimum over "
+        "the weightings; the floor is 0.97.",
         "",
         f"This catalogue's scores are dense at the top: under the default weights the 1st item "
         f"scores {spread:.2%} above the {K}th and the {K}th {gap:.3%} above the {K + 10}th "
@@ -183,6 +191,7 @@ def main() -> None:
         script_command(__file__),
         body,
         {
+            "run": info,
             "items": args.items,
             "users": args.users,
             "nprobe": nprobe,

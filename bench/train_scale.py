@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from csmf.results import script_command, table, write_results
+from csmf.results import finish_run, run_info, run_line, script_command, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -454,6 +454,8 @@ _HEAD = (
 
 
 def _machine(s: dict) -> str:
+    if "run" in s:  # csmf.results.run_info; sections measured before it: load and date only
+        return run_line(s["run"]).removesuffix(".")
     la = s["loadavg"]
     return (
         f"{s['cpus']} cores, load average {la['before'][0]:.1f} before / {la['after'][0]:.1f} "
@@ -486,15 +488,13 @@ def main() -> None:
         _write(stem, doc, args.name)
         return
     args.data = [d.resolve() for d in args.data]
-    before = os.getloadavg()
+    info = run_info()
     sections = {"scale": scale, "throughput": throughput, "rss": rss, "cascade": cascade}
     result = {**sections, "demo": demo}[args.section](args)
     result.update(
         command=script_command(__file__),
         dataset=_dataset(args.data[0]),
-        cpus=os.cpu_count(),
-        loadavg={"before": before, "after": os.getloadavg()},
-        when=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        run=finish_run(info),
     )
     stem = RESULTS / args.name
     path = stem.with_name(stem.name + ".json")
