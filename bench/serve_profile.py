@@ -96,35 +96,35 @@ def summary(raw: Path, anchor: str, top: int = 22) -> list[list[str]]:
             f"{100 * own[f] / total:.1f}",
             f"`{f}`",
         ]
-        for f, c in inc.most_common(top)
+        for f, c in sorted(inc.items(), key=lambda fc: (-fc[1], fc[0]))[:top]  # ties by name
     ]
 
 
-def write_summary(out: Path, tags: list[str]) -> None:
-    """``out`` (markdown): each profile's top frames under the request, before and after."""
-    from csmf.results import script_command, table
+def write_summary(stem: Path, tags: list[str]) -> None:
+    """``stem``.md / .json: each profile's top frames under the request, before and after."""
+    from csmf.results import script_command, table, write_results
 
     lines = [
-        "# Serving profiles",
-        "",
-        f"`{script_command(__file__)}` from `python bench/serve_profile.py --items 1000000 --tag "
-        "TAG` (py-spy, 200 Hz, the busiest worker under wrk / two batch clients, 1,000,000 "
-        "items; `before` served a git worktree of the base commit with `--code`). Wall-clock "
-        "samples of threads that are not idle: a thread preempted inside a system call (the "
-        "response-header write that wakes the client) is counted there, so on a loaded machine "
-        "`RequestResponseCycle.send` is mostly time waiting for a core, not CPU work; "
-        "bench/results/serve.md has the CPU accounting. Flame graphs: "
-        + ", ".join(f"`profile-{t}-{p}.svg`" for t in tags for p in ANCHORS),
+        "From `python bench/serve_profile.py --items 1000000 --tag TAG` (py-spy, 200 Hz, the "
+        "busiest worker under wrk / two batch clients, 1,000,000 items; `before` served a git "
+        "worktree of the base commit with `--code`). Wall-clock samples of threads that are not "
+        "idle: a thread preempted inside a system call (the response-header write that wakes the "
+        "client) is counted there, so on a loaded machine `RequestResponseCycle.send` is mostly "
+        "time waiting for a core, not CPU work; bench/results/serve.md has the CPU accounting. "
+        "Flame graphs: " + ", ".join(f"`profile-{t}-{p}.svg`" for t in tags for p in ANCHORS),
         "",
     ]
+    head = ["% of the request", "% of samples", "self % of samples", "frame"]
+    profiles = {}
     for path, anchor in ANCHORS.items():
         for tag in tags:
-            raw = out.parent / f"profile-{tag}-{path}.txt"
+            raw = stem.parent / f"profile-{tag}-{path}.txt"
             if raw.exists():
+                profiles[f"{path}, {tag}"] = rows = summary(raw, anchor)
                 lines += [f"## {path}, {tag}", ""]
-                head = ["% of the request", "% of samples", "self % of samples", "frame"]
-                lines += table(head, summary(raw, anchor), "rrrl") + [""]
-    out.write_text("\n".join(lines))
+                lines += table(head, rows, "rrrl") + [""]
+    doc = {"tags": tags, "columns": head, "profiles": profiles}
+    write_results(stem, "Serving profiles", script_command(__file__), lines, doc)
 
 
 def main() -> None:
@@ -146,7 +146,7 @@ def main() -> None:
     )
     args = ap.parse_args()
     if args.summarise:
-        write_summary(args.out / "profile.md", args.summarise)
+        write_summary(args.out / "profile", args.summarise)
         return
     from serve_data import bench_bundle
 
