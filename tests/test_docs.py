@@ -158,37 +158,67 @@ RESULT_CITE = re.compile(r"(?:\]\(|`)((?:[^)\s#`]*bench/results/)?[\w.-]+\.md)(?
 NUMBER = re.compile(
     r"(?<![\w.,/-])(\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+|\d+(?:\.\d+)?\s?%)(?![\w.]*\d)"
 )
+OLD_VERSION = "`git show "
 THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
 
-def cited_units(markdown: str) -> list[str]:
-    """Table rows, list items and the sentences of paragraphs, outside code fences."""
-    units: list[str] = []
+def cited_units(markdown: str) -> list[tuple[str, str]]:
+    """(unit, context) for the sentences of paragraphs, list items and table rows outside code
+    fences. A sentence or list item stands alone (context ""); a table is cited by its section
+    (heading to heading), so a row's context is the section's text and its unit the cells after
+    the first (a label such as "fixed 75 %" is a setting, not a result). A row, or a table
+    introduced by a paragraph, naming an older version (`git show REV:...`) is left out."""
+    units: list[tuple[str, str]] = []
     para: list[str] = []
+    section: list[str] = []
+    rows: list[str] = []
+    before = ""
 
     def flush() -> None:
+        nonlocal before
         if para:
-            units.extend(re.split(r"(?<=[.!?])\s+(?=[A-Z\[(*_])", " ".join(para)))
+            text = " ".join(para)
+            units.extend((u, "") for u in re.split(r"(?<=[.!?])\s+(?=[A-Z\[(*_])", text))
+            before = text
             para.clear()
+
+    def end_section() -> None:
+        units.extend((row, " ".join(section)) for row in rows)
+        rows.clear()
+        section.clear()
 
     in_fence = False
     for line in markdown.splitlines():
         s = line.strip()
+        if s.startswith("#") and not in_fence:
+            flush()
+            end_section()
+            before = ""
+        section.append(s)
         if s.startswith("```"):
             flush()
             in_fence = not in_fence
         elif in_fence:
             continue
-        elif not s or s.startswith("#") or s.startswith("|"):
+        elif s.startswith("|"):
             flush()
-            if s.startswith("|"):
-                units.append(s)
+            if OLD_VERSION not in before + s:
+                rows.append("|" + s.split("|", 2)[-1] if s.count("|") > 2 else s)
+        elif not s or s.startswith("#"):
+            flush()
         else:
             if re.match(r"(?:[-*]|\d+\.)\s", s):
                 flush()
             para.append(s)
     flush()
+    end_section()
     return units
+
+
+def _cited(text: str) -> list[str]:
+    return [
+        c for c in RESULT_CITE.findall(text) if "bench/results/" in c or (RESULTS / c).is_file()
+    ]
 
 
 def stated_numbers(unit: str) -> list[str]:
@@ -203,24 +233,22 @@ def _holds(text: str, number: str) -> bool:
 
 
 def test_cited_numbers_appear_in_the_results_file():
-    """Every number stated in the same sentence, list item or table row as a citation of
-    ``bench/results/X.md`` (README.md, docs/results.md) appears in X: a rerun that changes a
-    number fails here until the prose says the new one. A figure derived from the file (a
-    difference, a rounding) is written as the file's values instead."""
+    """Every number stated in the same sentence or list item as a citation of
+    ``bench/results/X.md`` (README.md, docs/results.md), or in a table of a section citing X,
+    appears in X: a rerun that changes a number fails here until the prose says the new one. A
+    figure derived from the file (a difference, a rounding) is written as the file's values
+    instead; one read from an older version of the file says so with
+    `git show REV:bench/results/X.md`."""
     stale = []
     for md in (ROOT / "README.md", ROOT / "docs" / "results.md"):
-        for unit in cited_units(md.read_text()):
-            cited = [
-                c
-                for c in RESULT_CITE.findall(unit)
-                if "bench/results/" in c or (RESULTS / c).is_file()
-            ]
-            if not cited:
-                continue
+        for unit, context in cited_units(md.read_text()):
+            cited = _cited(unit) or _cited(context)
+            if not cited or OLD_VERSION in unit:
+                continue  # `git show REV:bench/results/x.md`: stated against an older version
             files = [RESULTS / Path(c).name for c in cited]
             missing = [c for c, f in zip(cited, files, strict=True) if not f.is_file()]
             assert not missing, f"{_rel(md)} cites missing results files {missing}"
-            text = THOUSANDS.sub("", "\n".join(f.read_text() for f in files))
+            text = THOUSANDS.sub("", "\n".join(f.read_text() for f in set(files)))
             stale += [
                 f"{_rel(md)}: {n} not in {sorted({f.name for f in files})}: {unit[:120]}"
                 for n in stated_numbers(unit)
@@ -232,12 +260,15 @@ def test_cited_numbers_appear_in_the_results_file():
 def test_stated_numbers_are_found_in_prose_not_in_links_or_code():
     unit = "[1.25× at 2,284 req/s](../bench/results/w0.95.md), `--set a=0.5`, 10 % and 3 seeds"
     assert stated_numbers(unit) == ["1.25", "2284", "10%"]
-    assert cited_units("A 0.5. B [x](y.md) 1.2.\n\n| a | 0.3 |\n- item 0.4\n  more") == [
-        "A 0.5.",
-        "B [x](y.md) 1.2.",
-        "| a | 0.3 |",
-        "- item 0.4 more",
+    md = "# T\n## H `a.md`\nA 0.5. B [x](y.md) 1.2.\n\n| a 75 % | 0.3 |\n- item 0.4\n  more\n## I"
+    assert cited_units(md) == [
+        ("A 0.5.", ""),
+        ("B [x](y.md) 1.2.", ""),
+        ("- item 0.4 more", ""),
+        ("| 0.3 |", "## H `a.md` A 0.5. B [x](y.md) 1.2.  | a 75 % | 0.3 | - item 0.4 more"),
     ]
+    old = "## H `a.md`\nFrom `git show c1:bench/results/a.md`:\n\n| a | 0.3 |\n"
+    assert [u for u, _ in cited_units(old)] == ["From `git show c1:bench/results/a.md`:"]
     assert _holds("| 2284 | 0.20 |", "2284") and not _holds("| 0.20 |", "0.2")
     cites = "[a](../bench/results/x.md#h), `serve.md`, `git show c1:bench/results/y.md`"
     assert RESULT_CITE.findall(cites) == ["../bench/results/x.md", "serve.md"]
