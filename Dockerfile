@@ -37,6 +37,7 @@ COPY trainer ./trainer
 COPY index_builder ./index_builder
 COPY service ./service
 COPY daily ./daily
+COPY bench/harness ./bench/harness
 # Then check the serving path imports without torch, and drop pip/setuptools themselves.
 RUN pip install --no-deps . \
     && python -c "import csmf, service.main, sys; assert 'torch' not in sys.modules" \
