@@ -23,11 +23,17 @@ Warm-start settings are chosen on the **validation window** — the same protoco
 periods earlier (initial model on 1..3, updates q = 4, 5 evaluated on periods 5 and 6), so no
 period the test reports is ever read to choose — and then run once on the test window:
 
-    python bench/continual.py --data data/ml-100k --first 3 --until 6 --seeds 0 1 2 3 \
+    python bench/continual.py --data data/ml-100k --first 3 --until 6 --seeds 0 1 2 3 --jobs 2 \
         --set train.epochs=4 --set train.ar_epochs=2 --out bench/results/continual-ml-100k-validation \
-        --variant "owned, 3 epochs=warm.train=owned" --variant "tables, 1 epoch=warm.epochs=1" ...
+        --variant "owned, 3 epochs=warm.train=owned" \
+        --variant "tables, 1 epoch=warm.train=tables;warm.epochs=1" \
+        --variant "tables, 3 epochs=warm.train=tables" \
+        --variant "tables, 6 epochs=warm.train=tables;warm.epochs=6" \
+        --variant "new rows, 3 epochs=warm.train=new-rows" --variant "no update=warm.epochs=0"
     python bench/continual.py --data data/ml-100k --seeds 0 1 2 3 4 --jobs 2 \
-        --set train.epochs=4 --set train.ar_epochs=2
+        --set train.epochs=4 --set train.ar_epochs=2 \
+        --variant "tables, 3 epochs=warm.train=tables" \
+        --variant "owned, 3 epochs=warm.train=owned" --variant "no update=warm.epochs=0"
     python bench/continual.py --render-only
 """
 
@@ -58,8 +64,8 @@ TARGETS = ("click", "conversion")
 METRICS = [(t, m) for t in TARGETS for m in ("recall", "ndcg")]
 # name → warm-start --set overrides; the config's own warm start is the first
 VARIANTS = {
-    "warm": [],
-    "warm, layers too": ["warm.train=owned"],
+    "tables, 3 epochs": ["warm.train=tables"],
+    "owned, 3 epochs": ["warm.train=owned"],
     "no update": ["warm.epochs=0"],
 }
 CSMF = [sys.executable, "-m", "csmf.cli"]

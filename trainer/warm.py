@@ -29,7 +29,7 @@ import numpy as np
 from csmf.checkpoint import Checkpoint, new_model
 from csmf.errors import ConfigError
 from csmf.features import TowerSpec, TowerVocab
-from csmf.towers import TwoTower
+from csmf.towers import OwnedEmbedding, TwoTower
 from trainer.cascade import Log, _val, run_epochs
 from trainer.config import RunConfig
 from trainer.data.dataset import Dataset
@@ -38,6 +38,7 @@ from trainer.ownership import (
     FrozenSnapshot,
     StageParams,
     mark_only_stage_trainable,
+    owned_parameters,
     unfreeze_all,
 )
 
@@ -116,13 +117,19 @@ def restrict(params: StageParams, model: TwoTower, scope: str, old_rows: dict[st
     table rows this update grew (``old_rows``: parameter name → rows before growing)."""
     if scope == "owned":
         return params
-    names = {id(p): n for n, p in model.named_parameters()}
+    if scope == "new-rows" and not old_rows:
+        raise ConfigError("warm.train = 'new-rows' needs the tables' row counts before growing")
+    tables = {
+        id(p): name
+        for name, module, _, p in owned_parameters(model)
+        if isinstance(module, OwnedEmbedding)
+    }
     keep: list[int] = []
     first: list[int] = []
     for i, p in enumerate(params.params):
-        table = p.dim() == 2 and names[id(p)] in old_rows and params.masks[i].shape[0] == 1
-        start = old_rows.get(names[id(p)], 0) if scope == "new-rows" else 0
-        if table and start < p.shape[0]:
+        name = tables.get(id(p))
+        start = 0 if name is None or scope == "tables" else old_rows[name]
+        if name is not None and start < p.shape[0]:
             keep.append(i)
             first.append(start)
         else:

@@ -244,10 +244,11 @@ def test_replay_mixes_in_older_positives(run1, days):
     assert extra and set(extra) <= old_pairs
 
 
-@pytest.mark.parametrize("scope", ["new-rows", "tables"])
+@pytest.mark.parametrize("scope", ["new-rows", "tables", "owned"])
 def test_warm_train_scope_limits_what_moves(run1, days, scope):
     """warm.train = 'new-rows': only the rows this update grew move — every entry the previous
-    run had stays bit-identical; 'tables': embedding rows move, the layers stay bit-identical."""
+    run had stays bit-identical; 'tables' (the default): embedding rows move, the layers stay
+    bit-identical; 'owned': the layers move too."""
     ckpt = load_checkpoint(run1)
     cfg = config_from_dict(ckpt.train_config, [f"warm.train={scope}"])
     ds = load_dataset(days[1], cfg.features, objectives=())
@@ -261,7 +262,7 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
     metrics = run_warm(
         model, enc, cfg, ckpt.metrics["trained_through"], lambda _: None, False, old_rows
     )
-    moved = 0
+    moved = layers_moved = 0
     for name, p in model.named_parameters():
         now, was = p.detach(), before[name]
         if scope == "new-rows" and name in ckpt.state_dict:
@@ -270,9 +271,12 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
             moved += int((now[old:] != was[old:]).sum()) if old is not None else 0
         elif scope == "tables" and ".layers." in name:
             assert torch.equal(now, was), f"{name}: a layer moved"
+        elif scope == "owned" and ".layers." in name:
+            layers_moved = layers_moved + int((now != was).sum())
         else:
             moved += int((now != was).sum())
     assert moved > 0  # the scope is not simply freezing everything
+    assert (layers_moved > 0) == (scope == "owned")
     trainable = [rec["trainable"] for rec in metrics["stages"] if "trainable" in rec]
     assert trainable and all(n > 0 for n in trainable)
 
