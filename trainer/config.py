@@ -300,6 +300,9 @@ class EvalConfig:
             raise ConfigError(f"eval.n must be >= 1, got {self.n}")
 
 
+WARM_TRAIN = ("owned", "tables", "new-rows")
+
+
 @dataclass(frozen=True)
 class WarmConfig:
     """``csmf train --from RUN``: fine-tune each stage's own units on the new events
@@ -314,6 +317,12 @@ class WarmConfig:
         "the new events",
         0.0,
     )
+    train: str = _help(
+        "what each stage fine-tunes among the units it owns: 'owned' (every one: tables and "
+        "layers), 'tables' (embedding rows the new events touch; layers stay), 'new-rows' (only "
+        "the rows this update added, for users and items first seen; everything else stays)",
+        "owned",
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "warm.epochs"))
@@ -326,6 +335,8 @@ class WarmConfig:
             raise ConfigError(f"warm.lr values must be > 0, got {self.lr}")
         if self.replay < 0:
             raise ConfigError(f"warm.replay must be >= 0, got {self.replay}")
+        if self.train not in WARM_TRAIN:
+            raise ConfigError(f"warm.train must be one of {WARM_TRAIN}, got {self.train!r}")
 
     def stage_epochs(self, stage: int) -> int:
         return _of_stage(self.epochs, stage)

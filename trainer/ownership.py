@@ -60,12 +60,16 @@ class StageParams:
     masks: list[Tensor]  # bool, broadcastable to the parameter; True = may change
     row_sparse: list[bool]  # the parameter's gradient is row-sparse (an id table)
     frozen_values: list[Tensor] | None = None  # clones at construction (``keep_values``)
+    # per parameter, the first row that may change (a warm start training only the rows it
+    # grew: trainer/warm.py); None = every row
+    row_from: list[int] | None = None
 
     def mask_gradients(self, weight_decay: float = 0.0) -> None:
         """grad ← (grad + wd·p) ⊙ mask: frozen entries see exactly zero gradient. A row-sparse
         gradient is coalesced and masked in its values; its weight decay reaches only the rows
         the batch touched (lazy decay, as the row-wise optimizer's moments)."""
-        for p, m in zip(self.params, self.masks, strict=True):
+        rows = self.row_from or [0] * len(self.params)
+        for p, m, first in zip(self.params, self.masks, rows, strict=True):
             g = p.grad
             if g is None:
                 continue
@@ -75,11 +79,15 @@ class StageParams:
                 if weight_decay:
                     values.add_(p.detach()[g.indices()[0]], alpha=weight_decay)
                 values.mul_(m)
+                if first:
+                    values[g.indices()[0] < first] = 0.0
                 p.grad = g
                 continue
             if weight_decay:
                 g.add_(p.detach(), alpha=weight_decay)
             g.mul_(m)
+            if first:
+                g[:first] = 0.0
 
     def restore_frozen(self) -> None:
         if self.frozen_values is None:
@@ -102,8 +110,12 @@ class StageParams:
 
     def count(self) -> int:
         """Trainable entries."""
-        pairs = zip(self.params, self.masks, strict=True)
-        return sum(int(m.sum()) * (p.numel() // m.numel()) for p, m in pairs)
+        rows = self.row_from or [0] * len(self.params)
+        total = 0
+        for p, m, first in zip(self.params, self.masks, rows, strict=True):
+            columns = int(m.sum())  # a table's (1, D) mask counts columns: rows below first drop
+            total += columns * (p.numel() // m.numel()) - (columns * first if first else 0)
+        return total
 
 
 class StageOptimizer:

@@ -222,7 +222,8 @@ def warm_run(
     model = grow_model(ckpt, user_vocab, item_vocab)
     model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
     model.train()
-    metrics = run_warm(model, enc, cfg, since, log, progress)
+    old_rows = {n: t.shape[0] for n, t in ckpt.state_dict.items() if t.dim() == 2}
+    metrics = run_warm(model, enc, cfg, since, log, progress, old_rows)
     metrics["seconds"] = time.perf_counter() - start
     metrics["output_slices"] = output_slices(model)
     metrics["trained_through"] = trained_through(enc, since)

@@ -34,7 +34,12 @@ from trainer.cascade import Log, _val, run_epochs
 from trainer.config import RunConfig
 from trainer.data.dataset import Dataset
 from trainer.encoding import Encoded, stage_examples, tower_columns
-from trainer.ownership import FrozenSnapshot, mark_only_stage_trainable, unfreeze_all
+from trainer.ownership import (
+    FrozenSnapshot,
+    StageParams,
+    mark_only_stage_trainable,
+    unfreeze_all,
+)
 
 __all__ = ["grow_model", "grow_vocabs", "run_warm", "warm_config"]
 
@@ -105,6 +110,32 @@ def new_positives(enc: Encoded, cfg: RunConfig, since: int | None) -> dict[str, 
     return {o: len(stage_examples(enc, o, since=since)) for o in cfg.objectives}
 
 
+def restrict(params: StageParams, model: TwoTower, scope: str, old_rows: dict[str, int]):
+    """``params`` narrowed to ``warm.train``'s scope: 'owned' as they are; 'tables' only the
+    embedding tables (the rows a batch looks up move, the layers stay); 'new-rows' only the
+    table rows this update grew (``old_rows``: parameter name → rows before growing)."""
+    if scope == "owned":
+        return params
+    names = {id(p): n for n, p in model.named_parameters()}
+    keep: list[int] = []
+    first: list[int] = []
+    for i, p in enumerate(params.params):
+        table = p.dim() == 2 and names[id(p)] in old_rows and params.masks[i].shape[0] == 1
+        start = old_rows.get(names[id(p)], 0) if scope == "new-rows" else 0
+        if table and start < p.shape[0]:
+            keep.append(i)
+            first.append(start)
+        else:
+            p.requires_grad_(False)
+    return StageParams(
+        params.stage,
+        [params.params[i] for i in keep],
+        [params.masks[i] for i in keep],
+        [params.row_sparse[i] for i in keep],
+        row_from=first,
+    )
+
+
 def run_warm(
     model: TwoTower,
     enc: Encoded,
@@ -112,9 +143,11 @@ def run_warm(
     since: int | None,
     log: Log = print,
     progress: bool = True,
+    old_rows: dict[str, int] | None = None,
 ) -> dict:
     """Fine-tune each stage's own units on the positives after ``since`` (all of them if None);
-    returns per-stage metrics. Raises OwnershipError if a stage moved another stage's entry."""
+    returns per-stage metrics. Raises OwnershipError if a stage moved another stage's entry.
+    ``old_rows`` (table parameter name → rows before growing) scopes ``warm.train``."""
     rng = np.random.default_rng(cfg.train.seed)
     stages = []
     for t, objective in enumerate(cfg.objectives):
@@ -130,7 +163,9 @@ def run_warm(
             stages.append(rec)
             continue
         snapshot = FrozenSnapshot.take(model, t, others=True)
-        params = mark_only_stage_trainable(model, t)
+        params = restrict(
+            mark_only_stage_trainable(model, t), model, cfg.warm.train, old_rows or {}
+        )
         rec["trainable"] = params.count()
         lr = cfg.warm.stage_lr(t, cfg.train)
         stage_cfg = _with_lr(cfg, t, lr)

@@ -242,3 +242,41 @@ def test_replay_mixes_in_older_positives(run1, days):
     for p in pairs(new):  # every new positive is in the mix, the rest are older positives
         extra.remove(p)
     assert extra and set(extra) <= old_pairs
+
+
+@pytest.mark.parametrize("scope", ["new-rows", "tables"])
+def test_warm_train_scope_limits_what_moves(run1, days, scope):
+    """warm.train = 'new-rows': only the rows this update grew move — every entry the previous
+    run had stays bit-identical; 'tables': embedding rows move, the layers stay bit-identical."""
+    ckpt = load_checkpoint(run1)
+    cfg = config_from_dict(ckpt.train_config, [f"warm.train={scope}"])
+    ds = load_dataset(days[1], cfg.features, objectives=())
+    uv, iv, _ = grow_vocabs(ckpt, ds, cfg.features.user, cfg.features.item)
+    enc = encode_dataset(ds, cfg.features, split_by_time(ds.events), (uv, iv))
+    torch.manual_seed(0)
+    model = grow_model(ckpt, uv, iv)
+    model.use_sparse_gradients(True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    old_rows = {n: t.shape[0] for n, t in ckpt.state_dict.items() if t.dim() == 2}
+    metrics = run_warm(
+        model, enc, cfg, ckpt.metrics["trained_through"], lambda _: None, False, old_rows
+    )
+    moved = 0
+    for name, p in model.named_parameters():
+        now, was = p.detach(), before[name]
+        if scope == "new-rows" and name in ckpt.state_dict:
+            old = ckpt.state_dict[name].shape[0] if now.dim() == 2 else None
+            assert torch.equal(now[:old], was[:old]), f"{name}: an existing entry moved"
+            moved += int((now[old:] != was[old:]).sum()) if old is not None else 0
+        elif scope == "tables" and ".layers." in name:
+            assert torch.equal(now, was), f"{name}: a layer moved"
+        else:
+            moved += int((now != was).sum())
+    assert moved > 0  # the scope is not simply freezing everything
+    trainable = [rec["trainable"] for rec in metrics["stages"] if "trainable" in rec]
+    assert trainable and all(n > 0 for n in trainable)
+
+
+def test_warm_train_scope_must_be_known(tiny_config_path):
+    with pytest.raises(ConfigError, match="warm.train must be one of"):
+        load_config(tiny_config_path, ["warm.train=everything"])
