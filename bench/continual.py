@@ -1,23 +1,32 @@
 """Daily warm starts against full retrains, on MovieLens-100K split by time into ten periods.
 
 The events are cut into ten consecutive periods of equal event counts (timestamp deciles). A
-model is trained from scratch on periods 1–5; then, once per period q = 6..9, it is updated
-twice on everything up to q:
+model is trained from scratch on periods 1..F (``--first``, 5); then, once per period
+q = F + 1 .. U - 1 (``--until``, 10), it is updated on everything up to q:
 
-- **warm**: ``csmf train --from`` the previous update (a chain: q = 7 continues q = 6's warm
-  run), fine-tuning on the events newer than what it trained through (trainer/warm.py);
 - **full**: a from-scratch cascade on periods 1..q (the same config);
+- each **variant** (``--variant NAME=SET;SET``; default: the config's warm start, the warm start
+  that also fine-tunes the layers, and no update at all): ``csmf train --from`` the variant's
+  previous update (a chain: q + 1 continues q's run), fine-tuning on the events newer than what
+  it trained through (trainer/warm.py),
 
-and both are evaluated on period q + 1 (their dataset's test split: the global time split
-``split.test_from`` = the start of q + 1; validation = the latest 10 % before it). Each
-dataset's user and item tables hold only the entities seen in periods 1..q, so the warm start's
-tables grow as new users and items arrive; test events of entities first seen in q + 1 are
-dropped (neither model can know them). Quality: fused Recall@50 / nDCG@50 on clicks and
-conversions (the config's ``eval.weights``); time: wall seconds of each update (load, encode,
-train; one torch thread; run under ``nice``). Every run folder carries the key of what made it
-(code, config, data, seed) and is reused only when that key matches.
+and every model is evaluated on period q + 1 (its dataset's test split: the global time split
+``split.test_from`` = the start of q + 1). Each dataset's user and item tables hold only the
+entities seen in periods 1..q, so warm starts grow their tables as new users and items arrive;
+test events of entities first seen in q + 1 are dropped (no model can know them). Quality:
+fused Recall@50 / nDCG@50 on clicks and conversions (the config's ``eval.weights``), compared
+per (seed, update) pair; time: wall seconds of each update command (load, encode, train; one
+torch thread; run under ``nice``). Every run folder carries the key of what made it (code,
+config, data, seed, variant) and is reused only when that key matches.
 
-    python bench/continual.py --data data/ml-100k --seeds 0 1 2 --jobs 3 \
+Warm-start settings are chosen on the **validation window** — the same protocol shifted three
+periods earlier (initial model on 1..3, updates q = 4, 5 evaluated on periods 5 and 6), so no
+period the test reports is ever read to choose — and then run once on the test window:
+
+    python bench/continual.py --data data/ml-100k --first 3 --until 6 --seeds 0 1 2 3 \
+        --set train.epochs=4 --set train.ar_epochs=2 --out bench/results/continual-ml-100k-validation \
+        --variant "owned, 3 epochs=warm.train=owned" --variant "tables, 1 epoch=warm.epochs=1" ...
+    python bench/continual.py --data data/ml-100k --seeds 0 1 2 3 4 --jobs 2 \
         --set train.epochs=4 --set train.ar_epochs=2
     python bench/continual.py --render-only
 """
@@ -27,7 +36,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -38,14 +46,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from scipy import stats
 
-from csmf.results import pm, script_command, source_commit, table, write_results
+from csmf.results import finish_run, pm, run_info, run_line, script_command, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PERIODS = 10
 FIRST = 5  # the initial model trains on periods 1..FIRST
 TARGETS = ("click", "conversion")
+METRICS = [(t, m) for t in TARGETS for m in ("recall", "ndcg")]
+# name → warm-start --set overrides; the config's own warm start is the first
+VARIANTS = {
+    "warm": [],
+    "warm, layers too": ["warm.train=owned"],
+    "no update": ["warm.epochs=0"],
+}
 CSMF = [sys.executable, "-m", "csmf.cli"]
 
 
@@ -143,11 +159,15 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/ml-100k"))
     ap.add_argument("--config", type=Path, default=Path("configs/ml-100k.toml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--first", type=int, default=FIRST, help="initial model on periods 1..FIRST")
+    ap.add_argument("--until", type=int, default=PERIODS, help="last period evaluated")
     ap.add_argument("--work", type=Path, default=Path("runs/continual"))
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override (all)")
     ap.add_argument(
-        "--set", dest="sets", action="append", default=[], help="config override (both)"
-    )
-    ap.add_argument("--warm-set", action="append", default=[], help="override for warm starts only")
+        "--variant", action="append", default=[],
+        help="NAME=SET;SET: a warm-start chain with these --set overrides (repeatable; default: "
+        + "; ".join(f"{k!r}" for k in VARIANTS) + ")",
+    )  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "continual-ml-100k")
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once")
     ap.add_argument("--render-only", action="store_true")
@@ -158,131 +178,182 @@ def main() -> None:
         doc = json.loads(raw.read_text())
         render(doc, doc["command"], args.out)
         return
-
+    if not 1 <= args.first < args.until - 1 < PERIODS:
+        ap.error(f"need 1 <= --first < --until - 1 < {PERIODS}")
+    variants = dict(VARIANTS)
+    if args.variant:
+        variants = {}
+        for v in args.variant:
+            name, _, sets = v.partition("=")
+            variants[name.strip()] = [x.strip() for x in sets.split(";") if x.strip()]
+    info = run_info(ROOT, ("csmf", "trainer"))
     ev_ts = pq.read_table(args.data / "events.parquet", columns=["timestamp"])["timestamp"]
     bounds = period_bounds(ev_ts.to_numpy())
     code = code_key()
     config_text = args.config.read_text()
-    datasets, rows = {}, []
-    for q in range(FIRST, PERIODS):
+    updates = range(args.first, args.until)  # dataset q: periods 1..q, test = period q + 1
+    datasets = {}
+    for q in updates:
         folder = args.work / "data" / f"p{q}"
         datasets[q] = write_period_dataset(args.data, folder, q, bounds)
         datasets[q]["key"] = file_key(folder)
     base = [*CSMF, "train", "--config", str(args.config), "--set", "train.threads=1"]
     base += [x for s in args.sets for x in ("--set", s)]
-    warm_sets = [x for s in args.warm_set for x in ("--set", s)]
 
     def chain(seed: int) -> list[dict]:
-        """The initial model, then per period the full retrain and the chain's warm start."""
-        out, prev, prev_key = [], None, None
-        for q in range(FIRST, PERIODS):
+        """The initial model, then per period the full retrain and each variant's warm start."""
+        out, prev = [], {}
+        for q in updates:
             folder = args.work / "data" / f"p{q}"
             split = ["--set", f"split.test_from={datasets[q]['test_from']}"]
             common = {"code": code, "config": config_text, "sets": args.sets, "seed": seed,
                       "data": datasets[q]["key"]}  # fmt: skip
             full_out = args.work / f"s{seed}" / f"full-p{q}"
+            full_key = {**common, "kind": "full"}
             full = run(
-                [*base, *split, "--seed", str(seed), "--data", str(folder)],
-                {**common, "kind": "full"}, full_out,
-            )  # fmt: skip
-            if prev is None:  # periods 1..FIRST: the initial model
-                prev, prev_key = full_out, {**common, "kind": "full"}
-                continue
-            warm_out = args.work / f"s{seed}" / f"warm-p{q}"
-            warm_key = {**common, "kind": "warm", "warm_sets": args.warm_set, "from": prev_key}
-            warm = run(
-                [*CSMF, "train", "--from", str(prev), "--data", str(folder), *split,
-                 "--set", "train.threads=1", *warm_sets],
-                warm_key, warm_out,
-            )  # fmt: skip
-            out.append({"seed": seed, "period": q, "full": full, "warm": warm})
-            prev, prev_key = warm_out, warm_key
-            print(
-                f"seed {seed} q {q}: full {full['seconds']:.0f}s warm {warm['seconds']:.0f}s",
-                flush=True,
+                [*base, *split, "--seed", str(seed), "--data", str(folder)], full_key, full_out
             )
+            if q == args.first:  # periods 1..first: the initial model every chain starts from
+                prev = {name: (full_out, full_key) for name in variants}
+                continue
+            row = {"seed": seed, "period": q, "full": full, "variants": {}}
+            for i, (name, sets) in enumerate(variants.items()):
+                src, src_key = prev[name]
+                warm_out = args.work / f"s{seed}" / f"warm{i}-p{q}"
+                warm_key = {**common, "kind": "warm", "warm_sets": sets, "from": src_key}
+                row["variants"][name] = run(
+                    [*CSMF, "train", "--from", str(src), "--data", str(folder), *split,
+                     "--set", "train.threads=1", *(x for s in sets for x in ("--set", s))],
+                    warm_key, warm_out,
+                )  # fmt: skip
+                prev[name] = (warm_out, warm_key)
+            out.append(row)
+            took = ", ".join(f"{n} {r['seconds']:.0f}s" for n, r in row["variants"].items())
+            print(f"seed {seed} q {q}: full {full['seconds']:.0f}s; {took}", flush=True)
         return out
 
+    rows = []
     with ThreadPoolExecutor(args.jobs) as pool:  # the runs are subprocesses: threads only wait
         for part in pool.map(chain, args.seeds):
             rows += part
     doc = {
-        "load_after": os.getloadavg(),
+        "run": finish_run(info),
         "code_key": code,
-        "commit": source_commit(ROOT, ("csmf", "trainer")),
         "seeds": args.seeds,
+        "first": args.first,
+        "until": args.until,
+        "sets": args.sets,
+        "variants": variants,
         "datasets": {str(q): d for q, d in datasets.items()},
         "rows": rows,
     }
     render(doc, command, args.out)
 
 
+def paired(rows: list[dict], name: str) -> dict:
+    """Per (seed, update) pair: the mean over the four metrics of variant ÷ full − 1, and the
+    update's wall time as a fraction of the full retrain's; their mean, 95 % CI and worst."""
+    rel = [
+        float(np.mean([r["variants"][name]["metrics"][t][m] / r["full"]["metrics"][t][m] - 1
+                       for t, m in METRICS]))
+        for r in rows
+    ]  # fmt: skip
+    per_metric = {
+        (t, m): float(np.mean([r["variants"][name]["metrics"][t][m] / r["full"]["metrics"][t][m] - 1
+                               for r in rows]))
+        for t, m in METRICS
+    }  # fmt: skip
+    time_frac = [r["variants"][name]["seconds"] / r["full"]["seconds"] for r in rows]
+    n = len(rel)
+    half = stats.t.ppf(0.975, n - 1) * np.std(rel, ddof=1) / np.sqrt(n) if n > 1 else float("nan")
+    return {
+        "n": n, "mean": float(np.mean(rel)), "ci": float(half), "worst": float(min(rel)),
+        "per_metric": per_metric, "time": float(np.mean(time_frac)), "time_worst": max(time_frac),
+    }  # fmt: skip
+
+
+def _name(t: str, m: str) -> str:
+    return f"{t} {'Recall' if m == 'recall' else 'nDCG'}@50"
+
+
 def render(doc: dict, command: str, out: Path) -> None:
     rows = doc["rows"]
     periods = sorted({r["period"] for r in rows})
+    names = list(doc["variants"])
 
     def stat(values: list[float]) -> tuple[float, float]:
         return float(np.mean(values)), float(np.std(values))
 
+    first, until = doc["first"], doc["until"]
     lines = [
-        f"Commit {doc['commit']} (code key {doc['code_key']}), seeds {doc['seeds']}, one torch "
-        f"thread per run under `nice` on a shared 2-core box; load average after the run "
-        f"{', '.join(f'{x:.1f}' for x in doc['load_after'])}.",
+        run_line(doc["run"]),
         "",
-        "Fused Recall@50 / nDCG@50 on period q + 1 (mean ± std over seeds); relative difference "
-        "= warm ÷ full − 1 of the means; time = wall seconds of the update command (load, "
-        "encode, train).",
+        f"Code key {doc['code_key']}; seeds {doc['seeds']}; one torch thread per run under `nice` "
+        f"on a shared 2-core box. Initial model on periods 1..{first}; updates q = "
+        f"{first + 1}..{until - 1}, each evaluated on period q + 1. Variants (warm-start `--set` "
+        "overrides): " + "; ".join(f"**{n}** `{' '.join(s) or '(config defaults)'}`"
+                                   for n, s in doc["variants"].items()) + ".",
         "",
-    ]
-    header = ["q", "metric", "full retrain", "warm start", "warm vs full"]
-    body, diffs, ratios = [], [], []
-    for q in periods:
-        rs = [r for r in rows if r["period"] == q]
-        for t in TARGETS:
-            for m in ("recall", "ndcg"):
-                f = stat([r["full"]["metrics"][t][m] for r in rs])
-                w = stat([r["warm"]["metrics"][t][m] for r in rs])
-                diffs.append(w[0] / f[0] - 1)
-                name = f"{t} {'Recall' if m == 'recall' else 'nDCG'}@50"
-                body.append([q, name, pm(f), pm(w), f"{w[0] / f[0] - 1:+.1%}"])
-        fs, ws = stat([r["full"]["seconds"] for r in rs]), stat([r["warm"]["seconds"] for r in rs])
-        ratios.append(ws[0] / fs[0])
-        body.append(
-            [q, "update seconds", pm(fs, ".1f"), pm(ws, ".1f"), f"{ws[0] / fs[0]:.1%} of full"]
-        )
-    lines += table(header, body, "rlrrr")
+        "## Against the full retrain, paired per (seed, update)",
+        "",
+        "Quality = the mean over the four metrics (click and conversion fused Recall@50 / "
+        "nDCG@50) of variant ÷ full − 1, per pair; mean with its 95 % t-interval over the pairs. "
+        "Time = the update command's wall seconds ÷ the full retrain's.",
+        "",
+    ]  # fmt: skip
+    summary = {n: paired(rows, n) for n in names}
+    lines += table(
+        ["variant", "pairs", "quality vs full", "95 % CI", "worst pair",
+         *(_name(t, m) for t, m in METRICS), "time, % of full", "worst time"],
+        [[n, s["n"], f"{s['mean']:+.1%}", f"±{s['ci']:.1%}", f"{s['worst']:+.1%}",
+          *(f"{s['per_metric'][k]:+.1%}" for k in METRICS),
+          f"{s['time']:.1%}", f"{s['time_worst']:.1%}"] for n, s in summary.items()],
+        "lrrrrrrrrrr",
+    )  # fmt: skip
     lines += [
         "",
-        f"Over the {len(periods)} updates: quality of the warm start relative to the full retrain "
-        f"{np.mean(diffs):+.1%} on average (worst {min(diffs):+.1%}); its wall time "
-        f"{np.mean(ratios):.1%} of the full retrain's on average (worst {max(ratios):.1%}).",
+        "## Per update",
+        "",
+        "Mean ± std over seeds; time = wall seconds of the update command.",
+        "",
+    ]
+    body = []
+    for q in periods:
+        rs = [r for r in rows if r["period"] == q]
+        for t, m in METRICS:
+            f = stat([r["full"]["metrics"][t][m] for r in rs])
+            cells = []
+            for n in names:
+                v = stat([r["variants"][n]["metrics"][t][m] for r in rs])
+                cells += [pm(v), f"{v[0] / f[0] - 1:+.1%}"]
+            body.append([q, _name(t, m), pm(f), *cells])
+        f = stat([r["full"]["seconds"] for r in rs])
+        cells = []
+        for n in names:
+            v = stat([r["variants"][n]["seconds"] for r in rs])
+            cells += [pm(v, ".1f"), f"{v[0] / f[0]:.1%}"]
+        body.append([q, "update seconds", pm(f, ".1f"), *cells])
+    header = ["q", "metric", "full retrain"]
+    for n in names:
+        header += [n, "vs full"]
+    lines += table(header, body, "rl" + "r" * (len(header) - 2))
+    lines += [
         "",
         "Datasets (entities seen up to q; test = period q + 1's events of known users and items):",
         "",
     ]
-    ds = doc["datasets"]
     lines += table(
         ["q", "events 1..q", "test events", "users", "items"],
-        [[q, d["events"], d["test_events"], d["users"], d["items"]] for q, d in ds.items()],
+        [[q, d["events"], d["test_events"], d["users"], d["items"]]
+         for q, d in doc["datasets"].items()],
         "rrrrr",
-    )
-    trials = out.with_name(out.name + "-validation.json")
-    if trials.exists():  # settings tried on validation before this run (hand-written record)
-        t = json.loads(trials.read_text())
-        if t.get("reading"):
-            lines += ["", "## What it says", "", t["reading"]]
-        lines += ["", "## Settings tried on validation", "", t["what"], ""]
-        lines += table(
-            ["variant", "click Recall@50", "click nDCG@50", "conv. Recall@50", "conv. nDCG@50"],
-            [
-                [r["variant"], *(f"{r[o][m]:.4f}" for o in TARGETS for m in ("recall", "ndcg"))]
-                for r in t["rows"]
-            ],
-            "lrrrr",
-        )
-    write_results(
-        out, "Warm starts against full retrains (ML-100K, ten periods)", command, lines, doc
-    )
+    )  # fmt: skip
+    reading = out.with_name(out.name + "-reading.md")
+    if reading.exists():  # what the numbers say, written after reading them
+        lines += ["", "## What it says", "", reading.read_text().strip()]
+    title = "Warm starts against full retrains (ML-100K, ten periods"
+    title += ")" if until == PERIODS else f"; validation window, periods 1..{until})"
+    write_results(out, title, command, lines, doc)
     print("\n".join(lines))
 
 
