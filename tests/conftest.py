@@ -21,3 +21,13 @@ from fixtures.services import (  # noqa: E402, F401
     service_runs,
 )
 from fixtures.trained import trained_bundle, trained_onnx_bundle, trained_run  # noqa: E402, F401
+
+
+def pytest_configure(config):
+    """One torch thread in the test process, whatever the test order. torch's threads are
+    process-wide and a config with train.threads = 0 keeps them: alone, a test of the tiny
+    configs ran with one thread per core, beside the suite's own servers and other jobs (OpenMP
+    oversubscription: test_baselines.py took 7 min instead of 30 s). Subprocesses set theirs."""
+    import torch
+
+    torch.set_num_threads(1)
