@@ -56,8 +56,11 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two pytest-xdist workers (the machine CI runs on has 2 cores); a worker takes whole modules,
+# and the real-Milvus-server modules share one (tests/conftest.py). PYTEST_ARGS= runs serially.
+PYTEST_ARGS ?= -n 2 --dist loadgroup
 test: venv lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -54,6 +54,7 @@ from service_writes import (  # noqa: E402
     drop_redis,
     redis_settings,
     section,
+    summarise,
 )
 from service_writes import visibility as api_visibility  # noqa: E402
 
@@ -422,10 +423,7 @@ def run(a, faiss_path: Path, server) -> dict:
         doc["write_batch"] = a.write_batch
         vis = visibility(milvus_path, ports["milvus"], bodies[0], q[0], a.visibility_tries)
         doc["visible_s"] = {"median": statistics.median(vis), "max": max(vis), "tries": len(vis)}
-        doc["api_writes"] = {
-            name: {m: statistics.median(r[m] for r in rs) for m in rs[0]}
-            for name, rs in api_runs.items()
-        }
+        doc["api_writes"] = {name: summarise(rs) for name, rs in api_runs.items()}
         doc["api_visible"] = {
             name: api_visibility(port, paths[name], bodies[0], q[0], x, a.visibility_tries)
             for name, port in ports.items()

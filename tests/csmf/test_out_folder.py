@@ -1,7 +1,8 @@
 """``--out`` never replaces what its command did not write: a file, a folder of other
 things (without --force), an unwritable place — one ``error:`` line, exit 2, before any work — for
 `csmf build-index`, `csmf train`, `csmf data ml-100k` and `csmf data synthetic`, run as a user
-runs them (subprocesses). What each command writes itself is still replaced as before."""
+runs them (subprocesses; the other refusals of each command in process, through the same
+``csmf.cli.main``). What each command writes itself is still replaced as before."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from csmf.cli import main
 from csmf.out_folder import OutFolderError, check_out
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +29,14 @@ def _csmf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         timeout=300,
         env={**os.environ, **(env or {})},
     )
+
+
+def _in_process(capsys, *args: str) -> subprocess.CompletedProcess:
+    """``csmf ARGS`` through ``csmf.cli.main`` in this process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exc:
+        main([*map(str, args)])
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, exc.value.code, out, err)
 
 
 def _one_error_line(p: subprocess.CompletedProcess, *needles: str) -> None:
@@ -58,16 +68,18 @@ def _commands(tmp_path, tiny_run):
 
 
 @pytest.mark.slow
-def test_out_refuses_files_foreign_folders_and_unwritable_places(tmp_path, tiny_run, targets):
+def test_out_refuses_files_foreign_folders_and_unwritable_places(
+    tmp_path, tiny_run, targets, capsys
+):
     readme, other = targets
     for name, argv in _commands(tmp_path, tiny_run).items():
-        p = _csmf(*argv, "--out", readme)
+        p = _csmf(*argv, "--out", readme)  # as a user runs it
         _one_error_line(p, "is a file", "never replaces a file")
-        p = _csmf(*argv, "--out", other)
+        p = _in_process(capsys, *argv, "--out", other)
         _one_error_line(p, "1 entries (todo.txt)", "--force")
-        p = _csmf(*argv, "--out", "/proc/nope")
+        p = _in_process(capsys, *argv, "--out", "/proc/nope")
         _one_error_line(p, "cannot write in /proc")
-        p = _csmf(*argv, "--out", readme / "sub")
+        p = _in_process(capsys, *argv, "--out", readme / "sub")
         _one_error_line(p, f"{readme} is a file")
         assert readme.read_text() == "precious\n", name
         assert (other / "todo.txt").read_text() == "keep me\n" and len(os.listdir(other)) == 1

@@ -94,12 +94,12 @@ def indexes(tmp_path_factory, request):
     def get(name: str, fresh: bool = False) -> VectorIndex:
         key = f"{name}-written" if fresh else name
         if key not in cache:
-            folder = root / key
-            folder.mkdir()
-            if name.startswith("milvus-server"):  # started on first use only
+            if name.startswith("milvus-server"):  # started on first use only (or skips)
                 uri = request.getfixturevalue("milvus_server").uri
             else:
                 uri = str(root / "milvus.db")
+            folder = root / key  # after a skip above, the next test may try again
+            folder.mkdir()
             cache[key] = _build(name, folder, uri, "_written" if fresh else "")
         return cache[key]
 

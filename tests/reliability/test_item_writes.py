@@ -229,16 +229,18 @@ def test_compaction_swaps_in_under_load_without_a_failed_request(serve, bundles,
     load = Load(svc.url, bodies, clients=4).start()
     try:
         load.wait_for(40)
-        out = tmp_path / "compacted"
+        # in place: the same path and model version, so the other worker follows the
+        # announcement by the folded seq it names
         p = subprocess.run([sys.executable, "-m", "csmf.cli", "index", "compact", str(path),
-                            "--out", str(out), "--quiet"], capture_output=True, text=True)  # fmt: skip
+                            "--quiet"], capture_output=True, text=True)  # fmt: skip
         assert p.returncode == 0, p.stderr
         assert json.loads(p.stdout)["rows_dropped"] == len(gone)
-        r = admin.post("/admin/reload", json={"bundle": str(out)})
+        r = admin.post("/admin/reload", json={"bundle": str(path)})
         assert r.status_code == 200, r.text
 
         def everywhere() -> bool:  # fresh connections land on either worker
-            return all(admin.get("/admin/bundle").json()["path"] == str(out) for _ in range(8))
+            infos = [admin.get("/admin/bundle").json()["item_log"] for _ in range(8)]
+            return all(i["folded_seq"] == 2 for i in infos)
 
         wait_until(everywhere, PATIENCE, "every worker on the compacted bundle")
         log = ItemLog(path.parent / "b.items.log")  # both workers serve it: records 1-2 go

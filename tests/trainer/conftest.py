@@ -1,4 +1,6 @@
-"""A tiny real dataset (written once per session) and one short real cascade trained on it."""
+"""A tiny real dataset (written once per session), its encoding, one short real cascade trained
+on it, and the paper's baselines trained on it once per session (shared by test_baselines.py and
+test_paper_baselines.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import torch
 
 from csmf.checkpoint import new_model
 from csmf.towers import TwoTower
+from trainer.baselines import dmmp, dtml, moppr, mvke, teacher, with_changes
 from trainer.cascade import probe_scores, run_cascade
 from trainer.config import RunConfig, load_config
 from trainer.encoding import Encoded
@@ -159,3 +162,45 @@ def trained(tiny_cfg, tiny_data) -> Trained:
         model, enc, tiny_cfg, log=lambda _: None, progress=False, on_freeze=record
     )
     return Trained(tiny_cfg, enc, model, metrics, frozen, probe, scores)
+
+
+@pytest.fixture(scope="session")
+def tiny_enc(tiny_cfg, tiny_data) -> Encoded:
+    """The tiny dataset encoded with the tiny config (tests only read it)."""
+    return prepare(tiny_cfg, tiny_data)
+
+
+class PaperBaselines:
+    """MVKE, DMMP, DTML, MOPPR and the distillation teacher, each trained by its own trainer
+    function at most once per session on (``cfg``, ``enc``): the tests of their internals and
+    the tests that run them through ``run_method`` share one trained model. Trained models are
+    only read (evaluation mode, no gradients) by the tests."""
+
+    TRAIN = {
+        "mvke": mvke.train_mvke,
+        "dmmp": dmmp.train_dmmp,
+        "dtml": dtml.train_dtml,
+        "moppr": moppr.train_moppr,
+    }
+
+    def __init__(self, cfg: RunConfig, enc: Encoded) -> None:
+        self.cfg, self.enc = cfg, enc
+        self._trained: dict[str, tuple] = {}
+
+    def __call__(self, method: str) -> tuple:
+        """(model, info) of ``method``'s trainer on (cfg, enc)."""
+        if method not in self._trained:
+            self._trained[method] = self.TRAIN[method](self.cfg, self.enc)
+        return self._trained[method]
+
+    def teacher(self) -> tuple:
+        """(teacher, epoch losses): ``train_teacher(cfg, enc, shared=1, specific=1)``."""
+        if "teacher" not in self._trained:
+            self._trained["teacher"] = teacher.train_teacher(self.cfg, self.enc, 1, 1)
+        return self._trained["teacher"]
+
+
+@pytest.fixture(scope="session")
+def paper_baselines(tiny_cfg, tiny_enc) -> PaperBaselines:
+    """Trained on the tiny config with 4 epochs per stage (enough for every loss to fall)."""
+    return PaperBaselines(with_changes(tiny_cfg, {"train": {"epochs": [4, 4, 4]}}), tiny_enc)

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from bench.harness.cli import app
+from trainer import baselines
 from trainer.baselines import (
     CSMF_VARIANTS,
     METHODS,
@@ -22,18 +23,30 @@ from trainer.baselines import (
     train_multivector,
     with_changes,
 )
+from trainer.cf_baselines import CF_METHODS, GRIDS
 from trainer.encoding import stage_examples
 from trainer.pipeline import prepare
 
 
-@pytest.fixture(scope="module")
-def enc(tiny_cfg, tiny_data):
-    return prepare(tiny_cfg, tiny_data)
+@pytest.fixture
+def enc(tiny_enc):
+    return tiny_enc
 
 
 @pytest.mark.parametrize("method", [m for m in METHODS if m != "oracle"])  # oracle: below
-def test_each_method_trains_and_evaluates(method, tiny_cfg, enc):
-    run = run_method(method, tiny_cfg, enc, log=lambda _: None)
+def test_each_method_trains_and_evaluates(method, tiny_cfg, enc, paper_baselines, monkeypatch):
+    cfg = tiny_cfg
+    if method in paper_baselines.TRAIN:
+        # the paper's baselines train once per session (conftest.py), shared with
+        # test_paper_baselines.py: run_method's call of train_<method>(cfg, enc) returns it
+        cfg = paper_baselines.cfg
+
+        def trained(c, e):
+            assert c is cfg and e is enc, "run_method trains on the config and data it was given"
+            return paper_baselines(method)
+
+        monkeypatch.setattr(baselines, f"train_{method}", trained)
+    run = run_method(method, cfg, enc, log=lambda _: None)
     assert set(run.result["metrics"]) == {"click", "conversion"}
     for target, rankers in run.result["metrics"].items():
         assert rankers, target
@@ -47,6 +60,12 @@ def test_each_method_trains_and_evaluates(method, tiny_cfg, enc):
     assert sum(v.shape[1] for _, v, _ in run.serving) == dims
     for q, v, _ in run.serving:
         assert q.shape == (enc.n_users, v.shape[1]) and v.shape[0] == enc.n_items
+    if method in CF_METHODS:  # run_cf's record of its validation choice (tuning.json)
+        model, signal = CF_METHODS[method]
+        assert run.tuning["model"] == model and run.tuning["signal"] == signal
+        assert set(run.tuning["params"]) == set(GRIDS[model])
+        assert len(run.tuning["grid"]) == int(np.prod([len(v) for v in GRIDS[model].values()]))
+        assert run.tuning["deterministic"] == (model in ("ease", "itemknn", "rp3beta"))
 
 
 def test_variants_are_config_switches(tiny_cfg):

@@ -12,8 +12,6 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from trainer.cf_baselines import (
-    CF_METHODS,
-    GRIDS,
     cosine_similarity,
     ease_weights,
     fit_als,
@@ -26,7 +24,6 @@ from trainer.cf_baselines import (
 )
 from trainer.encoding import user_items
 from trainer.evaluate import evaluate_vectors
-from trainer.pipeline import prepare
 
 SMALL = {  # small grids keep the tests fast; the real ones are GRIDS
     "als": {"regularization": [0.1, 10.0], "alpha": [1.0, 10.0], "iterations": [10]},
@@ -35,9 +32,9 @@ SMALL = {  # small grids keep the tests fast; the real ones are GRIDS
 }
 
 
-@pytest.fixture(scope="module")
-def enc(tiny_cfg, tiny_data):
-    return prepare(tiny_cfg, tiny_data)
+@pytest.fixture
+def enc(tiny_enc):
+    return tiny_enc
 
 
 def direct_metrics(scores: np.ndarray, enc, rows, target: str, n: int) -> dict:
@@ -162,16 +159,9 @@ def test_validation_set_is_built_from_validation_and_train_rows_only(enc):
     assert all(np.array_equal(val.exclude[u], train[u]) for u in train)
 
 
-@pytest.mark.parametrize("method", sorted(CF_METHODS))
-def test_cf_run_records_its_choice_and_serving_dims(method, enc):
-    run = run_cf(method, enc, 10, 16, 0, 1)
-    model, signal = CF_METHODS[method]
-    assert run.tuning["model"] == model and run.tuning["signal"] == signal
-    assert set(run.tuning["params"]) == set(GRIDS[model])
-    assert len(run.tuning["grid"]) == int(np.prod([len(v) for v in GRIDS[model].values()]))
-    dims = {"als": 16, "bpr": 17}.get(model, enc.n_items)  # EASE, ItemKNN, RP3β: n_items
-    assert run.e.shape == (enc.n_users, dims) and run.v.shape == (enc.n_items, dims)
-    assert run.tuning["deterministic"] == (model in ("ease", "itemknn", "rp3beta"))
+# What run_cf records of its choice (model, signal, parameters, grid, determinism) and its serving
+# widths: tests/trainer/test_baselines.py::test_each_method_trains_and_evaluates, which runs every
+# CF method through run_method (and so run_cf) once.
 
 
 def test_als_sweep_path_equals_one_long_fit(enc):

@@ -95,6 +95,7 @@ def test_threads_setting_sets_torch_threads(tmp_path):
     from trainer.pipeline import prepare
 
     before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite runs with 1 (tests/conftest.py): 1 must come from cfg
     cfg = load_config(CONFIGS / "ml-100k.toml", ["train.threads=1"])
     try:
         with pytest.raises(DataError):  # no dataset there; the threads are set before loading

@@ -9,30 +9,26 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from trainer.baselines import with_changes
-from trainer.baselines.dmmp import fused_queries, train_dmmp
-from trainer.baselines.dtml import train_dtml
+from trainer.baselines.dmmp import fused_queries
 from trainer.baselines.joint import DynamicWeightAverage, distilled_exposures, train_exposures
-from trainer.baselines.moppr import batch_grades, graded_softmax_loss, page_views, train_moppr
-from trainer.baselines.mvke import train_mvke
-from trainer.baselines.teacher import train_teacher
+from trainer.baselines.moppr import batch_grades, graded_softmax_loss, page_views
 from trainer.cf_baselines import keep_top_k, rp3beta_weights
 from trainer.evaluate import encode_all
-from trainer.pipeline import prepare
 
 
-@pytest.fixture(scope="module")
-def enc(tiny_cfg, tiny_data):
-    return prepare(tiny_cfg, tiny_data)
+@pytest.fixture
+def enc(paper_baselines):
+    return paper_baselines.enc
 
 
-@pytest.fixture(scope="module")
-def cfg(tiny_cfg):
-    return with_changes(tiny_cfg, {"train": {"epochs": [4, 4, 4]}})
+@pytest.fixture
+def cfg(paper_baselines):
+    """The tiny config with 4 epochs per stage (conftest.py's ``paper_baselines``)."""
+    return paper_baselines.cfg
 
 
-def test_mvke_widths_scores_and_training(cfg, enc):
-    model, info = train_mvke(cfg, enc)
+def test_mvke_widths_scores_and_training(cfg, enc, paper_baselines):
+    model, info = paper_baselines("mvke")  # train_mvke(cfg, enc), shared with test_baselines.py
     assert info["loss"][-1] < info["loss"][0]
     d, k = cfg.model.out_dim, model.n_kernels
     users, items = np.arange(5), np.arange(7)
@@ -59,16 +55,16 @@ def test_mvke_widths_scores_and_training(cfg, enc):
     torch.testing.assert_close(fused, sum(wt * s for wt, s in zip(w, per_task, strict=True)))
 
 
-def test_teacher_learns_ctr_and_ctcvr(cfg, enc):
+def test_teacher_learns_ctr_and_ctcvr(cfg, enc, paper_baselines):
     ex = train_exposures(enc)
     assert len(ex) == len(enc.split.train)
     assert not (ex.converted & ~ex.clicked).any()  # a conversion is a click
-    _, losses = train_teacher(cfg, enc, shared=1, specific=1, ex=ex)
+    _, losses = paper_baselines.teacher()  # train_teacher(cfg, enc, shared=1, specific=1)
     assert losses[-1] < losses[0]
 
 
-def test_dmmp_serves_the_gated_fused_score_in_one_vector(cfg, enc):
-    model, info = train_dmmp(cfg, enc)
+def test_dmmp_serves_the_gated_fused_score_in_one_vector(cfg, enc, paper_baselines):
+    model, info = paper_baselines("dmmp")  # train_dmmp(cfg, enc)
     assert info["loss"][-1] < info["loss"][0] and info["teacher_loss"][-1] < info["teacher_loss"][0]
     assert sum(info["loss_weights"]) == pytest.approx(2.0)  # DWA keeps the scale of a sum
     out, v = encode_all(model, enc)
@@ -93,8 +89,8 @@ def test_dynamic_weight_average_follows_the_loss_ratios():
     assert float(dwa([None, torch.tensor(3.0)])) == pytest.approx(dwa.weights[1] * 3.0)
 
 
-def test_dtml_student_is_one_vector_and_learns(cfg, enc):
-    model, info = train_dtml(cfg, enc)
+def test_dtml_student_is_one_vector_and_learns(cfg, enc, paper_baselines):
+    model, info = paper_baselines("dtml")  # train_dtml(cfg, enc)
     assert info["loss"][-1] < info["loss"][0]
     e, v = encode_all(model, enc)
     assert e.shape == (enc.n_users, cfg.model.out_dim) and v.shape[1] == cfg.model.out_dim
@@ -134,7 +130,7 @@ def test_graded_softmax_equals_its_formula():
     torch.testing.assert_close(graded_softmax_loss(logits, grade, weights), want)
 
 
-def test_moppr_batches_and_training(cfg, enc):
+def test_moppr_batches_and_training(cfg, enc, paper_baselines):
     pv = page_views(enc)
     cols, grade, exposed, n_exposed = batch_grades(pv, np.arange(3), enc.n_items, False)
     assert grade.shape == (3, len(cols)) and (np.diff(cols) > 0).all()
@@ -143,7 +139,7 @@ def test_moppr_batches_and_training(cfg, enc):
         assert (grade[r, np.searchsorted(cols, own)] == pv.grade[pv.ptr[r] : pv.ptr[r + 1]]).all()
         assert (np.delete(grade[r], np.searchsorted(cols, own)) == -1).all()
     assert n_exposed == int((pv.grade[: pv.ptr[3]] >= 1).sum())
-    model, info = train_moppr(cfg, enc)
+    model, info = paper_baselines("moppr")  # train_moppr(cfg, enc)
     assert info["loss"][-1] < info["loss"][0]
 
 
@@ -170,8 +166,8 @@ def test_rp3beta_is_the_three_step_walk():
     assert ((top > 0).sum(1) <= 2).all()
 
 
-def test_distilled_exposures_are_drawn_by_the_teachers_value(cfg, enc):
-    teacher, _ = train_teacher(cfg, enc, shared=1, specific=1)
+def test_distilled_exposures_are_drawn_by_the_teachers_value(cfg, enc, paper_baselines):
+    teacher, _ = paper_baselines.teacher()  # train_teacher(cfg, enc, shared=1, specific=1)
     dist = distilled_exposures(teacher, enc, cfg)
     assert len(dist.value) == len(enc.split.train) and (dist.value > 0).all()
     ex = dist.examples
