@@ -152,12 +152,22 @@ def main() -> None:
     )  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "continual-ml-100k")
     ap.add_argument("--jobs", type=int, default=1, help="seeds trained at once")
+    ap.add_argument(
+        "--timing", type=int, default=0, metavar="REPS",
+        help="time every update of the run at --out REPS more times back to back, one run at a "
+        "time (its first seed; the full retrain and each variant alternating; the chains' run "
+        "folders in --work), for wall-time ratios less exposed to the machine's load than the "
+        "chains' (which run --jobs at once)",
+    )  # fmt: skip
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     command = script_command(__file__)
     raw = args.out.with_name(args.out.name + ".json")
-    if args.render_only:
+    if args.render_only or args.timing:
         doc = json.loads(raw.read_text())
+        if args.timing:
+            doc["timing"] = time_updates(doc, args.work, args.timing)
+            doc["timing_run"] = {"command": command, **finish_run(run_info(ROOT))}
         render(doc, doc["command"], args.out)
         return
     if not 1 <= args.first < args.until - 1 < PERIODS:
@@ -225,11 +235,47 @@ def main() -> None:
         "first": args.first,
         "until": args.until,
         "sets": args.sets,
+        "config": str(args.config),
         "variants": variants,
         "datasets": {str(q): d for q, d in datasets.items()},
         "rows": rows,
     }
     render(doc, command, args.out)
+
+
+def time_updates(doc: dict, work: Path, reps: int) -> list[dict]:
+    """Each update of ``doc``'s first seed again, ``reps`` times, one run at a time: the full
+    retrain, then every variant warm-starting from the chain's previous run (in ``work``), into
+    fresh folders. Returns [{period, rep, full, variants: {name: seconds}}]."""
+    seed, first = doc["seeds"][0], doc["first"]
+    config = doc.get("config", "configs/ml-100k.toml")  # runs before it was recorded: the default
+    base = [*CSMF, "train", "--config", config, "--set", "train.threads=1"]
+    base += [x for s in doc["sets"] for x in ("--set", s)]
+    timing = []
+    for rep in range(reps):
+        for q in range(first + 1, doc["until"]):
+            folder = work / "data" / f"p{q}"
+            split = ["--set", f"split.test_from={doc['datasets'][str(q)]['test_from']}"]
+            key = {"data": doc["datasets"][str(q)]["key"], "seed": seed, "timing_rep": rep}
+            rec = {"period": q, "rep": rep, "variants": {}}
+            rec["full"] = run(
+                [*base, *split, "--seed", str(seed), "--data", str(folder)],
+                {**key, "kind": "full", "sets": doc["sets"]},
+                work / "timing" / f"full-p{q}-r{rep}",
+            )["seconds"]
+            for i, (name, sets) in enumerate(doc["variants"].items()):
+                src = (
+                    work / f"s{seed}" / (f"warm{i}-p{q - 1}" if q - 1 > first else f"full-p{first}")
+                )
+                rec["variants"][name] = run(
+                    [*CSMF, "train", "--from", str(src), "--data", str(folder), *split,
+                     "--set", "train.threads=1", *(x for s in sets for x in ("--set", s))],
+                    {**key, "kind": "warm", "warm_sets": sets, "from": str(src)},
+                    work / "timing" / f"warm{i}-p{q}-r{rep}",
+                )["seconds"]  # fmt: skip
+            timing.append(rec)
+            print(f"timing rep {rep} q {q}: {rec}", flush=True)
+    return timing
 
 
 def paired(rows: list[dict], name: str) -> dict:
@@ -292,6 +338,37 @@ def render(doc: dict, command: str, out: Path) -> None:
           f"{s['time']:.1%}", f"{s['time_worst']:.1%}"] for n, s in summary.items()],
         "lrrrrrrrrrr",
     )  # fmt: skip
+    if doc.get("timing"):
+        tm = doc["timing"]
+        reps = len({r["rep"] for r in tm})
+        lines += [
+            "",
+            f"### Wall time, back to back ({reps} repetitions, seed {doc['seeds'][0]})",
+            "",
+            "The chains above run two seeds at once on a shared machine, so their times carry "
+            "the load of the moment; here each update's full retrain and warm starts ran one "
+            "at a time, alternating, so each ratio compares runs seconds apart.",
+            "",
+        ]
+        if "timing_run" in doc:
+            lines += [f"`{doc['timing_run']['command']}`", "", run_line(doc["timing_run"]), ""]
+        body = []
+        for q in sorted({r["period"] for r in tm}):
+            rs = [r for r in tm if r["period"] == q]
+            full = [r["full"] for r in rs]
+            cells = []
+            for n in names:
+                frac = [r["variants"][n] / r["full"] for r in rs]
+                cells += [pm(stat([r["variants"][n] for r in rs]), ".1f"), f"{np.mean(frac):.1%}"]
+            body.append([q, pm(stat(full), ".1f"), *cells])
+        cells = []
+        for n in names:
+            cells += ["", f"**{np.mean([r['variants'][n] / r['full'] for r in tm]):.1%}**"]
+        body.append(["all", "", *cells])
+        header = ["q", "full retrain s"]
+        for n in names:
+            header += [f"{n} s", "% of full"]
+        lines += table(header, body, "r" * len(header))
     lines += [
         "",
         "## Per update",
