@@ -194,3 +194,30 @@ def test_a_corrupt_item_log_is_named_at_start_and_on_reload(bundles, make_client
     r = client.post("/admin/reload", json={"bundle": str(path)}, headers=AUTH)
     assert r.status_code == 422 and "record 2" in r.json()["detail"], r.text
     assert r.json()["serving"]  # the old bundle keeps serving
+
+
+def test_a_lone_service_truncates_the_log_after_compaction(bundles, make_client, tmp_path):
+    from fixtures.waiting import PATIENCE, wait_until
+
+    from csmf.item_log import ItemLog
+    from index_builder.compact import compact_bundle
+
+    path = _copy(bundles, "flat", tmp_path)
+    log = ItemLog(path.parent / f"{path.name}.items.log")
+    client = make_client(path, truncate_item_log=True)
+    user, hist, gone = _write(client, path, load_bundle(path))
+    body = {"user_id": user, "k": 30, "weights": WEIGHTS}
+    before = client.post("/v1/retrieve", json=body).json()["items"]
+    assert log.base() == 0  # nothing folded yet: the log is the only record of the writes
+    compact_bundle(path, path)
+    assert client.post("/admin/reload", json={"bundle": str(path)}, headers=AUTH).status_code == 200
+    wait_until(lambda: log.base() == 2, PATIENCE, "records 1-2 dropped (no replica to wait for)")
+    info = client.get("/admin/bundle", headers=AUTH).json()["item_log"]
+    assert (info["folded_seq"], info["log_base"], info["applied_seq"]) == (2, 2, 2)
+    after = client.post("/v1/retrieve", json=body).json()["items"]
+    assert [i["item_id"] for i in after] == [i["item_id"] for i in before]
+    r = client.request("DELETE", "/admin/items", json={"ids": ["aimed-3"]}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["seq"] == 3  # the sequence goes on
+    again = make_client(path)  # a restart: the compacted bundle, then record 3 alone
+    ids = [i["item_id"] for i in again.post("/v1/retrieve", json=body).json()["items"]]
+    assert ids[0] == "aimed-2" and not set(ids) & set(gone)
