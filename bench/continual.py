@@ -343,7 +343,8 @@ def render(doc: dict, command: str, out: Path) -> None:
         reps = len({r["rep"] for r in tm})
         lines += [
             "",
-            f"### Wall time, back to back ({reps} repetitions, seed {doc['seeds'][0]})",
+            f"### Wall time, back to back ({reps} repetition{'s' if reps > 1 else ''}, seed "
+            f"{doc['seeds'][0]})",
             "",
             "The chains above run two seeds at once on a shared machine, so their times carry "
             "the load of the moment; here each update's full retrain and warm starts ran one "
@@ -355,12 +356,15 @@ def render(doc: dict, command: str, out: Path) -> None:
         body = []
         for q in sorted({r["period"] for r in tm}):
             rs = [r for r in tm if r["period"] == q]
-            full = [r["full"] for r in rs]
+
+            def secs(values: list[float]) -> str:
+                return pm(stat(values), ".1f") if reps > 1 else f"{values[0]:.1f}"
+
             cells = []
             for n in names:
                 frac = [r["variants"][n] / r["full"] for r in rs]
-                cells += [pm(stat([r["variants"][n] for r in rs]), ".1f"), f"{np.mean(frac):.1%}"]
-            body.append([q, pm(stat(full), ".1f"), *cells])
+                cells += [secs([r["variants"][n] for r in rs]), f"{np.mean(frac):.1%}"]
+            body.append([q, secs([r["full"] for r in rs]), *cells])
         cells = []
         for n in names:
             cells += ["", f"**{np.mean([r['variants'][n] / r['full'] for r in tm]):.1%}**"]
