@@ -57,8 +57,9 @@ format: venv
 	$(BIN)/ruff check --fix .
 
 # Two pytest-xdist workers (the machine CI runs on has 2 cores); a worker takes whole modules,
-# and the real-Milvus-server modules share one (tests/conftest.py). PYTEST_ARGS= runs serially.
-PYTEST_ARGS ?= -n 2 --dist loadgroup
+# and the real-Milvus-server modules share one (tests/fixtures/scheduling.py). PYTEST_ARGS= runs
+# the suite serially.
+PYTEST_ARGS ?= -n 2 --dist loadscope
 test: venv lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 

@@ -4,7 +4,6 @@ builder, Redis and service processes) is built once per run. Folder-specific fix
 folder's conftest.py."""
 
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -36,22 +35,20 @@ def pytest_configure(config):
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadscope`` (`make test`): whole modules per worker, the Milvus-server modules
+    together (tests/fixtures/scheduling.py)."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from fixtures.scheduling import ModuleScheduling
+
+    return ModuleScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist with ``--dist loadgroup`` (`make test`), a worker runs a whole test
-    module, so a module's fixtures are built once; the modules that reach the real Milvus server
-    all go to one worker (one server per machine: tests/fixtures/milvus.py), in file order, so
-    the outage test's kill and restart never overlaps another test's searches."""
-    if getattr(config.option, "dist", "no") != "loadgroup":
-        return
-    modules: dict[str, list] = defaultdict(list)
-    for item in items:
-        modules[item.nodeid.split("::")[0]].append(item)
-    for path, module_items in modules.items():
-        milvus = any(
-            "milvus_server" in getattr(i, "fixturenames", ()) or "milvus-server" in i.nodeid
-            for i in module_items
-        )
-        group = pytest.mark.xdist_group("milvus-server" if milvus else path)
-        for item in module_items:
-            item.add_marker(group)
+    """A module on the real Milvus server that the xdist scheduler would not recognise fails."""
+    if config.pluginmanager.hasplugin("xdist"):
+        from fixtures.scheduling import check_milvus_modules
+
+        check_milvus_modules(items)
