@@ -158,7 +158,11 @@ def test_fuzz_admin_without_token_changes_nothing(api_schema, admin, method, pat
     def call(case):
         response = case.call_and_validate(checks=CHECKS)
         _count("admin without token", response.status_code)
-        assert response.status_code in (401, 403, 422), response.text
+        # schemathesis' coverage phase may also send a method the path does not serve: a 405
+        # is then a refusal too (and the state check below still holds)
+        other_method = case.method.upper() != method.upper()
+        refusals = (401, 403, 422, 405) if other_method else (401, 403, 422)
+        assert response.status_code in refusals, (case.method, response.text)
 
     _cases(api_schema, method, path, call)
     assert _state(admin) == before
