@@ -74,6 +74,17 @@ def _quick(cfg_path: Path, *extra: str):
     )
 
 
+def _grown(ckpt, cfg, data: Path):
+    """``ckpt``'s model grown to ``data``'s vocabularies (seeded) and ``data`` encoded for it."""
+    ds = load_dataset(data, cfg.features, objectives=())
+    uv, iv, _ = grow_vocabs(ckpt, ds, cfg.features.user, cfg.features.item)
+    enc = encode_dataset(ds, cfg.features, split_by_time(ds.events), (uv, iv))
+    torch.manual_seed(0)
+    model = grow_model(ckpt, uv, iv)
+    model.use_sparse_gradients(True)
+    return model, enc
+
+
 @pytest.fixture(scope="module")
 def run1(days, tiny_config_path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("run1") / "run"
@@ -137,12 +148,7 @@ def test_each_stage_moves_only_its_own_units(run1, days, tiny_config_path):
     stage 0's own entries do move (the mask is not simply freezing everything)."""
     ckpt = load_checkpoint(run1)
     cfg = config_from_dict(ckpt.train_config, ["warm.epochs=[2,0,0]"])
-    ds = load_dataset(days[1], cfg.features, objectives=())
-    uv, iv, _ = grow_vocabs(ckpt, ds, cfg.features.user, cfg.features.item)
-    enc = encode_dataset(ds, cfg.features, split_by_time(ds.events), (uv, iv))
-    torch.manual_seed(0)
-    model = grow_model(ckpt, uv, iv)
-    model.use_sparse_gradients(True)
+    model, enc = _grown(ckpt, cfg, days[1])
     before = {n: p.detach().clone() for n, _, _, p in owned_parameters(model)}
     run_warm(model, enc, cfg, ckpt.metrics["trained_through"], log=lambda _: None, progress=False)
     moved_own = 0
@@ -251,12 +257,7 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
     bit-identical; 'owned': the layers move too."""
     ckpt = load_checkpoint(run1)
     cfg = config_from_dict(ckpt.train_config, [f"warm.train={scope}"])
-    ds = load_dataset(days[1], cfg.features, objectives=())
-    uv, iv, _ = grow_vocabs(ckpt, ds, cfg.features.user, cfg.features.item)
-    enc = encode_dataset(ds, cfg.features, split_by_time(ds.events), (uv, iv))
-    torch.manual_seed(0)
-    model = grow_model(ckpt, uv, iv)
-    model.use_sparse_gradients(True)
+    model, enc = _grown(ckpt, cfg, days[1])
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     old_rows = {n: t.shape[0] for n, t in ckpt.state_dict.items() if t.dim() == 2}
     metrics = run_warm(
