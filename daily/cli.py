@@ -113,6 +113,15 @@ def daily(
     progress: Annotated[
         bool, typer.Option("--progress/--no-progress", help="Progress bars while training.")
     ] = False,
+    from_scratch: Annotated[
+        bool,
+        typer.Option(
+            "--from-scratch",
+            help="Retrain the whole cascade on every event instead of warm-starting the serving "
+            "run (the gate still compares with it). Schedule it, e.g. weekly, to bound the chain "
+            "of warm starts: bench/results/continual-ml-100k.md.",
+        ),
+    ] = False,
     *,
     config: GateConfig,
 ) -> None:
@@ -133,7 +142,7 @@ def daily(
             replicas_dns=replicas_dns, token=token, replica_state=replica_state,
             reload_timeout=reload_timeout, keep=keep, period_s=period_s,
             max_age_hours=max_age_hours,
-            pushgateway=pushgateway, progress=progress,
+            pushgateway=pushgateway, progress=progress, from_scratch=from_scratch,
         )  # fmt: skip
     except CsmfError as exc:
         fail(exc)

@@ -57,6 +57,7 @@ class DailyOptions:
     max_age_hours: float = 26.0
     pushgateway: str | None = None
     progress: bool = False
+    from_scratch: bool = False  # retrain the cascade instead of warm-starting the serving run
 
     def __post_init__(self) -> None:
         if self.keep < 2:
@@ -264,8 +265,9 @@ def _update(state, opts, log, serving_gen, serving, cfg, steps, outcome) -> Outc
 
     step("train")
     period = f"latest period from {cfg.split.test_from} held out"
-    if serving is None:
-        log(f"train from scratch on {data} ({period})")
+    if serving is None or opts.from_scratch:
+        why = "--from-scratch" if serving is not None else "no serving model yet"
+        log(f"train from scratch on {data} ({period}; {why})")
         train_run(cfg, data, partial / "run", log=log, progress=opts.progress)
     else:
         log(f"warm start from {state.run_of(serving_gen)} on {data} ({period})")
