@@ -35,7 +35,6 @@ from csmf.checkpoint import (
     Checkpoint,
     load_checkpoint,
     new_model,
-    training_provenance,
 )
 from csmf.errors import ConfigError, OwnershipError
 from trainer.cascade import Log, _val, output_slices, probe_scores, run_epochs
@@ -43,7 +42,7 @@ from trainer.config import RunConfig, config_from_dict
 from trainer.data.dataset import load_dataset, split_by_time
 from trainer.encoding import encode_dataset, stage_examples
 from trainer.ownership import FrozenSnapshot, mark_only_stage_trainable, unfreeze_all
-from trainer.pipeline import RunFolderError, check_run_folder, write_run
+from trainer.pipeline import RunFolderError, check_run_folder, run_checkpoint, write_run
 from trainer.pruning import reinit_units
 
 
@@ -160,16 +159,5 @@ def extend_run(
     metrics["stages"] = [*metrics.get("stages", []), rec]
     metrics["output_slices"] = output_slices(model)
     metrics["extended_from"] = {"run": str(run.resolve()), "objective": objective, "label": label}
-    new = Checkpoint(
-        model_config=cfg.model,
-        features=cfg.features,
-        user_vocab=ckpt.user_vocab,
-        item_vocab=ckpt.item_vocab,
-        objectives=cfg.objectives,
-        state_dict=model.state_dict(),
-        dataset=str(data.resolve()),
-        train_config=cfg.to_dict(),
-        metrics=metrics,
-        provenance=training_provenance(data, ckpt.user_vocab, ckpt.item_vocab),
-    )
+    new = run_checkpoint(cfg, data, model, ckpt.user_vocab, ckpt.item_vocab, metrics)
     return write_run(out, new), metrics

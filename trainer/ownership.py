@@ -111,11 +111,10 @@ class StageParams:
     def count(self) -> int:
         """Trainable entries."""
         rows = self.row_from or [0] * len(self.params)
-        total = 0
-        for p, m, first in zip(self.params, self.masks, rows, strict=True):
-            columns = int(m.sum())  # a table's (1, D) mask counts columns: rows below first drop
-            total += columns * (p.numel() // m.numel()) - (columns * first if first else 0)
-        return total
+        # a table's (1, D) mask counts columns, each p.numel() // m.numel() = rows long, of which
+        # the rows below ``first`` do not train; other masks are whole-shaped (first = 0)
+        pairs = zip(self.params, self.masks, rows, strict=True)
+        return sum(int(m.sum()) * (p.numel() // m.numel() - first) for p, m, first in pairs)
 
 
 class StageOptimizer:

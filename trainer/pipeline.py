@@ -32,7 +32,9 @@ from csmf.checkpoint import (
     training_provenance,
 )
 from csmf.errors import ConfigError, CsmfError, DataError
+from csmf.features import TowerVocab
 from csmf.results import table
+from csmf.towers import ModelConfig
 from csmf.weights import parse_weights
 from trainer.cascade import Log, Phase, Progress, output_slices, run_cascade
 from trainer.config import RunConfig
@@ -234,9 +236,25 @@ def warm_run(
         "absent_from_tables": {"users": absent_users, "items": absent_items},
         "new_positives": positives,
     }
-    ckpt = Checkpoint(
-        model_config=ckpt.model_config,
-        features=spec,
+    new = run_checkpoint(cfg, data, model, user_vocab, item_vocab, metrics, ckpt.model_config)
+    return write_run(out, new), metrics
+
+
+def run_checkpoint(
+    cfg: RunConfig,
+    data: Path,
+    model: torch.nn.Module,
+    user_vocab: TowerVocab,
+    item_vocab: TowerVocab,
+    metrics: dict,
+    model_config: ModelConfig | None = None,
+) -> Checkpoint:
+    """What a finished training run (from scratch, warm-started or extended) saves: ``model``'s
+    state with ``cfg`` and its vocabularies, ``metrics``, and ``data``'s provenance.
+    ``model_config``: the model's own (default ``cfg.model``)."""
+    return Checkpoint(
+        model_config=model_config or cfg.model,
+        features=cfg.features,
         user_vocab=user_vocab,
         item_vocab=item_vocab,
         objectives=cfg.objectives,
@@ -246,7 +264,6 @@ def warm_run(
         metrics=metrics,
         provenance=training_provenance(data, user_vocab, item_vocab),
     )
-    return write_run(out, ckpt), metrics
 
 
 def write_run(out: Path, ckpt: Checkpoint) -> Path:
@@ -346,18 +363,7 @@ def _train(
         metrics["resumed_from"] = {
             "stage": resume.stage, "phase": resume.phase.value, "epoch": resume.epoch
         }  # fmt: skip
-    ckpt = Checkpoint(
-        model_config=cfg.model,
-        features=cfg.features,
-        user_vocab=enc.user_vocab,
-        item_vocab=enc.item_vocab,
-        objectives=cfg.objectives,
-        state_dict=model.state_dict(),
-        dataset=str(data.resolve()),
-        train_config=cfg.to_dict(),
-        metrics=metrics,
-        provenance=training_provenance(data, enc.user_vocab, enc.item_vocab),
-    )
+    ckpt = run_checkpoint(cfg, data, model, enc.user_vocab, enc.item_vocab, metrics)
     path = out / CHECKPOINT_NAME
     if dist.main:
         write_run(out, ckpt)
