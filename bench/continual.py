@@ -53,7 +53,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from scipy import stats
 
-from bench.harness.cache import bench_fingerprint, holds, remember, source_key
+from bench.harness.cache import KEY_FILE, bench_fingerprint, holds, remember, source_key
 from csmf.results import finish_run, pm, run_info, run_line, script_command, table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -251,12 +251,14 @@ def time_updates(doc: dict, work: Path, reps: int) -> list[dict]:
     config = doc.get("config", "configs/ml-100k.toml")  # runs before it was recorded: the default
     base = [*CSMF, "train", "--config", config, "--set", "train.threads=1"]
     base += [x for s in doc["sets"] for x in ("--set", s)]
+    code, config_text = source_key(), (ROOT / config).read_text()
     timing = []
     for rep in range(reps):
         for q in range(first + 1, doc["until"]):
             folder = work / "data" / f"p{q}"
             split = ["--set", f"split.test_from={doc['datasets'][str(q)]['test_from']}"]
-            key = {"data": doc["datasets"][str(q)]["key"], "seed": seed, "timing_rep": rep}
+            key = {"data": doc["datasets"][str(q)]["key"], "seed": seed, "timing_rep": rep,
+                   "code": code, "config": config_text}  # fmt: skip
             rec = {"period": q, "rep": rep, "variants": {}}
             rec["full"] = run(
                 [*base, *split, "--seed", str(seed), "--data", str(folder)],
@@ -270,7 +272,8 @@ def time_updates(doc: dict, work: Path, reps: int) -> list[dict]:
                 rec["variants"][name] = run(
                     [*CSMF, "train", "--from", str(src), "--data", str(folder), *split,
                      "--set", "train.threads=1", *(x for s in sets for x in ("--set", s))],
-                    {**key, "kind": "warm", "warm_sets": sets, "from": str(src)},
+                    {**key, "kind": "warm", "warm_sets": sets,
+                     "from": json.loads((src / KEY_FILE).read_text())},
                     work / "timing" / f"warm{i}-p{q}-r{rep}",
                 )["seconds"]  # fmt: skip
             timing.append(rec)
