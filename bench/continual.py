@@ -79,10 +79,22 @@ def period_bounds(ts: np.ndarray, periods: int = PERIODS) -> np.ndarray:
     return qs
 
 
-def write_period_dataset(src: Path, out: Path, q: int, bounds: np.ndarray) -> dict:
-    """The dataset of update q: events of periods 1..q, plus period q + 1's events of known
-    users and items as the test split; tables = entities seen in periods 1..q."""
+def window_events(src: Path, fraction: float) -> pa.Table:
+    """The earliest ``fraction`` of ``src``'s events (by time; ties at the cut kept)."""
     ev = pq.read_table(src / "events.parquet")
+    if fraction >= 1.0:
+        return ev
+    cut = np.quantile(ev["timestamp"].to_numpy(), fraction, method="lower")
+    return ev.filter(pc.less_equal(ev["timestamp"], int(cut)))
+
+
+def write_period_dataset(
+    src: Path, out: Path, q: int, bounds: np.ndarray, fraction: float = 1.0
+) -> dict:
+    """The dataset of update q: events of periods 1..q, plus period q + 1's events of known
+    users and items as the test split; tables = entities seen in periods 1..q. ``fraction``:
+    the periods cut the earliest fraction of the events only."""
+    ev = window_events(src, fraction)
     users, items = pq.read_table(src / "users.parquet"), pq.read_table(src / "items.parquet")
     ts = ev["timestamp"]
     past = ev.filter(pc.less(ts, int(bounds[q])))
@@ -109,6 +121,11 @@ def write_period_dataset(src: Path, out: Path, q: int, bounds: np.ndarray) -> di
         "users": len(known_u),
         "items": len(known_i),
     }
+
+
+def period_folder(work: Path, q: int, fraction: float = 1.0) -> Path:
+    """Where update q's dataset is written (one folder per window)."""
+    return work / "data" / (f"p{q}" if fraction >= 1.0 else f"e{fraction:g}-p{q}")
 
 
 def run(cmd: list[str], key: dict, out: Path) -> dict:
@@ -143,6 +160,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--first", type=int, default=FIRST, help="initial model on periods 1..FIRST")
     ap.add_argument("--until", type=int, default=PERIODS, help="last period evaluated")
+    ap.add_argument(
+        "--events", type=float, default=1.0, metavar="FRACTION",
+        help="cut the ten periods from the earliest FRACTION of the events only: a validation "
+        "window with the test window's shape (0.6: the test's periods 7..10 are never read)",
+    )  # fmt: skip
     ap.add_argument("--work", type=Path, default=Path("runs/continual"))
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override (all)")
     ap.add_argument(
@@ -172,6 +194,8 @@ def main() -> None:
         return
     if not 1 <= args.first < args.until - 1 < PERIODS:
         ap.error(f"need 1 <= --first < --until - 1 < {PERIODS}")
+    if not 0.0 < args.events <= 1.0:
+        ap.error(f"--events must be in (0, 1], got {args.events}")
     variants = dict(VARIANTS)
     if args.variant:
         variants = {}
@@ -179,15 +203,14 @@ def main() -> None:
             name, _, sets = v.partition("=")
             variants[name.strip()] = [x.strip() for x in sets.split(";") if x.strip()]
     info = run_info(ROOT, ("csmf", "trainer"))
-    ev_ts = pq.read_table(args.data / "events.parquet", columns=["timestamp"])["timestamp"]
-    bounds = period_bounds(ev_ts.to_numpy())
+    bounds = period_bounds(window_events(args.data, args.events)["timestamp"].to_numpy())
     code = source_key()
     config_text = args.config.read_text()
     updates = range(args.first, args.until)  # dataset q: periods 1..q, test = period q + 1
     datasets = {}
     for q in updates:
-        folder = args.work / "data" / f"p{q}"
-        datasets[q] = write_period_dataset(args.data, folder, q, bounds)
+        folder = period_folder(args.work, q, args.events)
+        datasets[q] = write_period_dataset(args.data, folder, q, bounds, args.events)
         datasets[q]["key"] = bench_fingerprint(folder)
     base = [*CSMF, "train", "--config", str(args.config), "--set", "train.threads=1"]
     base += [x for s in args.sets for x in ("--set", s)]
@@ -196,7 +219,7 @@ def main() -> None:
         """The initial model, then per period the full retrain and each variant's warm start."""
         out, prev = [], {}
         for q in updates:
-            folder = args.work / "data" / f"p{q}"
+            folder = period_folder(args.work, q, args.events)
             split = ["--set", f"split.test_from={datasets[q]['test_from']}"]
             common = {"code": code, "config": config_text, "sets": args.sets, "seed": seed,
                       "data": datasets[q]["key"]}  # fmt: skip
@@ -234,6 +257,7 @@ def main() -> None:
         "seeds": args.seeds,
         "first": args.first,
         "until": args.until,
+        "events": args.events,
         "sets": args.sets,
         "config": str(args.config),
         "variants": variants,
@@ -255,7 +279,7 @@ def time_updates(doc: dict, work: Path, reps: int) -> list[dict]:
     timing = []
     for rep in range(reps):
         for q in range(first + 1, doc["until"]):
-            folder = work / "data" / f"p{q}"
+            folder = period_folder(work, q, doc.get("events", 1.0))
             split = ["--set", f"split.test_from={doc['datasets'][str(q)]['test_from']}"]
             key = {"data": doc["datasets"][str(q)]["key"], "seed": seed, "timing_rep": rep,
                    "code": code, "config": config_text}  # fmt: skip
@@ -418,7 +442,11 @@ def render(doc: dict, command: str, out: Path) -> None:
     if reading.exists():  # what the numbers say, written after reading them
         lines += ["", "## What it says", "", reading.read_text().strip()]
     title = "Warm starts against full retrains (ML-100K, ten periods"
-    title += ")" if until == PERIODS else f"; validation window, periods 1..{until})"
+    events = doc.get("events", 1.0)
+    if events < 1.0:
+        title += f" of the earliest {events:.0%} of the events; validation window)"
+    else:
+        title += ")" if until == PERIODS else f"; validation window, periods 1..{until})"
     write_results(out, title, command, lines, doc)
     print("\n".join(lines))
 
