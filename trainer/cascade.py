@@ -29,7 +29,14 @@ from trainer.distributed import SINGLE, Dist
 from trainer.encoding import Encoded, Examples, StageExamples, stage_examples
 from trainer.evaluate import validation_recall
 from trainer.losses import aml_margin, log_q, sampled_softmax_loss, softmax_logits
-from trainer.ownership import FrozenSnapshot, StageParams, mark_only_stage_trainable, unfreeze_all
+from trainer.moments import Moments, capture
+from trainer.ownership import (
+    FrozenSnapshot,
+    StageOptimizer,
+    StageParams,
+    mark_only_stage_trainable,
+    unfreeze_all,
+)
 from trainer.prefetch import Prefetcher
 from trainer.pruning import prune_stage
 
@@ -254,8 +261,11 @@ def run_epochs(
     on_epoch: EpochHook | None = None,
     log: Log | None = None,
     data_wait: list[float] | None = None,
+    optimizer: StageOptimizer | None = None,
 ) -> list[float]:
-    """Train ``params`` for ``epochs`` over ``ex`` with a fresh optimizer; mean loss per epoch.
+    """Train ``params`` for ``epochs`` over ``ex``; mean loss per epoch. ``optimizer``: one over
+    ``params`` to step (a warm start's, holding the moments it carried; the caller keeps it to
+    read them afterwards); default a fresh one.
 
     ``rng`` draws the batch order (identical on every rank); ``sample_rng`` (default ``rng``) the
     sampled negatives. Resuming: ``start_epoch`` epochs are done, their ``losses`` and the
@@ -266,7 +276,7 @@ def run_epochs(
     """
     tc = cfg.train
     sample_rng = rng if sample_rng is None else sample_rng
-    opt = params.optimizer(tc.stage_lr(stage))
+    opt = optimizer if optimizer is not None else params.optimizer(tc.stage_lr(stage))
     if opt_state is not None:
         opt.load_state_dict(opt_state)
     model.train()
@@ -372,6 +382,7 @@ def run_cascade(
     resume: Progress | None = None,
     on_checkpoint: CheckpointHook | None = None,
     dist: Dist = SINGLE,
+    moments: Moments | None = None,
 ) -> dict:
     """Train every stage of the cascade in place; return per-stage metrics.
 
@@ -379,6 +390,8 @@ def run_cascade(
     ``on_checkpoint(progress)`` after every epoch and every frozen stage (every rank calls it;
     the writer decides who writes); ``resume`` continues from such a point — ``model`` must
     already hold that point's state dict. ``dist`` is the process group (trainer.distributed).
+    ``moments``: filled with each stage's final Adam moments (trainer/moments.py) for a later
+    warm start (stages finished before a resume point have none).
     """
     cc, tc = cfg.cascade, cfg.train
     objectives = cfg.objectives
@@ -441,12 +454,14 @@ def run_cascade(
             else {"objective": objective, "positives": len(ex), "trainable": params.count()}
         )
         in_train = at is None or at.phase is Phase.TRAIN
+        opt: StageOptimizer | None = None  # the stage's last optimizer: its moments are kept
         if in_train:
             t_train, w0 = time.perf_counter(), writing[0]
             wait = [0.0]
+            opt = params.optimizer(tc.stage_lr(t))
             rec["loss"] = run_epochs(
                 model, enc, ex, t, objective, params, cfg, tc.stage_epochs(t), rng, name, progress,
-                sample_rng=sample_rng, dist=dist, log=log, data_wait=wait,
+                sample_rng=sample_rng, dist=dist, log=log, data_wait=wait, optimizer=opt,
                 start_epoch=at.epoch if at is not None else 0,
                 losses=rec.get("loss"), opt_state=at.opt_state if at is not None else None,
                 on_epoch=lambda k, losses, opt, t=t, rec=rec, start=start: checkpoint(
@@ -479,9 +494,10 @@ def run_cascade(
                     sub_idx = at.subset
                 params = mark_only_stage_trainable(model, t, keep_values=tc.restore_each_step)
                 sub = ex.take(sub_idx, cc.rho)
+                opt = params.optimizer(tc.stage_lr(t))
                 rec["ar_loss"] = run_epochs(
                     model, enc, sub, t, objective, params, cfg, tc.ar_epochs, rng,
-                    f"{name} AR", progress, sample_rng=sample_rng, dist=dist, log=log,
+                    f"{name} AR", progress, sample_rng=sample_rng, dist=dist, log=log, optimizer=opt,
                     start_epoch=0 if in_train else at.epoch,
                     losses=None if in_train else rec.get("ar_loss"),
                     opt_state=None if in_train else at.opt_state,
@@ -494,6 +510,8 @@ def run_cascade(
                 )  # fmt: skip
                 rec["val_recall"]["recovered"] = _val(model, enc, t, objective, cfg, dist)
         sm.advance(Phase.FREEZE)
+        if moments is not None and opt is not None:
+            moments[str(t)] = capture(model, t, opt)
         unfreeze_all(model)
         snapshot.verify(model)
         rec.setdefault("digests", {})["frozen"] = dist.check_consistent(

@@ -190,6 +190,11 @@ class TrainConfig:
         "belt and braces: copy frozen entries back after every step (verified per stage anyway)",
         False,
     )
+    save_moments: bool = _help(
+        "keep each stage's final Adam moments in the run folder (moments.pt: about twice the id "
+        "tables' size) so a warm start continues the optimisation (warm.moments)",
+        True,
+    )
     data: str = _help(
         "'memory' reads every event into RAM; 'stream' reads Parquet row groups per epoch through "
         "a bounded shuffle buffer (trainer.data.stream: RSS independent of the event count); "
@@ -301,6 +306,7 @@ class EvalConfig:
 
 
 WARM_TRAIN = ("owned", "tables", "new-rows")
+WARM_MOMENTS = ("carry", "fresh")
 
 
 @dataclass(frozen=True)
@@ -326,7 +332,16 @@ class WarmConfig:
         "tables",
     )
 
+    moments: str = _help(
+        "'carry': each stage's optimizer starts from the --from run's final Adam moments "
+        "(moments.pt; trainer/moments.py), so entries move as in continued training; 'fresh': a "
+        "new Adam, whose first steps move every entry it touches by about lr",
+        "carry",
+    )
+
     def __post_init__(self) -> None:
+        if self.moments not in WARM_MOMENTS:
+            raise ConfigError(f"warm.moments must be one of {WARM_MOMENTS}, got {self.moments!r}")
         object.__setattr__(self, "epochs", _as_tuple(self.epochs, int, "warm.epochs"))
         empty = isinstance(self.lr, list | tuple) and len(self.lr) == 0  # () = train.lr
         lr = () if empty else _as_tuple(self.lr, float, "warm.lr")

@@ -141,6 +141,33 @@ class StageOptimizer:
         for o in self._parts().values():
             o.step()
 
+    def _owner(self, p: nn.Parameter) -> torch.optim.Optimizer | None:
+        for o in self._parts().values():
+            if any(q is p for group in o.param_groups for q in group["params"]):
+                return o
+        return None
+
+    def holds(self, p: nn.Parameter) -> bool:
+        """Whether ``p`` is one of the parameters this optimizer steps."""
+        return self._owner(p) is not None
+
+    def state_of(self, p: nn.Parameter) -> dict:
+        """The moments and step count held for ``p`` ({} before its first step)."""
+        o = self._owner(p)
+        return {} if o is None else dict(o.state.get(p, {}))
+
+    def set_state(self, p: nn.Parameter, step: float, moments: dict[str, Tensor]) -> None:
+        """Give ``p`` moments and a step count before the first step (trainer/moments.py):
+        Adam keeps its step as a float tensor, SparseAdam as an int."""
+        o = self._owner(p)
+        if o is None:
+            raise OwnershipError("set_state: the parameter is not in this optimizer")
+        count = int(step)
+        o.state[p] = {
+            "step": torch.tensor(float(count)) if o is self.dense else count,
+            **moments,
+        }
+
     def state_dict(self) -> dict:
         return {
             "layout": sorted(self._parts()),

@@ -42,6 +42,7 @@ from trainer.data.dataset import load_dataset, split_by_time
 from trainer.distributed import SINGLE, Dist
 from trainer.encoding import Encoded, encode_dataset, with_absent_rows
 from trainer.evaluate import evaluate_model
+from trainer import moments
 from trainer.warm import (
     grow_model,
     grow_vocabs,
@@ -126,7 +127,7 @@ def check_run_folder(out: Path, force: bool) -> None:
                 f"`csmf train --resume {out}` or pass --force to start over"
             )
         return
-    for name in (CHECKPOINT_NAME, RESUME_NAME, TRAIN_METRICS, EVAL_NAME):
+    for name in (CHECKPOINT_NAME, RESUME_NAME, TRAIN_METRICS, EVAL_NAME, moments.MOMENTS_NAME):
         (out / name).unlink(missing_ok=True)
 
 
@@ -225,7 +226,15 @@ def warm_run(
     model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
     model.train()
     old_rows = {n: t.shape[0] for n, t in ckpt.state_dict.items() if t.dim() == 2}
-    metrics = run_warm(model, enc, cfg, since, log, progress, old_rows)
+    carried = moments.load(prev)
+    if cfg.warm.moments == "carry" and not carried:
+        log(f"{prev} kept no optimizer moments ({moments.MOMENTS_NAME}): every stage starts fresh")
+    metrics = run_warm(
+        model, enc, cfg, since, log, progress, old_rows,
+        carried if cfg.warm.moments == "carry" else None,
+    )  # fmt: skip
+    kept = metrics.pop("moments")
+    kept = kept if cfg.train.save_moments else None
     metrics["seconds"] = time.perf_counter() - start
     metrics["output_slices"] = output_slices(model)
     metrics["trained_through"] = trained_through(enc, since)
@@ -237,7 +246,7 @@ def warm_run(
         "new_positives": positives,
     }
     new = run_checkpoint(cfg, data, model, user_vocab, item_vocab, metrics, ckpt.model_config)
-    return write_run(out, new), metrics
+    return write_run(out, new, kept), metrics
 
 
 def run_checkpoint(
@@ -266,8 +275,12 @@ def run_checkpoint(
     )
 
 
-def write_run(out: Path, ckpt: Checkpoint) -> Path:
-    """A finished run folder: ``checkpoint.pt`` (atomically) and ``train_metrics.json``."""
+def write_run(out: Path, ckpt: Checkpoint, kept: moments.Moments | None = None) -> Path:
+    """A finished run folder: ``checkpoint.pt`` (atomically), ``train_metrics.json`` and, if
+    ``kept``, the stages' optimizer moments (``moments.pt``, before the checkpoint: a folder
+    with a checkpoint is finished)."""
+    if kept:
+        moments.save(kept, out)
     path = save_checkpoint(ckpt, out / CHECKPOINT_NAME)
     write_json(out / TRAIN_METRICS, {"config": ckpt.train_config, **ckpt.metrics})
     return path
@@ -342,9 +355,10 @@ def _train(
             }
             atomic_save(payload, out / RESUME_NAME)
 
+    kept: moments.Moments | None = {} if cfg.train.save_moments and dist.main else None
     metrics = run_cascade(
         model, enc, cfg, log=log, progress=progress, resume=resume, on_checkpoint=save_progress,
-        dist=dist,
+        dist=dist, moments=kept,
     )  # fmt: skip
     metrics["seconds"] = time.perf_counter() - start
     metrics["device"] = str(device)
@@ -366,7 +380,7 @@ def _train(
     ckpt = run_checkpoint(cfg, data, model, enc.user_vocab, enc.item_vocab, metrics)
     path = out / CHECKPOINT_NAME
     if dist.main:
-        write_run(out, ckpt)
+        write_run(out, ckpt, kept)
         (out / RESUME_NAME).unlink(missing_ok=True)  # the run is finished
     dist.barrier()
     return path, metrics

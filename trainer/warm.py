@@ -34,6 +34,7 @@ from trainer.cascade import Log, _val, run_epochs
 from trainer.config import RunConfig
 from trainer.data.dataset import Dataset
 from trainer.encoding import Encoded, stage_examples, tower_columns
+from trainer.moments import Moments, capture, restore
 from trainer.ownership import (
     FrozenSnapshot,
     StageParams,
@@ -151,13 +152,20 @@ def run_warm(
     log: Log = print,
     progress: bool = True,
     old_rows: dict[str, int] | None = None,
+    carried: Moments | None = None,
 ) -> dict:
     """Fine-tune each stage's own units on the positives after ``since`` (all of them if None);
-    returns per-stage metrics. Raises OwnershipError if a stage moved another stage's entry.
-    ``old_rows`` (table parameter name → rows before growing) scopes ``warm.train``."""
+    returns per-stage metrics and, under "moments", each stage's final optimizer moments.
+    Raises OwnershipError if a stage moved another stage's entry. ``old_rows`` (table parameter
+    name → rows before growing) scopes ``warm.train``; ``carried``: the previous run's moments,
+    each stage's optimizer starts from (trainer/moments.py; None = fresh optimizers)."""
     rng = np.random.default_rng(cfg.train.seed)
     stages = []
+    kept: Moments = {}
     for t, objective in enumerate(cfg.objectives):
+        before = (carried or {}).get(str(t), {})
+        if before:  # passed on as they are unless this stage trains them further
+            kept[str(t)] = before
         start = time.perf_counter()
         ex = stage_examples(enc, objective, since, cfg.warm.replay, rng)
         name = f"warm stage {t} ({objective})"
@@ -176,10 +184,18 @@ def run_warm(
         rec["trainable"] = params.count()
         lr = cfg.warm.stage_lr(t, cfg.train)
         stage_cfg = _with_lr(cfg, t, lr)
-        log(f"{name}: {len(ex):,} new positives, {epochs} epochs at lr {lr:g}")
+        opt = params.optimizer(lr)
+        rec["moments_carried"] = restore(model, t, opt, before) if carried is not None else []
+        log(
+            f"{name}: {len(ex):,} new positives, {epochs} epochs at lr {lr:g}, "
+            + (f"moments of {len(rec['moments_carried'])} parameters carried"
+               if carried is not None else "fresh optimizer")
+        )  # fmt: skip
         rec["loss"] = run_epochs(
-            model, enc, ex, t, objective, params, stage_cfg, epochs, rng, name, progress, log=log
-        )
+            model, enc, ex, t, objective, params, stage_cfg, epochs, rng, name, progress, log=log,
+            optimizer=opt,
+        )  # fmt: skip
+        kept[str(t)] = {**before, **capture(model, t, opt)}
         unfreeze_all(model)
         snapshot.verify(model)  # only objective t's units moved
         rec["val_recall"] = _val(model, enc, t, objective, cfg)
@@ -189,7 +205,7 @@ def run_warm(
             f"{rec['val_recall']:.4f}, {rec['seconds']:.1f}s"
         )
         stages.append(rec)
-    return {"stages": stages}
+    return {"stages": stages, "moments": kept}
 
 
 def _with_lr(cfg: RunConfig, stage: int, lr: float) -> RunConfig:
