@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from csmf.checkpoint import atomic_save, load_versioned
 from csmf.errors import CsmfError
 from csmf.towers import OwnedEmbedding, TwoTower

@@ -36,13 +36,13 @@ from csmf.features import TowerVocab
 from csmf.results import table
 from csmf.towers import ModelConfig
 from csmf.weights import parse_weights
+from trainer import moments
 from trainer.cascade import Log, Phase, Progress, output_slices, run_cascade
 from trainer.config import RunConfig
 from trainer.data.dataset import load_dataset, split_by_time
 from trainer.distributed import SINGLE, Dist
 from trainer.encoding import Encoded, encode_dataset, with_absent_rows
 from trainer.evaluate import evaluate_model
-from trainer import moments
 from trainer.warm import (
     grow_model,
     grow_vocabs,

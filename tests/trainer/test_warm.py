@@ -285,3 +285,51 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
 def test_warm_train_scope_must_be_known(tiny_config_path):
     with pytest.raises(ConfigError, match="warm.train must be one of"):
         load_config(tiny_config_path, ["warm.train=everything"])
+
+
+def test_the_run_keeps_moments_and_the_warm_start_carries_them(run1, run2, days):
+    """run1 keeps each stage's final moments; the warm start loads them into every stage's
+    optimizer — old rows as saved, grown rows at zero — and keeps its own for the next day."""
+    from trainer import moments
+
+    saved = moments.load(run1)
+    ckpt = load_checkpoint(run1)
+    assert sorted(saved) == [str(t) for t in range(len(ckpt.objectives))]
+    out, metrics = run2
+    assert all(rec.get("moments_carried") for rec in metrics["stages"] if rec["loss"])
+    assert sorted(moments.load(out)) == sorted(saved)
+
+    cfg = config_from_dict(ckpt.train_config)
+    model, _ = _grown(ckpt, cfg, days[1])
+    from trainer.ownership import mark_only_stage_trainable
+
+    opt = mark_only_stage_trainable(model, 1).optimizer(0.01)
+    assert moments.restore(model, 1, opt, saved["1"])
+    p = model.item.tables["id"].weight
+    rec = saved["1"]["item.tables.id.weight"]
+    state, old = opt.state_of(p), ckpt.state_dict["item.tables.id.weight"].shape[0]
+    assert state["step"] == rec["step"] > 0
+    assert torch.equal(state["exp_avg_sq"][:old, rec["cols"]], rec["exp_avg_sq"])
+    assert state["exp_avg_sq"][old:].abs().sum() == 0  # new items: no history
+    others = torch.ones(p.shape[1], dtype=torch.bool)
+    others[rec["cols"]] = False
+    assert state["exp_avg_sq"][:, others].abs().sum() == 0  # other stages' columns
+
+
+def test_a_run_without_moments_warm_starts_fresh_and_bad_moments_are_refused(run1, days, tmp_path):
+    from trainer.moments import MOMENTS_NAME, MomentsError
+
+    old = tmp_path / "old"
+    shutil.copytree(run1, old)
+    (old / MOMENTS_NAME).unlink()  # a run from before moments were kept
+    lines: list[str] = []
+    _, metrics = warm_run(old, days[1], tmp_path / "a", log=lines.append, progress=False)
+    assert any("kept no optimizer moments" in line for line in lines)
+    assert not any(rec.get("moments_carried") for rec in metrics["stages"])
+
+    (old / MOMENTS_NAME).write_bytes(b"not a torch file")
+    with pytest.raises(MomentsError, match=MOMENTS_NAME):
+        warm_run(old, days[1], tmp_path / "b", log=lambda _: None, progress=False)
+    assert not (tmp_path / "b" / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="warm.moments must be one of"):
+        config_from_dict(load_checkpoint(run1).train_config, ["warm.moments=some"])
