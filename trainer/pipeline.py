@@ -226,12 +226,13 @@ def warm_run(
     model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
     model.train()
     old_rows = {n: t.shape[0] for n, t in ckpt.state_dict.items() if t.dim() == 2}
-    carried = moments.load(prev)
-    if cfg.warm.moments == "carry" and not carried:
+    carry = cfg.warm.moments == "carry"
+    carried = moments.load(prev) if carry else {}
+    if carry and not carried:
         log(f"{prev} kept no optimizer moments ({moments.MOMENTS_NAME}): every stage starts fresh")
     metrics = run_warm(
         model, enc, cfg, since, log, progress, old_rows,
-        carried if cfg.warm.moments == "carry" else None,
+        carried if carry else None,
     )  # fmt: skip
     kept = metrics.pop("moments")
     kept = kept if cfg.train.save_moments else None

@@ -287,7 +287,7 @@ def test_warm_train_scope_must_be_known(tiny_config_path):
         load_config(tiny_config_path, ["warm.train=everything"])
 
 
-def test_the_run_keeps_moments_and_the_warm_start_carries_them(run1, run2, days):
+def test_the_run_keeps_moments_and_the_warm_start_carries_them(run1, run2, days, tmp_path):
     """run1 keeps each stage's final moments; the warm start loads them into every stage's
     optimizer — old rows as saved, grown rows at zero — and keeps its own for the next day."""
     from trainer import moments
@@ -295,11 +295,15 @@ def test_the_run_keeps_moments_and_the_warm_start_carries_them(run1, run2, days)
     saved = moments.load(run1)
     ckpt = load_checkpoint(run1)
     assert sorted(saved) == [str(t) for t in range(len(ckpt.objectives))]
-    out, metrics = run2
-    assert all(rec.get("moments_carried") for rec in metrics["stages"] if rec["loss"])
+    out, metrics = run2  # the default: fresh optimizers, moments still kept for the next day
+    assert not any(rec.get("moments_carried") for rec in metrics["stages"])
     assert sorted(moments.load(out)) == sorted(saved)
+    cfg = config_from_dict(ckpt.train_config, ["warm.moments=carry"])
+    _, metrics = warm_run(
+        run1, days[1], tmp_path / "carry", cfg, log=lambda _: None, progress=False
+    )
+    assert all(rec.get("moments_carried") for rec in metrics["stages"] if rec["loss"])
 
-    cfg = config_from_dict(ckpt.train_config)
     model, _ = _grown(ckpt, cfg, days[1])
     from trainer.ownership import mark_only_stage_trainable
 
@@ -323,13 +327,14 @@ def test_a_run_without_moments_warm_starts_fresh_and_bad_moments_are_refused(run
     shutil.copytree(run1, old)
     (old / MOMENTS_NAME).unlink()  # a run from before moments were kept
     lines: list[str] = []
-    _, metrics = warm_run(old, days[1], tmp_path / "a", log=lines.append, progress=False)
+    carry = config_from_dict(load_checkpoint(run1).train_config, ["warm.moments=carry"])
+    _, metrics = warm_run(old, days[1], tmp_path / "a", carry, log=lines.append, progress=False)
     assert any("kept no optimizer moments" in line for line in lines)
     assert not any(rec.get("moments_carried") for rec in metrics["stages"])
 
     (old / MOMENTS_NAME).write_bytes(b"not a torch file")
     with pytest.raises(MomentsError, match=MOMENTS_NAME):
-        warm_run(old, days[1], tmp_path / "b", log=lambda _: None, progress=False)
+        warm_run(old, days[1], tmp_path / "b", carry, log=lambda _: None, progress=False)
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
     with pytest.raises(ConfigError, match="warm.moments must be one of"):
         config_from_dict(load_checkpoint(run1).train_config, ["warm.moments=some"])
