@@ -35,6 +35,11 @@ period the test reports is ever read to choose — and then run once on the test
         --variant "tables, 3 epochs=warm.train=tables" \
         --variant "owned, 3 epochs=warm.train=owned" --variant "no update=warm.epochs=0"
     python bench/continual.py --render-only
+
+The first validation window did not predict the test window (there a period is a quarter of the
+data, on the test window a sixth to a ninth). ``--events 0.6`` cuts the ten periods from the
+earliest 60 % of the events instead: the test window's shape, none of its evaluated periods read
+(``continual-ml-100k-validation-3.md`` and ``-4.md``).
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@
    users' histories and the split but are not trained on again). No CPP and no AR: ownership
    does not change, so every earlier bundle's slice layout stays. After each stage every entry
    owned by another stage is verified bit-identical.
+5. Each stage's optimizer starts fresh or, with ``warm.moments = "carry"``, from the previous
+   run's final moments (trainer/moments.py); the new run keeps its own for the next day.
 
 The previous run is only read: a crash leaves it, and the bundle built from it, intact.
 """
