@@ -4,10 +4,12 @@ A stage's optimizer ends with per-entry moments: how large and how steady each e
 has been. A warm start that begins with a *fresh* Adam has none, and Adam's first steps are then
 about ``lr`` per entry whatever the gradient's size: every item row a catalogue softmax touches
 (every item, each step) moves by the same amount, whether the new events say much about it or
-nothing. On ML-100K one fresh 3-epoch warm start moved every item row by 13–22 % of its value;
+nothing. On ML-100K one fresh 3-epoch warm start moved the item rows by 13–22 % of their value;
 a chain of daily warm starts compounds that. Carrying the moments continues the optimisation
 where the run left it: an entry whose gradients were large moves as it did in training, one
-whose gradient is small now moves little.
+whose gradient is small now moves little (9–14 % on the same update). It did not change quality
+on the validation window (bench/results/continual-ml-100k-validation-4.md), so warm starts
+carry them only with ``warm.moments = "carry"``.
 
 :func:`capture` takes, after each stage, the moments of the entries that stage owns — an id
 table's trainable columns only, so the file totals about two table-sized tensors however many
@@ -105,10 +107,3 @@ def load(run: Path) -> Moments:
         return {}
     return load_versioned(path, MOMENTS_FORMAT, MomentsError, "moments ")["stages"]
 
-
-def _names(model: TwoTower) -> dict[int, tuple[str, bool]]:
-    """id(parameter) → (its name, whether it is an id or category table: a (1, D) column mask)."""
-    return {
-        id(p): (name, isinstance(module, OwnedEmbedding))
-        for name, module, _, p in owned_parameters(model)
-    }

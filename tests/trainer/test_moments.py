@@ -61,12 +61,17 @@ def test_restored_moments_step_exactly_as_the_running_optimizer(tiny_cfg, tiny_e
     assert all(same) if carry else not all(same)
 
 
-def test_tables_keep_only_the_stages_own_columns(tiny_cfg, tiny_enc):
-    model = _model(tiny_cfg, tiny_enc)
+def _trained_one_epoch(cfg, enc):
+    """A model after one stage-0 epoch, and the moments its optimizer then holds."""
+    model = _model(cfg, enc)
     params = mark_only_stage_trainable(model, 0)
     opt = params.optimizer(0.01)
-    _epoch(model, tiny_enc, tiny_cfg, opt, params, seed=1)
-    saved = capture(model, 0, opt)
+    _epoch(model, enc, cfg, opt, params, seed=1)
+    return model, capture(model, 0, opt)
+
+
+def test_tables_keep_only_the_stages_own_columns(tiny_cfg, tiny_enc):
+    model, saved = _trained_one_epoch(tiny_cfg, tiny_enc)
     tables = 0
     for name, module, _, p in owned_parameters(model):
         rec = saved[name]
@@ -83,11 +88,7 @@ def test_tables_keep_only_the_stages_own_columns(tiny_cfg, tiny_enc):
 
 
 def test_moments_of_other_columns_or_shapes_are_not_restored(tiny_cfg, tiny_enc):
-    model = _model(tiny_cfg, tiny_enc)
-    params = mark_only_stage_trainable(model, 0)
-    opt = params.optimizer(0.01)
-    _epoch(model, tiny_enc, tiny_cfg, opt, params, seed=1)
-    saved = capture(model, 0, opt)
+    model, saved = _trained_one_epoch(tiny_cfg, tiny_enc)
     name = next(n for n, m, _, _ in owned_parameters(model) if isinstance(m, OwnedEmbedding))
     saved[name] = {**saved[name], "cols": saved[name]["cols"][:-1]}  # another stage's layout
     layer = next(n for n, m, _, _ in owned_parameters(model) if not isinstance(m, OwnedEmbedding))
