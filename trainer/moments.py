@@ -106,4 +106,3 @@ def load(run: Path) -> Moments:
     if not path.exists():
         return {}
     return load_versioned(path, MOMENTS_FORMAT, MomentsError, "moments ")["stages"]
-
