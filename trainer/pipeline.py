@@ -226,16 +226,11 @@ def warm_run(
     model.use_sparse_gradients(cfg.train.id_tables == "row-wise")
     model.train()
     old_rows = {n: t.shape[0] for n, t in ckpt.state_dict.items() if t.dim() == 2}
-    carry = cfg.warm.moments == "carry"
-    carried = moments.load(prev) if carry else {}
-    if carry and not carried:
+    carried = moments.load(prev) if cfg.warm.moments == "carry" else None
+    if carried == {}:
         log(f"{prev} kept no optimizer moments ({moments.MOMENTS_NAME}): every stage starts fresh")
-    metrics = run_warm(
-        model, enc, cfg, since, log, progress, old_rows,
-        carried if carry else None,
-    )  # fmt: skip
-    kept = metrics.pop("moments")
-    kept = kept if cfg.train.save_moments else None
+    metrics = run_warm(model, enc, cfg, since, log, progress, old_rows, carried)
+    kept = metrics.pop("moments")  # tensors: the run folder's moments.pt, never its metrics
     metrics["seconds"] = time.perf_counter() - start
     metrics["output_slices"] = output_slices(model)
     metrics["trained_through"] = trained_through(enc, since)
@@ -247,7 +242,7 @@ def warm_run(
         "new_positives": positives,
     }
     new = run_checkpoint(cfg, data, model, user_vocab, item_vocab, metrics, ckpt.model_config)
-    return write_run(out, new, kept), metrics
+    return write_run(out, new, kept if cfg.train.save_moments else None), metrics
 
 
 def run_checkpoint(

@@ -24,7 +24,6 @@ The previous run is only read: a crash leaves it, and the bundle built from it, 
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 
 import numpy as np
 
@@ -185,8 +184,7 @@ def run_warm(
         )
         rec["trainable"] = params.count()
         lr = cfg.warm.stage_lr(t, cfg.train)
-        stage_cfg = _with_lr(cfg, t, lr)
-        opt = params.optimizer(lr)
+        opt = params.optimizer(lr)  # at warm.lr: run_epochs steps this one
         rec["moments_carried"] = restore(model, t, opt, before) if carried is not None else []
         log(
             f"{name}: {len(ex):,} new positives, {epochs} epochs at lr {lr:g}, "
@@ -194,7 +192,7 @@ def run_warm(
                if carried is not None else "fresh optimizer")
         )  # fmt: skip
         rec["loss"] = run_epochs(
-            model, enc, ex, t, objective, params, stage_cfg, epochs, rng, name, progress, log=log,
+            model, enc, ex, t, objective, params, cfg, epochs, rng, name, progress, log=log,
             optimizer=opt,
         )  # fmt: skip
         kept[str(t)] = {**before, **capture(model, t, opt)}
@@ -208,13 +206,6 @@ def run_warm(
         )
         stages.append(rec)
     return {"stages": stages, "moments": kept}
-
-
-def _with_lr(cfg: RunConfig, stage: int, lr: float) -> RunConfig:
-    """``cfg`` whose ``train.lr`` at ``stage`` is ``lr`` (run_epochs reads train.stage_lr)."""
-    lrs = [cfg.train.stage_lr(t) for t in range(len(cfg.objectives))]
-    lrs[stage] = lr
-    return replace(cfg, train=replace(cfg.train, lr=tuple(lrs)))
 
 
 def trained_through(enc: Encoded, since: int | None = None) -> int | None:

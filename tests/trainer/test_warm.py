@@ -21,7 +21,7 @@ from csmf.errors import ConfigError, DataError
 from trainer.config import config_from_dict, load_config
 from trainer.data.dataset import load_dataset, split_by_time
 from trainer.encoding import encode_dataset, stage_examples
-from trainer.ownership import entry_owner, owned_parameters
+from trainer.ownership import entry_owner, mark_only_stage_trainable, owned_parameters
 from trainer.pipeline import RunFolderError, train_run, warm_run
 from trainer.warm import grow_model, grow_vocabs, run_warm
 
@@ -305,8 +305,6 @@ def test_the_run_keeps_moments_and_the_warm_start_carries_them(run1, run2, days,
     assert all(rec.get("moments_carried") for rec in metrics["stages"] if rec["loss"])
 
     model, _ = _grown(ckpt, cfg, days[1])
-    from trainer.ownership import mark_only_stage_trainable
-
     opt = mark_only_stage_trainable(model, 1).optimizer(0.01)
     assert moments.restore(model, 1, opt, saved["1"])
     p = model.item.tables["id"].weight
@@ -338,3 +336,13 @@ def test_a_run_without_moments_warm_starts_fresh_and_bad_moments_are_refused(run
     assert not (tmp_path / "b" / "checkpoint.pt").exists()
     with pytest.raises(ConfigError, match="warm.moments must be one of"):
         config_from_dict(load_checkpoint(run1).train_config, ["warm.moments=some"])
+
+
+def test_save_moments_off_writes_no_moments_file(run1, days, tmp_path):
+    from trainer.moments import MOMENTS_NAME
+
+    cfg = config_from_dict(load_checkpoint(run1).train_config, ["train.save_moments=false"])
+    out = tmp_path / "run"
+    _, metrics = warm_run(run1, days[1], out, cfg, log=lambda _: None, progress=False)
+    assert not (out / MOMENTS_NAME).exists()
+    assert "moments" not in metrics and "moments" not in load_checkpoint(out).metrics
