@@ -310,25 +310,31 @@ def time_updates(doc: dict, work: Path, reps: int) -> list[dict]:
     return timing
 
 
-def paired(rows: list[dict], name: str) -> dict:
-    """Per (seed, update) pair: the mean over the four metrics of variant ÷ full − 1, and the
-    update's wall time as a fraction of the full retrain's; their mean, 95 % CI and worst."""
+def paired(rows: list[dict], name: str, base: str | None = None) -> dict:
+    """Per (seed, update) pair: the mean over the four metrics of variant ÷ base − 1 (base: the
+    full retrain, or the variant named ``base``), and the update's wall time as a fraction of
+    the base's; their mean, 95 % CI, worst, and how many pairs are >= 0."""
+
+    def of(r: dict) -> dict:
+        return r["full"] if base is None else r["variants"][base]
+
     rel = [
-        float(np.mean([r["variants"][name]["metrics"][t][m] / r["full"]["metrics"][t][m] - 1
+        float(np.mean([r["variants"][name]["metrics"][t][m] / of(r)["metrics"][t][m] - 1
                        for t, m in METRICS]))
         for r in rows
     ]  # fmt: skip
     per_metric = {
-        (t, m): float(np.mean([r["variants"][name]["metrics"][t][m] / r["full"]["metrics"][t][m] - 1
+        (t, m): float(np.mean([r["variants"][name]["metrics"][t][m] / of(r)["metrics"][t][m] - 1
                                for r in rows]))
         for t, m in METRICS
     }  # fmt: skip
-    time_frac = [r["variants"][name]["seconds"] / r["full"]["seconds"] for r in rows]
+    time_frac = [r["variants"][name]["seconds"] / of(r)["seconds"] for r in rows]
     n = len(rel)
     half = stats.t.ppf(0.975, n - 1) * np.std(rel, ddof=1) / np.sqrt(n) if n > 1 else float("nan")
     return {
         "n": n, "mean": float(np.mean(rel)), "ci": float(half), "worst": float(min(rel)),
-        "per_metric": per_metric, "time": float(np.mean(time_frac)), "time_worst": max(time_frac),
+        "at_least": sum(x >= 0 for x in rel), "per_metric": per_metric,
+        "time": float(np.mean(time_frac)), "time_worst": max(time_frac),
     }  # fmt: skip
 
 
@@ -370,6 +376,22 @@ def render(doc: dict, command: str, out: Path) -> None:
           f"{s['time']:.1%}", f"{s['time_worst']:.1%}"] for n, s in summary.items()],
         "lrrrrrrrrrr",
     )  # fmt: skip
+    if len(names) > 1:
+        first = names[0]
+        lines += [
+            "",
+            f"Against **{first}**, paired the same way (pairs where the variant is at least as "
+            "good):",
+            "",
+        ]
+        vs = {n: paired(rows, n, first) for n in names[1:]}
+        lines += table(
+            ["variant", "pairs", f"quality vs {first}", "95 % CI", "pairs >= 0",
+             *(_name(t, m) for t, m in METRICS)],
+            [[n, s["n"], f"{s['mean']:+.1%}", f"±{s['ci']:.1%}", s["at_least"],
+              *(f"{s['per_metric'][k]:+.1%}" for k in METRICS)] for n, s in vs.items()],
+            "lrrrrrrrr",
+        )  # fmt: skip
     if doc.get("timing"):
         tm = doc["timing"]
         reps = len({r["rep"] for r in tm})
