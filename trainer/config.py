@@ -305,7 +305,7 @@ class EvalConfig:
             raise ConfigError(f"eval.n must be >= 1, got {self.n}")
 
 
-WARM_TRAIN = ("owned", "tables", "new-rows")
+WARM_TRAIN = ("owned", "tables", "touched", "new-rows")
 WARM_MOMENTS = ("carry", "fresh")
 
 
@@ -325,7 +325,9 @@ class WarmConfig:
     )
     train: str = _help(
         "what each stage fine-tunes among the units it owns: 'owned' (every one: tables and "
-        "layers), 'tables' (embedding rows the new events touch; layers stay), 'new-rows' (only "
+        "layers), 'tables' (embedding rows the new events look up, the catalogue softmax's "
+        "negatives included; layers stay), 'touched' ('tables', but an item's id row moves only "
+        "if a new positive names it), 'new-rows' (only "
         "the rows this update added, for users and items first seen; everything else stays). "
         "'tables' scored best on the validation window (bench/results/"
         "continual-ml-100k-validation.md)",
@@ -409,6 +411,16 @@ class RunConfig:
             raise ConfigError(
                 f"loss.page_negatives = {self.loss.page_negatives} needs the events in memory "
                 "(train.data = 'memory' or 'auto'): the streamed path does not index page views"
+            )
+        if (
+            self.warm.moments == "carry"
+            and self.warm.train in ("touched", "new-rows")
+            and self.train.id_tables == "dense"
+        ):
+            raise ConfigError(
+                f"warm.train = {self.warm.train!r} with warm.moments = 'carry' needs "
+                "train.id_tables = 'row-wise': dense Adam steps a row its carried moments hold "
+                "even at zero gradient, so rows that must stay would move"
             )
         if len(self.eval.weights) != t:
             raise ConfigError(

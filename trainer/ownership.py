@@ -60,34 +60,40 @@ class StageParams:
     masks: list[Tensor]  # bool, broadcastable to the parameter; True = may change
     row_sparse: list[bool]  # the parameter's gradient is row-sparse (an id table)
     frozen_values: list[Tensor] | None = None  # clones at construction (``keep_values``)
-    # per parameter, the first row that may change (a warm start training only the rows it
-    # grew: trainer/warm.py); None = every row
-    row_from: list[int] | None = None
+    # per parameter, which rows may change: a bool (rows,) tensor, or None = every row (a warm
+    # start training only the rows it grew, or only the items its new events name:
+    # trainer/warm.py); None = every row of every parameter
+    rows: list[Tensor | None] | None = None
 
     def mask_gradients(self, weight_decay: float = 0.0) -> None:
         """grad ← (grad + wd·p) ⊙ mask: frozen entries see exactly zero gradient. A row-sparse
         gradient is coalesced and masked in its values; its weight decay reaches only the rows
         the batch touched (lazy decay, as the row-wise optimizer's moments)."""
-        rows = self.row_from or [0] * len(self.params)
-        for p, m, first in zip(self.params, self.masks, rows, strict=True):
+        rows = self.rows or [None] * len(self.params)
+        for p, m, keep in zip(self.params, self.masks, rows, strict=True):
             g = p.grad
             if g is None:
                 continue
             if g.is_sparse:
                 g = g.coalesce()
+                if keep is not None:  # rows that may not change leave the gradient altogether,
+                    # so even carried moments do not step them (lazy Adam steps listed rows)
+                    on = keep[g.indices()[0]]
+                    g = torch.sparse_coo_tensor(
+                        g.indices()[:, on], g.values()[on], g.shape, is_coalesced=True,
+                        check_invariants=False,
+                    )
                 values = g.values()  # (nnz, D), owned by the coalesced copy
                 if weight_decay:
                     values.add_(p.detach()[g.indices()[0]], alpha=weight_decay)
                 values.mul_(m)
-                if first:
-                    values[g.indices()[0] < first] = 0.0
                 p.grad = g
                 continue
             if weight_decay:
                 g.add_(p.detach(), alpha=weight_decay)
             g.mul_(m)
-            if first:
-                g[:first] = 0.0
+            if keep is not None:
+                g[~keep] = 0.0
 
     def restore_frozen(self) -> None:
         if self.frozen_values is None:
@@ -110,11 +116,14 @@ class StageParams:
 
     def count(self) -> int:
         """Trainable entries."""
-        rows = self.row_from or [0] * len(self.params)
+        rows = self.rows or [None] * len(self.params)
         # a table's (1, D) mask counts columns, each p.numel() // m.numel() = rows long, of which
-        # the rows below ``first`` do not train; other masks are whole-shaped (first = 0)
+        # only the ``keep`` rows train; other masks are whole-shaped (keep = None)
         pairs = zip(self.params, self.masks, rows, strict=True)
-        return sum(int(m.sum()) * (p.numel() // m.numel() - first) for p, m, first in pairs)
+        return sum(
+            int(m.sum()) * (p.numel() // m.numel() if keep is None else int(keep.sum()))
+            for p, m, keep in pairs
+        )
 
 
 class StageOptimizer:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import torch
+from torch import Tensor
 
 from csmf.checkpoint import Checkpoint, new_model
 from csmf.errors import ConfigError
@@ -34,7 +36,7 @@ from csmf.towers import OwnedEmbedding, TwoTower
 from trainer.cascade import Log, _val, run_epochs
 from trainer.config import RunConfig
 from trainer.data.dataset import Dataset
-from trainer.encoding import Encoded, stage_examples, tower_columns
+from trainer.encoding import OFFSET, Encoded, stage_examples, tower_columns
 from trainer.moments import Moments, capture, restore
 from trainer.ownership import (
     FrozenSnapshot,
@@ -45,6 +47,8 @@ from trainer.ownership import (
 )
 
 __all__ = ["grow_model", "grow_vocabs", "run_warm", "warm_config"]
+
+ITEM_ID_TABLE = "item.tables.id.weight"  # the catalogue's id rows (owned_parameters' name)
 
 
 def warm_config(ckpt: Checkpoint, given: RunConfig | None = None) -> RunConfig:
@@ -113,35 +117,54 @@ def new_positives(enc: Encoded, cfg: RunConfig, since: int | None) -> dict[str, 
     return {o: len(stage_examples(enc, o, since=since)) for o in cfg.objectives}
 
 
-def restrict(params: StageParams, model: TwoTower, scope: str, old_rows: dict[str, int]):
+def restrict(
+    params: StageParams,
+    model: TwoTower,
+    scope: str,
+    old_rows: dict[str, int],
+    named: Tensor | None = None,
+) -> StageParams:
     """``params`` narrowed to ``warm.train``'s scope: 'owned' as they are; 'tables' only the
-    embedding tables (the rows a batch looks up move, the layers stay); 'new-rows' only the
-    table rows this update grew (``old_rows``: parameter name → rows before growing)."""
+    embedding tables (the rows a batch looks up move, the layers stay); 'touched' the tables too,
+    but an item's id row moves only if ``named`` ((n_items,) bool: the items the stage's new
+    positives name, by item index) — the catalogue softmax looks up every item as a negative, and 'tables' lets
+    that drag the whole catalogue; 'new-rows' only the table rows this update grew
+    (``old_rows``: parameter name → rows before growing)."""
     if scope == "owned":
         return params
     if scope == "new-rows" and not old_rows:
         raise ConfigError("warm.train = 'new-rows' needs the tables' row counts before growing")
+    if scope == "touched" and named is None:
+        raise ConfigError("warm.train = 'touched' needs the items the new positives name")
     tables = {
         id(p): name
         for name, module, _, p in owned_parameters(model)
         if isinstance(module, OwnedEmbedding)
     }
     keep: list[int] = []
-    first: list[int] = []
+    rows: list[Tensor | None] = []
     for i, p in enumerate(params.params):
         name = tables.get(id(p))
-        start = 0 if name is None or scope == "tables" else old_rows[name]
-        if name is not None and start < p.shape[0]:
-            keep.append(i)
-            first.append(start)
-        else:
+        if name is None:  # a layer
             p.requires_grad_(False)
+            continue
+        sel = None
+        if scope == "new-rows":
+            sel = torch.arange(p.shape[0]) >= old_rows[name]
+        elif scope == "touched" and name == ITEM_ID_TABLE:  # item index i is table row OFFSET + i
+            sel = torch.zeros(p.shape[0], dtype=torch.bool)
+            sel[OFFSET + torch.nonzero(named.cpu()).squeeze(1)] = True
+        if sel is not None and not bool(sel.any()):
+            p.requires_grad_(False)
+            continue
+        keep.append(i)
+        rows.append(None if sel is None else sel.to(p.device))
     return StageParams(
         params.stage,
         [params.params[i] for i in keep],
         [params.masks[i] for i in keep],
         [params.row_sparse[i] for i in keep],
-        row_from=first,
+        rows=rows,
     )
 
 
@@ -180,8 +203,9 @@ def run_warm(
             continue
         snapshot = FrozenSnapshot.take(model, t, others=True)
         params = restrict(
-            mark_only_stage_trainable(model, t), model, cfg.warm.train, old_rows or {}
-        )
+            mark_only_stage_trainable(model, t), model, cfg.warm.train, old_rows or {},
+            named=ex.item_prob > 0,
+        )  # fmt: skip
         rec["trainable"] = params.count()
         lr = cfg.warm.stage_lr(t, cfg.train)
         opt = params.optimizer(lr)  # at warm.lr: run_epochs steps this one

@@ -282,6 +282,47 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
     assert trainable and all(n > 0 for n in trainable)
 
 
+@pytest.mark.parametrize("moments", ["fresh", "carry"])
+def test_touched_moves_only_the_items_the_new_positives_name(run1, days, moments):
+    """Under the catalogue softmax every item is a negative of every batch: 'tables' moves id
+    rows no new positive names, 'touched' leaves each of them bit-identical (carried moments
+    included) while the named ones and the users' rows move."""
+    from trainer import moments as saved_moments
+    from trainer.encoding import OFFSET
+    from trainer.warm import ITEM_ID_TABLE
+
+    ckpt = load_checkpoint(run1)
+    carried = saved_moments.load(run1) if moments == "carry" else None
+    since = ckpt.metrics["trained_through"]
+    unnamed_moved = {}
+    for scope in ("tables", "touched"):
+        cfg = config_from_dict(
+            ckpt.train_config,
+            [f"warm.train={scope}", "loss.negatives=catalogue", f"warm.moments={moments}"],
+        )
+        model, enc = _grown(ckpt, cfg, days[1])
+        named = torch.zeros(enc.n_items, dtype=torch.bool)
+        for o in cfg.objectives:
+            named |= stage_examples(enc, o, since).item_prob > 0
+        params = dict(model.named_parameters())
+        items, users = params[ITEM_ID_TABLE], params["user.tables.id.weight"]
+        item_before, user_before = items.detach().clone(), users.detach().clone()
+        run_warm(model, enc, cfg, since, lambda _: None, False, carried=carried)
+        row_moved = (items.detach() != item_before).any(1)[OFFSET : OFFSET + enc.n_items]
+        assert bool(row_moved[named].any()) and not torch.equal(users.detach(), user_before)
+        assert bool((~named).any())
+        unnamed_moved[scope] = int(row_moved[~named].sum())
+    assert unnamed_moved["tables"] > 0 and unnamed_moved["touched"] == 0
+
+
+def test_row_limited_carry_needs_row_wise_tables(tiny_config_path):
+    with pytest.raises(ConfigError, match="needs train.id_tables = 'row-wise'"):
+        load_config(
+            tiny_config_path,
+            ["warm.train=touched", "warm.moments=carry", "train.id_tables=dense"],
+        )
+
+
 def test_warm_train_scope_must_be_known(tiny_config_path):
     with pytest.raises(ConfigError, match="warm.train must be one of"):
         load_config(tiny_config_path, ["warm.train=everything"])
