@@ -80,7 +80,10 @@ class StageParams:
                     # so even carried moments do not step them (lazy Adam steps listed rows)
                     on = keep[g.indices()[0]]
                     g = torch.sparse_coo_tensor(
-                        g.indices()[:, on], g.values()[on], g.shape, is_coalesced=True,
+                        g.indices()[:, on],
+                        g.values()[on],
+                        g.shape,
+                        is_coalesced=True,
                         check_invariants=False,
                     )
                 values = g.values()  # (nnz, D), owned by the coalesced copy
