@@ -315,7 +315,10 @@ class WarmConfig:
     (trainer/warm.py; docs/design.md#warm-start)."""
 
     epochs: tuple[int, ...] = _help(
-        "epochs per stage over the new events, one or one per stage", (3,)
+        "epochs per stage over the new events, one or one per stage; 2 tied 3 and 4 on the "
+        "validation window and trains a third less (bench/results/"
+        "continual-ml-100k-validation-6.md)",
+        (2,),
     )
     lr: tuple[float, ...] = _help("learning rate per stage; () = train.lr", ())
     replay: float = _help(
@@ -327,11 +330,11 @@ class WarmConfig:
         "what each stage fine-tunes among the units it owns: 'owned' (every one: tables and "
         "layers), 'tables' (embedding rows the new events look up, the catalogue softmax's "
         "negatives included; layers stay), 'touched' ('tables', but an item's id row moves only "
-        "if a new positive names it), 'new-rows' (only "
-        "the rows this update added, for users and items first seen; everything else stays). "
-        "'tables' scored best on the validation window (bench/results/"
-        "continual-ml-100k-validation.md)",
-        "tables",
+        "if a new positive names it: the catalogue's other items stay), 'new-rows' (only the "
+        "rows this update added, for users and items first seen; everything else stays). "
+        "'touched' beat 'tables' on the validation window (bench/results/"
+        "continual-ml-100k-validation-5.md), which beat 'owned' and 'new-rows' (-validation.md)",
+        "touched",
     )
 
     moments: str = _help(

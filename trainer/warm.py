@@ -126,10 +126,10 @@ def restrict(
 ) -> StageParams:
     """``params`` narrowed to ``warm.train``'s scope: 'owned' as they are; 'tables' only the
     embedding tables (the rows a batch looks up move, the layers stay); 'touched' the tables too,
-    but an item's id row moves only if ``named`` ((n_items,) bool: the items the stage's new
-    positives name, by item index) — the catalogue softmax looks up every item as a negative, and 'tables' lets
-    that drag the whole catalogue; 'new-rows' only the table rows this update grew
-    (``old_rows``: parameter name → rows before growing)."""
+    but an item's id row moves only if ``named`` ((n_items,) bool by item index: the items the
+    stage's new positives name) — the catalogue softmax looks up every item as a negative, and
+    under 'tables' that drags the whole catalogue towards the new period's users; 'new-rows' only
+    the table rows this update grew (``old_rows``: parameter name → rows before growing)."""
     if scope == "owned":
         return params
     if scope == "new-rows" and not old_rows:

@@ -250,11 +250,11 @@ def test_replay_mixes_in_older_positives(run1, days):
     assert extra and set(extra) <= old_pairs
 
 
-@pytest.mark.parametrize("scope", ["new-rows", "tables", "owned"])
+@pytest.mark.parametrize("scope", ["new-rows", "tables", "touched", "owned"])
 def test_warm_train_scope_limits_what_moves(run1, days, scope):
     """warm.train = 'new-rows': only the rows this update grew move — every entry the previous
-    run had stays bit-identical; 'tables' (the default): embedding rows move, the layers stay
-    bit-identical; 'owned': the layers move too."""
+    run had stays bit-identical; 'tables' and 'touched' (the default): embedding rows move, the
+    layers stay bit-identical; 'owned': the layers move too."""
     ckpt = load_checkpoint(run1)
     cfg = config_from_dict(ckpt.train_config, [f"warm.train={scope}"])
     model, enc = _grown(ckpt, cfg, days[1])
@@ -270,7 +270,7 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
             old = ckpt.state_dict[name].shape[0] if now.dim() == 2 else None
             assert torch.equal(now[:old], was[:old]), f"{name}: an existing entry moved"
             moved += int((now[old:] != was[old:]).sum()) if old is not None else 0
-        elif scope == "tables" and ".layers." in name:
+        elif scope in ("tables", "touched") and ".layers." in name:
             assert torch.equal(now, was), f"{name}: a layer moved"
         elif scope == "owned" and ".layers." in name:
             layers_moved = layers_moved + int((now != was).sum())
