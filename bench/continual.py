@@ -49,6 +49,7 @@ import json
 import subprocess
 import sys
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -133,11 +134,71 @@ def period_folder(work: Path, q: int, fraction: float = 1.0) -> Path:
     return work / "data" / (f"p{q}" if fraction >= 1.0 else f"e{fraction:g}-p{q}")
 
 
-def run(cmd: list[str], key: dict, out: Path) -> dict:
+GROUPS = ("new", "active", "stale")
+HALVES = ("val", "test")  # test users split by a hash of their id: choose on one, report the other
+
+
+def user_half(user_id: object) -> str:
+    """The half a test user belongs to, fixed by their id alone (the same in every run)."""
+    return HALVES[zlib.crc32(str(user_id).encode()) % 2]
+
+
+def user_subsets(run_dir: Path, period_start: int) -> dict:
+    """Fused Recall@50 / nDCG@50 of the run in ``run_dir`` per subset of its test users.
+    "groups": **new** (first seen in the update's period q, which starts at ``period_start``),
+    **active** (seen before q and in it) and **stale** (seen before q, not in it: only a full
+    retrain trains their rows together with the items the new events move). "halves": the
+    users of each :func:`user_half`. {"groups" | "halves": {name: {"users": {target: n},
+    target: {recall, ndcg}}}}."""
+    import torch
+
+    from trainer.config import RunConfig
+    from trainer.encoding import user_items
+    from trainer.evaluate import encode_all, fused_ranker, rank_metrics
+    from trainer.pipeline import load_checkpoint, prepare
+
+    torch.set_num_threads(1)
+    ckpt = load_checkpoint(run_dir)
+    cfg = RunConfig.from_dict(ckpt.train_config)
+    enc = prepare(cfg, ckpt.dataset, vocabs=(ckpt.user_vocab, ckpt.item_vocab))
+    ev = enc.events
+    seen = np.setdiff1d(np.arange(len(ev.user)), enc.split.test)  # periods 1..q
+    first = np.full(enc.n_users, np.iinfo(np.int64).max)
+    last = np.full(enc.n_users, np.iinfo(np.int64).min)
+    np.minimum.at(first, ev.user[seen], ev.ts[seen])
+    np.maximum.at(last, ev.user[seen], ev.ts[seen])
+    group = np.where(first >= period_start, 0, np.where(last >= period_start, 1, 2))
+    ids = ckpt.user_vocab.ids.values  # user index u is vocabulary entry u
+    half = np.array([HALVES.index(user_half(ids[u])) for u in range(enc.n_users)])
+    model = ckpt.build_model()
+    e, v = encode_all(model, enc)
+    rankers = {"fused": fused_ranker(model, cfg.eval.weights)}
+    exclude = user_items(enc, enc.split.train)
+    out: dict = {
+        "groups": {g: {"users": {}} for g in GROUPS},
+        "halves": {h: {"users": {}} for h in HALVES},
+    }
+    for target in TARGETS:
+        truth = user_items(enc, enc.split.test, ev.positive(target))
+        for kind, names, of in (("groups", GROUPS, group), ("halves", HALVES, half)):
+            for k, name in enumerate(names):
+                part = {u: items for u, items in truth.items() if of[u] == k}
+                out[kind][name]["users"][target] = len(part)
+                m = rank_metrics(e, v, rankers, part, exclude, cfg.eval.n)["fused"]
+                out[kind][name][target] = m
+    return out
+
+
+def run(cmd: list[str], key: dict, out: Path, period_start: int | None = None) -> dict:
     """``csmf train ...`` into ``out`` unless ``out`` holds a run made with the same key; then
-    ``csmf eval``. Returns {seconds, metrics} (seconds: the train command's wall time)."""
+    ``csmf eval``. Returns {seconds, metrics} (seconds: the train command's wall time) and, with
+    ``period_start`` (an update's period), the metrics per subset of users (:func:`user_subsets`)."""
     if holds(out, key) and (out / "eval.json").exists():
-        return json.loads((out / "bench-result.json").read_text())
+        result = json.loads((out / "bench-result.json").read_text())
+        if period_start is not None and "halves" not in result:  # cached before subsets
+            result.update(user_subsets(out, period_start))
+            (out / "bench-result.json").write_text(json.dumps(result))
+        return result
     t0 = time.perf_counter()
     subprocess.run(cmd + ["--out", str(out), "--force", "--no-progress"], check=True, cwd=ROOT)
     seconds = time.perf_counter() - t0
@@ -153,6 +214,8 @@ def run(cmd: list[str], key: dict, out: Path) -> dict:
         "users": ev["users"],
         "grown": train.get("warm_start", {}).get("grown_rows"),
     }
+    if period_start is not None:
+        result.update(user_subsets(out, period_start))
     (out / "bench-result.json").write_text(json.dumps(result))
     remember(out, key)
     return result
@@ -186,12 +249,20 @@ def main() -> None:
         "folders in --work), for wall-time ratios less exposed to the machine's load than the "
         "chains' (which run --jobs at once)",
     )  # fmt: skip
+    ap.add_argument(
+        "--report", choices=("all", *HALVES), default=None,
+        help="whose quality the tables show: every test user (default), or one half of them "
+        "(by a hash of the user id): choose settings on 'val', report them on 'test' — the "
+        "same periods, disjoint users. With --render-only: re-render the run for this half",
+    )  # fmt: skip
     ap.add_argument("--render-only", action="store_true")
     args = ap.parse_args()
     command = script_command(__file__)
     raw = args.out.with_name(args.out.name + ".json")
     if args.render_only or args.timing:
         doc = json.loads(raw.read_text())
+        if args.report is not None:
+            doc["report"] = args.report
         if args.timing:
             doc["timing"] = time_updates(doc, args.work, args.timing)
             doc["timing_run"] = {"command": command, **finish_run(run_info(ROOT))}
@@ -230,9 +301,11 @@ def main() -> None:
                       "data": datasets[q]["key"]}  # fmt: skip
             full_out = args.work / f"s{seed}" / f"full-p{q}"
             full_key = {**common, "kind": "full"}
+            start = datasets[q - 1]["test_from"] if q > args.first else None  # period q's
             full = run(
-                [*base, *split, "--seed", str(seed), "--data", str(folder)], full_key, full_out
-            )
+                [*base, *split, "--seed", str(seed), "--data", str(folder)], full_key, full_out,
+                start,
+            )  # fmt: skip
             if q == args.first:  # periods 1..first: the initial model every chain starts from
                 prev = {name: (full_out, full_key) for name in variants}
                 continue
@@ -244,7 +317,7 @@ def main() -> None:
                 row["variants"][name] = run(
                     [*CSMF, "train", "--from", str(src), "--data", str(folder), *split,
                      "--set", "train.threads=1", *(x for s in sets for x in ("--set", s))],
-                    warm_key, warm_out,
+                    warm_key, warm_out, start,
                 )  # fmt: skip
                 prev[name] = (warm_out, warm_key)
             out.append(row)
@@ -266,6 +339,7 @@ def main() -> None:
         "sets": args.sets,
         "config": str(args.config),
         "variants": variants,
+        "report": args.report or "all",
         "datasets": {str(q): d for q, d in datasets.items()},
         "rows": rows,
     }
@@ -347,8 +421,22 @@ def _name(t: str, m: str) -> str:
     return f"{t} {'Recall' if m == 'recall' else 'nDCG'}@50"
 
 
+def _on_half(row: dict, half: str) -> dict:
+    """``row`` with every run's metrics those of one half of the test users."""
+
+    def of(result: dict) -> dict:
+        return {**result, "metrics": {t: result["halves"][half][t] for t in TARGETS}}
+
+    return {
+        **row,
+        "full": of(row["full"]),
+        "variants": {n: of(v) for n, v in row["variants"].items()},
+    }
+
+
 def render(doc: dict, command: str, out: Path) -> None:
-    rows = doc["rows"]
+    report = doc.get("report", "all")
+    rows = doc["rows"] if report == "all" else [_on_half(r, report) for r in doc["rows"]]
     periods = sorted({r["period"] for r in rows})
     names = list(doc["variants"])
 
@@ -367,6 +455,12 @@ def render(doc: dict, command: str, out: Path) -> None:
         "",
         "## Against the full retrain, paired per (seed, update)",
         "",
+        *(
+            [f"**Quality on the {report} half of the test users** (by a hash of the user id; "
+             f"the other half {'chose' if report == 'test' else 'reports'}): in every table "
+             "below but the one by test user.", ""]
+            if report != "all" else []
+        ),
         "Quality = the mean over the four metrics (click and conversion fused Recall@50 / "
         "nDCG@50) of variant ÷ full − 1, per pair; mean with its 95 % t-interval over the pairs. "
         "Time = the update command's wall seconds ÷ the full retrain's; in-process = the same "
@@ -441,6 +535,29 @@ def render(doc: dict, command: str, out: Path) -> None:
         for n in names:
             header += [f"{n} s", "% of full"]
         lines += table(header, body, "r" * len(header))
+    if all("groups" in r["full"] for r in rows):
+        lines += ["", "## By test user", ""]
+        lines += [
+            "Test users of update q: **new** (first seen in period q), **active** (seen before q "
+            "and in it), **stale** (seen before q, not in it). Mean over every (seed, update) of "
+            "each group's fused metric, and its ratio to the full retrain's mean; users = test "
+            "users per update, mean.",
+            "",
+        ]
+        body = []
+        for g in GROUPS:
+            for t, m in METRICS:
+                f = float(np.mean([r["full"]["groups"][g][t][m] for r in rows]))
+                users = np.mean([r["full"]["groups"][g]["users"][t] for r in rows])
+                cells = []
+                for n in names:
+                    v = float(np.mean([r["variants"][n]["groups"][g][t][m] for r in rows]))
+                    cells += [f"{v:.4f}", f"{v / f - 1:+.1%}" if f > 0 else ""]
+                body.append([g, _name(t, m), f"{users:.0f}", f"{f:.4f}", *cells])
+        header = ["users", "metric", "users", "full retrain"]
+        for n in names:
+            header += [n, "vs full"]
+        lines += table(header, body, "llr" + "r" * (len(header) - 3))
     lines += [
         "",
         "## Per update",

@@ -305,7 +305,7 @@ class EvalConfig:
             raise ConfigError(f"eval.n must be >= 1, got {self.n}")
 
 
-WARM_TRAIN = ("owned", "tables", "touched", "new-rows")
+WARM_TRAIN = ("owned", "tables", "touched", "ids", "new-rows")
 WARM_MOMENTS = ("carry", "fresh")
 
 
@@ -330,7 +330,9 @@ class WarmConfig:
         "what each stage fine-tunes among the units it owns: 'owned' (every one: tables and "
         "layers), 'tables' (embedding rows the new events look up, the catalogue softmax's "
         "negatives included; layers stay), 'touched' ('tables', but an item's id row moves only "
-        "if a new positive names it: the catalogue's other items stay), 'new-rows' (only the "
+        "if a new positive names it: the catalogue's other items stay), 'ids' (only id rows, the "
+        "active users' and the named items', and rows grown since: category and history rows, "
+        "which every user shares, stay), 'new-rows' (only the "
         "rows this update added, for users and items first seen; everything else stays). "
         "'touched' beat 'tables' on the validation window (bench/results/"
         "continual-ml-100k-validation-5.md), which beat 'owned' and 'new-rows' (-validation.md)",
@@ -417,7 +419,7 @@ class RunConfig:
             )
         if (
             self.warm.moments == "carry"
-            and self.warm.train in ("touched", "new-rows")
+            and self.warm.train in ("touched", "ids", "new-rows")
             and self.train.id_tables == "dense"
         ):
             raise ConfigError(

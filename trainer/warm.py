@@ -49,6 +49,7 @@ from trainer.ownership import (
 __all__ = ["grow_model", "grow_vocabs", "run_warm", "warm_config"]
 
 ITEM_ID_TABLE = "item.tables.id.weight"  # the catalogue's id rows (owned_parameters' name)
+USER_ID_TABLE = "user.tables.id.weight"
 
 
 def warm_config(ckpt: Checkpoint, given: RunConfig | None = None) -> RunConfig:
@@ -128,14 +129,18 @@ def restrict(
     embedding tables (the rows a batch looks up move, the layers stay); 'touched' the tables too,
     but an item's id row moves only if ``named`` ((n_items,) bool by item index: the items the
     stage's new positives name) — the catalogue softmax looks up every item as a negative, and
-    under 'tables' that drags the whole catalogue towards the new period's users; 'new-rows' only
-    the table rows this update grew (``old_rows``: parameter name → rows before growing)."""
+    under 'tables' that drags the whole catalogue towards the new period's users; 'ids' only id
+    rows (the batch users', the named items') and rows grown since: the rows every user shares
+    (categories, history items) stay; 'new-rows' only the table rows this update grew
+    (``old_rows``: parameter name → rows before growing)."""
     if scope == "owned":
         return params
     if scope == "new-rows" and not old_rows:
         raise ConfigError("warm.train = 'new-rows' needs the tables' row counts before growing")
-    if scope == "touched" and named is None:
-        raise ConfigError("warm.train = 'touched' needs the items the new positives name")
+    if scope in ("touched", "ids") and named is None:
+        raise ConfigError(f"warm.train = {scope!r} needs the items the new positives name")
+    if scope == "ids" and not old_rows:
+        raise ConfigError("warm.train = 'ids' needs the tables' row counts before growing")
     tables = {
         id(p): name
         for name, module, _, p in owned_parameters(model)
@@ -149,11 +154,11 @@ def restrict(
             p.requires_grad_(False)
             continue
         sel = None
-        if scope == "new-rows":
-            sel = torch.arange(p.shape[0]) >= old_rows[name]
-        elif scope == "touched" and name == ITEM_ID_TABLE:  # item index i is table row OFFSET + i
+        if scope in ("touched", "ids") and name == ITEM_ID_TABLE:  # item i is row OFFSET + i
             sel = torch.zeros(p.shape[0], dtype=torch.bool)
             sel[OFFSET + torch.nonzero(named.cpu()).squeeze(1)] = True
+        elif scope == "new-rows" or (scope == "ids" and name != USER_ID_TABLE):
+            sel = torch.arange(p.shape[0]) >= old_rows[name]
         if sel is not None and not bool(sel.any()):
             p.requires_grad_(False)
             continue

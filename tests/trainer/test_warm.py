@@ -250,11 +250,14 @@ def test_replay_mixes_in_older_positives(run1, days):
     assert extra and set(extra) <= old_pairs
 
 
-@pytest.mark.parametrize("scope", ["new-rows", "tables", "touched", "owned"])
+@pytest.mark.parametrize("scope", ["new-rows", "ids", "tables", "touched", "owned"])
 def test_warm_train_scope_limits_what_moves(run1, days, scope):
     """warm.train = 'new-rows': only the rows this update grew move — every entry the previous
     run had stays bit-identical; 'tables' and 'touched' (the default): embedding rows move, the
-    layers stay bit-identical; 'owned': the layers move too."""
+    layers stay bit-identical; 'ids': id rows move, every existing category or history row and
+    the layers stay; 'owned': the layers move too."""
+    from trainer.warm import ITEM_ID_TABLE, USER_ID_TABLE
+
     ckpt = load_checkpoint(run1)
     cfg = config_from_dict(ckpt.train_config, [f"warm.train={scope}"])
     model, enc = _grown(ckpt, cfg, days[1])
@@ -270,7 +273,10 @@ def test_warm_train_scope_limits_what_moves(run1, days, scope):
             old = ckpt.state_dict[name].shape[0] if now.dim() == 2 else None
             assert torch.equal(now[:old], was[:old]), f"{name}: an existing entry moved"
             moved += int((now[old:] != was[old:]).sum()) if old is not None else 0
-        elif scope in ("tables", "touched") and ".layers." in name:
+        elif scope == "ids" and ".tables." in name and name not in (ITEM_ID_TABLE, USER_ID_TABLE):
+            old = ckpt.state_dict[name].shape[0]
+            assert torch.equal(now[:old], was[:old]), f"{name}: a shared row moved"
+        elif scope in ("tables", "touched", "ids") and ".layers." in name:
             assert torch.equal(now, was), f"{name}: a layer moved"
         elif scope == "owned" and ".layers." in name:
             layers_moved = layers_moved + int((now != was).sum())
