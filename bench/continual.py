@@ -39,12 +39,22 @@ period the test reports is ever read to choose — and then run once on the test
 The first validation window did not predict the test window (there a period is a quarter of the
 data, on the test window a sixth to a ninth). ``--events 0.6`` cuts the ten periods from the
 earliest 60 % of the events instead: the test window's shape, none of its evaluated periods read
-(``continual-ml-100k-validation-3.md`` and ``-4.md``).
+(``continual-ml-100k-validation-3.md`` to ``-6.md``). Its choice did not transfer either
+(``continual-ml-100k-touched.md``): its periods hold half as many users active in the update's
+period.
+
+So settings are now chosen on the test window's own periods but on other users: every run is
+also scored on each half of its test users, split by a hash of the user id (:func:`user_half`).
+``--report val`` renders the half that chooses, ``--report test`` the half that reports — the
+same runs, disjoint users (``continual-ml-100k-choice.md``, then ``continual-ml-100k.md``).
+Every run is also scored per group of test users (:func:`user_subsets`: first seen in the
+update's period, active in it, or seen only before it), the breakdown that found the drift.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import subprocess
 import sys
@@ -127,6 +137,12 @@ def write_period_dataset(
         "users": len(known_u),
         "items": len(known_i),
     }
+
+
+def warm_folder(sets: list[str]) -> str:
+    """A variant's run folders are named by its overrides, so a rerun with other variants, or
+    in another order, finds its runs again."""
+    return "warm-" + hashlib.sha256(json.dumps(sets).encode()).hexdigest()[:10]
 
 
 def period_folder(work: Path, q: int, fraction: float = 1.0) -> Path:
@@ -310,9 +326,9 @@ def main() -> None:
                 prev = {name: (full_out, full_key) for name in variants}
                 continue
             row = {"seed": seed, "period": q, "full": full, "variants": {}}
-            for i, (name, sets) in enumerate(variants.items()):
+            for name, sets in variants.items():
                 src, src_key = prev[name]
-                warm_out = args.work / f"s{seed}" / f"warm{i}-p{q}"
+                warm_out = args.work / f"s{seed}" / f"{warm_folder(sets)}-p{q}"
                 warm_key = {**common, "kind": "warm", "warm_sets": sets, "from": src_key}
                 row["variants"][name] = run(
                     [*CSMF, "train", "--from", str(src), "--data", str(folder), *split,
@@ -369,16 +385,18 @@ def time_updates(doc: dict, work: Path, reps: int) -> list[dict]:
                 work / "timing" / f"full-p{q}-r{rep}",
             )
             rec["full"], rec["in_process"]["full"] = full["seconds"], full["train_seconds"]
-            for i, (name, sets) in enumerate(doc["variants"].items()):
+            for name, sets in doc["variants"].items():
                 src = (
-                    work / f"s{seed}" / (f"warm{i}-p{q - 1}" if q - 1 > first else f"full-p{first}")
+                    work
+                    / f"s{seed}"
+                    / (f"{warm_folder(sets)}-p{q - 1}" if q - 1 > first else f"full-p{first}")
                 )
                 warm = run(
                     [*CSMF, "train", "--from", str(src), "--data", str(folder), *split,
                      "--set", "train.threads=1", *(x for s in sets for x in ("--set", s))],
                     {**key, "kind": "warm", "warm_sets": sets,
                      "from": json.loads((src / KEY_FILE).read_text())},
-                    work / "timing" / f"warm{i}-p{q}-r{rep}",
+                    work / "timing" / f"{warm_folder(sets)}-p{q}-r{rep}",
                 )  # fmt: skip
                 rec["variants"][name] = warm["seconds"]
                 rec["in_process"][name] = warm["train_seconds"]
