@@ -572,7 +572,7 @@ def render(doc: dict, command: str, out: Path) -> None:
                     v = float(np.mean([r["variants"][n]["groups"][g][t][m] for r in rows]))
                     cells += [f"{v:.4f}", f"{v / f - 1:+.1%}" if f > 0 else ""]
                 body.append([g, _name(t, m), f"{users:.0f}", f"{f:.4f}", *cells])
-        header = ["users", "metric", "users", "full retrain"]
+        header = ["group", "metric", "users", "full retrain"]
         for n in names:
             header += [n, "vs full"]
         lines += table(header, body, "llr" + "r" * (len(header) - 3))

@@ -315,12 +315,16 @@ class WarmConfig:
     (trainer/warm.py; docs/design.md#warm-start)."""
 
     epochs: tuple[int, ...] = _help(
-        "epochs per stage over the new events, one or one per stage; 2 tied 3 and 4 on the "
-        "validation window and trains a third less (bench/results/"
-        "continual-ml-100k-validation-6.md)",
+        "epochs per stage over the new events, one or one per stage. ML-100K chose 2 at 5x "
+        "train.lr (configs/ml-100k.toml; bench/results/continual-ml-100k-choice.md): as good as "
+        "10 epochs at train.lr, at a fifth of the steps",
         (2,),
     )
-    lr: tuple[float, ...] = _help("learning rate per stage; () = train.lr", ())
+    lr: tuple[float, ...] = _help(
+        "learning rate per stage; () = train.lr. A warm start moves only the id rows its "
+        "events name (warm.train = 'ids'), and few steps need a larger rate",
+        (),
+    )
     replay: float = _help(
         "older train positives mixed in per new one (rehearsal against forgetting); 0 = only "
         "the new events",
@@ -334,9 +338,9 @@ class WarmConfig:
         "active users' and the named items', and rows grown since: category and history rows, "
         "which every user shares, stay), 'new-rows' (only the "
         "rows this update added, for users and items first seen; everything else stays). "
-        "'touched' beat 'tables' on the validation window (bench/results/"
-        "continual-ml-100k-validation-5.md), which beat 'owned' and 'new-rows' (-validation.md)",
-        "touched",
+        "'ids' beat the others on half of the test window's users (bench/results/"
+        "continual-ml-100k-choice.md; docs/design.md#warm-start)",
+        "ids",
     )
 
     moments: str = _help(

@@ -132,15 +132,13 @@ def restrict(
     under 'tables' that drags the whole catalogue towards the new period's users; 'ids' only id
     rows (the batch users', the named items') and rows grown since: the rows every user shares
     (categories, history items) stay; 'new-rows' only the table rows this update grew
-    (``old_rows``: parameter name → rows before growing)."""
+    (``old_rows``: parameter name → rows before growing; a table it does not name grew none)."""
     if scope == "owned":
         return params
     if scope == "new-rows" and not old_rows:
         raise ConfigError("warm.train = 'new-rows' needs the tables' row counts before growing")
     if scope in ("touched", "ids") and named is None:
         raise ConfigError(f"warm.train = {scope!r} needs the items the new positives name")
-    if scope == "ids" and not old_rows:
-        raise ConfigError("warm.train = 'ids' needs the tables' row counts before growing")
     tables = {
         id(p): name
         for name, module, _, p in owned_parameters(model)
@@ -158,7 +156,8 @@ def restrict(
             sel = torch.zeros(p.shape[0], dtype=torch.bool)
             sel[OFFSET + torch.nonzero(named.cpu()).squeeze(1)] = True
         elif scope == "new-rows" or (scope == "ids" and name != USER_ID_TABLE):
-            sel = torch.arange(p.shape[0]) >= old_rows[name]
+            # rows grown since (a table missing from old_rows grew none)
+            sel = torch.arange(p.shape[0]) >= old_rows.get(name, p.shape[0])
         if sel is not None and not bool(sel.any()):
             p.requires_grad_(False)
             continue

@@ -253,8 +253,8 @@ def test_replay_mixes_in_older_positives(run1, days):
 @pytest.mark.parametrize("scope", ["new-rows", "ids", "tables", "touched", "owned"])
 def test_warm_train_scope_limits_what_moves(run1, days, scope):
     """warm.train = 'new-rows': only the rows this update grew move — every entry the previous
-    run had stays bit-identical; 'tables' and 'touched' (the default): embedding rows move, the
-    layers stay bit-identical; 'ids': id rows move, every existing category or history row and
+    run had stays bit-identical; 'tables' and 'touched': embedding rows move, the layers stay
+    bit-identical; 'ids' (the default): id rows move, every existing category or history row and
     the layers stay; 'owned': the layers move too."""
     from trainer.warm import ITEM_ID_TABLE, USER_ID_TABLE
 
