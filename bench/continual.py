@@ -19,22 +19,9 @@ per (seed, update) pair; time: wall seconds of each update command (load, encode
 torch thread; run under ``nice``). Every run folder carries the key of what made it (code,
 config, data, seed, variant) and is reused only when that key matches.
 
-Warm-start settings are chosen on the **validation window** — the same protocol shifted three
-periods earlier (initial model on 1..3, updates q = 4, 5 evaluated on periods 5 and 6), so no
-period the test reports is ever read to choose — and then run once on the test window:
-
-    python bench/continual.py --data data/ml-100k --first 3 --until 6 --seeds 0 1 2 3 --jobs 2 \
-        --set train.epochs=4 --set train.ar_epochs=2 --out bench/results/continual-ml-100k-validation \
-        --variant "owned, 3 epochs=warm.train=owned" \
-        --variant "tables, 1 epoch=warm.train=tables;warm.epochs=1" \
-        --variant "tables, 3 epochs=warm.train=tables" \
-        --variant "tables, 6 epochs=warm.train=tables;warm.epochs=6" \
-        --variant "new rows, 3 epochs=warm.train=new-rows" --variant "no update=warm.epochs=0"
-    python bench/continual.py --data data/ml-100k --seeds 0 1 2 3 4 --jobs 2 \
-        --set train.epochs=4 --set train.ar_epochs=2 \
-        --variant "tables, 3 epochs=warm.train=tables" \
-        --variant "owned, 3 epochs=warm.train=owned" --variant "no update=warm.epochs=0"
-    python bench/continual.py --render-only
+Warm-start settings were first chosen on a **validation window** — the same protocol shifted
+three periods earlier (``--first 3 --until 6``), or cut from the earliest events (``--events``)
+— so that no period the test reports was read to choose (``continual-ml-100k-validation*.md``).
 
 The first validation window did not predict the test window (there a period is a quarter of the
 data, on the test window a sixth to a ninth). ``--events 0.6`` cuts the ten periods from the
@@ -46,7 +33,17 @@ period.
 So settings are now chosen on the test window's own periods but on other users: every run is
 also scored on each half of its test users, split by a hash of the user id (:func:`user_half`).
 ``--report val`` renders the half that chooses, ``--report test`` the half that reports — the
-same runs, disjoint users (``continual-ml-100k-choice.md``, then ``continual-ml-100k.md``).
+same runs, disjoint users (``continual-ml-100k-choice.md``, then ``continual-ml-100k.md``;
+each file names its command; a variant's runs are found again by its overrides, so the report
+reruns a subset of the choice's variants from the cache):
+
+    python bench/continual.py --data data/ml-100k --seeds 0 1 2 3 4 --jobs 2 \
+        --set train.epochs=4 --set train.ar_epochs=2 --report val --variant ... \
+        --out bench/results/continual-ml-100k-choice
+    python bench/continual.py --data data/ml-100k --seeds 0 1 2 3 4 --jobs 2 \
+        --set train.epochs=4 --set train.ar_epochs=2 --report test
+    python bench/continual.py --timing 1
+
 Every run is also scored per group of test users (:func:`user_subsets`: first seen in the
 update's period, active in it, or seen only before it), the breakdown that found the drift.
 """
@@ -78,10 +75,12 @@ PERIODS = 10
 FIRST = 5  # the initial model trains on periods 1..FIRST
 TARGETS = ("click", "conversion")
 METRICS = [(t, m) for t in TARGETS for m in ("recall", "ndcg")]
-# name → warm-start --set overrides; the config's own warm start is the first
+# name → warm-start --set overrides: continual-ml-100k.md's, the chosen setting first
 VARIANTS = {
-    "touched, 2 epochs": ["warm.train=touched", "warm.epochs=2"],
+    "ids, 2 epochs, lr 0.01": ["warm.train=ids", "warm.epochs=2", "warm.lr=0.01"],
     "tables, 3 epochs": ["warm.train=tables", "warm.epochs=3"],
+    "touched, 2 epochs": ["warm.train=touched", "warm.epochs=2"],
+    "ids, 10 epochs": ["warm.train=ids", "warm.epochs=10"],
     "no update": ["warm.epochs=0"],
 }
 CSMF = [sys.executable, "-m", "csmf.cli"]
