@@ -35,7 +35,9 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as NoAnswer
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,22 @@ SEARCH_TIMEOUT_PER_QUERY_S = 0.02
 CONSISTENCY = "Session"  # read your own writes; see the module doc
 HEALTH_TTL_S = 1.0  # /readyz probes the engine at most once a second
 PLACEHOLDER = {"VARCHAR": "", "DOUBLE": 0.0, "BOOL": False}  # stored for null with null flags
+# Reads run on these threads so that a request waits at most its deadline (see _within)
+_READS = ThreadPoolExecutor(max_workers=32, thread_name_prefix="milvus-read")
+
+
+def _within(seconds: float, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)``, or TimeoutError once ``seconds`` have passed. pymilvus retries
+    a failing call until its own ``timeout`` has passed and then lets the last attempt run a
+    whole ``timeout`` more, after a back-off sleep: against a server that is restarting (it
+    accepts connections, answers nothing) a read could take twice its timeout and more. The
+    call itself runs on until pymilvus gives up; the request does not wait for it."""
+    pending = _READS.submit(call, *args, **kwargs)
+    try:
+        return pending.result(timeout=seconds)
+    except NoAnswer:
+        pending.cancel()
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
 
 
 @dataclass(frozen=True)
@@ -312,8 +330,11 @@ class MilvusIndex(VectorIndex):
             return scores, rows
         fence = self._fence
         level = CONSISTENCY if fence == self._fenced else "Strong"
+        deadline = SEARCH_TIMEOUT_S + SEARCH_TIMEOUT_PER_QUERY_S * len(q)
         try:
-            res = self.client.search(
+            res = _within(
+                deadline,
+                self.client.search,
                 self.collection,
                 data=list(q),
                 limit=min(k, self.n),
@@ -321,7 +342,7 @@ class MilvusIndex(VectorIndex):
                 output_fields=["row"],
                 search_params=self._search,
                 consistency_level=level,
-                timeout=SEARCH_TIMEOUT_S + SEARCH_TIMEOUT_PER_QUERY_S * len(q),
+                timeout=deadline,
             )
         except Exception as exc:  # MilvusException, or gRPC's own errors when it is away
             self._health = (time.monotonic(), _first_line(exc))
@@ -343,7 +364,9 @@ class MilvusIndex(VectorIndex):
         if len(rows) == 0:
             return np.zeros((0, self.dim), np.float32)
         try:
-            got = self.client.query(
+            got = _within(
+                SEARCH_TIMEOUT_S,
+                self.client.query,
                 self.collection,
                 ids=np.unique(rows).tolist(),
                 output_fields=["vector"],
@@ -458,7 +481,9 @@ class MilvusIndex(VectorIndex):
         if now - at < HEALTH_TTL_S:
             return error
         try:
-            self.client.search(
+            _within(
+                SEARCH_TIMEOUT_S,
+                self.client.search,
                 self.collection,
                 data=[np.zeros(self.dim, np.float32)],
                 limit=1,
