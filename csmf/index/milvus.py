@@ -460,9 +460,21 @@ class MilvusIndex(VectorIndex):
         if rows.size == 0:
             return {}
         out = [*names, *(f + NULL_FLAG for f in names if self.null_flags)]
-        got = self.client.query(
-            self.collection, ids=rows.tolist(), output_fields=out, consistency_level=CONSISTENCY
-        )
+        try:
+            got = _within(
+                SEARCH_TIMEOUT_S,
+                self.client.query,
+                self.collection,
+                ids=rows.tolist(),
+                output_fields=out,
+                consistency_level=CONSISTENCY,
+                timeout=SEARCH_TIMEOUT_S,
+            )
+        except Exception as exc:
+            raise IndexUnavailableError(
+                f"Milvus at {self.uri} cannot read the stored attributes of {rows.size} rows of "
+                f"{self.collection}: {_first_line(exc)}"
+            ) from None
         result = {}
         for g in got:
             vals = {}
