@@ -95,8 +95,10 @@ def period_bounds(ts: np.ndarray, periods: int = PERIODS) -> np.ndarray:
 
 
 def window_events(src: Path, fraction: float) -> pa.Table:
-    """The earliest ``fraction`` of ``src``'s events (by time; ties at the cut kept)."""
-    ev = pq.read_table(src / "events.parquet")
+    """The earliest ``fraction`` of ``src``'s events (by time; ties at the cut kept); one
+    ``events.parquet`` file or an ``events/`` folder of them (``csmf data synthetic``)."""
+    one = src / "events.parquet"
+    ev = pq.read_table(one if one.exists() else src / "events")
     if fraction >= 1.0:
         return ev
     cut = np.quantile(ev["timestamp"].to_numpy(), fraction, method="lower")
@@ -616,7 +618,9 @@ def render(doc: dict, command: str, out: Path) -> None:
     reading = out.with_name(out.name + "-reading.md")
     if reading.exists():  # what the numbers say, written after reading them
         lines += ["", "## What it says", "", reading.read_text().strip()]
-    title = "Warm starts against full retrains (ML-100K, ten periods"
+    data = Path(doc.get("config", "configs/ml-100k.toml")).stem  # the config names the data
+    title = f"Warm starts against full retrains ({'ML-100K' if data == 'ml-100k' else data}, "
+    title += "ten periods"
     events = doc.get("events", 1.0)
     if events < 1.0:
         title += f" of the earliest {events:.0%} of the events; validation window)"
