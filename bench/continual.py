@@ -27,8 +27,7 @@ The first validation window did not predict the test window (there a period is a
 data, on the test window a sixth to a ninth). ``--events 0.6`` cuts the ten periods from the
 earliest 60 % of the events instead: the test window's shape, none of its evaluated periods read
 (``continual-ml-100k-validation-3.md`` to ``-6.md``). Its choice did not transfer either
-(``continual-ml-100k-touched.md``): its periods hold half as many users active in the update's
-period.
+(``continual-ml-100k-touched.md``).
 
 So settings are now chosen on the test window's own periods but on other users: every run is
 also scored on each half of its test users, split by a hash of the user id (:func:`user_half`).

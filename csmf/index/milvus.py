@@ -84,7 +84,7 @@ def _within(seconds: float, call: Callable[..., Any], /, *args: Any, **kwargs: A
     try:
         return pending.result(timeout=seconds)
     except NoAnswer:
-        pending.cancel()
+        pending.cancel()  # drops it if still queued (every thread busy); a running call runs on
         raise TimeoutError(f"no answer within {seconds:g} s") from None
 
 

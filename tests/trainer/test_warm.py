@@ -295,7 +295,7 @@ def test_touched_moves_only_the_items_the_new_positives_name(run1, days, moments
     included) while the named ones and the users' rows move."""
     from trainer import moments as saved_moments
     from trainer.encoding import OFFSET
-    from trainer.warm import ITEM_ID_TABLE
+    from trainer.warm import ITEM_ID_TABLE, USER_ID_TABLE
 
     ckpt = load_checkpoint(run1)
     carried = saved_moments.load(run1) if moments == "carry" else None
@@ -311,7 +311,7 @@ def test_touched_moves_only_the_items_the_new_positives_name(run1, days, moments
         for o in cfg.objectives:
             named |= stage_examples(enc, o, since).item_prob > 0
         params = dict(model.named_parameters())
-        items, users = params[ITEM_ID_TABLE], params["user.tables.id.weight"]
+        items, users = params[ITEM_ID_TABLE], params[USER_ID_TABLE]
         item_before, user_before = items.detach().clone(), users.detach().clone()
         run_warm(model, enc, cfg, since, lambda _: None, False, carried=carried)
         row_moved = (items.detach() != item_before).any(1)[OFFSET : OFFSET + enc.n_items]
